@@ -1,0 +1,52 @@
+"""Access to the native extension ``omni2sound._C`` (C++ always, CUDA when built with nvcc).
+
+The extension does not link libtorch, so one build works with any torch version. Every entry point
+takes raw integers: data pointers, sizes, strides (in elements), a dtype code and, for CUDA, the
+stream handle of the current torch stream (never the legacy default stream, which would break CUDA
+graph capture).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+# Must match csrc/common.h.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def lib():
+    """The extension module, or None when it was not built (a source checkout without install)."""
+    try:
+        from omni2sound import _C
+    except ImportError:
+        return None
+    return _C
+
+
+def has_cpu() -> bool:
+    return lib() is not None
+
+
+def has_cuda() -> bool:
+    return lib() is not None and bool(lib().built_with_cuda()) and torch.cuda.is_available()
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"omni2sound kernels take float32, float16 or bfloat16 tensors, got {t.dtype}") from None
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The handle of the current torch stream on t's device (0 for CPU tensors)."""
+    if t.is_cuda:
+        return torch.cuda.current_stream(t.device).cuda_stream
+    return 0
+
+
+def ptr(t: Optional[torch.Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()

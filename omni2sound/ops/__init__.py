@@ -1,0 +1,13 @@
+"""omni2sound.ops: the single dispatch point for every fused op.
+
+Each op has backends ``reference`` (plain PyTorch), ``cpu`` (C++), ``cuda`` (CUDA), ``triton``; the
+default is picked by device and availability, ``OMNI2SOUND_BACKEND`` or ``use_backend(...)`` override
+it (see ``_dispatch``).
+"""
+from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
+from .adaln import adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
+
+__all__ = [
+    "BACKENDS", "available_backends", "select_backend", "use_backend",
+    "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
+]

@@ -1,0 +1,115 @@
+"""The one place that decides which backend runs an op.
+
+Backends, in the order the default picks them:
+  cuda      - the CUDA kernels of the native extension (tensor on a GPU, extension built with CUDA)
+  triton    - the Triton kernels in ``omni2sound.kernels`` (tensor on a GPU; on the CPU only when
+              ``TRITON_INTERPRET=1`` and asked for explicitly)
+  cpu       - the C++ kernels of the native extension (tensor on the CPU)
+  reference - plain PyTorch, shipped in the package, always available
+
+Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
+variable > the per-device default. An override may name one backend for every op
+(``use_backend("triton")``) or per op (``use_backend(cross_attention="reference")``). Asking for a
+backend that cannot run the tensor at hand is an error, never a silent fallback: a test that asks for
+``cpu`` must run the C++ kernel or fail.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from typing import Callable, Dict, Iterator, Optional
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+_local = threading.local()
+# op name -> backend name -> availability check(device) -> bool
+_REGISTRY: Dict[str, Dict[str, Callable[[torch.device], bool]]] = {}
+# op name -> the backend order the default tries on a given device type
+_DEFAULT_ORDER: Dict[str, Dict[str, tuple]] = {}
+
+_STANDARD_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+_FAMILY: Dict[str, str] = {}
+
+
+def register_op(name: str, available: Dict[str, Callable[[torch.device], bool]],
+                default_order: Optional[Dict[str, tuple]] = None, family: Optional[str] = None) -> None:
+    """Declare an op and, per backend, a check of whether that backend can run on a device.
+
+    ``family`` groups ops that an override may name together (``adaln`` for both AdaLN ops).
+    """
+    unknown = set(available) - set(BACKENDS)
+    if unknown:
+        raise ValueError(f"unknown backends {sorted(unknown)} for op {name!r}")
+    _REGISTRY[name] = dict(available)
+    _DEFAULT_ORDER[name] = dict(default_order or _STANDARD_ORDER)
+    _FAMILY[name] = family or name
+
+
+def registered_ops() -> tuple:
+    return tuple(_REGISTRY)
+
+
+def _stack() -> list:
+    if not hasattr(_local, "stack"):
+        _local.stack = []
+    return _local.stack
+
+
+@contextlib.contextmanager
+def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
+    """Force a backend, for every op (``use_backend("cpu")``) or per op (``use_backend(adaln="triton")``).
+
+    Per-op keys are op names (``adaln_modulate``) or op families (``adaln`` matches both AdaLN ops).
+    """
+    for b in [backend, *per_op.values()]:
+        if b is not None and b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; choose from {BACKENDS}")
+    _stack().append((backend, per_op))
+    try:
+        yield
+    finally:
+        _stack().pop()
+
+
+def _forced(op: str) -> Optional[str]:
+    for backend, per_op in reversed(_stack()):
+        for key, b in per_op.items():
+            if key in (op, _FAMILY.get(op)):
+                return b
+        if backend is not None:
+            return backend
+    env = os.environ.get("OMNI2SOUND_BACKEND", "").strip()
+    if env:
+        if env not in BACKENDS:
+            raise ValueError(f"OMNI2SOUND_BACKEND={env!r} is not one of {BACKENDS}")
+        return env
+    return None
+
+
+def available_backends(op: str, device: torch.device) -> list:
+    checks = _REGISTRY[op]
+    return [b for b in BACKENDS if b in checks and checks[b](torch.device(device))]
+
+
+def select_backend(op: str, device: torch.device) -> str:
+    """The backend that will run ``op`` on ``device`` right now."""
+    if op not in _REGISTRY:
+        raise KeyError(f"op {op!r} is not registered; known: {sorted(_REGISTRY)}")
+    device = torch.device(device)
+    checks = _REGISTRY[op]
+    forced = _forced(op)
+    if forced is not None:
+        if forced not in checks or not checks[forced](device):
+            raise RuntimeError(
+                f"backend {forced!r} was requested for op {op!r} but cannot run on {device.type} here "
+                f"(available: {available_backends(op, device)})")
+        return forced
+    for b in _DEFAULT_ORDER[op].get(device.type, ("reference",)):
+        if b in checks and checks[b](device):
+            return b
+    return "reference"
