@@ -1,0 +1,294 @@
+"""The memory-bound chain of an AdaLN-DiT block, fused: gated residual -> LayerNorm -> modulate.
+
+    adaln_modulate(x, shift, scale)              y  = LN(x) * (1 + scale) + shift
+    gated_residual_adaln(x, h, gate, shift, scale)
+                                                 x2 = x + gate * h
+                                                 y  = LN(x2) * (1 + scale) + shift      -> (x2, y)
+
+LN has no affine parameters (the modulation is the affine). Shapes: x, h ``[B, L, D]``; gate, shift, scale
+per sample ``[B, 1, D]`` or per token ``[B, L, D]`` (Omni2Sound's temporal branch drives a per-token AdaLN
+from 25 Hz sync features). Statistics are always fp32; inputs fp32/fp16/bf16; outputs in the input dtype.
+The fused kernels compute LN from the fp32 value of x2 before it is rounded to the input dtype.
+
+Backward (xhat = (x2 - mean) * rstd, g = dy * (1 + scale)):
+    dshift = dy,  dscale = dy * xhat          (summed over L for per-sample modulation)
+    dx2    = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dL/dx2(output)
+    dx = dx2,  dh = gate * dx2,  dgate = h * dx2
+
+File order (Liger's): reference, backend registration, custom ops (forward, backward, fake, autograd),
+public functions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import _native
+from ._dispatch import register_op, select_backend
+
+# ----------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch; fp32 math, output in the input dtype)
+# ----------------------------------------------------------------------------------------------------
+
+
+def adaln_modulate_reference(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    xf = x.float()
+    y = F.layer_norm(xf, (x.shape[-1],), eps=eps) * (1.0 + scale.float()) + shift.float()
+    return y.to(x.dtype)
+
+
+def gated_residual_adaln_reference(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                                   eps: float = 1e-6) -> Tuple[Tensor, Tensor]:
+    x2f = x.float() + gate.float() * h.float()
+    y = F.layer_norm(x2f, (x.shape[-1],), eps=eps) * (1.0 + scale.float()) + shift.float()
+    return x2f.to(x.dtype), y.to(x.dtype)
+
+
+def _stats_reference(xin: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    xf = xin.float()
+    mean = xf.mean(-1)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False) + eps)
+    return mean.reshape(-1), rstd.reshape(-1)
+
+
+def _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd):
+    """Analytic backward in fp32 (the formulas at the top); returns per-token dgate/dscale in fp32."""
+    B, L, D = xin.shape
+    xhat = (xin.float() - mean.view(B, L, 1)) * rstd.view(B, L, 1)
+    g = dy.float() * (1.0 + scale.float())
+    dscale_tok = dy.float() * xhat
+    dxin = rstd.view(B, L, 1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
+    if dx2_in is not None:
+        dxin = dxin + dx2_in.float()
+    dh = dgate_tok = None
+    if h is not None:
+        dh = (gate.float() * dxin).to(xin.dtype)
+        dgate_tok = h.float() * dxin
+    return dxin.to(xin.dtype), dh, dgate_tok, dscale_tok
+
+
+# ----------------------------------------------------------------------------------------------------
+# Backends
+# ----------------------------------------------------------------------------------------------------
+
+
+def _triton_ok(device: torch.device) -> bool:
+    from omni2sound import kernels
+
+    return kernels.available(device)
+
+
+_AVAILABLE = {
+    "reference": lambda d: True,
+    "cpu": lambda d: d.type == "cpu" and _native.has_cpu(),
+    "cuda": lambda d: d.type == "cuda" and _native.has_cuda(),
+    "triton": _triton_ok,
+}
+register_op("adaln_modulate", _AVAILABLE, family="adaln")
+register_op("gated_residual_adaln", _AVAILABLE, family="adaln")
+
+
+def _mod_strides(t: Optional[Tensor]) -> Tuple[int, int]:
+    """(stride over B, stride over L) of a [B, 1|L, D] modulation tensor; 0 over L when per-sample."""
+    if t is None:
+        return 0, 0
+    return t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
+
+
+def _forward_native(x, h, gate, shift, scale, eps, backend):
+    B, L, D = x.shape
+    y = torch.empty_like(x)
+    x2 = torch.empty_like(x) if h is not None else None
+    mean = torch.empty(B * L, device=x.device, dtype=torch.float32)
+    rstd = torch.empty(B * L, device=x.device, dtype=torch.float32)
+    if B * L * D == 0:
+        return x2, y, mean, rstd
+    if backend == "reference":
+        if h is None:
+            y = adaln_modulate_reference(x, shift, scale, eps)
+            xin = x
+        else:
+            x2, y = gated_residual_adaln_reference(x, h, gate, shift, scale, eps)
+            xin = x.float() + gate.float() * h.float()
+        mean, rstd = _stats_reference(xin, eps)
+        return x2, y, mean, rstd
+    if backend == "triton":
+        from omni2sound.kernels import adaln as tk
+
+        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps)
+        return x2, y, mean, rstd
+    fn = _native.lib().adaln_forward_cpu if backend == "cpu" else _native.lib().adaln_forward_cuda
+    fn(B, L, D, x.data_ptr(), _native.ptr(h), _native.ptr(gate), shift.data_ptr(), scale.data_ptr(),
+       *_mod_strides(gate), *_mod_strides(shift), *_mod_strides(scale),
+       _native.ptr(x2), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps),
+       _native.dtype_code(x), _native.stream_of(x))
+    return x2, y, mean, rstd
+
+
+def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend):
+    B, L, D = xin.shape
+    if backend == "reference":
+        return _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd)
+    dxin = torch.empty_like(xin)
+    dh = torch.empty_like(xin) if h is not None else None
+    dgate_tok = torch.empty(B, L, D, device=xin.device, dtype=torch.float32) if h is not None else None
+    dscale_tok = torch.empty(B, L, D, device=xin.device, dtype=torch.float32)
+    if B * L * D == 0:
+        return dxin, dh, dgate_tok, dscale_tok
+    if backend == "triton":
+        from omni2sound.kernels import adaln as tk
+
+        tk.adaln_backward(dy, dx2_in, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok)
+        return dxin, dh, dgate_tok, dscale_tok
+    fn = _native.lib().adaln_backward_cpu if backend == "cpu" else _native.lib().adaln_backward_cuda
+    fn(B, L, D, dy.data_ptr(), _native.ptr(dx2_in), xin.data_ptr(), _native.ptr(h), _native.ptr(gate),
+       scale.data_ptr(), *_mod_strides(gate), *_mod_strides(scale), mean.data_ptr(), rstd.data_ptr(),
+       dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), dscale_tok.data_ptr(),
+       _native.dtype_code(xin), _native.stream_of(xin))
+    return dxin, dh, dgate_tok, dscale_tok
+
+
+def _reduce_mod(grad_tok: Tensor, like: Tensor) -> Tensor:
+    """Per-token gradient [B, L, D] (fp32) -> the modulation's own shape and dtype."""
+    if like.shape[1] == 1 and grad_tok.shape[1] != 1:
+        grad_tok = grad_tok.sum(1, keepdim=True)
+    return grad_tok.to(like.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Custom ops (opaque to autograd and torch.compile; the backend is an explicit argument)
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("omni2sound::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str
+                       ) -> Tuple[Tensor, Tensor, Tensor]:
+    _, y, mean, rstd = _forward_native(x, None, None, shift, scale, eps, backend)
+    return y, mean, rstd
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, eps, backend):
+    n = x.shape[0] * x.shape[1]
+    return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("omni2sound::gated_residual_adaln", mutates_args=())
+def _gated_residual_adaln_op(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float,
+                             backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _forward_native(x, h, gate, shift, scale, eps, backend)
+
+
+@_gated_residual_adaln_op.register_fake
+def _(x, h, gate, shift, scale, eps, backend):
+    n = x.shape[0] * x.shape[1]
+    return (torch.empty_like(x), torch.empty_like(x), x.new_empty(n, dtype=torch.float32),
+            x.new_empty(n, dtype=torch.float32))
+
+
+@torch.library.custom_op("omni2sound::adaln_backward", mutates_args=())
+def _adaln_backward_op(dy: Tensor, dx2_in: Optional[Tensor], xin: Tensor, h: Optional[Tensor],
+                       gate: Optional[Tensor], scale: Tensor, mean: Tensor, rstd: Tensor, backend: str
+                       ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
+    return _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend)
+
+
+@_adaln_backward_op.register_fake
+def _(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend):
+    tok = xin.new_empty(xin.shape, dtype=torch.float32)
+    if h is None:
+        return torch.empty_like(xin), None, None, tok
+    return torch.empty_like(xin), torch.empty_like(xin), xin.new_empty(xin.shape, dtype=torch.float32), tok
+
+
+def _modulate_setup(ctx, inputs, output):
+    x, shift, scale, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, shift, scale, mean, rstd)
+    ctx.backend = backend
+
+
+def _modulate_backward(ctx, dy, _dmean, _drstd):
+    x, shift, scale, mean, rstd = ctx.saved_tensors
+    dxin, _, _, dscale_tok = _adaln_backward_op(dy.contiguous(), None, x, None, None, scale, mean, rstd,
+                                                ctx.backend)
+    return dxin, _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale), None, None
+
+
+_adaln_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
+
+
+def _gated_setup(ctx, inputs, output):
+    x, h, gate, shift, scale, eps, backend = inputs
+    x2, _, mean, rstd = output
+    ctx.save_for_backward(x2, h, gate, shift, scale, mean, rstd)
+    ctx.backend = backend
+
+
+def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
+    x2, h, gate, shift, scale, mean, rstd = ctx.saved_tensors
+    dxin, dh, dgate_tok, dscale_tok = _adaln_backward_op(
+        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, mean, rstd, ctx.backend)
+    return (dxin, dh, _reduce_mod(dgate_tok, gate), _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale),
+            None, None)
+
+
+_gated_residual_adaln_op.register_autograd(_gated_backward, setup_context=_gated_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check(x: Tensor, mods: dict, h: Optional[Tensor] = None) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"x must be [B, L, D], got shape {tuple(x.shape)}")
+    if x.dtype not in _native.DTYPE_CODES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    B, L, D = x.shape
+    if h is not None and h.shape != x.shape:
+        raise ValueError(f"h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
+    for name, t in mods.items():
+        if t.dim() != 3 or t.shape[0] != B or t.shape[2] != D or t.shape[1] not in (1, L):
+            raise ValueError(f"{name} must be per-sample [B={B}, 1, D={D}] or per-token [B, L={L}, D], "
+                             f"got {tuple(t.shape)}")
+    for name, t in {"h": h, **mods}.items():
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} must match x's dtype and device ({x.dtype}, {x.device}), "
+                            f"got ({t.dtype}, {t.device})")
+
+
+def _last_dim_contiguous(t: Tensor) -> Tensor:
+    # Kernels address modulation rows by (stride over B, stride over L) and need unit stride over D.
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``."""
+    _check(x, {"shift": shift, "scale": scale})
+    backend = select_backend("adaln_modulate", x.device)
+    if backend == "reference":
+        return adaln_modulate_reference(x, shift, scale, eps)
+    y, _, _ = _adaln_modulate_op(x.contiguous(), _last_dim_contiguous(shift), _last_dim_contiguous(scale),
+                                 float(eps), backend)
+    return y
+
+
+def gated_residual_adaln(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+                         ) -> Tuple[Tensor, Tensor]:
+    """``x2 = x + gate * h``; ``y = LayerNorm(x2) * (1 + scale) + shift``; returns ``(x2, y)``.
+
+    x, h ``[B, L, D]``; gate, shift, scale ``[B, 1, D]`` (per sample) or ``[B, L, D]`` (per token).
+    """
+    _check(x, {"gate": gate, "shift": shift, "scale": scale}, h=h)
+    backend = select_backend("gated_residual_adaln", x.device)
+    if backend == "reference":
+        return gated_residual_adaln_reference(x, h, gate, shift, scale, eps)
+    x2, y, _, _ = _gated_residual_adaln_op(x.contiguous(), h.contiguous(), _last_dim_contiguous(gate),
+                                           _last_dim_contiguous(shift), _last_dim_contiguous(scale), float(eps),
+                                           backend)
+    return x2, y
