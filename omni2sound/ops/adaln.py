@@ -189,19 +189,29 @@ def _(x, h, gate, shift, scale, eps, backend):
             x.new_empty(n, dtype=torch.float32))
 
 
-@torch.library.custom_op("omni2sound::adaln_backward", mutates_args=())
-def _adaln_backward_op(dy: Tensor, dx2_in: Optional[Tensor], xin: Tensor, h: Optional[Tensor],
-                       gate: Optional[Tensor], scale: Tensor, mean: Tensor, rstd: Tensor, backend: str
-                       ) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Tensor]:
-    return _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend)
+@torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=())
+def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, backend: str
+                                ) -> Tuple[Tensor, Tensor]:
+    dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend)
+    return dx, dscale_tok
 
 
-@_adaln_backward_op.register_fake
-def _(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend):
-    tok = xin.new_empty(xin.shape, dtype=torch.float32)
-    if h is None:
-        return torch.empty_like(xin), None, None, tok
-    return torch.empty_like(xin), torch.empty_like(xin), xin.new_empty(xin.shape, dtype=torch.float32), tok
+@_adaln_modulate_backward_op.register_fake
+def _(dy, x, scale, mean, rstd, backend):
+    return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("omni2sound::gated_residual_adaln_backward", mutates_args=())
+def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Tensor, gate: Tensor, scale: Tensor,
+                                      mean: Tensor, rstd: Tensor, backend: str
+                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend)
+
+
+@_gated_residual_adaln_backward_op.register_fake
+def _(dy, dx2, x2, h, gate, scale, mean, rstd, backend):
+    return (torch.empty_like(x2), torch.empty_like(x2), x2.new_empty(x2.shape, dtype=torch.float32),
+            x2.new_empty(x2.shape, dtype=torch.float32))
 
 
 def _modulate_setup(ctx, inputs, output):
@@ -213,8 +223,7 @@ def _modulate_setup(ctx, inputs, output):
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, mean, rstd = ctx.saved_tensors
-    dxin, _, _, dscale_tok = _adaln_backward_op(dy.contiguous(), None, x, None, None, scale, mean, rstd,
-                                                ctx.backend)
+    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, mean, rstd, ctx.backend)
     return dxin, _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale), None, None
 
 
@@ -230,7 +239,7 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
     x2, h, gate, shift, scale, mean, rstd = ctx.saved_tensors
-    dxin, dh, dgate_tok, dscale_tok = _adaln_backward_op(
+    dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
         dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, mean, rstd, ctx.backend)
     return (dxin, dh, _reduce_mod(dgate_tok, gate), _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale),
             None, None)
