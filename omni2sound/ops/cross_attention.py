@@ -1,0 +1,317 @@
+"""Flash cross-attention from dense audio queries to ragged (varlen) video + text condition tokens.
+
+Every audio token of a sample attends to that sample's real condition tokens only: the video tokens
+then the text tokens, either modality possibly absent (Omni2Sound drops a modality by giving it zero
+tokens, not a learned null token). The keys and values of the whole batch are packed without padding,
+flash-attn varlen style, and the queries stay dense because Lq (audio tokens) has nothing to do with
+the key count; unpadding the queries with the key mask is a known bug of this setting.
+
+    q             [B, Lq, H, D]      audio queries, dense
+    k, v          [total_k, H, D]    packed condition keys/values, sample b at rows cu[b]:cu[b+1]
+    cu_seqlens_k  [B + 1] int32      cu[0] = 0, cu[b+1] - cu[b] = keys of sample b (may be 0)
+    out           [B, Lq, H, D]      softmax(q k^T * scale) v per sample; rows of a sample with no key are 0
+
+A sample with no key gives zeros and zero gradients (never NaN): there is nothing to attend to, and
+the residual stream simply skips the cross-attention for that sample.
+
+Backends: ``reference`` (padded SDPA in PyTorch, also the CPU default), ``triton`` (flash-style online
+softmax, forward and backward), ``cuda`` (forward kernel in ``csrc/cross_attention.cu``; its backward
+uses the Triton backward when Triton can run, else the PyTorch math below). Softmax statistics and all
+accumulation are fp32 for every input dtype.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .. import _native
+from ._dispatch import register_op, select_backend
+
+OP = "cross_attention"
+MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
+
+
+# ----------------------------------------------------------------------------------------------------
+# Packing the condition tokens (once per request)
+# ----------------------------------------------------------------------------------------------------
+def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    B, L = x.shape[0], x.shape[1]
+    if lens is None:
+        return torch.full((B,), L, dtype=torch.int64, device=x.device)
+    if lens.shape != (B,):
+        raise ValueError(f"pack_condition_tokens: {name}_lens must have shape [{B}], got {tuple(lens.shape)}")
+    if lens.dtype.is_floating_point or lens.dtype == torch.bool:
+        raise TypeError(f"pack_condition_tokens: {name}_lens must be an integer tensor, got {lens.dtype}")
+    return lens.to(device=x.device, dtype=torch.int64)
+
+
+def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[torch.Tensor],
+                          text: Optional[torch.Tensor], text_lens: Optional[torch.Tensor]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Pack each sample's real ``[video tokens | text tokens]`` into the varlen key layout.
+
+    video [B, Lv, C] or None, video_lens [B] or None (None: all Lv tokens are real);
+    text  [B, Lt, C] or None, text_lens  [B] or None. A modality given as None is absent for every
+    sample; a length of 0 drops it for one sample. At least one of video / text must be a tensor
+    (give a [B, 0, C] tensor for a batch with no condition at all, so B and C stay known).
+
+    Returns (packed [total, C], cu_seqlens_k int32 [B + 1], max_seqlen_k int). One vectorised
+    gather, no loop over the batch; max_seqlen_k costs one host sync, which is why the model calls this
+    once per request and not once per step.
+    """
+    parts, masks = [], []
+    for x, lens, name in ((video, video_lens, "video"), (text, text_lens, "text")):
+        if x is None:
+            if lens is not None and bool((lens != 0).any()):
+                raise ValueError(f"pack_condition_tokens: {name} is None but {name}_lens has nonzero entries")
+            continue
+        if x.dim() != 3:
+            raise ValueError(f"pack_condition_tokens: {name} must be [B, L, C], got shape {tuple(x.shape)}")
+        lens = _lens_or_full(x, lens, name)
+        pos = torch.arange(x.shape[1], device=x.device)
+        parts.append(x)
+        masks.append(pos[None, :] < lens[:, None])  # [B, L] True on real tokens
+    if not parts:
+        raise ValueError("pack_condition_tokens: video and text are both None; pass a [B, 0, C] tensor "
+                         "for a batch without conditions so that B and C are known")
+    if len(parts) == 2:
+        v, t = parts
+        if v.shape[0] != t.shape[0] or v.shape[2] != t.shape[2]:
+            raise ValueError(f"pack_condition_tokens: video {tuple(v.shape)} and text {tuple(t.shape)} must share "
+                             "B and C (project both to the model width first)")
+        if v.dtype != t.dtype or v.device != t.device:
+            raise ValueError(f"pack_condition_tokens: video ({v.dtype}, {v.device}) and text ({t.dtype}, "
+                             f"{t.device}) must share dtype and device")
+    tokens = torch.cat(parts, dim=1) if len(parts) == 2 else parts[0]     # [B, Lv + Lt, C]
+    real = torch.cat(masks, dim=1) if len(masks) == 2 else masks[0]       # [B, Lv + Lt]
+    # Row-major boolean indexing keeps, per sample, its video tokens then its text tokens.
+    packed = tokens[real]                                                 # [total, C]
+    seqlens = real.sum(dim=1)                                             # [B]
+    cu_seqlens_k = F.pad(torch.cumsum(seqlens, 0), (1, 0)).to(torch.int32)
+    max_seqlen_k = int(seqlens.max()) if seqlens.numel() else 0
+    return packed, cu_seqlens_k, max_seqlen_k
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference (plain PyTorch)
+# ----------------------------------------------------------------------------------------------------
+def _pad_keys(k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int):
+    """Gather packed keys into [B, Lk, H, D] (Lk = max(max_seqlen_k, 1)) plus a [B, Lk] key mask.
+
+    Padding slots point at an appended zero row, so a sample with no key sees only zero keys and zero
+    values: its softmax is uniform over zeros and its output and every gradient are exactly 0, with
+    no fully masked row (which is NaN in some SDPA versions).
+    """
+    B = cu_seqlens_k.shape[0] - 1
+    Lk = max(int(max_seqlen_k), 1)
+    cu = cu_seqlens_k.to(torch.int64)
+    start, lens = cu[:-1], cu[1:] - cu[:-1]                               # [B]
+    pos = torch.arange(Lk, device=k.device)
+    real = pos[None, :] < lens[:, None]                                   # [B, Lk]
+    zero_row = k.shape[0]
+    idx = torch.where(real, start[:, None] + pos[None, :], zero_row)     # [B, Lk]
+    zeros = k.new_zeros((1,) + tuple(k.shape[1:]))
+    kp = torch.cat([k, zeros])[idx]                                       # [B, Lk, H, D]
+    vp = torch.cat([v, zeros.to(v.dtype)])[idx]
+    mask = real | (lens == 0)[:, None]                                    # empty samples: attend to zeros
+    return kp, vp, mask, B
+
+
+def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                              max_seqlen_k: int, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Plain-PyTorch varlen cross-attention: pad K/V to max_seqlen_k, key-padding mask, SDPA.
+
+    Shapes as in the module docstring. SDPA keeps the softmax in fp32 for fp16/bf16 inputs on every
+    backend it picks; float64 inputs run its exact math path (the tests' reference).
+    """
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    kp, vp, mask, B = _pad_keys(k, v, cu_seqlens_k, max_seqlen_k)
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),   # [B, H, L, D]
+        attn_mask=mask[:, None, None, :], scale=scale)               # mask [B, 1, 1, Lk]
+    return out.transpose(1, 2)                                      # [B, Lq, H, D]
+
+
+def _lse_reference(q, k, cu_seqlens_k, max_seqlen_k, scale) -> torch.Tensor:
+    """fp32 log-sum-exp of the scaled scores per (b, h, query) [B, H, Lq]; 0 for samples with no key."""
+    kp, _, mask, B = _pad_keys(k, k, cu_seqlens_k, max_seqlen_k)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.float(), kp.float()) * scale          # [B, H, Lq, Lk]
+    s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    has_keys = (cu_seqlens_k[1:] > cu_seqlens_k[:-1]).to(q.device)
+    return torch.where(has_keys[:, None, None], lse, torch.zeros_like(lse))
+
+
+def _backward_math(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, scale):
+    """Flash-attention backward written in padded PyTorch, fp32: the fallback for backends without one.
+
+    P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO * O)), dQ = dS K s, dK = dS^T Q s.
+    """
+    kp, vp, mask, B = _pad_keys(k, v, cu_seqlens_k, max_seqlen_k)
+    has_keys = (cu_seqlens_k[1:] > cu_seqlens_k[:-1]).to(q.device)
+    real = mask & has_keys[:, None]                                               # [B, Lk]
+    qf, kf, vf, df = q.float(), kp.float(), vp.float(), dout.float()
+    s = torch.einsum("bqhd,bkhd->bhqk", qf, kf) * scale                          # [B, H, Lq, Lk]
+    p = torch.exp(s - lse[..., None]) * real[:, None, None, :]
+    delta = (df * out.float()).sum(-1).transpose(1, 2)                            # [B, H, Lq]
+    dp = torch.einsum("bqhd,bkhd->bhqk", df, vf)
+    ds = p * (dp - delta[..., None])
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
+    dkp = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale                         # [B, Lk, H, D]
+    dvp = torch.einsum("bhqk,bqhd->bkhd", p, df)
+    idx = _packed_rows(cu_seqlens_k, kp.shape[1], k.shape[0])
+    dk = dkp.reshape(-1, *dkp.shape[2:])[idx]
+    dv = dvp.reshape(-1, *dvp.shape[2:])[idx]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _packed_rows(cu_seqlens_k: torch.Tensor, Lk: int, total_k: int) -> torch.Tensor:
+    """For each packed key row, its row in the flattened padded [B * Lk] layout."""
+    cu = cu_seqlens_k.to(torch.int64)
+    r = torch.arange(total_k, device=cu.device)
+    b = torch.searchsorted(cu[1:], r, right=True)                                 # sample of row r
+    return b * Lk + (r - cu[b])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dispatch and torch.library registration
+# ----------------------------------------------------------------------------------------------------
+def _triton_available(device: torch.device) -> bool:
+    try:
+        from omni2sound.kernels import available
+    except ImportError:
+        return False
+    return available(device)
+
+
+def _cuda_available(device: torch.device) -> bool:
+    return device.type == "cuda" and _native.has_cuda() and hasattr(_native.lib(), "cross_attention_fwd_cuda")
+
+
+# On the CPU the padded SDPA reference is the fast path (no C++ kernel): it must be the CPU default.
+register_op(OP, {"reference": lambda d: True, "triton": _triton_available, "cuda": _cuda_available},
+            default_order={"cuda": ("cuda", "triton", "reference"), "cpu": ("reference",)}, family="attention")
+
+
+def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
+    if backend == "triton":
+        from omni2sound.kernels.cross_attention import cross_attention_fwd
+        return cross_attention_fwd(q, k, v, cu, max_seqlen_k, scale)
+    if backend == "cuda":
+        return _cuda_forward(q, k, v, cu, max_seqlen_k, scale)
+    if backend == "reference":
+        out = cross_attention_reference(q, k, v, cu, max_seqlen_k, scale)
+        return out.contiguous(), _lse_reference(q, k, cu, max_seqlen_k, scale)
+    raise ValueError(f"cross_attention: unknown backend {backend!r}")
+
+
+def _cuda_forward(q, k, v, cu, max_seqlen_k, scale):
+    B, Lq, H, D = q.shape
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    _native.lib().cross_attention_fwd_cuda(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), out.data_ptr(), lse.data_ptr(),
+        B, Lq, H, D, int(max_seqlen_k),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        float(scale), _native.dtype_code(q), _native.stream_of(q))
+    return out, lse
+
+
+@torch.library.custom_op("omni2sound::cross_attention", mutates_args=())
+def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                        max_seqlen_k: int, softmax_scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out [B, Lq, H, D] in q's dtype, lse [B, H, Lq] fp32, kept for backward)."""
+    return _run_forward(q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, backend)
+
+
+@_cross_attention_op.register_fake
+def _(q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, backend):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+@torch.library.custom_op("omni2sound::cross_attention_backward", mutates_args=())
+def _cross_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 out: torch.Tensor, lse: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                                 max_seqlen_k: int, softmax_scale: float, backend: str
+                                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+    dout = dout.contiguous()
+    if backend == "triton" or (backend == "cuda" and _triton_available(q.device)):
+        # No CUDA backward kernel: the cuda backend trains through the Triton backward when it can.
+        from omni2sound.kernels.cross_attention import cross_attention_bwd
+        return cross_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, softmax_scale)
+    return _backward_math(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, softmax_scale)
+
+
+@_cross_attention_backward_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, softmax_scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_k)
+    ctx.max_seqlen_k, ctx.softmax_scale, ctx.backend = max_seqlen_k, softmax_scale, backend
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens_k = ctx.saved_tensors
+    # lse is an internal output: nothing upstream differentiates it (dlse is None or zeros).
+    dq, dk, dv = _cross_attention_backward_op(dout, q, k, v, out, lse, cu_seqlens_k, ctx.max_seqlen_k,
+                                              ctx.softmax_scale, ctx.backend)
+    return dq, dk, dv, None, None, None, None
+
+
+_cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------
+def _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k):
+    where = "omni2sound.ops.cross_attention"
+    if q.dim() != 4:
+        raise ValueError(f"{where}: q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
+    B, Lq, H, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 3 or t.shape[1:] != (H, D):
+            raise ValueError(f"{where}: {name} must be packed [total_k, H={H}, D={D}], got {tuple(t.shape)}")
+        if t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"{where}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+    if k.shape[0] != v.shape[0]:
+        raise ValueError(f"{where}: k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != (B + 1,):
+        raise ValueError(f"{where}: cu_seqlens_k must be int32 [B + 1 = {B + 1}], got {cu_seqlens_k.dtype} "
+                         f"{tuple(cu_seqlens_k.shape)} (pack_condition_tokens makes it)")
+    if cu_seqlens_k.device != q.device:
+        raise ValueError(f"{where}: cu_seqlens_k is on {cu_seqlens_k.device}, q on {q.device}")
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{where}: q must be float32, float16, bfloat16 (or float64 for the reference), got {q.dtype}")
+    if not isinstance(max_seqlen_k, int) or max_seqlen_k < 0:
+        raise ValueError(f"{where}: max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
+
+
+def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                    max_seqlen_k: int, softmax_scale: Optional[float] = None) -> torch.Tensor:
+    """Varlen cross-attention of dense queries over packed keys/values; see the module docstring.
+
+    q [B, Lq, H, D]; k, v [total_k, H, D]; cu_seqlens_k int32 [B + 1]; max_seqlen_k >= the largest
+    per-sample key count (from ``pack_condition_tokens``); softmax_scale defaults to 1/sqrt(D).
+    Returns [B, Lq, H, D] in q's dtype; samples without keys give zeros.
+    """
+    _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k)
+    scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    backend = select_backend(OP, q.device)
+    if backend == "reference" or q.dtype == torch.float64:
+        return cross_attention_reference(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"omni2sound.ops.cross_attention: the {backend} backend takes head dims up to "
+                         f"{MAX_HEAD_DIM}, got {q.shape[-1]}; use the reference backend")
+    return _cross_attention_op(q, k, v, cu_seqlens_k, max_seqlen_k, scale, backend)[0]
