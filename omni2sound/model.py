@@ -1,0 +1,480 @@
+"""The Omni2Sound network: a plain DiT on audio VAE latents with decoupled dual-branch conditioning.
+
+    audio latents x_t [B, T, C] (25 Hz) --Linear--> tokens [B, T, D]
+    N x block:  self-attention (RoPE, QK-RMSNorm) -> cross-attention -> MLP, pre-norm
+      - semantic branch ("what"): cross-attention from the audio tokens to the packed, per-sample
+        concatenation [video tokens (8 / s, + learned time position) | text tokens]; an absent modality
+        has zero tokens (varlen ``omni2sound.ops.cross_attention``), it is never padded;
+      - temporal branch ("when"): per-token AdaLN (shift, scale, gate for attention and MLP) from the
+        sync features (24 / s, resampled to the 25 Hz latent frames) plus the timestep and duration.
+    final per-token AdaLN -> Linear -> velocity [B, T, C]
+
+The per-token modulation is split into a per-step and a per-request part,
+    mod_l = W_t SiLU(emb(t) + emb(duration)) [B, 1, 6D]  +  W_s,l SiLU(sync_emb) + b_l [B, T, 6D],
+W_t shared by all blocks (PixArt-alpha's adaLN-single; the per-block bias b_l keeps the blocks apart),
+so that the large per-token half (6 D^2 per token per block) is computed once per request in
+``prepare_conditions`` together with every layer's cross-attention K/V, and a denoising step pays
+only for the DiT itself (MMAudio's ``preprocess_conditions`` / ``predict_flow`` split).
+
+The chain between the sublayers goes through the fused ops: ``gated_residual_adaln`` computes
+``x + gate * h`` and the next LayerNorm + modulation in one pass, also across block boundaries.
+The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1.
+
+The network knows nothing of noise schedules: ``t`` in [0, 1] comes from ``omni2sound.flow``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops
+from .conditions import Conditions
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class DiTConfig:
+    latent_dim: int = 64          # audio VAE latent channels (the VAE's config.latent_dim)
+    hidden_dim: int = 1536
+    depth: int = 24
+    num_heads: int = 24
+    mlp_ratio: float = 4.0
+    text_dim: int = 384           # MiniLM token embeddings (flan-t5-base: 768)
+    video_dim: int = 1024         # CLIP image embeddings per frame (built-in frame encoder: 256)
+    sync_dim: int = 768           # Synchformer features (built-in motion encoder: 64)
+    max_text_tokens: int = 128
+    max_duration: float = 10.0    # training clip length in seconds; longer audio is generated in windows
+    latent_rate: float = 25.0     # audio latent frames per second (16 kHz / hop 640)
+    video_rate: float = 8.0       # semantic video tokens per second
+    sync_rate: float = 24.0       # sync features per second
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.num_heads
+
+    @property
+    def max_video_tokens(self) -> int:
+        return int(math.ceil(self.max_duration * self.video_rate))
+
+    def num_frames(self, duration: float) -> int:
+        """Latent frames for ``duration`` seconds (the VAE pads the waveform up to whole frames)."""
+        return max(1, int(math.ceil(duration * self.latent_rate - 1e-6)))
+
+    def validate(self) -> None:
+        if self.hidden_dim % self.num_heads:
+            raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, (int, float)) and v <= 0:
+                raise ValueError(f"DiTConfig.{f.name} must be positive, got {v}")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DiTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown DiTConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+
+# One dict of size presets feeds the factory, the trainer and the CLI.
+# tiny: tests and the CPU toy run (VAE "tiny" latents, built-in frame/motion encoders, MiniLM text).
+# S: ~150M params, MMAudio-S scale. L: the paper's 24 x 1536, 24 heads (~1.2B with per-token AdaLN).
+DIT_PRESETS = {
+    "tiny": DiTConfig(latent_dim=16, hidden_dim=128, depth=4, num_heads=4, video_dim=256, sync_dim=64,
+                      max_text_tokens=64),
+    "S": DiTConfig(latent_dim=64, hidden_dim=768, depth=12, num_heads=12),
+    "L": DiTConfig(latent_dim=64, hidden_dim=1536, depth=24, num_heads=24),
+}
+
+
+def dit_config(preset: str, **overrides) -> DiTConfig:
+    if preset not in DIT_PRESETS:
+        raise ValueError(f"unknown DiT preset {preset!r}; choose from {sorted(DIT_PRESETS)}")
+    cfg = replace(DIT_PRESETS[preset], **overrides)
+    cfg.validate()
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small pieces
+# ----------------------------------------------------------------------------------------------------
+def sinusoidal_embedding(x: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """[B] float -> [B, dim] (DiT's timestep embedding, used for t*1000 and for seconds)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    args = x.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ScalarEmbedder(nn.Module):
+    """A scalar per sample (timestep, duration) -> [B, D] through sinusoids and an MLP."""
+
+    def __init__(self, dim: int, scale: float, freq_dim: int = 256):
+        super().__init__()
+        self.scale, self.freq_dim = scale, freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        emb = sinusoidal_embedding(x * self.scale, self.freq_dim)      # [B, F]
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))              # [B, D]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(num_frames: int, head_dim: int, base: float, device, dtype) -> Tuple[Tensor, Tensor]:
+    """cos, sin [T, head_dim / 2] for rotary position embeddings over latent frames."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    ang = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] * inv[None]
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, T, H, Dh]; rotate the (even, odd) pairs of every head by the frame's angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]                                  # [B, T, H, Dh/2]
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+
+
+def resample_sync(sync: Tensor, num_frames: int, sync_rate: float, latent_rate: float) -> Tensor:
+    """Linear interpolation of [B, Ts, Ds] features at ``sync_rate`` to the centres of ``num_frames``
+    latent frames at ``latent_rate`` -> [B, T, Ds]. Frames past the last feature hold its value; no
+    features at all (Ts = 0) give zeros."""
+    B, Ts, Ds = sync.shape
+    if Ts == 0:
+        return sync.new_zeros(B, num_frames, Ds)
+    centres = (torch.arange(num_frames, device=sync.device, dtype=torch.float32) + 0.5) / latent_rate
+    pos = (centres * sync_rate - 0.5).clamp(0, Ts - 1)                  # fractional sync index [T]
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp(max=Ts - 1)
+    w = (pos - lo.float()).to(sync.dtype)[None, :, None]                 # [1, T, 1]
+    return sync[:, lo] * (1 - w) + sync[:, hi] * w
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-request conditions
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class PreparedConditions:
+    """Everything that does not depend on the noisy latent, computed once per request.
+
+    kv            per layer (k, v), each [total_k, H, Dh]: the cross-attention keys/values
+    cu_seqlens_k  int32 [B + 1];  max_seqlen_k  int
+    sync_mod      [depth, 6, B, T, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2)
+    final_sync_mod [2, B, T, D]
+    duration_emb  [B, D]
+    rope_cos, rope_sin [T, Dh / 2]
+    ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
+    """
+    kv: List[Tuple[Tensor, Tensor]]
+    cu_seqlens_k: Tensor
+    max_seqlen_k: int
+    sync_mod: Tensor
+    final_sync_mod: Tensor
+    duration_emb: Tensor
+    rope_cos: Tensor
+    rope_sin: Tensor
+    ones: Tensor
+    zeros: Tensor
+    batch_size: int
+    num_frames: int
+
+    def tensors(self) -> List[Tensor]:
+        """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
+        out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, self.sync_mod]
+        return out + [self.final_sync_mod, self.duration_emb, self.rope_cos, self.rope_sin, self.ones, self.zeros]
+
+    def signature(self) -> tuple:
+        """Shapes and dtypes that a captured graph depends on."""
+        return (self.batch_size, self.num_frames, self.max_seqlen_k,
+                tuple((tuple(t.shape), t.dtype) for t in self.tensors()))
+
+    def copy_(self, other: "PreparedConditions") -> "PreparedConditions":
+        if self.signature() != other.signature():
+            raise ValueError("PreparedConditions.copy_: shapes differ; capture a new graph for this request")
+        for dst, src in zip(self.tensors(), other.tensors()):
+            dst.copy_(src)
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------
+# Blocks
+# ----------------------------------------------------------------------------------------------------
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, D = y.shape
+        q, k, v = self.qkv(y).view(B, T, 3, self.heads, D // self.heads).unbind(2)   # [B, T, H, Dh] each
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]
+        return self.proj(o.transpose(1, 2).reshape(B, T, D))                            # [B, T, D]
+
+
+class CrossAttention(nn.Module):
+    """Audio queries over the packed condition tokens; K/V come precomputed from ``kv()``."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv_proj = nn.Linear(dim, 2 * dim)
+        self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def kv(self, tokens: Tensor) -> Tuple[Tensor, Tensor]:
+        """tokens [total_k, D] -> k, v [total_k, H, Dh] (once per request)."""
+        n, D = tokens.shape
+        k, v = self.kv_proj(tokens).view(n, 2, self.heads, D // self.heads).unbind(1)
+        return self.k_norm(k).contiguous(), v.contiguous()
+
+    def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int) -> Tensor:
+        B, T, D = y.shape
+        q = self.q_norm(self.q(y).view(B, T, self.heads, D // self.heads))              # [B, T, H, Dh]
+        o = ops.cross_attention(q.contiguous(), k, v, cu_seqlens_k, max_seqlen_k)       # [B, T, H, Dh]
+        return self.proj(o.reshape(B, T, D))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        D = cfg.hidden_dim
+        self.eps = cfg.norm_eps
+        self.attn = SelfAttention(D, cfg.num_heads, cfg.norm_eps)
+        self.cross = CrossAttention(D, cfg.num_heads, cfg.norm_eps)
+        hidden = int(D * cfg.mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(D, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, D))
+        # AdaLN modulation, per-request half (sync); the per-step half is the model's shared t_mod.
+        self.ada_sync = nn.Linear(D, 6 * D)
+
+    def forward(self, x: Tensor, y: Tensor, mod: Tensor, next_shift: Tensor, next_scale: Tensor,
+                kv: Tuple[Tensor, Tensor], prep: PreparedConditions) -> Tuple[Tensor, Tensor]:
+        """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; mod [6, B, T, D].
+        Returns the new residual and its modulated norm for the NEXT sublayer (next block or final)."""
+        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(0)                  # [B, T, D] each
+        h = self.attn(y, prep.rope_cos, prep.rope_sin)                                   # [B, T, D]
+        x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
+        h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k)           # [B, T, D]
+        x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
+        h = self.mlp(y)                                                                  # [B, T, D]
+        return ops.gated_residual_adaln(x, h, gate_mlp, next_shift, next_scale, self.eps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network
+# ----------------------------------------------------------------------------------------------------
+class Omni2SoundDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        D = cfg.hidden_dim
+        self.x_embed = nn.Linear(cfg.latent_dim, D)
+        self.t_embed = ScalarEmbedder(D, scale=1000.0)         # t in [0, 1]
+        self.duration_embed = ScalarEmbedder(D, scale=10.0)    # seconds; 0.1 s resolution in the sinusoids
+        # Semantic branch: project both modalities to the model width; video gets a learned time position.
+        self.video_proj = nn.Sequential(nn.Linear(cfg.video_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.video_pos = nn.Parameter(torch.zeros(cfg.max_video_tokens, D))
+        self.text_proj = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.cond_norm = nn.LayerNorm(D, eps=cfg.norm_eps)
+        # Temporal branch: sync features -> per-token embedding (-> per-block ada_sync).
+        self.sync_proj = nn.Sequential(nn.Linear(cfg.sync_dim, D), nn.SiLU(), nn.Linear(D, D))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.depth))
+        self.t_mod = nn.Linear(D, 6 * D)          # adaLN-single: one timestep modulation for every block
+        self.final_ada_t = nn.Linear(D, 2 * D)
+        self.final_ada_sync = nn.Linear(D, 2 * D)
+        self.final = nn.Linear(D, cfg.latent_dim)
+        self.initialize_weights()
+
+    # -- init policy, in one place (DiT's adaLN-Zero) -------------------------------------------------
+    def initialize_weights(self) -> None:
+        def basic(m):
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.apply(basic)
+        nn.init.normal_(self.video_pos, std=0.02)
+        for emb in (self.t_embed, self.duration_embed):
+            for m in emb.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: every gate, shift and scale starts at 0, so each block starts as the identity;
+        # the cross-attention (residual gate 1) starts silent through its zeroed output projection.
+        for block in self.blocks:
+            for m in (block.ada_sync, block.cross.proj):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in (self.t_mod, self.final_ada_t, self.final_ada_sync, self.final):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_embed.weight.device
+
+    # -- once per request ----------------------------------------------------------------------------
+    def prepare_conditions(self, cond: Conditions, num_frames: int) -> PreparedConditions:
+        """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
+        embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here)."""
+        cfg, D = self.config, self.config.hidden_dim
+        dt, dev = self.dtype, self.device
+        cond = cond.to(dev, dt)
+        self._check_conditions(cond, num_frames)
+        B = cond.batch_size
+        Lv = cond.video_tokens.shape[1]
+        video = self.video_proj(cond.video_tokens) + self.video_pos[:Lv]                # [B, Lv, D]
+        text = self.text_proj(cond.text_tokens)                                         # [B, Lt, D]
+        packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens)  # [total, D]
+        packed = self.cond_norm(packed)
+        kv = [blk.cross.kv(packed) for blk in self.blocks]                              # per layer [total, H, Dh]
+
+        has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
+        sync = resample_sync(cond.sync, num_frames, cfg.sync_rate, cfg.latent_rate) * has_video  # [B, T, Ds]
+        s = F.silu(self.sync_proj(sync))                                                # [B, T, D]
+        sync_mod = torch.stack([blk.ada_sync(s).view(B, num_frames, 6, D).permute(2, 0, 1, 3)
+                                for blk in self.blocks])                                # [depth, 6, B, T, D]
+        final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D).permute(2, 0, 1, 3).contiguous()
+        cos, sin = rope_tables(num_frames, cfg.head_dim, cfg.rope_base, dev, dt)
+        return PreparedConditions(
+            kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
+            duration_emb=self.duration_embed(cond.duration.to(dev)), rope_cos=cos, rope_sin=sin,
+            ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
+            batch_size=B, num_frames=num_frames)
+
+    def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
+        cfg = self.config
+        cond.validate()
+        for name, t, want in (("text_tokens", cond.text_tokens, cfg.text_dim),
+                              ("video_tokens", cond.video_tokens, cfg.video_dim),
+                              ("sync", cond.sync, cfg.sync_dim)):
+            if t.shape[2] != want:
+                raise ValueError(f"Conditions.{name} has {t.shape[2]} channels but the model expects {want} "
+                                 f"(DiTConfig.{name.split('_')[0]}_dim)")
+        if cond.batch_size and int(cond.text_lens.max()) > cfg.max_text_tokens:
+            raise ValueError(f"text has {int(cond.text_lens.max())} tokens; the model takes at most "
+                             f"{cfg.max_text_tokens} (DiTConfig.max_text_tokens)")
+        if cond.video_tokens.shape[1] > cfg.max_video_tokens:
+            raise ValueError(f"video has {cond.video_tokens.shape[1]} semantic tokens; the model takes at most "
+                             f"{cfg.max_video_tokens} ({cfg.max_duration} s at {cfg.video_rate}/s): generate "
+                             "longer audio in windows (Omni2SoundPipeline.generate does)")
+        if num_frames <= 0:
+            raise ValueError(f"num_frames must be positive, got {num_frames}")
+
+    # -- once per denoising step ---------------------------------------------------------------------
+    def predict_velocity(self, x_t: Tensor, t: Tensor, prep: PreparedConditions) -> Tensor:
+        """x_t [B, T, C], t [B] in [0, 1] -> velocity [B, T, C]. No host synchronisation."""
+        B, T, _ = x_t.shape
+        if B != prep.batch_size or T != prep.num_frames:
+            raise ValueError(f"x_t is [B={B}, T={T}] but the conditions were prepared for "
+                             f"[B={prep.batch_size}, T={prep.num_frames}]")
+        D = self.config.hidden_dim
+        c = F.silu(self.t_embed(t) + prep.duration_emb)                                  # [B, D]
+        # One add for every block's modulation: [depth, 6, B, T, D] (per token) + [6, B, 1, D] (per step).
+        mods = prep.sync_mod + self.t_mod(c).view(B, 6, D).permute(1, 0, 2)[:, :, None]
+        final_mod = self.final_ada_t(c).view(B, 2, D).permute(1, 0, 2)[:, :, None] + prep.final_sync_mod
+
+        x = self.x_embed(x_t.to(self.dtype))                                              # [B, T, D]
+        y = ops.adaln_modulate(x, mods[0][0], mods[0][1], self.config.norm_eps)          # LN(x)(1+scale)+shift
+        for i, blk in enumerate(self.blocks):
+            nxt = mods[i + 1] if i + 1 < len(mods) else final_mod                        # next shift, scale
+            x, y = blk(x, y, mods[i], nxt[0], nxt[1], prep.kv[i], prep)
+        return self.final(y)                                                              # [B, T, C]
+
+    def forward(self, x_t: Tensor, t: Tensor, cond: Conditions) -> Tensor:
+        """Both phases: x_t [B, T, C], t [B], conditions -> velocity [B, T, C]."""
+        return self.predict_velocity(x_t, t, self.prepare_conditions(cond, x_t.shape[1]))
+
+    # -- checkpoints: config.json + model.safetensors -------------------------------------------------
+    def save_pretrained(self, directory: str) -> None:
+        from safetensors.torch import save_file
+        os.makedirs(directory, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p))
+        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, self.config.to_json()))
+
+    @classmethod
+    def from_pretrained(cls, directory: str, device=None, dtype: Optional[torch.dtype] = None) -> "Omni2SoundDiT":
+        """Load from ``directory``/config.json + model.safetensors, checking every tensor's name and shape."""
+        from safetensors.torch import load_file
+        cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
+        for p in (cfg_path, w_path):
+            if not os.path.isfile(p):
+                raise FileNotFoundError(f"Omni2SoundDiT.from_pretrained: missing {p}")
+        with open(cfg_path) as f:
+            cfg = DiTConfig.from_dict(json.load(f))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = load_file(w_path)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{w_path}: missing tensors {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                             f"unexpected tensors {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        for k, v in expected.items():
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"{w_path}: tensor {k!r} has shape {tuple(state[k].shape)}, "
+                                 f"the config expects {tuple(v.shape)}")
+        model.load_state_dict(state, assign=True)
+        return model.to(device=device, dtype=dtype)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _atomic_write(path: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
