@@ -57,6 +57,9 @@ template <> inline half_t from_float<half_t>(float f) {
   return half_t{uint16_t(sign | ((r - 0x38000000u) >> 13))};
 }
 
+// cudaStream_t passed from Python as an integer (torch.cuda.current_stream().cuda_stream).
+using stream_handle = std::uintptr_t;
+
 inline void check(bool ok, const std::string& msg) {
   if (!ok) throw std::invalid_argument("omni2sound._C: " + msg);
 }

@@ -10,6 +10,8 @@
 #include <vector>
 #include <pybind11/pybind11.h>
 
+#include "common.h"
+
 namespace o2s {
 
 using Binder = std::function<void(pybind11::module_&)>;
@@ -22,8 +24,5 @@ inline std::vector<Binder>& binders() {
 struct Registrar {
   explicit Registrar(Binder b) { binders().push_back(std::move(b)); }
 };
-
-// cudaStream_t passed from Python as an integer (torch.cuda.current_stream().cuda_stream).
-using stream_handle = std::uintptr_t;
 
 }  // namespace o2s

@@ -1,0 +1,361 @@
+"""adaln_modulate and gated_residual_adaln: every backend on this machine against a float64 reference."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omni2sound import _native, ops
+from omni2sound.ops import _dispatch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def backends_here(device="cpu"):
+    return [b for b in ops.available_backends("gated_residual_adaln", torch.device(device))]
+
+
+CPU_BACKENDS = backends_here("cpu")
+
+
+def test_cpu_backends_present():
+    # The C++ extension is part of the install; a build that lost it must fail loudly, not skip.
+    assert "cpu" in CPU_BACKENDS, "omni2sound._C was not built: run the README's set-up"
+    assert "reference" in CPU_BACKENDS
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 reference and inputs
+# --------------------------------------------------------------------------------------------------
+
+def ref64(x, h, gate, shift, scale, eps):
+    x, shift, scale = x.double(), shift.double(), scale.double()
+    x2 = x if h is None else x + gate.double() * h.double()
+    y = F.layer_norm(x2, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+    return x2, y
+
+
+def plain_lowp(x, h, gate, shift, scale, eps):
+    """The plain PyTorch ops run in the input precision: the baseline of flash-attn's 2x rule."""
+    x2 = x if h is None else x + gate * h
+    return x2, F.layer_norm(x2, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def make_inputs(B, L, D, per_token, dtype=torch.float32, magnitude=1.0, device="cpu", gated=True):
+    Lm = L if per_token else 1
+    x = (torch.randn(B, L, D) * magnitude + magnitude * torch.rand(B, L, 1)).to(dtype)
+    h = torch.randn(B, L, D).to(dtype) if gated else None
+    gate = torch.randn(B, Lm, D).to(dtype) if gated else None
+    shift = torch.randn(B, Lm, D).to(dtype)
+    scale = (0.5 * torch.randn(B, Lm, D)).to(dtype)
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return tuple(move(t) for t in (x, h, gate, shift, scale))
+
+
+def run(backend, x, h, gate, shift, scale, eps, grads=True):
+    """Forward (and backward with fixed random upstream grads); returns outputs and input grads."""
+    leaves = [None if t is None else t.detach().clone().requires_grad_(grads) for t in (x, h, gate, shift, scale)]
+    with ops.use_backend(backend):
+        if h is None:
+            y = ops.adaln_modulate(leaves[0], leaves[3], leaves[4], eps)
+            x2 = None
+        else:
+            x2, y = ops.gated_residual_adaln(*leaves, eps=eps)
+        if not grads:
+            return (x2, y), None
+        g = torch.Generator().manual_seed(7)
+        dy = torch.randn(y.shape, generator=g).to(y)
+        loss = (y.float() * dy.float()).sum()
+        if x2 is not None:
+            dx2 = torch.randn(x2.shape, generator=g).to(x2)
+            loss = loss + (x2.float() * dx2.float()).sum()
+        loss.backward()
+    return (x2, y), [None if t is None else t.grad for t in leaves]
+
+
+def run_ref64(x, h, gate, shift, scale, eps, plain=False):
+    leaves = [None if t is None else (t.detach().clone() if plain else t.detach().double()).requires_grad_()
+              for t in (x, h, gate, shift, scale)]
+    x2, y = (plain_lowp if plain else ref64)(*leaves, eps)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(y.shape, generator=g).to(y)
+    loss = (y.double() * dy.double()).sum()
+    if h is not None:
+        dx2 = torch.randn(x2.shape, generator=g).to(x2)
+        loss = loss + (x2.double() * dx2.double()).sum()
+    loss.backward()
+    return (x2 if h is not None else None, y), [None if t is None else t.grad for t in leaves]
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+# --------------------------------------------------------------------------------------------------
+# fp32 against float64, every backend
+# --------------------------------------------------------------------------------------------------
+
+SHAPES = [(2, 1, 1), (2, 5, 7), (3, 1, 64), (2, 3, 1000), (2, 5, 1536)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("B,L,D", SHAPES)
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("gated", [True, False])
+def test_fp32_matches_float64(backend, B, L, D, per_token, gated):
+    eps = 1e-6
+    inputs = make_inputs(B, L, D, per_token, gated=gated)
+    (x2, y), grads = run(backend, *inputs, eps)
+    (x2r, yr), gref = run_ref64(*inputs, eps)
+    # D = 1: LayerNorm output is exactly 0, so y == shift; relative error still applies.
+    assert rel_err(y, yr) < 2e-5, backend
+    if gated:
+        assert rel_err(x2, x2r) < 1e-6
+    for name, g, gr in zip(("x", "h", "gate", "shift", "scale"), grads, gref):
+        if gr is None:
+            assert g is None
+            continue
+        assert g.shape == gr.shape, name
+        if gr.abs().max() == 0:
+            assert g.abs().max() == 0, name
+        else:
+            assert rel_err(g, gr) < 5e-5, f"{backend} d{name}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_magnitude(backend):
+    # |x| ~ 1e4 with a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose everything here.
+    eps = 1e-6
+    inputs = make_inputs(2, 3, 1536, per_token=True, magnitude=1e4)
+    (x2, y), grads = run(backend, *inputs, eps)
+    (x2r, yr), gref = run_ref64(*inputs, eps)
+    assert rel_err(y, yr) < 1e-4
+    for g, gr in zip(grads, gref):
+        assert rel_err(g, gr) < 1e-3
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty(backend):
+    for B, L in ((0, 5), (2, 0)):
+        inputs = make_inputs(B, L, 16, per_token=False)
+        (x2, y), grads = run(backend, *inputs, 1e-6)
+        assert y.shape == (B, L, 16) and x2.shape == (B, L, 16)
+        assert all(g is not None and g.numel() == t.numel() for g, t in zip(grads, inputs))
+        assert all((g == 0).all() for g in grads if g.numel())
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_contiguous(backend):
+    B, L, D = 2, 5, 24
+    base = torch.randn(B, D, L)
+    x = base.transpose(1, 2)                        # [B, L, D], stride over D != 1
+    h = torch.randn(B, L, 2 * D)[..., ::2]          # strided over D
+    gate = torch.randn(B, 3, D)[:, 1:2]             # per-sample slice with a batch stride of 3*D
+    shift = torch.randn(L, B, D).transpose(0, 1)    # per-token, batch-major view
+    scale = torch.randn(B, 1, D).expand(B, L, D)    # an expanded view: per-token with stride 0
+    (x2, y), grads = run(backend, x, h, gate, shift, scale, 1e-6)
+    (x2r, yr), gref = run_ref64(x, h, gate, shift, scale, 1e-6)
+    assert rel_err(y, yr) < 2e-5 and rel_err(x2, x2r) < 1e-6
+    for g, gr in zip(grads, gref):
+        assert g.shape == gr.shape and rel_err(g, gr) < 5e-5
+
+
+# --------------------------------------------------------------------------------------------------
+# Low precision: flash-attn's rule
+# --------------------------------------------------------------------------------------------------
+
+LOWP = [(b, dt) for b in CPU_BACKENDS if b != "reference" for dt in (torch.float16, torch.bfloat16)
+        if not (b == "triton" and dt == torch.bfloat16)]  # the interpreter has no bf16 arithmetic
+
+
+@pytest.mark.parametrize("backend,dtype", LOWP)
+@pytest.mark.parametrize("per_token", [False, True])
+def test_low_precision_2x_rule(backend, dtype, per_token):
+    eps = 1e-6
+    inputs = make_inputs(2, 7, 1000, per_token, dtype=dtype)
+    (x2, y), grads = run(backend, *inputs, eps)
+    (x2p, yp), gplain = run_ref64(*inputs, eps, plain=True)
+    (x2r, yr), gref = run_ref64(*inputs, eps)
+    err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
+    slack = 1e-6
+    assert err(y, yr) <= 2 * err(yp, yr) + slack
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + slack
+    for name, g, gp, gr in zip(("x", "h", "gate", "shift", "scale"), grads, gplain, gref):
+        assert g.dtype == dtype
+        assert err(g, gr) <= 2 * err(gp, gr) + slack * gr.abs().max().item(), name
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors, dispatch, opcheck, torch.compile
+# --------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors():
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(ValueError, match=r"shift must be per-sample"):
+        ops.adaln_modulate(x, torch.randn(2, 3, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match=r"x must be \[B, L, D\]"):
+        ops.adaln_modulate(torch.randn(5, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.adaln_modulate(x, torch.randn(2, 1, 8).double(), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="h must have"):
+        ops.gated_residual_adaln(x, torch.randn(2, 5, 7), torch.randn(2, 1, 8), torch.randn(2, 1, 8),
+                                 torch.randn(2, 1, 8))
+    with pytest.raises(RuntimeError, match="cannot run on cpu"):
+        with ops.use_backend("cuda"):
+            ops.adaln_modulate(x, torch.randn(2, 1, 8), torch.randn(2, 1, 8))
+    with pytest.raises(ValueError, match="unknown backend"):
+        with ops.use_backend("fast"):
+            pass
+
+
+def test_dispatch_defaults_and_overrides(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("OMNI2SOUND_BACKEND", raising=False)
+    assert ops.select_backend("gated_residual_adaln", cpu) == "cpu"
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "reference")
+    assert ops.select_backend("adaln_modulate", cpu) == "reference"
+    with ops.use_backend("cpu"):
+        assert ops.select_backend("adaln_modulate", cpu) == "cpu"        # context beats the environment
+        with ops.use_backend(adaln="reference"):                         # a family override, innermost wins
+            assert ops.select_backend("gated_residual_adaln", cpu) == "reference"
+        assert ops.select_backend("adaln_modulate", cpu) == "cpu"
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="OMNI2SOUND_BACKEND"):
+        ops.select_backend("adaln_modulate", cpu)
+    assert "adaln_modulate" in _dispatch.registered_ops()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"] + ["reference"])
+def test_opcheck(backend):
+    from omni2sound.ops import adaln as mod
+
+    x, h, gate, shift, scale = make_inputs(2, 3, 12, per_token=True)
+    gate1 = gate[:, :1].contiguous()  # per-sample gate next to per-token shift/scale
+    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    torch.library.opcheck(mod._adaln_modulate_op, (*leaf(x, shift, scale), 1e-6, backend))
+    torch.library.opcheck(mod._gated_residual_adaln_op, (*leaf(x, h, gate1, shift, scale), 1e-6, backend))
+    _, _, mean, rstd = mod._gated_residual_adaln_op(x.detach(), h, gate1, shift, scale, 1e-6, backend)
+    torch.library.opcheck(mod._gated_residual_adaln_backward_op,
+                          (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, mean, rstd, backend))
+    torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, mean, rstd,
+                                                            backend))
+
+
+class TinyDiTBlock(torch.nn.Module):
+    """The AdaLN chain of one DiT block (attention replaced by a linear map to keep compile quick)."""
+
+    def __init__(self, D):
+        super().__init__()
+        self.mix = torch.nn.Linear(D, D)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(D, 2 * D), torch.nn.GELU(), torch.nn.Linear(2 * D, D))
+        self.mod = torch.nn.Linear(D, 6 * D)
+
+    def forward(self, x, c):  # x [B, L, D], c [B, L, D] per-token condition
+        sh1, sc1, g1, sh2, sc2, g2 = self.mod(c).chunk(6, dim=-1)
+        y = ops.adaln_modulate(x, sh1, sc1)
+        x, y = ops.gated_residual_adaln(x, self.mix(y), g1, sh2, sc2)
+        return x + g2 * self.mlp(y)
+
+
+def test_block_compiles_fullgraph_and_matches_eager():
+    torch._dynamo.reset()
+    block = TinyDiTBlock(32)
+    x, c = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    with ops.use_backend("cpu"):
+        eager = block(x, c)
+        compiled = torch.compile(block, fullgraph=True)(x, c)
+        xg = x.clone().requires_grad_()
+        torch.compile(block, fullgraph=True)(xg, c).sum().backward()
+    xe = x.clone().requires_grad_()
+    with ops.use_backend("reference"):
+        ref = block(xe, c)
+    ref.sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eager, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(xg.grad, xe.grad, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# CUDA: compiled here, run on a GPU
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed")
+def test_cuda_sources_compile(tmp_path):
+    if _native.lib() is not None and _native.lib().built_with_cuda():
+        pytest.skip("the installed extension was built with these CUDA sources already")
+    import pybind11
+
+    for src in sorted((ROOT / "csrc").glob("*.cu")):
+        cmd = ["nvcc", "-std=c++17", "-O1", "-gencode=arch=compute_90a,code=sm_90a", f"-I{ROOT / 'csrc'}",
+               f"-I{pybind11.get_include()}", "-c", str(src), "-o", str(tmp_path / (src.stem + ".o"))]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        assert res.returncode == 0, f"{src.name} failed to compile:\n{res.stderr[-3000:]}"
+
+
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("B,L,D", SHAPES + [(2, 250, 1536), (1, 3, 4096)])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gpu_fp32(backend, B, L, D, per_token):
+    if backend not in ops.available_backends("gated_residual_adaln", torch.device("cuda")):
+        pytest.fail(f"{backend} backend not available on this GPU machine")
+    inputs = make_inputs(B, L, D, per_token, device="cuda")
+    (x2, y), grads = run(backend, *inputs, 1e-6)
+    (x2r, yr), gref = run_ref64(*[None if t is None else t.cpu() for t in inputs], 1e-6)
+    assert rel_err(y.cpu(), yr) < 2e-5 and rel_err(x2.cpu(), x2r) < 1e-6
+    for g, gr in zip(grads, gref):
+        assert rel_err(g.cpu(), gr) < 1e-4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_gpu_low_precision_2x_rule(backend, dtype, per_token):
+    inputs = make_inputs(2, 250, 1536, per_token, dtype=dtype, device="cuda")
+    (x2, y), grads = run(backend, *inputs, 1e-6)
+    cpu = [None if t is None else t.cpu() for t in inputs]
+    (x2p, yp), gplain = run_ref64(*cpu, 1e-6, plain=True)
+    (x2r, yr), gref = run_ref64(*cpu, 1e-6)
+    err = lambda a, b: (a.cpu().double() - b.double()).abs().max().item()  # noqa: E731
+    assert err(y, yr) <= 2 * err(yp, yr) + 1e-6
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + 1e-6
+    for g, gp, gr in zip(grads, gplain, gref):
+        assert err(g, gr) <= 2 * err(gp, gr) + 1e-6 * gr.abs().max().item()
+
+
+@pytest.mark.cuda
+def test_gpu_unaligned_falls_back_to_scalar_path():
+    # An odd offset breaks 16-byte alignment: the scalar kernel must take over and stay right.
+    buf = torch.randn(2 * 5 * 64 + 1, device="cuda", dtype=torch.bfloat16)
+    x = buf[1:].view(2, 5, 64)
+    _, h, gate, shift, scale = make_inputs(2, 5, 64, True, dtype=torch.bfloat16, device="cuda")
+    with ops.use_backend("cuda"):
+        x2, y = ops.gated_residual_adaln(x, h, gate, shift, scale)
+    x2r, yr = ops.gated_residual_adaln_reference(x, h, gate, shift, scale)
+    torch.testing.assert_close(y, yr, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+def test_gpu_cuda_graph_capture():
+    x, h, gate, shift, scale = make_inputs(2, 250, 1536, True, dtype=torch.bfloat16, device="cuda")
+    with ops.use_backend("cuda"):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            ops.gated_residual_adaln(x, h, gate, shift, scale)
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            x2, y = ops.gated_residual_adaln(x, h, gate, shift, scale)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+    x2r, yr = ops.gated_residual_adaln_reference(x, h, gate, shift, scale)
+    torch.testing.assert_close(y, yr, rtol=2e-2, atol=2e-2)
