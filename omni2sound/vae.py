@@ -1,0 +1,424 @@
+"""The audio VAE: 16 kHz mono waveform <-> latent_dim channels at 25 Hz (Stable Audio "Oobleck" style).
+
+    encoder: conv7 -> [3 residual units (dilation 1, 3, 9) -> Snake -> strided conv (k = 2s)] per stride
+             -> Snake -> conv3 -> (mean, logvar)                                  wav [B, 1, N] -> [B, 2C, T]
+    decoder: conv7 -> [Snake -> transposed conv (k = 2s) -> 3 residual units] per stride (reversed)
+             -> Snake -> conv7                                                    z [B, C, T] -> wav [B, 1, T*hop]
+    residual unit: x + conv1(Snake(conv7_dilated(Snake(x))))
+
+Snake is ``x + 1/(beta + eps) * sin^2(alpha * x)`` with per-channel alpha, beta stored as logarithms (they stay
+positive while training). Convolutions carry weight norm while training; ``fold_weight_norm()`` folds it into
+plain weights for inference (``from_pretrained`` does so by default).
+
+Length rule: ``encode`` right-pads the waveform with zeros to a multiple of ``hop_length`` (640), so
+T = ceil(N / hop); ``decode`` returns exactly T * hop samples and the caller trims to N (``reconstruct`` does).
+
+The decoder runs its memory-bound chain through ``omni2sound.ops``: every residual add is fused with the Snake
+that follows it (``snake_residual``), see ``_Decoder.forward``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+from omni2sound import ops
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class VAEConfig:
+    sample_rate: int = 16000
+    channels: int = 64                                   # width at the waveform rate
+    channel_mults: Tuple[int, ...] = (1, 2, 4, 8, 16)    # width multiplier per stage, len(strides) + 1
+    strides: Tuple[int, ...] = (2, 4, 8, 10)             # encoder order (waveform -> latent); product = hop
+    latent_dim: int = 64
+    dilations: Tuple[int, ...] = (1, 3, 9)
+    kernel_size: int = 7
+    snake_eps: float = 1e-9
+    kl_weight: float = 1e-4                              # read by vae_train.vae_loss
+    stft_weight: float = 1.0
+    l1_weight: float = 1.0
+    stft_sizes: Tuple[int, ...] = (2048, 1024, 512, 256, 128)
+
+    def __post_init__(self):
+        self.channel_mults = tuple(self.channel_mults)
+        self.strides = tuple(self.strides)
+        self.dilations = tuple(self.dilations)
+        self.stft_sizes = tuple(self.stft_sizes)
+        if len(self.channel_mults) != len(self.strides) + 1:
+            raise ValueError(f"VAEConfig: channel_mults needs len(strides) + 1 = {len(self.strides) + 1} entries, "
+                             f"got {self.channel_mults}")
+        if any(s < 2 or s % 2 for s in self.strides):
+            # k = 2s, padding s/2 makes every stage scale the length by exactly s only for even strides.
+            raise ValueError(f"VAEConfig: strides must be even and >= 2, got {self.strides}")
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"VAEConfig: kernel_size must be odd (same-length convs), got {self.kernel_size}")
+
+    @property
+    def hop_length(self) -> int:
+        return math.prod(self.strides)
+
+    @property
+    def latent_rate(self) -> float:
+        return self.sample_rate / self.hop_length
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VAEConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"VAEConfig: unknown fields {sorted(unknown)} (known: {sorted(known)})")
+        return cls(**d)
+
+
+VAE_PRESETS: Dict[str, VAEConfig] = {
+    # 16 kHz, 64 x 25 Hz (hop 640 = 2*4*8*10), widths 64..1024: the paper's latent space.
+    "paper": VAEConfig(),
+    # Same 25 Hz latent rate, ~70k parameters: trains on a CPU in minutes to reconstruct simple tones.
+    "tiny": VAEConfig(channels=8, channel_mults=(1, 2, 4, 8), strides=(8, 8, 10), latent_dim=16,
+                      kl_weight=1e-5, stft_sizes=(1024, 512, 256, 128, 64)),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layers
+# ----------------------------------------------------------------------------------------------------
+
+
+class Snake(nn.Module):
+    """Per-channel Snake; alpha = exp(log_alpha), beta = exp(log_beta), both 1 at init."""
+
+    def __init__(self, channels: int, eps: float = 1e-9):
+        super().__init__()
+        self.log_alpha = nn.Parameter(torch.zeros(channels))
+        self.log_beta = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def alpha_beta(self) -> Tuple[Tensor, Tensor]:
+        return self.log_alpha.exp(), self.log_beta.exp()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ops.snake(x, *self.alpha_beta(), self.eps)
+
+
+def _wn(conv: nn.Module) -> nn.Module:
+    return weight_norm(conv)
+
+
+def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1, bias: bool = True) -> nn.Module:
+    pad = (dilation * (k - 1)) // 2 if stride == 1 else math.ceil(stride / 2)
+    return _wn(nn.Conv1d(cin, cout, k, stride=stride, dilation=dilation, padding=pad, bias=bias))
+
+
+class ResidualUnit(nn.Module):
+    """x + conv1(Snake(conv_k_dilated(Snake(x)))): the receptive field grows by dilation * (k - 1)."""
+
+    def __init__(self, dim: int, dilation: int, k: int, eps: float):
+        super().__init__()
+        self.snake1 = Snake(dim, eps)
+        self.conv1 = _conv(dim, dim, k, dilation=dilation)
+        self.snake2 = Snake(dim, eps)
+        self.conv2 = _conv(dim, dim, 1)
+
+    def branch(self, y: Tensor) -> Tensor:
+        """The residual branch after its first Snake (the decoder fuses that Snake with the previous add)."""
+        return self.conv2(self.snake2(self.conv1(y)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.branch(self.snake1(x))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, cfg: VAEConfig):
+        super().__init__()
+        self.res = nn.ModuleList([ResidualUnit(cin, d, cfg.kernel_size, cfg.snake_eps) for d in cfg.dilations])
+        self.snake = Snake(cin, cfg.snake_eps)
+        self.down = _conv(cin, cout, 2 * stride, stride=stride)   # [B, cin, n] -> [B, cout, n / stride]
+
+    def forward(self, x: Tensor) -> Tensor:
+        for unit in self.res:
+            x = unit(x)
+        return self.down(self.snake(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int, cfg: VAEConfig):
+        super().__init__()
+        self.snake = Snake(cin, cfg.snake_eps)
+        # k = 2s, padding s/2: [B, cin, n] -> [B, cout, n * s] exactly (even s).
+        self.up = _wn(nn.ConvTranspose1d(cin, cout, 2 * stride, stride=stride, padding=stride // 2))
+        self.res = nn.ModuleList([ResidualUnit(cout, d, cfg.kernel_size, cfg.snake_eps) for d in cfg.dilations])
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mults]
+        self.conv_in = _conv(1, widths[0], cfg.kernel_size)
+        self.blocks = nn.ModuleList([EncoderBlock(widths[i], widths[i + 1], s, cfg)
+                                     for i, s in enumerate(cfg.strides)])
+        self.snake_out = Snake(widths[-1], cfg.snake_eps)
+        self.conv_out = _conv(widths[-1], 2 * cfg.latent_dim, 3)
+
+    def forward(self, wav: Tensor) -> Tensor:
+        h = self.conv_in(wav)                      # [B, W0, N]
+        for block in self.blocks:
+            h = block(h)                           # [B, W_{i+1}, N / prod(strides[:i+1])]
+        return self.conv_out(self.snake_out(h))   # [B, 2C, T]
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        widths = [cfg.channels * m for m in cfg.channel_mults][::-1]
+        strides = cfg.strides[::-1]
+        self.conv_in = _conv(cfg.latent_dim, widths[0], cfg.kernel_size)
+        self.blocks = nn.ModuleList([DecoderBlock(widths[i], widths[i + 1], s, cfg) for i, s in enumerate(strides)])
+        self.snake_out = Snake(widths[-1], cfg.snake_eps)
+        self.conv_out = _conv(widths[-1], 1, cfg.kernel_size, bias=False)
+
+    def _snakes_after_adds(self):
+        """For each residual unit in order, the Snake that directly follows its residual add."""
+        flat = [(b, u) for b in self.blocks for u in b.res]
+        after = []
+        for i, (b, _) in enumerate(flat):
+            if i + 1 < len(flat) and flat[i + 1][0] is b:
+                after.append(flat[i + 1][1].snake1)          # next unit of the same block
+            else:
+                bi = list(self.blocks).index(b)
+                after.append(self.blocks[bi + 1].snake if bi + 1 < len(self.blocks) else self.snake_out)
+        return after
+
+    def forward(self, z: Tensor) -> Tensor:
+        # Every residual add is followed by a Snake, so both run as one fused op: (h, y) = (x + r, snake(x + r)),
+        # h the running residual stream, y the next conv's input.
+        after = iter(self._snakes_after_adds())
+        h = self.conv_in(z)                                  # [B, W0, T]
+        y = self.blocks[0].snake(h)
+        for block in self.blocks:
+            h = block.up(y)                                  # [B, W_{i+1}, n * s]
+            y = block.res[0].snake1(h)
+            for unit in block.res:
+                nxt = next(after)
+                h, y = ops.snake_residual(unit.branch(y), *nxt.alpha_beta(), h, nxt.eps)
+        return self.conv_out(y)                              # [B, 1, T * hop]
+
+    def receptive_radius_frames(self, cfg: VAEConfig) -> float:
+        """How many latent frames on each side one output sample depends on.
+
+        Walk the decoder: a layer at a stage whose rate is u samples per latent frame, reaching r input samples on
+        each side, adds r / u frames. A k-tap conv with dilation d reaches d * (k - 1) / 2; a transposed conv with
+        k = 2s, padding s/2 reaches one input sample on each side.
+        """
+        k = cfg.kernel_size
+        radius, u = (k - 1) / 2, 1                            # conv_in at the latent rate
+        for s in cfg.strides[::-1]:
+            radius += 1 / u                                   # transposed conv, input side
+            u *= s
+            radius += sum(d * (k - 1) / 2 for d in cfg.dilations) / u
+        return radius + (k - 1) / 2 / u                       # conv_out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The VAE
+# ----------------------------------------------------------------------------------------------------
+
+
+class DiagonalGaussian:
+    """q(z | x) = N(mean, exp(logvar)); mean, logvar [B, C, T]."""
+
+    def __init__(self, moments: Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)   # keeps exp() finite early in training
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
+        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * eps
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+    def kl(self) -> Tensor:
+        """KL(q || N(0, I)) per sample, summed over C and T: [B]."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum((1, 2))
+
+
+class AudioVAE(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.weight_norm_folded = False
+
+    @property
+    def hop_length(self) -> int:
+        return self.config.hop_length
+
+    @property
+    def latent_rate(self) -> float:
+        return self.config.latent_rate
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    def num_frames(self, num_samples: int) -> int:
+        return -(-num_samples // self.hop_length)
+
+    def encode(self, wav: Tensor) -> DiagonalGaussian:
+        """wav [B, 1, N] -> q(z | wav) with mean/logvar [B, latent_dim, ceil(N / hop)] (zero right-padding)."""
+        if wav.dim() != 3 or wav.shape[1] != 1:
+            raise ValueError(f"AudioVAE.encode: wav must be [B, 1, N], got shape {tuple(wav.shape)}")
+        if wav.shape[-1] == 0:
+            raise ValueError("AudioVAE.encode: wav has no samples")
+        pad = self.num_frames(wav.shape[-1]) * self.hop_length - wav.shape[-1]
+        if pad:
+            wav = F.pad(wav, (0, pad))
+        return DiagonalGaussian(self.encoder(wav))
+
+    @property
+    def context_frames(self) -> int:
+        """Latent frames of context that make a chunk's decode equal the whole decode (the receptive radius)."""
+        return math.ceil(self.decoder.receptive_radius_frames(self.config))
+
+    def decode(self, z: Tensor, chunk_frames: Optional[int] = None, overlap_frames: Optional[int] = None) -> Tensor:
+        """z [B, latent_dim, T] -> wav [B, 1, T * hop].
+
+        With ``chunk_frames``, decodes chunks of that many frames, each with ``overlap_frames`` (default: the
+        decoder's receptive radius, ``context_frames``) of extra latent context on each side that is decoded and
+        dropped. With that much context every kept sample sees exactly the latents it sees in a whole decode, so
+        the result equals the whole decode (up to float rounding): no seam, no cross-fade needed.
+        """
+        if z.dim() != 3 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(f"AudioVAE.decode: z must be [B, {self.config.latent_dim}, T], got {tuple(z.shape)}")
+        T = z.shape[-1]
+        if chunk_frames is None or chunk_frames >= T:
+            return self.decoder(z)
+        if chunk_frames <= 0:
+            raise ValueError(f"AudioVAE.decode: chunk_frames must be positive, got {chunk_frames}")
+        ov = self.context_frames if overlap_frames is None else int(overlap_frames)
+        if ov < 0:
+            raise ValueError(f"AudioVAE.decode: overlap_frames must be >= 0, got {overlap_frames}")
+        hop, out = self.hop_length, []
+        for start in range(0, T, chunk_frames):
+            stop = min(T, start + chunk_frames)
+            lo, hi = max(0, start - ov), min(T, stop + ov)
+            wav = self.decoder(z[:, :, lo:hi])                               # [B, 1, (hi - lo) * hop]
+            out.append(wav[:, :, (start - lo) * hop:(stop - lo) * hop])
+        return torch.cat(out, dim=-1)
+
+    def forward(self, wav: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, DiagonalGaussian]:
+        """Training pass: wav [B, 1, N] -> (reconstruction [B, 1, ceil(N/hop)*hop], posterior)."""
+        post = self.encode(wav)
+        return self.decode(post.sample(generator)), post
+
+    @torch.no_grad()
+    def reconstruct(self, wav: Tensor) -> Tensor:
+        """wav [B, 1, N] -> the decoded posterior mode, trimmed to N samples."""
+        return self.decode(self.encode(wav).mode())[..., :wav.shape[-1]]
+
+    # ------------------------------------------------------------------------------------------------
+    # Weight norm and checkpoints
+    # ------------------------------------------------------------------------------------------------
+
+    def fold_weight_norm(self) -> "AudioVAE":
+        """Replace every weight-norm parametrisation by its plain weight g * v / |v| (inference; idempotent)."""
+        for m in self.modules():
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        self.weight_norm_folded = True
+        return self
+
+    def save_pretrained(self, directory: Union[str, os.PathLike]) -> Path:
+        """Write model.safetensors + config.json into ``directory``, each atomically (tmp file, then replace)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        meta = {"format": "pt", "weight_norm_folded": str(self.weight_norm_folded)}
+        _atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
+        _atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: Union[str, os.PathLike], device: Optional[Union[str, torch.device]] = None,
+                        inference: bool = True) -> "AudioVAE":
+        """Load a checkpoint written by ``save_pretrained``; checks every tensor's name and shape.
+
+        ``inference=True`` folds weight norm and returns the model in eval mode; ``False`` keeps the training form
+        (only possible when the checkpoint was saved before folding).
+        """
+        directory = Path(directory)
+        cfg_path, w_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"AudioVAE.from_pretrained: missing {p}")
+        config = VAEConfig.from_dict(json.loads(cfg_path.read_text()))
+        from safetensors import safe_open
+
+        with safe_open(str(w_path), framework="pt") as f:
+            folded = (f.metadata() or {}).get("weight_norm_folded") == "True"
+        if folded and not inference:
+            raise ValueError(f"AudioVAE.from_pretrained({directory}): the checkpoint has folded weight norm; "
+                             "it can only be loaded for inference")
+        model = cls(config)
+        if folded:
+            model.fold_weight_norm()
+        state = load_file(str(w_path))
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise KeyError(f"AudioVAE.from_pretrained({w_path}): missing keys {missing[:8]}"
+                           f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+                           f"{' ...' if len(unexpected) > 8 else ''}")
+        for k, v in expected.items():
+            if state[k].shape != v.shape:
+                raise ValueError(f"AudioVAE.from_pretrained({w_path}): tensor {k!r} has shape "
+                                 f"{tuple(state[k].shape)}, the config {cfg_path.name} expects {tuple(v.shape)}")
+        model.load_state_dict(state)
+        if inference:
+            model.fold_weight_norm().eval().requires_grad_(False)
+        return model.to(device) if device is not None else model
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def build_vae(preset: str = "tiny", **overrides) -> AudioVAE:
+    """An untrained AudioVAE from a named preset, with optional field overrides."""
+    if preset not in VAE_PRESETS:
+        raise KeyError(f"unknown VAE preset {preset!r}; choose from {sorted(VAE_PRESETS)}")
+    base = asdict(VAE_PRESETS[preset])
+    base.update(overrides)
+    return AudioVAE(VAEConfig.from_dict(base))
+
+
+__all__ = ["AudioVAE", "DiagonalGaussian", "VAEConfig", "VAE_PRESETS", "build_vae"]
