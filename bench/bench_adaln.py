@@ -1,0 +1,174 @@
+"""Benchmark the fused AdaLN chain against eager PyTorch and torch.compile of the same math, same run.
+
+    python bench/bench_adaln.py            # CPU: fp32; GPU: bf16 (forward under CUDA graphs)
+    python bench/bench_adaln.py --quick    # fewer repeats
+
+Reports us per call, the ratio to eager and to torch.compile, and (GPU) GB/s of the bytes the op must move,
+against a device-to-device copy measured in the same run. Shapes: inference [2, 250, 1536], training
+[32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536].
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from omni2sound import ops
+
+
+def eager_gated(x, h, gate, shift, scale, eps=1e-6):
+    x2 = x + gate * h
+    return x2, F.layer_norm(x2, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def eager_modulate(x, shift, scale, eps=1e-6):
+    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+def fused(backend, fn):
+    def run(*args):
+        with ops.use_backend(backend):
+            return fn(*args)
+    return run
+
+
+def time_cpu(fn, args, repeats, inner):
+    for _ in range(3):
+        fn(*args)
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn(*args)
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def time_gpu(fn, args, repeats, inner, graphs=True):
+    """Median us per call; with graphs, `inner` calls are captured in one CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    if graphs:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn(*args)
+        step = g.replay
+    else:
+        def step():
+            for _ in range(inner):
+                fn(*args)
+    step()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(nbytes=1 << 30):
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    us = time_gpu(lambda: dst.copy_(src), (), repeats=10, inner=5, graphs=False)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def make(shape, dtype, device, per_token):
+    B, L, D = shape
+    Lm = L if per_token else 1
+    g = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    return mk(B, L, D), mk(B, L, D), mk(B, Lm, D), mk(B, Lm, D), 0.5 * mk(B, Lm, D)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="write the rows as JSON here")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    args = ap.parse_args()
+
+    dev = torch.device(args.device)
+    gpu = dev.type == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    hw = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    shapes = [("inference", (2, 250, 1536)), ("training", (32, 250, 1536))]
+    if gpu:
+        shapes.append(("bandwidth", (16, 4096, 1536)))
+    repeats = 5 if args.quick else 20
+    copy_gbs = copy_bandwidth_gbs() if gpu else None
+    backends = [b for b in ops.available_backends("gated_residual_adaln", dev) if b != "reference"]
+    rows = []
+    for label, shape in shapes:
+        for op_name in ("gated_residual_adaln", "adaln_modulate"):
+            for per_token in (False, True):
+                x, h, gate, shift, scale = make(shape, dtype, dev, per_token)
+                if op_name == "gated_residual_adaln":
+                    fargs, eager_fn, op = (x, h, gate, shift, scale), eager_gated, ops.gated_residual_adaln
+                    # read x, h, gate, shift, scale; write x2, y
+                    nbytes = x.element_size() * (4 * x.numel() + 3 * gate.numel())
+                else:
+                    fargs, eager_fn, op = (x, shift, scale), eager_modulate, ops.adaln_modulate
+                    nbytes = x.element_size() * (2 * x.numel() + 2 * shift.numel())
+                variants = {"eager": eager_fn}
+                if not args.no_compile:
+                    variants["compile"] = torch.compile(eager_fn, fullgraph=True, dynamic=False)
+                for b in backends:
+                    variants[b] = fused(b, op)
+                numel = x.numel()
+                inner = max(1, min(50, int(2e7 // numel))) if gpu else max(1, int(2e6 // numel))
+                times = {}
+                for name, fn in variants.items():
+                    with torch.no_grad():
+                        if gpu:
+                            # Graph capture for every variant at the inference shape (launch-bound there).
+                            times[name] = time_gpu(fn, fargs, repeats, inner, graphs=True)
+                        else:
+                            times[name] = time_cpu(fn, fargs, repeats, inner)
+                for name, us in times.items():
+                    row = {
+                        "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
+                        "label": label, "op": op_name, "modulation": "per-token" if per_token else "per-sample",
+                        "variant": name, "us": round(us, 2),
+                        "x_eager": round(times["eager"] / us, 2),
+                        "x_compile": round(times["compile"] / us, 2) if "compile" in times else None,
+                        "GB/s": round(nbytes / (us * 1e-6) / 1e9, 1),
+                    }
+                    if copy_gbs:
+                        row["pct_copy_bw"] = round(100 * row["GB/s"] / copy_gbs, 1)
+                    rows.append(row)
+        if args.quick and not gpu:
+            break
+
+    print(f"\n# bench_adaln on {hw}, {dtype}, torch {torch.__version__}"
+          + (f", measured copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
+    cols = ["label", "shape", "op", "modulation", "variant", "us", "x_eager", "x_compile", "GB/s"]
+    if copy_gbs:
+        cols.append("pct_copy_bw")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"hardware": hw, "copy_GBps": copy_gbs, "torch": torch.__version__, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
