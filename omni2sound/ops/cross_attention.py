@@ -45,7 +45,11 @@ def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str) -> t
         raise ValueError(f"pack_condition_tokens: {name}_lens must have shape [{B}], got {tuple(lens.shape)}")
     if lens.dtype.is_floating_point or lens.dtype == torch.bool:
         raise TypeError(f"pack_condition_tokens: {name}_lens must be an integer tensor, got {lens.dtype}")
-    return lens.to(device=x.device, dtype=torch.int64)
+    lens = lens.to(device=x.device, dtype=torch.int64)
+    if bool(((lens < 0) | (lens > L)).any()):  # one host sync, once per request
+        raise ValueError(f"pack_condition_tokens: {name}_lens must be in [0, {L}] (at most the padded length "
+                         f"of {name}), got {lens.tolist()}")
+    return lens
 
 
 def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[torch.Tensor],
@@ -165,7 +169,7 @@ def _backward_math(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, scale):
     idx = _packed_rows(cu_seqlens_k, kp.shape[1], k.shape[0])
     dk = dkp.reshape(-1, *dkp.shape[2:])[idx]
     dv = dvp.reshape(-1, *dvp.shape[2:])[idx]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 def _packed_rows(cu_seqlens_k: torch.Tensor, Lk: int, total_k: int) -> torch.Tensor:
@@ -210,13 +214,14 @@ def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
 
 def _cuda_forward(q, k, v, cu, max_seqlen_k, scale):
     B, Lq, H, D = q.shape
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     _native.lib().cross_attention_fwd_cuda(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        B, Lq, H, D, int(max_seqlen_k),
+        B, Lq, H, D,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         float(scale), _native.dtype_code(q), _native.stream_of(q))
     return out, lse
@@ -251,7 +256,7 @@ def _cross_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.T
 
 @_cross_attention_backward_op.register_fake
 def _(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, softmax_scale, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the kernels
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,349 @@
+// Flash cross-attention forward (varlen keys, dense queries) for the inference path.
+//
+// q [B, Lq, H, D] (strided), k/v [total_k, H, D] packed by cu_seqlens_k [B + 1] (int32), out [B, Lq, H, D]
+// contiguous, lse [B, H, Lq] fp32 (natural log of the sum of exp of the scaled scores; 0 for a sample
+// with no key, whose output rows are 0).
+//
+// One block per (batch * head, tile of 64 query rows); 4 warps, each owning 16 query rows. The block
+// streams its sample's keys through shared memory in tiles of 64 (zero-filled past the sample's end)
+// and every warp runs an online softmax (running max and sum in fp32, base 2) over them:
+//   S = Q K^T (tensor cores via WMMA for fp16/bf16, fp32 FMA for fp32 inputs)  -> warp scratch, fp32
+//   P = 2^(S * scale * log2e - m_new); l = l * alpha + rowsum(P)               -> warp scratch, input type
+//   O = O * alpha + P V                                                        -> registers, fp32
+// Scores and values never leave the block; the kernel launches on the caller's stream.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace o2s {
+namespace xattn {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kWarps = 4;
+constexpr int kRowsPerWarp = 16;                  // one WMMA tile of rows per warp
+constexpr int kBlockM = kWarps * kRowsPerWarp;    // query rows per block
+constexpr int kBlockN = 64;                       // keys per shared-memory tile
+constexpr float kLn2 = 0.6931471805599453f;
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+template <typename T> struct Traits {
+  static constexpr bool kTensorCore = true;
+  static constexpr int kPad = 8;  // rows stay 16-byte aligned (WMMA) and shift banks by 4 words
+  using P = T;                    // P is a WMMA operand: stored in the input type
+};
+template <> struct Traits<float> {
+  static constexpr bool kTensorCore = false;  // fp32 inputs keep fp32 products (no tf32)
+  static constexpr int kPad = 1;              // stride D+1: lanes reading K_s[lane][d] hit distinct banks
+  using P = float;
+};
+
+// Dynamic shared memory of one block, each region 128-byte aligned.
+template <typename T, int D> struct Smem {
+  static constexpr int kLd = D + Traits<T>::kPad;                  // Q_s, K_s, V_s row stride (elements)
+  static constexpr int kSLd = (kBlockN > D ? kBlockN : D) + 4;     // per-warp fp32 scratch (S, then P V)
+  static constexpr int kPLd = kBlockN + Traits<T>::kPad;           // per-warp P row stride
+  static constexpr size_t align(size_t x) { return (x + 127) / 128 * 128; }
+  static constexpr size_t kQ = align(sizeof(T) * kBlockM * kLd);
+  static constexpr size_t kK = align(sizeof(T) * kBlockN * kLd);
+  static constexpr size_t kS = align(sizeof(float) * kWarps * kRowsPerWarp * kSLd);
+  static constexpr size_t kP = align(sizeof(typename Traits<T>::P) * kWarps * kRowsPerWarp * kPLd);
+  static constexpr size_t kBytes = kQ + 2 * kK + kS + kP;
+};
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
+  return x;
+}
+
+// Copy rows [0, n_valid) of a strided [rows, D] global matrix into shared memory (row stride ld) and
+// zero rows [n_valid, n_rows): padding keys must have zero values, or 0 * garbage could be NaN.
+template <typename T, int D>
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t src_stride, int n_valid, int n_rows,
+                                          bool vec_ok) {
+  if (vec_ok) {
+    constexpr int kVec = 16 / sizeof(T);
+    constexpr int kChunks = D / kVec;  // 16-byte chunks per row
+    for (int c = threadIdx.x; c < n_rows * kChunks; c += blockDim.x) {
+      const int r = c / kChunks, col = (c % kChunks) * kVec;
+      uint4 val = make_uint4(0u, 0u, 0u, 0u);
+      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src + r * src_stride + col);
+      const T* e = reinterpret_cast<const T*>(&val);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) dst[r * ld + col + i] = e[i];
+    }
+  } else {
+    for (int c = threadIdx.x; c < n_rows * D; c += blockDim.x) {
+      const int r = c / D, col = c % D;
+      dst[r * ld + col] = r < n_valid ? src[r * src_stride + col] : from_f<T>(0.0f);
+    }
+  }
+}
+
+// The Q fragments of one warp, loaded once (tensor-core types only).
+template <typename T, int D, bool TC = Traits<T>::kTensorCore> struct QFrags {
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f[D / 16];
+  __device__ __forceinline__ void load(const T* q_w, int ld) {
+#pragma unroll
+    for (int kt = 0; kt < D / 16; ++kt) wmma::load_matrix_sync(f[kt], q_w + kt * 16, ld);
+  }
+};
+template <typename T, int D> struct QFrags<T, D, false> {
+  __device__ __forceinline__ void load(const T*, int) {}
+};
+
+// s_w[r][n] = sum_d Q[r][d] K[n][d] for the warp's 16 rows and the tile's kBlockN keys (unscaled, fp32).
+template <typename T, int D>
+__device__ __forceinline__ void tile_scores(QFrags<T, D>& qf, const T* q_w, const T* k_s, float* s_w, int lane) {
+  using S = Smem<T, D>;
+  if constexpr (Traits<T>::kTensorCore) {
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 16; ++nt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int kt = 0; kt < D / 16; ++kt) {
+        // K row-major [n][d] is K^T column-major [d][n]: the B operand of Q K^T.
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
+        wmma::load_matrix_sync(kb, k_s + nt * 16 * S::kLd + kt * 16, S::kLd);
+        wmma::mma_sync(acc, qf.f[kt], kb, acc);
+      }
+      wmma::store_matrix_sync(s_w + nt * 16, acc, S::kSLd, wmma::mem_row_major);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kBlockN / 32; ++j) {
+      const int n = lane + 32 * j;
+      float acc[kRowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
+      for (int d = 0; d < D; ++d) {
+        const float kv = to_f(k_s[n * S::kLd + d]);
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f(q_w[r * S::kLd + d]), kv, acc[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) s_w[r * S::kSLd + n] = acc[r];
+    }
+  }
+}
+
+// s_w[r][d] = sum_n P[r][n] V[n][d] (fp32), overwriting the scores already consumed.
+template <typename T, int D>
+__device__ __forceinline__ void tile_pv(const typename Traits<T>::P* p_w, const T* v_s, float* s_w, int lane) {
+  using S = Smem<T, D>;
+  if constexpr (Traits<T>::kTensorCore) {
+#pragma unroll
+    for (int dt = 0; dt < D / 16; ++dt) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+      wmma::fill_fragment(acc, 0.0f);
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 16; ++nt) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+        wmma::load_matrix_sync(pa, p_w + nt * 16, S::kPLd);
+        wmma::load_matrix_sync(vb, v_s + nt * 16 * S::kLd + dt * 16, S::kLd);
+        wmma::mma_sync(acc, pa, vb, acc);
+      }
+      wmma::store_matrix_sync(s_w + dt * 16, acc, S::kSLd, wmma::mem_row_major);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < D / 32; ++c) {
+      const int d = lane + 32 * c;
+      float acc[kRowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
+      for (int n = 0; n < kBlockN; ++n) {
+        const float vv = to_f(v_s[n * S::kLd + d]);
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f(p_w[r * S::kPLd + n]), vv, acc[r]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) s_w[r * S::kSLd + d] = acc[r];
+    }
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kWarps * 32)
+cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                           const int32_t* __restrict__ cu, T* __restrict__ out, float* __restrict__ lse,
+                           int H, int Lq, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h,
+                           int64_t sv_n, int64_t sv_h, float scale_log2, bool vec_ok) {
+  static_assert(D % 32 == 0 && D <= 128, "head dim must be 32, 64, 96 or 128");
+  using S = Smem<T, D>;
+  using PT = typename Traits<T>::P;
+  constexpr int kPerLane = kRowsPerWarp * D / 32;  // O elements each lane accumulates
+  constexpr int kLanesPerRow = D / 32;             // O element i of a lane sits in row i / kLanesPerRow
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* q_s = reinterpret_cast<T*>(smem);
+  T* k_s = reinterpret_cast<T*>(smem + S::kQ);
+  T* v_s = reinterpret_cast<T*>(smem + S::kQ + S::kK);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* s_w = reinterpret_cast<float*>(smem + S::kQ + 2 * S::kK) + warp * kRowsPerWarp * S::kSLd;
+  PT* p_w = reinterpret_cast<PT*>(smem + S::kQ + 2 * S::kK + S::kS) + warp * kRowsPerWarp * S::kPLd;
+  const T* q_w = q_s + warp * kRowsPerWarp * S::kLd;
+
+  const int bh = blockIdx.x;
+  const int b = bh / H, h = bh % H;
+  const int m0 = blockIdx.y * kBlockM;
+  const int64_t k_start = cu[b];
+  const int n_k = cu[b + 1] - cu[b];
+
+  load_rows<T, D>(q_s, S::kLd, q + b * sq_b + h * sq_h + m0 * sq_l, sq_l, min(kBlockM, Lq - m0), kBlockM, vec_ok);
+  __syncthreads();
+  QFrags<T, D> qf;
+  qf.load(q_w, S::kLd);
+
+  float m_i[kRowsPerWarp], l_i[kRowsPerWarp], o[kPerLane];
+#pragma unroll
+  for (int r = 0; r < kRowsPerWarp; ++r) { m_i[r] = -INFINITY; l_i[r] = 0.0f; }
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) o[i] = 0.0f;
+
+  for (int n0 = 0; n0 < n_k; n0 += kBlockN) {
+    const int n_valid = min(kBlockN, n_k - n0);
+    __syncthreads();  // every warp is done with the previous K/V tile
+    load_rows<T, D>(k_s, S::kLd, k + (k_start + n0) * sk_n + h * sk_h, sk_n, n_valid, kBlockN, vec_ok);
+    load_rows<T, D>(v_s, S::kLd, v + (k_start + n0) * sv_n + h * sv_h, sv_n, n_valid, kBlockN, vec_ok);
+    __syncthreads();
+
+    tile_scores<T, D>(qf, q_w, k_s, s_w, lane);
+    __syncwarp();
+
+    // Online softmax, one row at a time across the warp. The tile holds >= 1 real key, so m_new is
+    // finite, and alpha = 2^(-inf) = 0 on the first tile.
+    float alpha[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      float sv[kBlockN / 32];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 32; ++j) {
+        const int n = lane + 32 * j;
+        sv[j] = n < n_valid ? s_w[r * S::kSLd + n] * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, sv[j]);
+      }
+      const float m_new = fmaxf(m_i[r], warp_max(mx));
+      alpha[r] = exp2f(m_i[r] - m_new);
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kBlockN / 32; ++j) {
+        const float p = exp2f(sv[j] - m_new);  // 0 for padding keys
+        sum += p;
+        p_w[r * S::kPLd + lane + 32 * j] = from_f<PT>(p);
+      }
+      l_i[r] = l_i[r] * alpha[r] + warp_sum(sum);
+      m_i[r] = m_new;
+    }
+    __syncwarp();
+
+    tile_pv<T, D>(p_w, v_s, s_w, lane);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const int r = i / kLanesPerRow, d = (i % kLanesPerRow) * 32 + lane;
+      o[i] = o[i] * alpha[r] + s_w[r * S::kSLd + d];
+    }
+    __syncwarp();
+  }
+
+  // Epilogue: O / l (0 for a sample with no key), lse in natural-log units for the backward.
+#pragma unroll
+  for (int i = 0; i < kPerLane; ++i) {
+    const int r = i / kLanesPerRow, d = (i % kLanesPerRow) * 32 + lane;
+    const int row = m0 + warp * kRowsPerWarp + r;
+    if (row < Lq) {
+      const float val = l_i[r] > 0.0f ? o[i] / l_i[r] : 0.0f;
+      out[((static_cast<int64_t>(b) * Lq + row) * H + h) * D + d] = from_f<T>(val);
+    }
+  }
+  if (lane == 0) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int row = m0 + warp * kRowsPerWarp + r;
+      if (row < Lq) {
+        lse[static_cast<int64_t>(bh) * Lq + row] = l_i[r] > 0.0f ? (m_i[r] + log2f(l_i[r])) * kLn2 : 0.0f;
+      }
+    }
+  }
+}
+
+template <typename T, int D>
+void launch(const void* q, const void* k, const void* v, const int32_t* cu, void* out, float* lse, int64_t B,
+            int64_t Lq, int64_t H, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h, int64_t sv_n,
+            int64_t sv_h, float scale, cudaStream_t stream) {
+  using S = Smem<T, D>;
+  constexpr int64_t kVec = 16 / sizeof(T);
+  auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
+  const bool vec_ok = aligned(q) && aligned(k) && aligned(v) && sq_b % kVec == 0 && sq_l % kVec == 0 &&
+                      sq_h % kVec == 0 && sk_n % kVec == 0 && sk_h % kVec == 0 && sv_n % kVec == 0 &&
+                      sv_h % kVec == 0;
+  auto kernel = cross_attention_fwd_kernel<T, D>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(S::kBytes));
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("omni2sound._C cross_attention_fwd_cuda: cannot reserve ") +
+                             std::to_string(S::kBytes) + " bytes of shared memory: " + cudaGetErrorString(err));
+  }
+  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>((Lq + kBlockM - 1) / kBlockM));
+  kernel<<<grid, kWarps * 32, S::kBytes, stream>>>(
+      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), cu, static_cast<T*>(out), lse,
+      static_cast<int>(H), static_cast<int>(Lq), sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale * 1.4426950408889634f,
+      vec_ok);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("omni2sound._C cross_attention_fwd_cuda: kernel launch failed: ") +
+                             cudaGetErrorString(err));
+  }
+}
+
+template <typename T>
+void launch_d(int64_t D, const void* q, const void* k, const void* v, const int32_t* cu, void* out, float* lse,
+              int64_t B, int64_t Lq, int64_t H, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h,
+              int64_t sv_n, int64_t sv_h, float scale, cudaStream_t stream) {
+  switch (D) {
+    case 32: return launch<T, 32>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
+    case 64: return launch<T, 64>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
+    case 128: return launch<T, 128>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
+    default: throw std::invalid_argument("omni2sound._C cross_attention_fwd_cuda: head dim must be 32, 64 or 128");
+  }
+}
+
+}  // namespace xattn
+
+// Declared in cross_attention.cpp, which checks the arguments first. dtype: 0 fp32, 1 fp16, 2 bf16.
+void cross_attention_fwd_cuda_launch(const void* q, const void* k, const void* v, const int32_t* cu, void* out,
+                                     float* lse, int64_t B, int64_t Lq, int64_t H, int64_t D, int64_t sq_b,
+                                     int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h, int64_t sv_n,
+                                     int64_t sv_h, float scale, int dtype, std::uintptr_t stream) {
+  cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case 0: return xattn::launch_d<float>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
+    case 1: return xattn::launch_d<__half>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
+    case 2: return xattn::launch_d<__nv_bfloat16>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
+    default: throw std::invalid_argument("omni2sound._C cross_attention_fwd_cuda: unknown dtype code " + std::to_string(dtype));
+  }
+}
+
+}  // namespace o2s
