@@ -12,7 +12,11 @@ to generated audio. `score(...)` matches events to the truth: same class, onset 
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -127,3 +131,157 @@ def score(preds: list, truths: list, tolerance: float = 0.040) -> dict:
     return {"n_clips": len(truths), "onset_f1": f1(tp, fp, fn), "onset_tp": tp, "onset_fp": fp, "onset_fn": fn,
             "class_acc": exact / n, "class_f1": f1(ctp, cfp, cfn),
             "offscreen_recall": (off_hit / off_n) if off_n else None, "offscreen_n": off_n}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy report: sample held-out prompts from a trained run and let the oracle judge them
+# ----------------------------------------------------------------------------------------------------
+TRACKS = {   # track: (task the model is asked, first test-split index, off-screen source in the prompt)
+    "v2a": ("v2a", 0, False),
+    "t2a": ("t2a", 1000, False),
+    "vt2a": ("vt2a", 2000, False),
+    "offscreen": ("vt2a", 3000, True),
+}
+# the learning bar of the issue, per track: metric >= value
+BAR = {"v2a": {"onset_f1": 0.8, "class_acc": 0.8}, "t2a": {"class_acc": 0.8},
+       "vt2a": {"onset_f1": 0.8, "class_acc": 0.8}, "offscreen": {"offscreen_recall": 0.7}}
+
+
+def _truth(clip) -> list:
+    return [{"cls": e.cls, "onset": e.onset, "onscreen": e.onscreen} for e in clip.events]
+
+
+def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234) -> dict:
+    """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
+    Also scores the VAE's reconstruction of the true audio (the ceiling any DiT can reach here)."""
+    import torch
+
+    from .extract import Encoders, encode_items
+    from .flow import FlowMatching
+    from .model import Omni2SoundDiT
+    from .toy import ToyConfig, ToyWorld
+    from .vae import AudioVAE
+
+    n = n or cfg.toy_eval_clips
+    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
+    vae = AudioVAE.from_pretrained(vae_dir).eval()
+    model = Omni2SoundDiT.from_pretrained(os.path.join(stage_dir, "dit")).eval()
+    with open(os.path.join(stage_dir, "latent_stats.json")) as f:
+        stats = json.load(f)
+    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    enc = enc or Encoders()
+    oracle, flow = Oracle(), FlowMatching()
+    N = int(round(cfg.toy_duration * world.cfg.sample_rate))
+    results, audio = {}, {}
+    from .data.shards import FeatureTable
+    for track, (task, start, off) in TRACKS.items():
+        clips = world.clips(n, "test", start=start, offscreen=off)
+        table = FeatureTable.from_items(encode_items([{"clip_id": c.clip_id, "audio": c.audio,
+                                                        "frames_semantic": c.frames_semantic,
+                                                        "frames_sync": c.frames_sync, "caption": c.caption,
+                                                        "duration": c.duration} for c in clips], vae, enc))
+        z_true, cond = table.batch(torch.arange(n), sample_latent=False)
+        with torch.no_grad():
+            z = flow.sample(model, cond.for_task(task), z_true.shape[1], steps=cfg.sample_steps,
+                            guidance=cfg.cfg_scale, seed=seed)
+            wav = vae.decode((z * std + mean).transpose(1, 2))[:, 0, :N].numpy()            # [n, N]
+            recon = vae.decode(z_true.transpose(1, 2))[:, 0, :N].numpy()
+        truths = [_truth(c) for c in clips]
+        results[track] = {"task": task, **score([oracle.analyse(w) for w in wav], truths),
+                          "vae_ceiling": score([oracle.analyse(w) for w in recon], truths)}
+        audio[track] = (clips, wav)
+    return {"results": results, "audio": audio}
+
+
+def _spectrogram_png(path: str, wav, sr: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 2.6))
+    ax.specgram(wav, NFFT=256, Fs=sr, noverlap=192, cmap="magma", vmin=-120)
+    ax.set_title(title, fontsize=7)
+    ax.set_xlabel("s")
+    ax.set_ylabel("Hz")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _loss_png(path: str, run_root: str, stages: list) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        p = os.path.join(run_root, stage, "log.jsonl")
+        rows = [json.loads(line) for line in open(p)] if os.path.isfile(p) else []
+        if stage == "vae":
+            ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="vae loss")
+        else:
+            for task in ("v2a", "t2a", "vt2a"):
+                rs = [r for r in rows if r.get("task") == task]
+                if rs:
+                    ax.plot([r["step"] for r in rs], [r["loss"] for r in rs], ".", ms=3, label=task)
+        ax.set_title(stage)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None) -> str:
+    """runs/<name>/report/: report.md, losses.png, scores.json, and per track two samples (WAV + PNG)."""
+    from .audio import save_audio
+    run_root = os.path.join(cfg.runs_dir, cfg.name)
+    out_dir = out_dir or os.path.join(run_root, "report")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    ev = evaluate_toy(cfg, stage_dir, os.path.join(run_root, "vae"))
+    sr = 16000
+    lines = [f"# Toy report: {cfg.name} (schedule {cfg.schedule}, sampled from {stage_dir})", "",
+             f"{cfg.toy_eval_clips} held-out prompts per track (test split), {cfg.sample_steps} Euler steps, "
+             f"CFG {cfg.cfg_scale}. Oracle: onset within 40 ms and class right; class_acc = the set of heard "
+             "classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true audio.", "",
+             "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
+             "|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    passed_all, samples = True, ["", "Samples (two per track):", ""]
+    for track, r in ev["results"].items():
+        ok = all((r[k] or 0) >= v for k, v in BAR[track].items())
+        passed_all &= ok
+        c = r["vae_ceiling"]
+        lines.append(f"| {track} | {r['task']} | {fmt(r['onset_f1'])} | {fmt(r['class_acc'])} | {fmt(r['class_f1'])} "
+                     f"| {fmt(r['offscreen_recall'])} | {'pass' if ok else 'FAIL'} "
+                     f"({', '.join(f'{k} >= {v}' for k, v in BAR[track].items())}) "
+                     f"| {fmt(c['onset_f1'])} / {fmt(c['class_acc'])} |")
+        clips, wav = ev["audio"][track]
+        for i in range(min(2, len(clips))):
+            base = os.path.join(out_dir, f"{track}_{i}")
+            save_audio(base + ".wav", __import__("torch").from_numpy(wav[i]), sr)
+            prompt = clips[i].caption if r["task"] != "v2a" else "(video only) " + clips[i].caption
+            _spectrogram_png(base + ".png", wav[i], sr, f"{track}: {prompt}")
+            samples.append(f"- `{track}_{i}.wav`  / `.png`: prompt \"{clips[i].caption}\" (task {r['task']}), "
+                         f"truth {[(e['cls'], e['onset']) for e in _truth(clips[i])]}, "
+                         f"heard {[(e['cls'], round(e['onset'], 3)) for e in Oracle().analyse(wav[i])]}")
+    _loss_png(os.path.join(out_dir, "losses.png"), run_root, cfg.stages())
+    lines += samples + ["", f"Learning bar: {'all tracks pass' if passed_all else 'NOT met on every track'}.", "",
+              "![losses](losses.png)", ""]
+    stage_meta = {}
+    for s in cfg.stages():
+        p = os.path.join(run_root, s, "meta.json")
+        if os.path.isfile(p):
+            with open(p) as f:
+                m = json.load(f)
+            stage_meta[s] = {k: m.get(k) for k in ("steps", "seconds", "final_loss", "final_loss_by_task",
+                                                   "task_counts")}
+            lines.append(f"- {s}: {m.get('steps')} steps in {m.get('seconds', 0):.0f} s; "
+                         f"{json.dumps({k: v for k, v in stage_meta[s].items() if k not in ('steps', 'seconds')})}")
+    scores = {"stage_dir": stage_dir, "results": ev["results"], "bar": BAR, "passed": passed_all,
+              "stages": stage_meta, "eval_seconds": time.time() - t0}
+    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+        json.dump(scores, f, indent=2)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out_dir

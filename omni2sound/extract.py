@@ -1,0 +1,279 @@
+"""Feature extraction: a manifest (or the toy world) -> sharded safetensors of latents and conditions.
+
+    python -m omni2sound.extract --manifest data/train.jsonl --vae runs/x/vae --out feats/train [--shard-size 64]
+    torchrun --nproc_per_node 8 -m omni2sound.extract ...     # rank r takes shards r, r + world, ...
+
+Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
+tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+
+Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
+a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
+index.json is rewritten from the files at the end. Bad records are skipped and counted (manifest.py);
+a clip that fails to load is reported with its id and left out of its shard.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from dataclasses import asdict
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .data.shards import done_shards, shard_name, write_index, write_shard
+
+
+class Encoders:
+    """The condition encoders the extractor uses (the package's built-in ones by default):
+    text(list[str]) -> (tokens [B, L, Dt], lens [B]); semantic(frames [T8, H, W, 3] uint8) -> [T8, Dv];
+    sync(frames [T25, H, W, 3] uint8) -> [S, Ds]."""
+
+    def __init__(self, text_path: Optional[str] = None):
+        from .encoders import FrameSemanticEncoder, MotionSyncEncoder, TextEncoder
+        self.text_encoder = TextEncoder.from_pretrained(text_path)
+        self.frame_encoder = FrameSemanticEncoder()
+        self.motion_encoder = MotionSyncEncoder()
+        self._cache: dict = {}
+
+    def text(self, captions: list) -> list:
+        """[L_i, Dt] float tensors, one per caption (None or "" -> [0, Dt]); repeated captions encoded once."""
+        todo = sorted({c for c in captions if c and c not in self._cache})   # (keys of _cache are captions)
+        for i in range(0, len(todo), 64):
+            batch = todo[i:i + 64]
+            with torch.no_grad():
+                tokens, lens = self.text_encoder.encode(batch)
+            for c, t, n in zip(batch, tokens, lens):
+                self._cache[c] = t[: int(n)].float().cpu()
+        dim = next((v.shape[-1] for k, v in self._cache.items() if k != "_dims"), 384)
+        return [self._cache[c] if c else torch.zeros(0, dim) for c in captions]
+
+    def dims(self) -> tuple:
+        """(Dv, Ds), probed once on a blank clip."""
+        if "_dims" not in self._cache:
+            blank = np.zeros((25, 32, 32, 3), np.uint8)
+            self._cache["_dims"] = (self.semantic(blank[:8]).shape[-1], self.sync(blank).shape[-1])
+        return self._cache["_dims"]
+
+    @torch.no_grad()
+    def semantic(self, frames: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(self.frame_encoder.encode(frames)).float().cpu()
+
+    @torch.no_grad()
+    def sync(self, frames: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(self.motion_encoder.encode(frames)).float().cpu()
+
+
+@torch.no_grad()
+def encode_items(raw: list, vae, enc: Encoders) -> list:
+    """raw: dicts with clip_id, audio (np [N] at the VAE rate), frames_semantic / frames_sync (uint8 or None),
+    caption (or None), duration -> feature dicts for write_shard."""
+    texts = enc.text([r.get("caption") for r in raw])
+    lens = {len(r["audio"]) for r in raw}
+    device = next(vae.parameters()).device
+    if len(lens) == 1:          # one batched encode when the clips have one length (the toy world)
+        wav = torch.from_numpy(np.stack([r["audio"] for r in raw])).float()[:, None].to(device)
+        posts = [vae.encode(wav)]
+    else:
+        posts = [vae.encode(torch.from_numpy(r["audio"]).float()[None, None].to(device)) for r in raw]
+    means = torch.cat([p.mean for p in posts]).transpose(1, 2).float().cpu()        # [B, T, C]
+    stds = torch.cat([torch.exp(0.5 * p.logvar) for p in posts]).transpose(1, 2).float().cpu()
+    out = []
+    for i, r in enumerate(raw):
+        has_video = r.get("frames_semantic") is not None
+        sem = enc.semantic(r["frames_semantic"]) if has_video else None
+        syn = enc.sync(r["frames_sync"]) if has_video else None
+        if not has_video:
+            sem, syn = torch.zeros(0, enc.dims()[0]), torch.zeros(0, enc.dims()[1])
+        out.append({"clip_id": r["clip_id"], "caption": r.get("caption"), "duration": r["duration"],
+                    "latent_mean": means[i], "latent_std": stds[i], "text": texts[i], "video": sem, "sync": syn})
+    return out
+
+
+def extract_shards(load_shard: Callable[[int], list], n_shards: int, out_dir: str, vae, enc: Encoders,
+                   rank: int = 0, world: int = 1, stop_after: Optional[int] = None, progress: bool = True) -> list:
+    """Write the missing shards among r::world. load_shard(k) -> raw items of shard k. Returns the shard
+    numbers written by this call. stop_after: return after that many shards (tests simulate a kill)."""
+    done = set(done_shards(out_dir))
+    mine = [k for k in range(rank, n_shards, world) if k not in done]
+    written = []
+    bar = None
+    if progress and rank == 0:
+        from tqdm import tqdm
+        bar = tqdm(total=len(range(rank, n_shards, world)), initial=len(range(rank, n_shards, world)) - len(mine),
+                   desc=f"extract {os.path.basename(out_dir)}", dynamic_ncols=True, mininterval=2.0)
+    for k in mine:
+        if stop_after is not None and len(written) >= stop_after:
+            break
+        raw = load_shard(k)
+        if raw:
+            write_shard(os.path.join(out_dir, shard_name(k)), encode_items(raw, vae, enc))
+        written.append(k)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return written
+
+
+# ----------------------------------------------------------------------------------------------------
+# The toy world's features (once per run, cached under runs/<name>/features)
+# ----------------------------------------------------------------------------------------------------
+def _toy_raw(clip) -> dict:
+    return {"clip_id": clip.clip_id, "audio": clip.audio, "frames_semantic": clip.frames_semantic,
+            "frames_sync": clip.frames_sync, "caption": clip.caption, "duration": clip.duration}
+
+
+def offscreen_partner(world, clip, i: int, n: int, seed: int):
+    """A deterministic other training clip whose classes the clip does not have (its sound goes off-screen)."""
+    rng = np.random.default_rng([seed, 99, i])
+    mine = {e.cls for e in clip.events}
+    for _ in range(100):
+        j = int(rng.integers(n))
+        other = world.clip(j, "train")
+        if j != i and not mine & {e.cls for e in other.events}:
+            return other
+    return world.clip((i + 1) % n, "train")
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64, enc: Optional[Encoders] = None,
+                         stop_after: Optional[int] = None) -> dict:
+    """train/ (the clips) and offscreen/ (each clip mixed with another clip's sound, off-screen caption),
+    skipped when features of the same VAE weights and toy config exist."""
+    from .toy import ToyConfig, ToyWorld
+    from .vae import AudioVAE
+    weights = [f for f in os.listdir(vae_dir) if f.endswith(".safetensors")]
+    key = {"vae": _file_digest(os.path.join(vae_dir, sorted(weights)[0])) if weights else None,
+           "seed": cfg.seed, "clips": cfg.toy_train_clips, "duration": cfg.toy_duration, "shard_size": shard_size}
+    meta_path = os.path.join(feat_dir, "meta.json")
+    if os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+        if meta.get("key") == key and meta.get("complete"):
+            return meta
+        if meta.get("key") != key:      # other VAE or data: the old shards are stale
+            for sub in ("train", "offscreen"):
+                for k in done_shards(os.path.join(feat_dir, sub)):
+                    os.remove(os.path.join(feat_dir, sub, shard_name(k)))
+    os.makedirs(feat_dir, exist_ok=True)
+    with open(meta_path, "w") as f:
+        json.dump({"key": key, "complete": False}, f)
+    vae = AudioVAE.from_pretrained(vae_dir).eval()
+    enc = enc or Encoders()
+    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
+    n = cfg.toy_train_clips
+    n_shards = (n + shard_size - 1) // shard_size
+    rows = lambda k: range(k * shard_size, min(n, (k + 1) * shard_size))
+    extract_shards(lambda k: [_toy_raw(world.clip(i, "train")) for i in rows(k)], n_shards,
+                   os.path.join(feat_dir, "train"), vae, enc, stop_after=stop_after, progress=cfg.progress)
+
+    def off_shard(k):
+        out = []
+        for i in rows(k):
+            clip = world.clip(i, "train")
+            mixed = world.mix_offscreen(clip, offscreen_partner(world, clip, i, n, cfg.seed))
+            mixed.clip_id = clip.clip_id            # aligned row by row with train/
+            out.append(_toy_raw(mixed))
+        return out
+    extract_shards(off_shard, n_shards, os.path.join(feat_dir, "offscreen"), vae, enc, stop_after=stop_after,
+                   progress=cfg.progress)
+    complete = all(len(done_shards(os.path.join(feat_dir, s))) == n_shards for s in ("train", "offscreen"))
+    for s in ("train", "offscreen"):
+        write_index(os.path.join(feat_dir, s), {"source": "toy", "toy": asdict(world.cfg)})
+    meta = {"key": key, "complete": complete, "n_shards": n_shards}
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifests (real data)
+# ----------------------------------------------------------------------------------------------------
+def _load_record(rec, sample_rate: int, frame_size: int) -> Optional[dict]:
+    from .audio import load_audio
+    wav = load_audio(rec.audio, sample_rate).numpy()
+    a = int(round(rec.start * sample_rate))
+    wav = wav[a:a + int(round(rec.duration * sample_rate))]
+    if len(wav) == 0:
+        raise ValueError(f"{rec.audio}: no audio in [{rec.start}, {rec.start + rec.duration}] s")
+    f8 = f25 = None
+    if rec.video:
+        from .video import read_video
+        f8 = read_video(rec.video, fps=8, size=frame_size)
+        f25 = read_video(rec.video, fps=25, size=frame_size)
+        f8 = f8[int(rec.start * 8): int(np.ceil((rec.start + rec.duration) * 8))]
+        f25 = f25[int(rec.start * 25): int(np.ceil((rec.start + rec.duration) * 25))]
+    return {"clip_id": rec.clip_id, "audio": wav.astype(np.float32), "frames_semantic": f8, "frames_sync": f25,
+            "caption": rec.caption, "duration": len(wav) / sample_rate}
+
+
+def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int = 64, rank: int = 0,
+                     world: int = 1, text_encoder: Optional[str] = None, frame_size: int = 64,
+                     split: Optional[str] = None, enc: Optional[Encoders] = None,
+                     stop_after: Optional[int] = None, progress: bool = True, device: str = "cpu") -> dict:
+    from .data.manifest import read_manifest
+    from .vae import AudioVAE
+    records, report = read_manifest(manifest, split=split)
+    if report.skipped and rank == 0:
+        print(report.summary(), file=sys.stderr)
+    vae = AudioVAE.from_pretrained(vae_dir, device=device).eval()
+    enc = enc or Encoders(text_encoder)
+    failed = []
+
+    def load_shard(k):
+        out = []
+        for rec in records[k * shard_size:(k + 1) * shard_size]:
+            try:
+                out.append(_load_record(rec, vae.sample_rate, frame_size))
+            except Exception as e:          # one bad clip never stops a long run
+                failed.append(f"{rec.clip_id}: {e}")
+                print(f"[extract] skipped {rec.clip_id}: {e}", file=sys.stderr)
+        return out
+
+    n_shards = (len(records) + shard_size - 1) // shard_size
+    written = extract_shards(load_shard, n_shards, out_dir, vae, enc, rank, world, stop_after, progress)
+    return {"records": len(records), "manifest_skipped": report.skipped, "clips_failed": failed,
+            "shards": n_shards, "written": written}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m omni2sound.extract", description=__doc__.split("\n")[0])
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--vae", required=True, help="VAE folder (save_pretrained)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--split", choices=("train", "val", "test"))
+    p.add_argument("--text-encoder", help="local text encoder folder (default: the packaged MiniLM)")
+    p.add_argument("--frame-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
+        if a.device.startswith("cuda"):
+            a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, a.text_encoder, a.frame_size,
+                           a.split, device=a.device)
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        idx = write_index(a.out, {"manifest": os.path.abspath(a.manifest)})
+        print(json.dumps({**res, "num_clips": idx["num_clips"], "written": len(res["written"])}))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,468 @@
+"""The three-stage Omni2Sound schedule as presets of one training loop: `python -m omni2sound.train`.
+
+Stages hand off through named folders under runs/<name>/, each with a meta.json (nanochat style):
+
+    vae/       the audio VAE (stage `vae`: vae_loss on the training audio); save_pretrained + meta.json
+    features/  latents (VAE posterior mean/std), text tokens, video tokens, sync features: computed ONCE
+               per run as safetensors shards (train/, offscreen/, eval/) and reused by every DiT stage
+    stage1/    T2A pre-training: every sample is text only
+    stage2/    multi-task interleaved: each step draws ONE task from {v2a, t2a, vt2a} with probabilities pi
+               (default 0.55 / 0.10 / 0.35) and trains a whole batch of it
+    stage3/    robustness, from stage 2: on VT2A samples, text dropout (the sample becomes V2A, so video
+               must carry the timing) and off-screen synthesis (another clip's sound mixed in and described
+               as off-screen in the caption)
+    report/    samples, spectrograms, loss curves and the oracle's scores (toy world)
+
+Null-condition dropout (all conditions of a sample dropped together, the joint CFG of the paper) runs in
+every DiT stage. Each DiT stage folder holds dit/ (EMA weights, for sampling), dit_raw/ (the raw weights
+the next stage starts from), latent_stats.json (the per-channel latent normalisation the DiT was trained
+in: x_dit = (z - mean) / std), log.jsonl and checkpoints/.
+
+`--schedule stage2-only` gives stage 2 all the DiT steps of stages 1 + 2 + 3 (same compute), for the
+paper's "stage 2 alone vs stages 1 -> 2 -> 3" comparison.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional
+
+import torch
+
+from .conditions import TASKS
+from .data.shards import FeatureTable
+from .trainer import DistInfo, LoopConfig, OptimConfig, Trainer, atomic_json, init_distributed, seeded
+
+STAGES = ("vae", "stage1", "stage2", "stage3")
+DIT_STAGES = ("stage1", "stage2", "stage3")
+
+
+@dataclass
+class TrainConfig:
+    name: str = "toy"
+    runs_dir: str = "runs"
+    data: str = "toy"                 # "toy" (the embedded world) or a features folder with train/ shards
+    seed: int = 0
+    device: Optional[str] = None
+    dit_preset: str = "tiny"
+    vae_preset: str = "tiny"
+    # the toy world
+    toy_train_clips: int = 768
+    toy_eval_clips: int = 16          # per evaluation track (v2a, t2a, vt2a, offscreen)
+    toy_duration: float = 2.0
+    # the schedule
+    schedule: str = "1-2-3"           # "1-2-3" | "stage2-only"
+    vae_steps: int = 500
+    vae_batch: int = 8
+    vae_lr: float = 3e-3
+    stage1_steps: int = 300
+    stage2_steps: int = 600
+    stage3_steps: int = 200
+    batch_size: int = 32              # global batch (ranks x accum x micro)
+    accum: int = 1
+    lr: float = 6e-4
+    weight_decay: float = 0.01
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.998
+    task_probs: tuple = (0.55, 0.10, 0.35)   # v2a, t2a, vt2a (paper: pi_T2A = 0.1; 0.55 / 0.35 inferred)
+    p_null: float = 0.10              # null-condition dropout for CFG, every DiT stage
+    p_text_drop: float = 0.15         # stage 3: VT2A samples lose their text
+    p_offscreen: float = 0.15         # stage 3: VT2A samples get an off-screen sound + description
+    # machinery
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 2
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    compile: bool = False
+    parallel: str = "ddp"
+    # the report
+    sample_steps: int = 25
+    cfg_scale: float = 3.0
+    progress: bool = True
+
+    def stage_steps(self, stage: str) -> int:
+        if stage == "vae":
+            return self.vae_steps
+        if self.schedule == "stage2-only":
+            return self.stage1_steps + self.stage2_steps + self.stage3_steps if stage == "stage2" else 0
+        return getattr(self, f"{stage}_steps")
+
+    def stages(self) -> list:
+        if self.schedule not in ("1-2-3", "stage2-only"):
+            raise ValueError(f"schedule must be '1-2-3' or 'stage2-only', got {self.schedule!r}")
+        return ["vae", "stage1", "stage2", "stage3"] if self.schedule == "1-2-3" else ["vae", "stage2"]
+
+    def validate(self) -> None:
+        p = self.task_probs
+        if len(p) != 3 or min(p) < 0 or abs(sum(p) - 1) > 1e-6:
+            raise ValueError(f"task_probs must be 3 probabilities (v2a, t2a, vt2a) summing to 1, got {p}")
+        for k in ("p_null", "p_text_drop", "p_offscreen"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
+        self.stages()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}")
+        d = dict(d)
+        if "task_probs" in d:
+            d["task_probs"] = tuple(d["task_probs"])
+        return cls(**d)
+
+
+TRAIN_PRESETS = {
+    # python -m omni2sound.train: the toy world through all stages on a CPU in ~15 minutes
+    "toy": TrainConfig(),
+    # the same compute, stage 2 alone
+    "toy-stage2-only": TrainConfig(name="toy-stage2-only", schedule="stage2-only"),
+    # seconds, for tests
+    "smoke": TrainConfig(name="smoke", toy_train_clips=16, toy_eval_clips=2, toy_duration=1.0, vae_steps=2,
+                         vae_batch=2, stage1_steps=2, stage2_steps=2, stage3_steps=2, batch_size=4, warmup=1,
+                         log_every=1, ckpt_every=2, sample_steps=2, progress=False),
+    # the paper's scale, from extracted features (GPU, torchrun)
+    "paper": TrainConfig(name="paper", data="features", dit_preset="L", vae_preset="paper", batch_size=256,
+                         stage1_steps=200_000, stage2_steps=300_000, stage3_steps=50_000, lr=1e-4,
+                         warmup=1000, ema_decay=0.9999, log_every=50, ckpt_every=2000, compile=True,
+                         grad_checkpointing=True),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Folders and metadata
+# ----------------------------------------------------------------------------------------------------
+def run_dir(cfg: TrainConfig, *parts: str) -> str:
+    return os.path.join(cfg.runs_dir, cfg.name, *parts)
+
+
+def read_meta(directory: str) -> Optional[dict]:
+    p = os.path.join(directory, "meta.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p) as f:
+        return json.load(f)
+
+
+def write_meta(directory: str, meta: dict) -> None:
+    os.makedirs(directory, exist_ok=True)
+    atomic_json(meta, os.path.join(directory, "meta.json"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage vae
+# ----------------------------------------------------------------------------------------------------
+def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resume: bool,
+                    init_from: Optional[str] = None) -> str:
+    """Train the audio VAE on `audio` [N, samples] (random crops) and save runs/<name>/vae."""
+    from .vae import VAE_PRESETS, AudioVAE
+    from .vae_train import vae_loss
+    out = run_dir(cfg, "vae")
+    vae = AudioVAE.from_pretrained(init_from, inference=False) if init_from else AudioVAE(VAE_PRESETS[cfg.vae_preset])
+    hop = vae.hop_length
+    crop = min(audio.shape[1] // hop, 20) * hop            # up to 0.8 s crops: enough context, fast steps
+    micro = max(1, cfg.vae_batch // (info.world * cfg.accum))
+
+    def loss_fn(module, step, chunk):
+        g = seeded(cfg.seed, 0, step, chunk)
+        idx = torch.randint(0, audio.shape[0], (micro,), generator=g)
+        start = torch.randint(0, audio.shape[1] - crop + 1, (micro,), generator=g)
+        wav = torch.stack([audio[i, s:s + crop] for i, s in zip(idx.tolist(), start.tolist())])[:, None]
+        loss, logs = vae_loss(module, wav.to(info.device), None, generator=g)
+        return loss, {**logs, "samples": micro, "tokens": micro * crop // hop}
+
+    trainer = Trainer(vae, loss_fn, _loop(cfg, "vae", micro), replace(_optim(cfg), lr=cfg.vae_lr, ema_decay=0.99),
+                      out, info, meta={"stage": "vae", "config": asdict(cfg)})
+    t0 = time.time()
+    trainer.fit(resume=resume)
+    if info.main:
+        trainer.ema.copy_to(vae)
+        vae.save_pretrained(out)
+        write_meta(out, {"stage": "vae", "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
+                         "final_loss": trainer.history[-1]["loss"] if trainer.history else None,
+                         "init_from": init_from, "config": asdict(cfg)})
+    _barrier(info)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# DiT stages
+# ----------------------------------------------------------------------------------------------------
+def draw_task(cfg: TrainConfig, stage: str, g: torch.Generator) -> str:
+    """The task of a whole step: t2a in stage 1; one draw from pi in stages 2 and 3."""
+    if stage == "stage1":
+        return "t2a"
+    return TASKS[int(torch.multinomial(torch.tensor(cfg.task_probs, dtype=torch.float64), 1, generator=g))]
+
+
+def step_indices(n: int, step: int, global_batch: int, seed: int, stage_id: int) -> torch.Tensor:
+    """The clips of one step's global batch: epochs of seeded permutations, consumed in order
+    (the data position is step * global_batch)."""
+    start = step * global_batch
+    out = []
+    for pos in range(start, start + global_batch):
+        epoch, k = divmod(pos, n)
+        if not out or epoch != out[-1][0]:
+            out.append((epoch, torch.randperm(n, generator=seeded(seed, stage_id, 10**6 + epoch)), []))
+        out[-1][2].append(int(out[-1][1][k]))
+    return torch.tensor([i for _, _, ids in out for i in ids], dtype=torch.int64)
+
+
+def stage3_augment(cfg: TrainConfig, x1, cond, idx, offscreen: Optional[FeatureTable], g: torch.Generator,
+                   generator_latent: Optional[torch.Generator] = None):
+    """Stage 3 on a VT2A batch: per sample, with p_offscreen replace it by its off-screen version (the
+    clip's video, its sound + another clip's sound, caption + "off-screen ..." description), else with
+    p_text_drop drop its text. Returns (x1, cond, n_offscreen, n_text_dropped)."""
+    from .conditions import Conditions
+    B = x1.shape[0]
+    u = torch.rand(B, generator=g)
+    use_off = u < cfg.p_offscreen if offscreen is not None else torch.zeros(B, dtype=torch.bool)
+    drop_text = (u >= cfg.p_offscreen) & (u < cfg.p_offscreen + cfg.p_text_drop)
+    if use_off.any():
+        ox1, ocond = offscreen.batch(idx[use_off], generator_latent)
+        x1 = x1.clone()
+        x1[use_off] = ox1[:, : x1.shape[1]]
+        L = max(cond.text_tokens.shape[1], ocond.text_tokens.shape[1])
+        text = torch.nn.functional.pad(cond.text_tokens, (0, 0, 0, L - cond.text_tokens.shape[1]))
+        text[use_off] = torch.nn.functional.pad(ocond.text_tokens, (0, 0, 0, L - ocond.text_tokens.shape[1]))
+        lens = cond.text_lens.clone()
+        lens[use_off] = ocond.text_lens
+        cond = Conditions(text, lens, cond.video_tokens, cond.video_lens, cond.sync, cond.duration)
+    cond = cond.drop(keep_text=~drop_text)
+    return x1, cond, int(use_off.sum()), int(drop_text.sum())
+
+
+def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: Optional[FeatureTable],
+                  micro: int, info: DistInfo):
+    from .flow import FlowMatching
+    flow = FlowMatching()
+    stage_id = STAGES.index(stage)
+    gb = micro * cfg.accum * info.world
+
+    def loss_fn(module, step, chunk):
+        task = draw_task(cfg, stage, seeded(cfg.seed, stage_id, step, 7))       # the same on every rank
+        idx = step_indices(len(table), step, gb, cfg.seed, stage_id)[chunk * micro:(chunk + 1) * micro]
+        g = seeded(cfg.seed, stage_id, step, 1000 + chunk)                      # this micro-batch's draws
+        x1, cond = table.batch(idx, g)
+        n_off = n_drop = 0
+        if stage == "stage3" and task == "vt2a":
+            x1, cond, n_off, n_drop = stage3_augment(cfg, x1, cond, idx, offscreen, g, g)
+        cond = cond.for_task(task)
+        keep = torch.rand(x1.shape[0], generator=g) >= cfg.p_null                # CFG null condition
+        cond = cond.drop(keep_text=keep, keep_video=keep)
+        loss, logs = flow.loss(module, x1.to(info.device), cond.to(info.device), generator=g)
+        return loss, {"loss": logs["loss"], "task": task, "samples": x1.shape[0],
+                      "tokens": x1.shape[0] * x1.shape[1], "offscreen_mixed": n_off, "text_dropped": n_drop}
+
+    return loss_fn
+
+
+def build_dit(cfg: TrainConfig, table: FeatureTable):
+    from .model import Omni2SoundDiT, dit_config
+    dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=table.text.shape[-1],
+                      video_dim=table.video.shape[-1], sync_dim=table.sync.shape[-1],
+                      max_duration=max(10.0, float(table.duration.max())))
+    return Omni2SoundDiT(dcfg)
+
+
+def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: FeatureTable,
+                    offscreen: Optional[FeatureTable], latent_stats: dict, resume: bool,
+                    init_from: Optional[str]) -> str:
+    """One DiT stage: init from `init_from` (a stage folder: dit_raw/ or dit/) or from scratch."""
+    from .model import Omni2SoundDiT
+    out = run_dir(cfg, stage)
+    if init_from:
+        src = os.path.join(init_from, "dit_raw") if os.path.isdir(os.path.join(init_from, "dit_raw")) else \
+            os.path.join(init_from, "dit") if os.path.isdir(os.path.join(init_from, "dit")) else init_from
+        model = Omni2SoundDiT.from_pretrained(src)
+    else:
+        model = build_dit(cfg, table)
+    micro = cfg.batch_size // (info.world * cfg.accum)
+    if micro * info.world * cfg.accum != cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world {info.world} x accum {cfg.accum}")
+    flops_per_token = 6.0 * sum(p.numel() for p in model.parameters())     # nanoGPT's estimate (no attention)
+    trainer = Trainer(model, make_dit_loss(cfg, stage, table, offscreen, micro, info), _loop(cfg, stage, micro),
+                      _optim(cfg), out, info, flops_per_token=flops_per_token,
+                      meta={"stage": stage, "config": asdict(cfg)})
+    if init_from and not (resume and trainer.checkpoints()):
+        ema_src = os.path.join(init_from, "dit")
+        if os.path.isdir(ema_src) and src != ema_src:   # continue the previous stage's EMA too
+            trainer.ema = type(trainer.ema)(Omni2SoundDiT.from_pretrained(ema_src), cfg.ema_decay, False)
+    t0 = time.time()
+    history = trainer.fit(resume=resume)
+    if info.main:
+        model.save_pretrained(os.path.join(out, "dit_raw"))
+        trainer.ema.copy_to(model)
+        model.save_pretrained(os.path.join(out, "dit"))
+        atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
+        per_task = {t: [h["loss"] for h in history if h.get("task") == t] for t in TASKS}
+        write_meta(out, {"stage": stage, "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
+                         "init_from": init_from, "params": model.num_params(),
+                         "task_counts": {t: len(v) for t, v in per_task.items()},
+                         "final_loss_by_task": {t: sum(v[-20:]) / len(v[-20:]) for t, v in per_task.items() if v},
+                         "config": asdict(cfg)})
+    _barrier(info)
+    return out
+
+
+def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
+    return LoopConfig(steps=cfg.stage_steps(stage), micro_batch=micro, accum=cfg.accum, log_every=cfg.log_every,
+                      ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, bf16=cfg.bf16,
+                      grad_checkpointing=cfg.grad_checkpointing and stage != "vae",
+                      compile=cfg.compile, parallel=cfg.parallel, progress=cfg.progress)
+
+
+def _optim(cfg: TrainConfig) -> OptimConfig:
+    return OptimConfig(lr=cfg.lr, weight_decay=cfg.weight_decay, warmup=cfg.warmup, min_lr_ratio=cfg.min_lr_ratio,
+                       grad_clip=cfg.grad_clip, ema_decay=cfg.ema_decay)
+
+
+def _barrier(info: DistInfo) -> None:
+    if info.world > 1:
+        torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Features: once per run
+# ----------------------------------------------------------------------------------------------------
+def normalise(table: FeatureTable, stats: dict) -> FeatureTable:
+    """Latents in the DiT's units: (z - mean) / std per channel (stats from the training latents)."""
+    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    return replace(table, latent_mean=(table.latent_mean - mean) / std, latent_std=table.latent_std / std)
+
+
+def latent_stats(table: FeatureTable) -> dict:
+    mask = torch.arange(table.latent_mean.shape[1])[None] < table.latent_lens[:, None]     # [N, T]
+    z = table.latent_mean[mask]                                                            # [frames, C]
+    return {"mean": z.mean(0).tolist(), "std": z.std(0).clamp_min(1e-3).tolist()}
+
+
+def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo) -> tuple:
+    """(train table, off-screen table or None, latent stats), extracting the toy features once."""
+    if cfg.data == "toy":
+        from .extract import extract_toy_features
+        feat_dir = run_dir(cfg, "features")
+        if info.main:
+            extract_toy_features(cfg, vae_dir, feat_dir)
+        _barrier(info)
+    else:
+        feat_dir = cfg.data
+    table = FeatureTable.from_shards(os.path.join(feat_dir, "train"))
+    off_dir = os.path.join(feat_dir, "offscreen")
+    offscreen = FeatureTable.from_shards(off_dir) if os.path.isdir(off_dir) else None
+    stats = latent_stats(table)
+    table = normalise(table, stats)
+    if offscreen is not None:
+        offscreen = normalise(offscreen, stats)
+    return table, offscreen, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------------
+def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, init_from: Optional[str] = None,
+        report: bool = True) -> dict:
+    """Run the given stages (default: the schedule's) in order, each starting from the previous one's
+    folder; a stage whose meta.json says complete is skipped when resuming."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    info = init_distributed(cfg.device)
+    todo = stages or cfg.stages()
+    outs = {}
+    prev = init_from
+    vae_dir = run_dir(cfg, "vae")
+    table = offscreen = stats = None
+    for stage in todo:
+        out = run_dir(cfg, stage)
+        meta = read_meta(out)
+        if resume and meta and meta.get("complete"):
+            if info.main:
+                print(f"[train] {stage}: complete in {out}, skipped")
+            outs[stage], prev = out, (out if stage != "vae" else None)
+            continue
+        if stage == "vae":
+            audio = _toy_train_audio(cfg) if cfg.data == "toy" else None
+            if audio is None:
+                raise ValueError("stage vae trains on the toy audio; for real data use omni2sound.vae_train")
+            outs[stage] = train_vae_stage(cfg, info, audio, resume, init_from if stage == todo[0] else None)
+            prev = None
+            continue
+        if table is None:
+            if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and cfg.data == "toy":
+                raise FileNotFoundError(f"{vae_dir}/meta.json: run stage vae first (the toy features need it)")
+            table, offscreen, stats = load_features(cfg, vae_dir, info)
+        src = prev
+        if src is None and not (stage == "stage1" or (stage == "stage2" and cfg.schedule == "stage2-only")):
+            before = DIT_STAGES[DIT_STAGES.index(stage) - 1]
+            src = run_dir(cfg, before)
+            if not os.path.isfile(os.path.join(src, "meta.json")):
+                raise FileNotFoundError(f"{stage} starts from {src}, which is not a finished stage: run {before} "
+                                        f"first or pass --init-from")
+        outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src)
+        prev = outs[stage]
+    if report and info.main and cfg.data == "toy" and any(s in DIT_STAGES for s in todo):
+        from .oracle import write_report
+        outs["report"] = write_report(cfg, prev)
+    return outs
+
+
+def _toy_train_audio(cfg: TrainConfig) -> torch.Tensor:
+    from .toy import ToyConfig, ToyWorld
+    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
+    return torch.from_numpy(__import__("numpy").stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
+
+
+def parse_args(argv=None) -> tuple:
+    p = argparse.ArgumentParser(prog="python -m omni2sound.train", description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="toy", choices=sorted(TRAIN_PRESETS))
+    p.add_argument("--config", help="JSON file of TrainConfig fields (over the preset)")
+    p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
+    p.add_argument("--schedule", choices=("1-2-3", "stage2-only"))
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    p.add_argument("--init-from", help="folder to start the first stage run from (a stage or vae folder)")
+    p.add_argument("--name", help="run name (runs/<name>)")
+    p.add_argument("--runs-dir")
+    p.add_argument("--device")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
+    p.add_argument("--no-report", action="store_true")
+    a = p.parse_args(argv)
+    cfg = TRAIN_PRESETS[a.preset]
+    if a.config:
+        with open(a.config) as f:
+            cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
+    over = {}
+    for kv in a.set:
+        k, _, v = kv.partition("=")
+        if k not in {f.name for f in fields(TrainConfig)}:
+            raise SystemExit(f"--set {kv}: unknown TrainConfig field {k!r}")
+        over[k] = json.loads(v) if v[:1] in "[{0123456789-tf" and v not in ("toy",) else v
+        if isinstance(over[k], list):
+            over[k] = tuple(over[k])
+    for k, v in (("schedule", a.schedule), ("name", a.name), ("runs_dir", a.runs_dir), ("device", a.device)):
+        if v is not None:
+            over[k] = v
+    cfg = replace(cfg, **over)
+    if a.schedule == "stage2-only" and a.name is None and cfg.name == "toy":
+        cfg = replace(cfg, name="toy-stage2-only")
+    return cfg, a
+
+
+def main(argv=None) -> None:
+    cfg, a = parse_args(argv)
+    t0 = time.time()
+    outs = run(cfg, stages=a.stage, resume=a.resume, init_from=a.init_from, report=not a.no_report)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"[train] done in {time.time() - t0:.0f} s: " + ", ".join(f"{k}: {v}" for k, v in outs.items()))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""Training machinery shared by every stage: one loop, whatever the loss.
+
+    for step in range(start, total):
+        for each micro-batch c of this rank:       # global batch = world * accum * micro
+            loss, logs = loss_fn(module, step, c)  # every random draw of (step, c) comes from its own seed
+            (loss / accum).backward()              # DDP averages over ranks on the last micro-batch
+        clip grads -> AdamW step -> warm-up + cosine LR -> EMA update -> log -> checkpoint
+
+Because a step's data, task and noise are functions of (seed, step, micro-batch index) alone, a run
+resumed from a checkpoint (model, EMA, optimiser, scheduler, RNG states, data position) repeats the
+losses of an uninterrupted run exactly, and 2 ranks x 1 micro-batch make the same update as 1 rank x 2.
+
+Distributed: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment);
+NCCL on GPUs, gloo on the CPU; DDP or FSDP (full-state checkpoints). bf16 autocast on GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed setup
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: Optional[str] = None) -> DistInfo:
+    """From torchrun's environment; single process when WORLD_SIZE is unset or 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+    return DistInfo(rank, world, local, device)
+
+
+def seeded(*keys: int) -> torch.Generator:
+    """A CPU generator whose stream depends only on the keys (seed, stage, step, micro-batch, ...)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimisation pieces
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    betas: tuple = (0.9, 0.95)
+    warmup: int = 50
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True          # decay min(ema_decay, (1 + n) / (10 + n)): early EMA follows the model
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up over `warmup` steps, then cosine decay to min_ratio at `total`."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32 shadow copies)."""
+
+    def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.shadow = {k: p.detach().float().clone() for k, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                self.shadow[k].lerp_(p.detach().float(), 1 - d)
+
+    @torch.no_grad()
+    def copy_to(self, module: nn.Module) -> None:
+        for k, p in module.named_parameters():
+            if k in self.shadow:
+                p.copy_(self.shadow[k].to(p.dtype))
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.decay, self.updates = s["decay"], s["updates"]
+        missing = set(self.shadow) - set(s["shadow"])
+        if missing:
+            raise ValueError(f"EMA state is missing {sorted(missing)[:5]}")
+        self.shadow = {k: v.float().clone() for k, v in s["shadow"].items()}
+
+
+def rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_json(obj, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+# GPU peak dense bf16 TFLOP/s for MFU (H100/H200 SXM: 989 TFLOP/s spec; the measured GEMM ceiling is ~800)
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_flops(device: str) -> Optional[float]:
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    for k, v in PEAK_TFLOPS.items():
+        if k in name:
+            return v * 1e12
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoopConfig:
+    steps: int = 100
+    micro_batch: int = 16
+    accum: int = 1
+    log_every: int = 10
+    ckpt_every: int = 100
+    keep_last: int = 2
+    bf16: bool = True                 # autocast on GPU only
+    grad_checkpointing: bool = False
+    compile: bool = False
+    parallel: str = "ddp"             # "ddp" | "fsdp" (when WORLD_SIZE > 1)
+    progress: bool = True
+
+
+LossFn = Callable[[nn.Module, int, int], tuple]   # (module, step, chunk) -> (loss, logs)
+
+
+class Trainer:
+    """Runs one stage: `Trainer(model, loss_fn, loop, optim, out_dir, dist).fit(resume=...)`.
+
+    loss_fn(module, step, chunk) returns (loss, logs); logs may hold "task" (str), "samples" and
+    "tokens" (ints, per micro-batch) and scalar tensors/floats. `flops_per_token` (optional) gives MFU."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig, out_dir: str,
+                 info: Optional[DistInfo] = None, flops_per_token: Optional[float] = None, meta: Optional[dict] = None):
+        self.info = info or DistInfo()
+        self.model, self.loss_fn, self.loop, self.optim_cfg = model, loss_fn, loop, optim
+        self.out_dir, self.flops_per_token, self.meta = out_dir, flops_per_token, meta or {}
+        self.ckpt_dir = os.path.join(out_dir, "checkpoints")
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        model.to(self.info.device)
+        if loop.grad_checkpointing:
+            enable_grad_checkpointing(model)
+        self.ema = EMA(model, optim.ema_decay, optim.ema_warmup)
+        self.module = model
+        if self.info.world > 1:
+            if loop.parallel == "fsdp":
+                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+                self.module = FSDP(model, use_orig_params=True,
+                                   device_id=torch.device(self.info.device) if self.info.device != "cpu" else None)
+            else:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
+        self.step_module = torch.compile(self.module) if loop.compile else self.module
+        decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}],
+                                     lr=optim.lr, betas=tuple(optim.betas))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lr_lambda(optim.warmup, loop.steps, optim.min_lr_ratio))
+        self.step = 0
+        self.history: list = []
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def checkpoints(self) -> list:
+        return sorted(f for f in os.listdir(self.ckpt_dir) if f.startswith("step-") and f.endswith(".pt"))
+
+    def _full_state(self) -> dict:
+        if self.info.world > 1 and self.loop.parallel == "fsdp":
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with FSDP.state_dict_type(self.module, StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
+                return self.module.state_dict(), FSDP.optim_state_dict(self.module, self.opt)
+        return self.model.state_dict(), self.opt.state_dict()
+
+    def save_checkpoint(self) -> Optional[str]:
+        model_state, opt_state = self._full_state()
+        if not self.info.main:
+            return None
+        path = os.path.join(self.ckpt_dir, f"step-{self.step:07d}.pt")
+        atomic_torch_save({"model": model_state, "ema": self.ema.state_dict(), "optimizer": opt_state,
+                           "scheduler": self.sched.state_dict(), "step": self.step,
+                           "data_position": self.step * self.global_batch, "rng": rng_state(),
+                           "meta": self.meta, "history": self.history}, path)
+        for old in self.checkpoints()[:-self.loop.keep_last]:
+            os.remove(os.path.join(self.ckpt_dir, old))
+        return path
+
+    def load_checkpoint(self, path: str) -> None:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        if self.info.world > 1 and self.loop.parallel == "fsdp":
+            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            with FSDP.state_dict_type(self.module, StateDictType.FULL_STATE_DICT,
+                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
+                self.module.load_state_dict(ck["model"])
+                self.opt.load_state_dict(FSDP.optim_state_dict_to_load(self.module, self.opt, ck["optimizer"]))
+        else:
+            self.model.load_state_dict(ck["model"])
+            self.opt.load_state_dict(ck["optimizer"])
+        self.ema.load_state_dict(ck["ema"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.step = ck["step"]
+        self.history = ck.get("history", [])
+        set_rng_state(ck["rng"])
+
+    @property
+    def global_batch(self) -> int:
+        return self.info.world * self.loop.accum * self.loop.micro_batch
+
+    # -- one optimiser step ---------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        self.module.train()
+        accum, step = self.loop.accum, self.step
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if self.loop.bf16 and self.info.device.startswith("cuda") else contextlib.nullcontext())
+        logs_all, samples, tokens = [], 0, 0
+        for m in range(accum):
+            chunk = self.info.rank * accum + m
+            sync = contextlib.nullcontext()
+            if self.info.world > 1 and m < accum - 1 and hasattr(self.module, "no_sync"):
+                sync = self.module.no_sync()
+            with sync:
+                with autocast:
+                    loss, logs = self.loss_fn(self.step_module, step, chunk)
+                (loss / accum).backward()
+            logs_all.append(logs)
+            samples += int(logs.get("samples", 0))
+            tokens += int(logs.get("tokens", 0))
+        if self.optim_cfg.grad_clip > 0:
+            if hasattr(self.module, "clip_grad_norm_"):          # FSDP: the norm of the full gradient
+                gnorm = self.module.clip_grad_norm_(self.optim_cfg.grad_clip)
+            else:
+                gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
+        else:
+            gnorm = torch.zeros(())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.ema.update(self.model)
+        self.step += 1
+        out = {"step": self.step, "lr": lr, "grad_norm": float(gnorm)}
+        loss = sum(float(d["loss"]) for d in logs_all) / accum
+        if self.info.world > 1:
+            t = torch.tensor([loss, samples, tokens], dtype=torch.float64, device=self.info.device)
+            dist.all_reduce(t)
+            loss, samples, tokens = float(t[0]) / self.info.world, int(t[1]), int(t[2])
+        out["loss"] = loss
+        if "task" in logs_all[0]:
+            out["task"] = logs_all[0]["task"]
+            out[f"loss_{out['task']}"] = loss
+        for k, v in logs_all[0].items():
+            if k not in ("loss", "task", "samples", "tokens") and not isinstance(v, str):
+                out[k] = sum(float(d[k]) for d in logs_all) / accum
+        out["samples"], out["tokens"] = samples, tokens
+        return out
+
+    # -- the stage ------------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> list:
+        """Train to loop.steps (or stop after `stop_after` steps of this call, to simulate a kill)."""
+        if resume and self.checkpoints():
+            self.load_checkpoint(os.path.join(self.ckpt_dir, self.checkpoints()[-1]))
+        log_path = os.path.join(self.out_dir, "log.jsonl")
+        if self.info.main and not resume and os.path.exists(log_path):
+            os.remove(log_path)
+        tb = _tensorboard(self.out_dir) if self.info.main else None
+        bar = None
+        if self.loop.progress and self.info.main:
+            from tqdm import tqdm
+            bar = tqdm(total=self.loop.steps, initial=self.step, desc=os.path.basename(self.out_dir),
+                       dynamic_ncols=True, mininterval=2.0)
+        peak = peak_flops(self.info.device)
+        t_last, samples_acc, tokens_acc, done = time.perf_counter(), 0, 0, 0
+        while self.step < self.loop.steps and (stop_after is None or done < stop_after):
+            out = self.train_step()
+            done += 1
+            samples_acc += out.pop("samples")
+            tokens_acc += out.pop("tokens")
+            self.history.append({k: out[k] for k in ("step", "loss", "task") if k in out})
+            if self.step % self.loop.log_every == 0 or self.step == self.loop.steps:
+                if self.info.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t_last
+                out["samples_per_s"] = samples_acc / dt
+                out["tokens_per_s"] = tokens_acc / dt
+                if peak and self.flops_per_token:
+                    out["mfu"] = tokens_acc * self.flops_per_token / dt / (peak * self.info.world)
+                t_last, samples_acc, tokens_acc = time.perf_counter(), 0, 0
+                if self.info.main:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(out) + "\n")
+                    if tb is not None:
+                        for k, v in out.items():
+                            if isinstance(v, (int, float)):
+                                tb.add_scalar(k, v, self.step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
+            if self.step % self.loop.ckpt_every == 0 or self.step == self.loop.steps:
+                self.save_checkpoint()
+        if bar is not None:
+            bar.close()
+        if tb is not None:
+            tb.close()
+        return self.history
+
+
+def _tensorboard(out_dir: str):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:      # tensorboard not installed: the JSON lines are the log
+        return None
+    return SummaryWriter(os.path.join(out_dir, "tb"))
+
+
+def enable_grad_checkpointing(model: nn.Module) -> None:
+    """Recompute each DiT block's activations in the backward pass (memory for compute)."""
+    from torch.utils.checkpoint import checkpoint
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise ValueError(f"{type(model).__name__} has no .blocks to checkpoint")
+    for blk in blocks:
+        fwd = blk.forward
+        blk.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
