@@ -126,17 +126,40 @@ def _pad_keys(k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor, max_
 
 def cross_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor,
                               max_seqlen_k: int, softmax_scale: Optional[float] = None) -> torch.Tensor:
-    """Plain-PyTorch varlen cross-attention: pad K/V to max_seqlen_k, key-padding mask, SDPA.
+    """Plain-PyTorch varlen cross-attention (SDPA). Shapes as in the module docstring.
 
-    Shapes as in the module docstring. SDPA keeps the softmax in fp32 for fp16/bf16 inputs on every
-    backend it picks; float64 inputs run its exact math path (the tests' reference).
+    Two formulations of the same math: on the CPU (outside torch.compile) one unmasked SDPA per sample
+    over exactly its keys, which skips empty samples and padding work (a CFG batch [208, 0] costs half
+    of the padded call); elsewhere K/V padded to max_seqlen_k with a key-padding mask, one batched call
+    with no host sync (CUDA-graph safe). SDPA keeps the softmax in fp32 for fp16/bf16 inputs; float64
+    inputs run its exact math path (the tests' reference).
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return _reference_per_sample(q, k, v, cu_seqlens_k, scale)
+    return _reference_padded(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
+
+
+def _reference_padded(q, k, v, cu_seqlens_k, max_seqlen_k, scale):
     kp, vp, mask, B = _pad_keys(k, v, cu_seqlens_k, max_seqlen_k)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), kp.transpose(1, 2), vp.transpose(1, 2),   # [B, H, L, D]
         attn_mask=mask[:, None, None, :], scale=scale)               # mask [B, 1, 1, Lk]
     return out.transpose(1, 2)                                      # [B, Lq, H, D]
+
+
+def _reference_per_sample(q, k, v, cu_seqlens_k, scale):
+    bounds = cu_seqlens_k.tolist()  # CPU tensor: no device sync
+    outs = []
+    for b in range(q.shape[0]):
+        s, e = bounds[b], bounds[b + 1]
+        if e == s:
+            outs.append(q[b:b + 1] * 0)  # zeros that keep dq (= 0) in the graph
+            continue
+        o = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k[None, s:e].transpose(1, 2),
+                                           v[None, s:e].transpose(1, 2), scale=scale)   # [1, H, Lq, D]
+        outs.append(o.transpose(1, 2))
+    return torch.cat(outs) if outs else q * 0                      # [B, Lq, H, D]
 
 
 def _lse_reference(q, k, cu_seqlens_k, max_seqlen_k, scale) -> torch.Tensor:
@@ -207,7 +230,7 @@ def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
     if backend == "cuda":
         return _cuda_forward(q, k, v, cu, max_seqlen_k, scale)
     if backend == "reference":
-        out = cross_attention_reference(q, k, v, cu, max_seqlen_k, scale)
+        out = _reference_padded(q, k, v, cu, max_seqlen_k, scale)
         return out.contiguous(), _lse_reference(q, k, cu, max_seqlen_k, scale)
     raise ValueError(f"cross_attention: unknown backend {backend!r}")
 
