@@ -54,7 +54,7 @@ class DiTConfig:
     num_heads: int = 24
     mlp_ratio: float = 4.0
     text_dim: int = 384           # MiniLM token embeddings (flan-t5-base: 768)
-    video_dim: int = 1024         # CLIP image embeddings per frame (built-in frame encoder: 256)
+    video_dim: int = 1024         # CLIP image embeddings per frame (built-in frame encoder: 272)
     sync_dim: int = 768           # Synchformer features (built-in motion encoder: 64)
     max_text_tokens: int = 128
     max_duration: float = 10.0    # training clip length in seconds; longer audio is generated in windows
@@ -102,7 +102,7 @@ class DiTConfig:
 # tiny: tests and the CPU toy run (VAE "tiny" latents, built-in frame/motion encoders, MiniLM text).
 # S: ~150M params, MMAudio-S scale. L: the paper's 24 x 1536, 24 heads (~1.2B with per-token AdaLN).
 DIT_PRESETS = {
-    "tiny": DiTConfig(latent_dim=16, hidden_dim=128, depth=4, num_heads=4, video_dim=256, sync_dim=64,
+    "tiny": DiTConfig(latent_dim=16, hidden_dim=128, depth=4, num_heads=4, video_dim=272, sync_dim=64,
                       max_text_tokens=64),
     "S": DiTConfig(latent_dim=64, hidden_dim=768, depth=12, num_heads=12),
     "L": DiTConfig(latent_dim=64, hidden_dim=1536, depth=24, num_heads=24),
