@@ -231,14 +231,14 @@ def _loss_png(path: str, run_root: str, stages: list) -> None:
     plt.close(fig)
 
 
-def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None) -> str:
+def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -> str:
     """runs/<name>/report/: report.md, losses.png, scores.json, and per track two samples (WAV + PNG)."""
     from .audio import save_audio
     run_root = os.path.join(cfg.runs_dir, cfg.name)
     out_dir = out_dir or os.path.join(run_root, "report")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
-    ev = evaluate_toy(cfg, stage_dir, os.path.join(run_root, "vae"))
+    ev = evaluate_toy(cfg, stage_dir, os.path.join(run_root, "vae"), enc=enc)
     sr = 16000
     lines = [f"# Toy report: {cfg.name} (schedule {cfg.schedule}, sampled from {stage_dir})", "",
              f"{cfg.toy_eval_clips} held-out prompts per track (test split), {cfg.sample_steps} Euler steps, "

@@ -236,8 +236,10 @@ class ToyWorld:
     def _strikes(self, rng: np.random.Generator, k: int) -> list:
         """k strike times on 25 fps frames in [0.1 s, duration - 0.3 s], at least min_gap apart."""
         c = self.cfg
-        lo, hi = int(math.ceil(0.1 * 25)), int((c.duration - 0.3) * 25)
+        lo = int(math.ceil(0.1 * 25))
+        hi = max(lo, int((c.duration - 0.3) * 25))       # short clips: at least one possible strike frame
         gap = int(math.ceil(c.min_gap * 25))
+        k = min(k, 1 + (hi - lo) // gap)
         for _ in range(100):
             f = np.sort(rng.choice(np.arange(lo, hi + 1), size=k, replace=False))
             if k == 1 or np.diff(f).min() >= gap:

@@ -55,11 +55,11 @@ class TrainConfig:
     toy_duration: float = 2.0
     # the schedule
     schedule: str = "1-2-3"           # "1-2-3" | "stage2-only"
-    vae_steps: int = 500
+    vae_steps: int = 300
     vae_batch: int = 8
     vae_lr: float = 3e-3
-    stage1_steps: int = 300
-    stage2_steps: int = 600
+    stage1_steps: int = 200
+    stage2_steps: int = 500
     stage3_steps: int = 200
     batch_size: int = 32              # global batch (ranks x accum x micro)
     accum: int = 1
@@ -167,7 +167,7 @@ def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resum
     out = run_dir(cfg, "vae")
     vae = AudioVAE.from_pretrained(init_from, inference=False) if init_from else AudioVAE(VAE_PRESETS[cfg.vae_preset])
     hop = vae.hop_length
-    crop = min(audio.shape[1] // hop, 20) * hop            # up to 0.8 s crops: enough context, fast steps
+    crop = min(audio.shape[1] // hop, 12) * hop            # up to 0.48 s crops: enough context, fast steps
     micro = max(1, cfg.vae_batch // (info.world * cfg.accum))
 
     def loss_fn(module, step, chunk):
@@ -240,11 +240,12 @@ def stage3_augment(cfg: TrainConfig, x1, cond, idx, offscreen: Optional[FeatureT
 
 
 def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: Optional[FeatureTable],
-                  micro: int, info: DistInfo):
+                  micro: int, info: DistInfo, accum: Optional[int] = None):
+    """The loss of one micro-batch `chunk` of a step (chunk = rank * accum + micro-batch index)."""
     from .flow import FlowMatching
     flow = FlowMatching()
     stage_id = STAGES.index(stage)
-    gb = micro * cfg.accum * info.world
+    gb = micro * (accum or cfg.accum) * info.world
 
     def loss_fn(module, step, chunk):
         task = draw_task(cfg, stage, seeded(cfg.seed, stage_id, step, 7))       # the same on every rank
@@ -344,13 +345,13 @@ def latent_stats(table: FeatureTable) -> dict:
     return {"mean": z.mean(0).tolist(), "std": z.std(0).clamp_min(1e-3).tolist()}
 
 
-def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo) -> tuple:
+def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None) -> tuple:
     """(train table, off-screen table or None, latent stats), extracting the toy features once."""
     if cfg.data == "toy":
         from .extract import extract_toy_features
         feat_dir = run_dir(cfg, "features")
         if info.main:
-            extract_toy_features(cfg, vae_dir, feat_dir)
+            extract_toy_features(cfg, vae_dir, feat_dir, enc=encoders)
         _barrier(info)
     else:
         feat_dir = cfg.data
@@ -368,9 +369,10 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo) -> tuple:
 # Driver
 # ----------------------------------------------------------------------------------------------------
 def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, init_from: Optional[str] = None,
-        report: bool = True) -> dict:
+        report: bool = True, encoders=None) -> dict:
     """Run the given stages (default: the schedule's) in order, each starting from the previous one's
-    folder; a stage whose meta.json says complete is skipped when resuming."""
+    folder; a stage whose meta.json says complete is skipped when resuming. `encoders`: the condition
+    encoders for the toy features (default: the package's built-in ones, see extract.Encoders)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     info = init_distributed(cfg.device)
@@ -397,7 +399,7 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
         if table is None:
             if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and cfg.data == "toy":
                 raise FileNotFoundError(f"{vae_dir}/meta.json: run stage vae first (the toy features need it)")
-            table, offscreen, stats = load_features(cfg, vae_dir, info)
+            table, offscreen, stats = load_features(cfg, vae_dir, info, encoders)
         src = prev
         if src is None and not (stage == "stage1" or (stage == "stage2" and cfg.schedule == "stage2-only")):
             before = DIT_STAGES[DIT_STAGES.index(stage) - 1]
@@ -409,7 +411,7 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
         prev = outs[stage]
     if report and info.main and cfg.data == "toy" and any(s in DIT_STAGES for s in todo):
         from .oracle import write_report
-        outs["report"] = write_report(cfg, prev)
+        outs["report"] = write_report(cfg, prev, enc=encoders)
     return outs
 
 

@@ -1,0 +1,214 @@
+"""The trainer: task sampling, stage-3 augmentations, every stage end to end, exact resume, DDP = 1 process."""
+import json
+import os
+import socket
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from omni2sound.data.shards import FeatureTable
+from omni2sound.model import Omni2SoundDiT, dit_config
+from omni2sound.train import TRAIN_PRESETS, TrainConfig, draw_task, make_dit_loss, run, stage3_augment, step_indices
+from omni2sound.trainer import DistInfo, LoopConfig, OptimConfig, Trainer, init_distributed, lr_lambda, seeded
+
+C, DT, DV, DS = 4, 6, 5, 2
+
+
+def synthetic_table(n=12, T=10, seed=0, text_offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    items = [{"clip_id": f"c{i}", "caption": f"cap {i}", "duration": T / 25,
+              "latent_mean": torch.randn(T, C, generator=g), "latent_std": 0.1 * torch.rand(T, C, generator=g),
+              "text": torch.randn(3 + i % 3, DT, generator=g) + text_offset, "video": torch.randn(4, DV, generator=g),
+              "sync": torch.randn(9, DS, generator=g)} for i in range(n)]
+    return FeatureTable.from_items(items)
+
+
+def small_dit(seed=0):
+    torch.manual_seed(seed)
+    return Omni2SoundDiT(dit_config("tiny", latent_dim=C, hidden_dim=32, depth=1, num_heads=2, text_dim=DT,
+                                    video_dim=DV, sync_dim=DS))
+
+
+class Spy(torch.nn.Module):
+    """Records the conditions the loss hands to the model; returns a velocity that depends on a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def forward(self, x, t, cond):
+        self.seen.append(cond)
+        return x * self.w
+
+
+def test_task_sampling_frequencies():
+    cfg = TrainConfig()
+    n = 4000
+    tasks = [draw_task(cfg, "stage2", seeded(0, 2, s, 7)) for s in range(n)]
+    for task, p in zip(("v2a", "t2a", "vt2a"), cfg.task_probs):
+        assert abs(tasks.count(task) / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (task, tasks.count(task))
+    assert {draw_task(cfg, "stage1", seeded(0, 1, s)) for s in range(50)} == {"t2a"}
+    cfg2 = replace(cfg, task_probs=(0.0, 0.0, 1.0))
+    assert {draw_task(cfg2, "stage3", seeded(0, 3, s)) for s in range(50)} == {"vt2a"}
+    with pytest.raises(ValueError, match="task_probs"):
+        replace(cfg, task_probs=(0.5, 0.5, 0.5)).validate()
+
+
+def test_step_indices_walk_epochs_of_permutations():
+    n, gb = 10, 4
+    seen = torch.cat([step_indices(n, s, gb, 0, 2) for s in range(5)])            # 20 = two epochs
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert not torch.equal(seen[:10], seen[10:])
+    torch.testing.assert_close(step_indices(n, 3, gb, 0, 2), seen[12:16])
+
+
+def test_task_masks_and_null_dropout():
+    cfg = replace(TrainConfig(), p_null=0.25)
+    table = synthetic_table(64)
+    spy = Spy()
+    for stage, steps in (("stage1", 3), ("stage2", 30)):
+        loss_fn = make_dit_loss(cfg, stage, table, None, 64, DistInfo())
+        for s in range(steps):
+            loss, logs = loss_fn(spy, s, 0)
+            c = spy.seen[-1]
+            text_kept, video_kept = c.text_lens > 0, c.video_lens > 0
+            if logs["task"] == "t2a":
+                assert not video_kept.any() and c.sync.abs().sum() == 0
+            if logs["task"] == "v2a":
+                assert not text_kept.any()
+            if logs["task"] == "vt2a":
+                assert torch.equal(text_kept, video_kept)           # dropped together (joint CFG) or both kept
+            if stage == "stage1":
+                assert logs["task"] == "t2a"
+    nulls = [float(((c.text_lens == 0) & (c.video_lens == 0)).float().mean()) for c in spy.seen[3:]]
+    assert abs(sum(nulls) / len(nulls) - 0.25) < 0.06
+
+
+def test_stage3_augmentations():
+    cfg = replace(TrainConfig(), p_offscreen=0.4, p_text_drop=0.3)
+    table, off = synthetic_table(400, seed=1), synthetic_table(400, seed=2, text_offset=100.0)
+    idx = torch.arange(400)
+    x1, cond = table.batch(idx, sample_latent=False)
+    g = seeded(5)
+    x1a, conda, n_off, n_drop = stage3_augment(cfg, x1, cond, idx, off, g, torch.Generator().manual_seed(0))
+    replaced = (conda.text_tokens[:, 0, 0] > 50) & (conda.text_lens > 0)       # text from the off-screen table
+    dropped = conda.text_lens == 0
+    assert n_off == int(replaced.sum()) and n_drop == int(dropped.sum())
+    assert abs(n_off / 400 - 0.4) < 0.08 and abs(n_drop / 400 - 0.3) < 0.08
+    assert not (replaced & dropped).any()                                       # off-screen needs its text
+    torch.testing.assert_close(conda.video_tokens, cond.video_tokens)           # the picture never changes
+    torch.testing.assert_close(conda.sync, cond.sync)
+    assert torch.equal(conda.video_lens, cond.video_lens)
+    # replaced samples hear the off-screen table's sound (a posterior draw around its mean), the rest their own
+    keep = ~replaced
+    torch.testing.assert_close(x1a[keep], x1[keep])
+    assert ((x1a[replaced] - off.latent_mean[replaced]).abs().max() < 1.0)
+    assert not torch.allclose(x1a[replaced], x1[replaced])
+    # the stage-3 loss augments VT2A batches only
+    spy = Spy()
+    loss_fn = make_dit_loss(replace(cfg, p_null=0.0), "stage3", table, off, 32, DistInfo())
+    for s in range(12):
+        _, logs = loss_fn(spy, s, 0)
+        if logs["task"] != "vt2a":
+            assert logs["offscreen_mixed"] == 0 and logs["text_dropped"] == 0
+        else:
+            assert logs["offscreen_mixed"] + logs["text_dropped"] > 0
+
+
+def test_lr_schedule():
+    f = lr_lambda(10, 100, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and 0.1 < f(55) < 1.0
+
+
+def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None):
+    cfg = replace(TrainConfig(), p_null=0.2, seed=3)
+    info = info or DistInfo()
+    loop = LoopConfig(steps=steps, micro_batch=micro, accum=accum, log_every=1, ckpt_every=1, keep_last=2,
+                      progress=False)
+    opt = OptimConfig(lr=1e-3, warmup=2, ema_decay=0.9)
+    return Trainer(model or small_dit(), make_dit_loss(cfg, "stage2", table, None, micro, info, accum), loop, opt,
+                   out_dir, info)
+
+
+def test_resume_after_kill_repeats_the_same_losses(tmp_path):
+    table = synthetic_table(10)
+    full = _trainer(str(tmp_path / "a"), table, 6)
+    h_full = full.fit()
+    part = _trainer(str(tmp_path / "b"), table, 6)
+    part.fit(stop_after=3)                                  # "killed" after step 3 (checkpoint of step 3 on disk)
+    assert len(part.checkpoints()) == 2                     # keep_last
+    resumed = _trainer(str(tmp_path / "b"), table, 6, model=small_dit(seed=99))   # fresh process, other init
+    h_res = resumed.fit(resume=True)
+    assert [h["loss"] for h in h_res] == [h["loss"] for h in h_full]
+    assert [h["task"] for h in h_res] == [h["task"] for h in h_full]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for k in full.ema.shadow:
+        assert torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]), k
+    ck = torch.load(os.path.join(resumed.ckpt_dir, resumed.checkpoints()[-1]), weights_only=False)
+    assert ck["step"] == 6 and ck["data_position"] == 6 * 4 and {"torch", "numpy", "python"} <= set(ck["rng"])
+    logs = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]
+    assert all(r["samples_per_s"] > 0 and r["tokens_per_s"] > 0 for r in logs)
+
+
+def _ddp_worker(rank, world, port, out_dir, result):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    tr = _trainer(out_dir, synthetic_table(10), 2, info=info, accum=1, micro=4)
+    hist = tr.fit()
+    if rank == 0:
+        torch.save({"state": tr.model.state_dict(), "losses": [h["loss"] for h in hist]}, result)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "ddp"), result), nprocs=2, join=True)
+    ddp = torch.load(result, weights_only=False)
+    single = _trainer(str(tmp_path / "one"), synthetic_table(10), 2, accum=2, micro=4)   # 1 x 2 x 4 = 2 x 1 x 4
+    hist = single.fit()
+    for a, b in zip(ddp["losses"], [h["loss"] for h in hist]):
+        assert a == pytest.approx(b, rel=1e-5)
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_every_stage_runs_and_hands_off(tmp_path):
+    """The smoke preset: vae -> features -> stage1 -> stage2 -> stage3 -> report, one folder per stage."""
+    from test_data import SmallEncoders
+    cfg = replace(TRAIN_PRESETS["smoke"], runs_dir=str(tmp_path), toy_train_clips=8, vae_steps=1, stage1_steps=1,
+                  stage2_steps=2, stage3_steps=1, batch_size=4, toy_duration=0.8, sample_steps=1)
+    outs = run(cfg, encoders=SmallEncoders())
+    root = tmp_path / "smoke"
+    for stage in ("vae", "stage1", "stage2", "stage3"):
+        meta = json.load(open(root / stage / "meta.json"))
+        assert meta["complete"] and meta["stage"] == stage
+    assert json.load(open(root / "stage2" / "meta.json"))["init_from"] == str(root / "stage1")
+    assert json.load(open(root / "stage3" / "meta.json"))["init_from"] == str(root / "stage2")
+    assert json.load(open(root / "stage1" / "meta.json"))["task_counts"] == {"v2a": 0, "t2a": 1, "vt2a": 0}
+    for d in ("dit", "dit_raw"):
+        assert (root / "stage3" / d / "model.safetensors").is_file()
+    assert (root / "features" / "train" / "index.json").is_file() and (root / "features" / "offscreen").is_dir()
+    rep = root / "report"
+    scores = json.load(open(rep / "scores.json"))
+    assert set(scores["results"]) == {"v2a", "t2a", "vt2a", "offscreen"}
+    for f in ("report.md", "losses.png", "v2a_0.wav", "t2a_0.png", "vt2a_1.wav", "offscreen_0.png"):
+        assert (rep / f).is_file(), f
+    assert outs["report"] == str(rep)
+    # resume skips the finished stages; --stage with a missing predecessor fails clearly
+    assert run(cfg, resume=True, report=False, encoders=SmallEncoders())["stage3"] == str(root / "stage3")
+    with pytest.raises(FileNotFoundError, match="run stage vae first"):
+        run(replace(cfg, name="other"), stages=["stage3"], report=False, encoders=SmallEncoders())
+    os.remove(root / "stage2" / "meta.json")             # stage 2 unfinished: stage 3 alone must refuse
+    with pytest.raises(FileNotFoundError, match="run stage2 first"):
+        run(cfg, stages=["stage3"], report=False, encoders=SmallEncoders())
