@@ -1,0 +1,96 @@
+"""Command line generation:
+
+    python -m omni2sound.generate --model DIR --video x.mp4 --text "a dog barks" --out out.wav
+    python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --cfg 4.5 --out rain.flac
+    python -m omni2sound.generate --model DIR --clip-features c.npy --sync-features s.npy --out out.wav
+
+DIR holds dit/ and vae/ (see omni2sound/pipeline.py). ``--cfg 3,5`` gives separate video and text scales.
+Several --text (and/or --video) values make a batch; outputs are OUT, OUT_1, OUT_2, ... Timings per phase
+are printed as JSON on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+
+def _guidance(s: str):
+    if s.lower() in ("none", "off", "0"):
+        return None
+    parts = [float(p) for p in s.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise argparse.ArgumentTypeError(f"--cfg takes a scale or 'video,text' scales, got {s!r}")
+
+
+def _out_paths(out: str, n: int) -> List[str]:
+    root, ext = os.path.splitext(out)
+    return [out] + [f"{root}_{i}{ext}" for i in range(1, n)]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m omni2sound.generate", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="pipeline directory with dit/ and vae/")
+    p.add_argument("--video", action="append", default=None, help="input video (repeat for a batch)")
+    p.add_argument("--text", action="append", default=None, help="text prompt (repeat for a batch)")
+    p.add_argument("--clip-features", default=None, help="precomputed semantic video features (.npy/.safetensors)")
+    p.add_argument("--sync-features", default=None, help="precomputed sync features (.npy/.safetensors)")
+    p.add_argument("--duration", type=float, default=None, help="seconds (default: the video's length or 10)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
+    p.add_argument("--method", choices=("euler", "heun"), default="euler")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    p.add_argument("--plain", action="store_true", help="turn every latency optimisation off")
+    p.add_argument("--out", required=True, help="output .wav or .flac")
+    args = p.parse_args(argv)
+
+    from .audio import save_audio
+    from .pipeline import Omni2SoundPipeline
+
+    if args.duration is not None and args.duration <= 0:
+        p.error(f"--duration must be positive, got {args.duration}")
+    if not args.out.lower().endswith((".wav", ".flac")):
+        p.error(f"--out must end in .wav or .flac, got {args.out}")
+    for path in (args.video or []) + [args.clip_features, args.sync_features]:
+        if path is not None and not os.path.isfile(path):
+            p.error(f"no such file: {path}")
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    pipe = Omni2SoundPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    duration = args.duration
+    if duration is None:
+        duration = 10.0
+        if args.video:
+            from .video import read_video
+            duration = read_video(args.video[0], fps=25.0, size=16).shape[0] / 25.0
+    opts = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, method=args.method, plain=args.plain)
+    if args.clip_features or args.sync_features:
+        from .encoders import load_features
+        mcfg = pipe.dit.config
+        clip = load_features(args.clip_features, dim=mcfg.video_dim) if args.clip_features else None
+        sync = load_features(args.sync_features, dim=mcfg.sync_dim) if args.sync_features else None
+        text = args.text or [None]
+        cond = pipe.conditions_from_features(video_features=[clip] * len(text), sync_features=[sync] * len(text),
+                                             text=text, duration=duration)
+        result = pipe.generate_from_conditions(cond, **opts)
+    else:
+        result = pipe.generate(video=args.video, text=args.text, duration=duration, **opts)
+    paths = _out_paths(args.out, result.audio.shape[0])
+    for path, wav in zip(paths, result.audio):
+        save_audio(path, wav, result.sample_rate)
+    print(json.dumps({"outputs": paths, "sample_rate": result.sample_rate, "duration": duration,
+                      "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

