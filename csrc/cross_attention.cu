@@ -4,9 +4,9 @@
 // contiguous, lse [B, H, Lq] fp32 (natural log of the sum of exp of the scaled scores; 0 for a sample
 // with no key, whose output rows are 0).
 //
-// One block per (batch * head, tile of 64 query rows); 4 warps, each owning 16 query rows. The block
-// streams its sample's keys through shared memory in tiles of 64 (zero-filled past the sample's end)
-// and every warp runs an online softmax (running max and sum in fp32, base 2) over them:
+// One block per (batch * head, tile of 64 query rows); 4 warps, each owning 16 query rows (a lane pair
+// per row). The block streams its sample's keys through shared memory in tiles of 64 (zero-filled past
+// the sample's end) and every warp runs an online softmax (running max and sum in fp32, base 2):
 //   S = Q K^T (tensor cores via WMMA for fp16/bf16, fp32 FMA for fp32 inputs)  -> warp scratch, fp32
 //   P = 2^(S * scale * log2e - m_new); l = l * alpha + rowsum(P)               -> warp scratch, input type
 //   O = O * alpha + P V                                                        -> registers, fp32
@@ -192,8 +192,7 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
   static_assert(D % 32 == 0 && D <= 128, "head dim must be 32, 64, 96 or 128");
   using S = Smem<T, D>;
   using PT = typename Traits<T>::P;
-  constexpr int kPerLane = kRowsPerWarp * D / 32;  // O elements each lane accumulates
-  constexpr int kLanesPerRow = D / 32;             // O element i of a lane sits in row i / kLanesPerRow
+  constexpr int kPerLane = D / 2;  // O elements each lane accumulates (half of one row)
 
   extern __shared__ __align__(128) unsigned char smem[];
   T* q_s = reinterpret_cast<T*>(smem);
@@ -215,9 +214,10 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
   QFrags<T, D> qf;
   qf.load(q_w, S::kLd);
 
-  float m_i[kRowsPerWarp], l_i[kRowsPerWarp], o[kPerLane];
-#pragma unroll
-  for (int r = 0; r < kRowsPerWarp; ++r) { m_i[r] = -INFINITY; l_i[r] = 0.0f; }
+  // Softmax state: lane pair (2r, 2r+1) owns query row r of the warp; each lane of the pair scans half of
+  // the tile's keys (interleaved) and accumulates half of the row's output (a contiguous D/2 chunk).
+  const int r = lane >> 1, half = lane & 1;
+  float m_i = -INFINITY, l_i = 0.0f, o[kPerLane];
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) o[i] = 0.0f;
 
@@ -231,60 +231,52 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
     tile_scores<T, D>(qf, q_w, k_s, s_w, lane);
     __syncwarp();
 
-    // Online softmax, one row at a time across the warp. The tile holds >= 1 real key, so m_new is
-    // finite, and alpha = 2^(-inf) = 0 on the first tile.
-    float alpha[kRowsPerWarp];
+    // Online softmax. The tile holds >= 1 real key, so m_new is finite, and alpha = 2^(-inf) = 0 on the
+    // first tile.
+    float sv[kBlockN / 2];
+    float mx = -INFINITY;
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      float sv[kBlockN / 32];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 32; ++j) {
-        const int n = lane + 32 * j;
-        sv[j] = n < n_valid ? s_w[r * S::kSLd + n] * scale_log2 : -INFINITY;
-        mx = fmaxf(mx, sv[j]);
-      }
-      const float m_new = fmaxf(m_i[r], warp_max(mx));
-      alpha[r] = exp2f(m_i[r] - m_new);
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < kBlockN / 32; ++j) {
-        const float p = exp2f(sv[j] - m_new);  // 0 for padding keys
-        sum += p;
-        p_w[r * S::kPLd + lane + 32 * j] = from_f<PT>(p);
-      }
-      l_i[r] = l_i[r] * alpha[r] + warp_sum(sum);
-      m_i[r] = m_new;
+    for (int j = 0; j < kBlockN / 2; ++j) {
+      const int n = half + 2 * j;
+      sv[j] = n < n_valid ? s_w[r * S::kSLd + n] * scale_log2 : -INFINITY;
+      mx = fmaxf(mx, sv[j]);
     }
+    const float m_new = fmaxf(m_i, fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1)));
+    const float alpha = exp2f(m_i - m_new);
+    float sum = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kBlockN / 2; ++j) {
+      const float p = exp2f(sv[j] - m_new);  // 0 for padding keys
+      sum += p;
+      p_w[r * S::kPLd + half + 2 * j] = from_f<PT>(p);
+    }
+    l_i = l_i * alpha + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+    m_i = m_new;
     __syncwarp();
 
     tile_pv<T, D>(p_w, v_s, s_w, lane);
     __syncwarp();
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int r = i / kLanesPerRow, d = (i % kLanesPerRow) * 32 + lane;
-      o[i] = o[i] * alpha[r] + s_w[r * S::kSLd + d];
-    }
+    for (int i = 0; i < kPerLane; ++i) o[i] = o[i] * alpha + s_w[r * S::kSLd + half * kPerLane + i];
     __syncwarp();
   }
 
-  // Epilogue: O / l (0 for a sample with no key), lse in natural-log units for the backward.
+  // Epilogue: O / l (0 for a sample with no key) in 16-byte stores, lse in natural-log units.
+  const int row = m0 + warp * kRowsPerWarp + r;
+  if (row < Lq) {
+    const float inv_l = l_i > 0.0f ? 1.0f / l_i : 0.0f;
+    T* dst = out + ((static_cast<int64_t>(b) * Lq + row) * H + h) * D + half * kPerLane;
+    constexpr int kVec = 16 / sizeof(T);
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int r = i / kLanesPerRow, d = (i % kLanesPerRow) * 32 + lane;
-    const int row = m0 + warp * kRowsPerWarp + r;
-    if (row < Lq) {
-      const float val = l_i[r] > 0.0f ? o[i] / l_i[r] : 0.0f;
-      out[((static_cast<int64_t>(b) * Lq + row) * H + h) * D + d] = from_f<T>(val);
+    for (int c = 0; c < kPerLane; c += kVec) {
+      uint4 packed;
+      T* e = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) e[i] = from_f<T>(o[c + i] * inv_l);
+      *reinterpret_cast<uint4*>(dst + c) = packed;
     }
-  }
-  if (lane == 0) {
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int row = m0 + warp * kRowsPerWarp + r;
-      if (row < Lq) {
-        lse[static_cast<int64_t>(bh) * Lq + row] = l_i[r] > 0.0f ? (m_i[r] + log2f(l_i[r])) * kLn2 : 0.0f;
-      }
+    if (half == 0) {
+      lse[static_cast<int64_t>(bh) * Lq + row] = l_i > 0.0f ? (m_i + log2f(l_i)) * kLn2 : 0.0f;
     }
   }
 }
