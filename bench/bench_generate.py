@@ -1,0 +1,189 @@
+"""End-to-end generation latency: the optimised path against the plain path, same run, same inputs.
+
+    python bench/bench_generate.py --quick                 # CPU: tiny and S, batch 1 (tiny VAE)
+    python bench/bench_generate.py                         # tiny, S, L at batch 1 and 8
+    python bench/bench_generate.py --presets L --batches 1 --device cuda    # the GPU bar (bf16)
+
+Every row generates ``--duration`` s of audio (default 10 s = 250 latent frames) with ``--steps`` Euler steps
+(default 25) and joint CFG (default 4.5) from precomputed features with random weights: 80 video tokens
+(8 / s), ``--text-tokens`` text tokens, 240 sync features (24 / s). Encoders are not timed (the GPU bar is
+"from precomputed features"); the VAE decode is timed as its own phase.
+
+    optimised  conditions prepared once per request, batched CFG (one forward per step), fused ops,
+               CUDA-graph replay of the step on a GPU, bf16 DiT on a GPU
+    plain      conditions recomputed every step, sequential CFG, reference ops, no graphs (same dtype)
+
+Columns: ms per phase (prepare, sample = all steps, decode), ms per step, total, real-time factor
+(seconds of audio per second of compute, > 1 is faster than real time), speedups plain / optimised of the
+sampling and of the total, the largest latent difference between the two paths, and peak memory (GPU:
+max allocated; CPU: the process's peak RSS so far, cumulative). Warm-up (incl. graph capture) is timed apart.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+
+from omni2sound.conditions import Conditions
+from omni2sound.model import DIT_PRESETS, Omni2SoundDiT
+from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig
+
+
+def hardware(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu} CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def random_dit(preset: str, device, dtype, latent_dim: int) -> Omni2SoundDiT:
+    """Random weights without the cost of the init policy: build on meta, allocate, fill N(0, 0.02)."""
+    from dataclasses import replace
+    cfg = replace(DIT_PRESETS[preset], latent_dim=latent_dim)
+    with torch.device("meta"):
+        model = Omni2SoundDiT(cfg)
+    model = model.to_empty(device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=g)
+    return model.to(dtype).eval()
+
+
+def random_conditions(cfg, batch: int, duration: float, text_tokens: int) -> Conditions:
+    g = torch.Generator().manual_seed(1)
+    Lv, Ls = int(duration * cfg.video_rate), int(duration * cfg.sync_rate)
+    return Conditions(text_tokens=torch.randn(batch, text_tokens, cfg.text_dim, generator=g),
+                      text_lens=torch.full((batch,), text_tokens, dtype=torch.long),
+                      video_tokens=torch.randn(batch, Lv, cfg.video_dim, generator=g),
+                      video_lens=torch.full((batch,), Lv, dtype=torch.long),
+                      sync=torch.randn(batch, Ls, cfg.sync_dim, generator=g),
+                      duration=torch.full((batch,), duration))
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_once(pipe, cond, args, plain: bool):
+    t0 = time.perf_counter()
+    out = pipe.generate_from_conditions(cond, steps=args.steps, cfg=args.cfg, seed=0, plain=plain)
+    out.timings["total"] = time.perf_counter() - t0
+    return out
+
+
+def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
+    dit = random_dit(preset, device, dtype, vae.config.latent_dim)
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    cond = random_conditions(dit.config, batch, args.duration, args.text_tokens)
+    row = {"preset": preset, "params_M": round(dit.num_params() / 1e6, 1), "batch": batch,
+           "dtype": str(dtype).replace("torch.", ""), "steps": args.steps, "duration_s": args.duration}
+    # warm-up: the optimised path at full steps on a GPU (graph capture for this shape), else 1 step
+    warm_steps = args.steps if device.type == "cuda" else 1
+    t0 = time.perf_counter()
+    pipe.generate_from_conditions(cond, steps=warm_steps, cfg=args.cfg, seed=0)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+    row["warmup_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    if not args.no_plain:
+        pipe.generate_from_conditions(cond, steps=1, cfg=args.cfg, seed=0, plain=True)
+    runs = {"opt": [], "plain": []}
+    for _ in range(args.repeats):          # interleaved, so a noisy neighbour hits both paths alike
+        runs["opt"].append(run_once(pipe, cond, args, plain=False))
+        if not args.no_plain:
+            runs["plain"].append(run_once(pipe, cond, args, plain=True))
+    row["peak_mem_MB"] = round(peak_memory_mb(device), 0)
+
+    def med(name, key):
+        return statistics.median(r.timings[key] for r in runs[name]) * 1e3
+
+    for name in ("opt", "plain"):
+        if not runs[name]:
+            continue
+        for key in ("prepare", "sample", "decode", "total"):
+            row[f"{name}_{key}_ms"] = round(med(name, key), 1)
+        row[f"{name}_step_ms"] = round(med(name, "sample") / args.steps, 2)
+        row[f"{name}_rtf"] = round(args.duration * batch / (med(name, "total") / 1e3), 2)
+    if runs["plain"]:
+        row["speedup_sample"] = round(row["plain_sample_ms"] / row["opt_sample_ms"], 2)
+        row["speedup_total"] = round(row["plain_total_ms"] / row["opt_total_ms"], 2)
+        row["max_latent_diff"] = float((runs["opt"][0].latents.float() - runs["plain"][0].latents.float())
+                                       .abs().max())
+    if device.type == "cuda":
+        row["graph_captures"] = pipe.graphs.captures
+    del pipe, dit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny and S at batch 1, one repeat, tiny VAE")
+    ap.add_argument("--presets", default=None, help="comma list of tiny,S,L (default: all; --quick: tiny,S)")
+    ap.add_argument("--batches", default=None, help="comma list (default 1,8; --quick: 1)")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--text-tokens", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--vae", choices=("auto", "tiny", "paper"), default="auto",
+                    help="auto: the paper VAE for S/L on a GPU, the tiny one otherwise")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--no-plain", action="store_true", help="skip the plain path")
+    ap.add_argument("--out", help="write the rows (+ hardware) as JSON here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if args.dtype == "auto" \
+        else getattr(torch, args.dtype)
+    presets = (args.presets or ("tiny,S" if args.quick else "tiny,S,L")).split(",")
+    batches = [int(b) for b in (args.batches or ("1" if args.quick else "1,8")).split(",")]
+    args.repeats = args.repeats or (1 if args.quick or device.type == "cpu" else 5)
+
+    from omni2sound.vae import VAE_PRESETS, AudioVAE
+    rows = []
+    for preset in presets:
+        vname = args.vae if args.vae != "auto" else ("paper" if preset != "tiny" and device.type == "cuda"
+                                                     else "tiny")
+        if preset == "tiny" and DIT_PRESETS["tiny"].latent_dim != VAE_PRESETS[vname].latent_dim:
+            vname = "tiny"
+        torch.manual_seed(0)
+        vae = AudioVAE(VAE_PRESETS[vname]).to(device).eval()
+        for batch in batches:
+            row = bench_row(preset, batch, vae, args, device, dtype)
+            row["vae"] = vname
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    hw = hardware(device)
+    cols = ["preset", "params_M", "batch", "dtype", "vae", "opt_prepare_ms", "opt_sample_ms", "opt_step_ms",
+            "opt_decode_ms", "opt_total_ms", "opt_rtf", "plain_sample_ms", "plain_total_ms", "speedup_sample",
+            "speedup_total", "max_latent_diff", "warmup_ms", "peak_mem_MB"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    print(f"\n## bench_generate: {args.duration:g} s audio, {args.steps} steps, CFG {args.cfg}, on {hw}\n")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"hardware": hw, "args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
