@@ -75,58 +75,75 @@ __device__ __forceinline__ float warp_sum(float x) {
 }
 
 // Copy rows [0, n_valid) of a strided [rows, D] global matrix into shared memory (row stride ld) and
-// zero rows [n_valid, n_rows): padding keys must have zero values, or 0 * garbage could be NaN.
+// zero rows [n_valid, n_rows): padding keys must have zero values, or 0 * garbage could be NaN. Scalar
+// path, for inputs whose rows are not 16-byte aligned.
 template <typename T, int D>
-__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t src_stride, int n_valid, int n_rows,
-                                          bool vec_ok) {
-  if (vec_ok) {
-    constexpr int kVec = 16 / sizeof(T);
-    constexpr int kChunks = D / kVec;  // 16-byte chunks per row
-    for (int c = threadIdx.x; c < n_rows * kChunks; c += blockDim.x) {
-      const int r = c / kChunks, col = (c % kChunks) * kVec;
-      uint4 val = make_uint4(0u, 0u, 0u, 0u);
-      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src + r * src_stride + col);
-      const T* e = reinterpret_cast<const T*>(&val);
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) dst[r * ld + col + i] = e[i];
-    }
-  } else {
-    for (int c = threadIdx.x; c < n_rows * D; c += blockDim.x) {
-      const int r = c / D, col = c % D;
-      dst[r * ld + col] = r < n_valid ? src[r * src_stride + col] : from_f<T>(0.0f);
-    }
+__device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t src_stride, int n_valid, int n_rows) {
+  for (int c = threadIdx.x; c < n_rows * D; c += blockDim.x) {
+    const int r = c / D, col = c % D;
+    dst[r * ld + col] = r < n_valid ? src[r * src_stride + col] : from_f<T>(0.0f);
   }
 }
 
-// The Q fragments of one warp, loaded once (tensor-core types only).
-template <typename T, int D, bool TC = Traits<T>::kTensorCore> struct QFrags {
-  wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> f[D / 16];
-  __device__ __forceinline__ void load(const T* q_w, int ld) {
+// The same copy through registers in 16-byte chunks, split into load() and store() so that the next key
+// tile's global loads are in flight while the block computes on the current one.
+template <typename T, int D, int ROWS>
+struct TileRegs {
+  static constexpr int kVec = 16 / sizeof(T);
+  static constexpr int kChunks = D / kVec;  // 16-byte chunks per row
+  static constexpr int kTotal = ROWS * kChunks;
+  static constexpr int kIters = (kTotal + kWarps * 32 - 1) / (kWarps * 32);
+  uint4 r[kIters];
+
+  __device__ __forceinline__ void load(const T* src, int64_t src_stride, int n_valid) {
 #pragma unroll
-    for (int kt = 0; kt < D / 16; ++kt) wmma::load_matrix_sync(f[kt], q_w + kt * 16, ld);
+    for (int it = 0; it < kIters; ++it) {
+      const int c = threadIdx.x + it * kWarps * 32, row = c / kChunks, col = (c % kChunks) * kVec;
+      r[it] = make_uint4(0u, 0u, 0u, 0u);
+      if (c < kTotal && row < n_valid) r[it] = *reinterpret_cast<const uint4*>(src + row * src_stride + col);
+    }
   }
-};
-template <typename T, int D> struct QFrags<T, D, false> {
-  __device__ __forceinline__ void load(const T*, int) {}
+  template <int LD>
+  __device__ __forceinline__ void store(T* dst) const {
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int c = threadIdx.x + it * kWarps * 32, row = c / kChunks, col = (c % kChunks) * kVec;
+      if (c >= kTotal) continue;
+      if constexpr ((LD * sizeof(T)) % 16 == 0) {
+        *reinterpret_cast<uint4*>(dst + row * LD + col) = r[it];
+      } else {
+        const T* e = reinterpret_cast<const T*>(&r[it]);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) dst[row * LD + col + i] = e[i];
+      }
+    }
+  }
 };
 
 // s_w[r][n] = sum_d Q[r][d] K[n][d] for the warp's 16 rows and the tile's kBlockN keys (unscaled, fp32).
 template <typename T, int D>
-__device__ __forceinline__ void tile_scores(QFrags<T, D>& qf, const T* q_w, const T* k_s, float* s_w, int lane) {
+__device__ __forceinline__ void tile_scores(const T* q_w, const T* k_s, float* s_w, int lane) {
   using S = Smem<T, D>;
   if constexpr (Traits<T>::kTensorCore) {
+    // Q fragments come from shared memory each tile (registers are better spent on O at D = 128).
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kBlockN / 16];
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 16; ++nt) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
-      wmma::fill_fragment(acc, 0.0f);
+    for (int nt = 0; nt < kBlockN / 16; ++nt) wmma::fill_fragment(acc[nt], 0.0f);
 #pragma unroll
-      for (int kt = 0; kt < D / 16; ++kt) {
+    for (int kt = 0; kt < D / 16; ++kt) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> qa;
+      wmma::load_matrix_sync(qa, q_w + kt * 16, S::kLd);
+#pragma unroll
+      for (int nt = 0; nt < kBlockN / 16; ++nt) {
         // K row-major [n][d] is K^T column-major [d][n]: the B operand of Q K^T.
         wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kb;
         wmma::load_matrix_sync(kb, k_s + nt * 16 * S::kLd + kt * 16, S::kLd);
-        wmma::mma_sync(acc, qf.f[kt], kb, acc);
+        wmma::mma_sync(acc[nt], qa, kb, acc[nt]);
       }
-      wmma::store_matrix_sync(s_w + nt * 16, acc, S::kSLd, wmma::mem_row_major);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 16; ++nt) {
+      wmma::store_matrix_sync(s_w + nt * 16, acc[nt], S::kSLd, wmma::mem_row_major);
     }
   } else {
 #pragma unroll
@@ -209,10 +226,15 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
   const int64_t k_start = cu[b];
   const int n_k = cu[b + 1] - cu[b];
 
-  load_rows<T, D>(q_s, S::kLd, q + b * sq_b + h * sq_h + m0 * sq_l, sq_l, min(kBlockM, Lq - m0), kBlockM, vec_ok);
+  const T* q_blk = q + b * sq_b + h * sq_h + m0 * sq_l;
+  if (vec_ok) {
+    TileRegs<T, D, kBlockM> qr;
+    qr.load(q_blk, sq_l, min(kBlockM, Lq - m0));
+    qr.template store<S::kLd>(q_s);
+  } else {
+    load_rows<T, D>(q_s, S::kLd, q_blk, sq_l, min(kBlockM, Lq - m0), kBlockM);
+  }
   __syncthreads();
-  QFrags<T, D> qf;
-  qf.load(q_w, S::kLd);
 
   // Softmax state: lane pair (2r, 2r+1) owns query row r of the warp; each lane of the pair scans half of
   // the tile's keys (interleaved) and accumulates half of the row's output (a contiguous D/2 chunk).
@@ -221,14 +243,31 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
 #pragma unroll
   for (int i = 0; i < kPerLane; ++i) o[i] = 0.0f;
 
+  const T* k_seq = k + k_start * sk_n + h * sk_h;
+  const T* v_seq = v + k_start * sv_n + h * sv_h;
+  TileRegs<T, D, kBlockN> kr, vr;  // the next K/V tile, loaded one iteration ahead
+  if (vec_ok && n_k > 0) {
+    kr.load(k_seq, sk_n, min(kBlockN, n_k));
+    vr.load(v_seq, sv_n, min(kBlockN, n_k));
+  }
+
   for (int n0 = 0; n0 < n_k; n0 += kBlockN) {
     const int n_valid = min(kBlockN, n_k - n0);
     __syncthreads();  // every warp is done with the previous K/V tile
-    load_rows<T, D>(k_s, S::kLd, k + (k_start + n0) * sk_n + h * sk_h, sk_n, n_valid, kBlockN, vec_ok);
-    load_rows<T, D>(v_s, S::kLd, v + (k_start + n0) * sv_n + h * sv_h, sv_n, n_valid, kBlockN, vec_ok);
+    if (vec_ok) {
+      kr.template store<S::kLd>(k_s);
+      vr.template store<S::kLd>(v_s);
+    } else {
+      load_rows<T, D>(k_s, S::kLd, k_seq + n0 * sk_n, sk_n, n_valid, kBlockN);
+      load_rows<T, D>(v_s, S::kLd, v_seq + n0 * sv_n, sv_n, n_valid, kBlockN);
+    }
     __syncthreads();
+    if (vec_ok && n0 + kBlockN < n_k) {  // prefetch: these loads overlap the tile's math below
+      kr.load(k_seq + (n0 + kBlockN) * sk_n, sk_n, min(kBlockN, n_k - n0 - kBlockN));
+      vr.load(v_seq + (n0 + kBlockN) * sv_n, sv_n, min(kBlockN, n_k - n0 - kBlockN));
+    }
 
-    tile_scores<T, D>(qf, q_w, k_s, s_w, lane);
+    tile_scores<T, D>(q_w, k_s, s_w, lane);
     __syncwarp();
 
     // Online softmax. The tile holds >= 1 real key, so m_new is finite, and alpha = 2^(-inf) = 0 on the
