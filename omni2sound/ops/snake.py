@@ -55,10 +55,12 @@ def snake_residual_reference(x: Tensor, alpha: Tensor, beta: Tensor, residual: T
     return sf.to(x.dtype), y.to(x.dtype)
 
 
-def _backward_reference(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, alpha: Tensor, beta: Tensor, eps: float
-                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Analytic backward (formulas at the top); dalpha/dbeta in fp32 [C]."""
-    sf, g = s.float(), dy.float()
+def _backward_reference(dy: Tensor, ds_out: Optional[Tensor], x: Tensor, residual: Optional[Tensor], alpha: Tensor,
+                        beta: Tensor, eps: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Analytic backward (formulas at the top) at s = x (+ residual) in fp32; dalpha/dbeta in fp32 [C]."""
+    sf, g = x.float(), dy.float()
+    if residual is not None:
+        sf = sf + residual.float()
     a = alpha.float().reshape(1, -1, 1)
     q = 1.0 / (beta.float().reshape(1, -1, 1) + eps)
     sin_, sin2 = torch.sin(a * sf), torch.sin(2 * a * sf)
@@ -67,7 +69,7 @@ def _backward_reference(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, alpha: 
         ds = ds + ds_out.float()
     dalpha = (g * q * sf * sin2).sum((0, 2))
     dbeta = -(g * q * q * sin_ * sin_).sum((0, 2))
-    return ds.to(s.dtype), dalpha, dbeta
+    return ds.to(x.dtype), dalpha, dbeta
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -115,10 +117,12 @@ def _forward_native(x: Tensor, residual: Optional[Tensor], alpha: Tensor, beta: 
     return s, y
 
 
-def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, alpha: Tensor, beta: Tensor, eps: float,
-                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, residual: Optional[Tensor], alpha: Tensor,
+                     beta: Tensor, eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients at the Snake input s (+ residual): the kernels add x and residual again in fp32 rather than reading
+    the rounded s output, so a low-precision backward sees the same value the forward's Snake saw."""
     if backend == "reference":
-        return _backward_reference(dy, ds_out, s, alpha, beta, eps)
+        return _backward_reference(dy, ds_out, s, residual, alpha, beta, eps)
     B, C, T = s.shape
     ds = torch.empty_like(s)
     if s.numel() == 0:
@@ -128,14 +132,15 @@ def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, alpha: Ten
     if backend == "triton":
         from omni2sound.kernels import snake as tk
 
-        dalpha, dbeta = tk.snake_backward(dy, ds_out, s, a32, b32, ds, eps)
+        dalpha, dbeta = tk.snake_backward(dy, ds_out, s, residual, a32, b32, ds, eps)
         return ds, dalpha, dbeta
     # Per-row (b, c) partial sums in fp32, reduced over B here: a deterministic two-level reduction.
     dalpha_rows = torch.empty(B, C, device=s.device, dtype=torch.float32)
     dbeta_rows = torch.empty(B, C, device=s.device, dtype=torch.float32)
     fn = _native.lib().snake_backward_cpu if backend == "cpu" else _native.lib().snake_backward_cuda
-    fn(B, C, T, dy.data_ptr(), _native.ptr(ds_out), s.data_ptr(), a32.data_ptr(), b32.data_ptr(), ds.data_ptr(),
-       dalpha_rows.data_ptr(), dbeta_rows.data_ptr(), float(eps), _native.dtype_code(s), _native.stream_of(s))
+    fn(B, C, T, dy.data_ptr(), _native.ptr(ds_out), s.data_ptr(), _native.ptr(residual), a32.data_ptr(),
+       b32.data_ptr(), ds.data_ptr(), dalpha_rows.data_ptr(), dbeta_rows.data_ptr(), float(eps),
+       _native.dtype_code(s), _native.stream_of(s))
     return ds, dalpha_rows.sum(0), dbeta_rows.sum(0)
 
 
@@ -168,7 +173,7 @@ def _(x, alpha, beta, residual, eps, backend):
 @torch.library.custom_op("omni2sound::snake_backward", mutates_args=())
 def _snake_backward_op(dy: Tensor, x: Tensor, alpha: Tensor, beta: Tensor, eps: float, backend: str
                        ) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward_native(dy, None, x, alpha, beta, eps, backend)
+    return _backward_native(dy, None, x, None, alpha, beta, eps, backend)
 
 
 @_snake_backward_op.register_fake
@@ -178,15 +183,15 @@ def _(dy, x, alpha, beta, eps, backend):
 
 
 @torch.library.custom_op("omni2sound::snake_residual_backward", mutates_args=())
-def _snake_residual_backward_op(dy: Tensor, ds_out: Tensor, s: Tensor, alpha: Tensor, beta: Tensor, eps: float,
-                                backend: str) -> Tuple[Tensor, Tensor, Tensor]:
-    return _backward_native(dy, ds_out, s, alpha, beta, eps, backend)
+def _snake_residual_backward_op(dy: Tensor, ds_out: Tensor, x: Tensor, residual: Tensor, alpha: Tensor, beta: Tensor,
+                                eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    return _backward_native(dy, ds_out, x, residual, alpha, beta, eps, backend)
 
 
 @_snake_residual_backward_op.register_fake
-def _(dy, ds_out, s, alpha, beta, eps, backend):
-    C = s.shape[1]
-    return torch.empty_like(s), s.new_empty(C, dtype=torch.float32), s.new_empty(C, dtype=torch.float32)
+def _(dy, ds_out, x, residual, alpha, beta, eps, backend):
+    C = x.shape[1]
+    return torch.empty_like(x), x.new_empty(C, dtype=torch.float32), x.new_empty(C, dtype=torch.float32)
 
 
 def _snake_setup(ctx, inputs, output):
@@ -206,19 +211,18 @@ _snake_op.register_autograd(_snake_bwd, setup_context=_snake_setup)
 
 def _snake_residual_setup(ctx, inputs, output):
     x, alpha, beta, residual, eps, backend = inputs
-    s, _ = output
-    ctx.save_for_backward(s, alpha, beta)
+    ctx.save_for_backward(x, residual, alpha, beta)
     ctx.eps, ctx.backend = eps, backend
 
 
 def _snake_residual_bwd(ctx, ds_out, dy):
-    s, alpha, beta = ctx.saved_tensors
+    x, residual, alpha, beta = ctx.saved_tensors
     if dy is None:
-        dy = torch.zeros_like(s)
+        dy = torch.zeros_like(x)
     if ds_out is None:
-        ds_out = torch.zeros_like(s)
-    ds, dalpha, dbeta = _snake_residual_backward_op(dy.contiguous(), ds_out.contiguous(), s, alpha, beta, ctx.eps,
-                                                    ctx.backend)
+        ds_out = torch.zeros_like(x)
+    ds, dalpha, dbeta = _snake_residual_backward_op(dy.contiguous(), ds_out.contiguous(), x, residual, alpha, beta,
+                                                    ctx.eps, ctx.backend)
     return ds, dalpha.to(alpha.dtype), dbeta.to(beta.dtype), ds, None, None
 
 
