@@ -333,6 +333,16 @@ def test_custom_op_matches_reference_and_compiles():
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
 
 
+def test_public_op_compiles_fullgraph_on_cpu():
+    """Under torch.compile the CPU reference switches to the padded, sync-free formulation: same numbers."""
+    q, k, v, cu, max_k = make_inputs([0, 6, 2], 7, 2, 32)
+    fn = lambda q, k, v: ops.cross_attention(q, k, v, cu, max_k)  # noqa: E731
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(compiled, fn(q, k, v), atol=1e-5, rtol=1e-5)
+    assert compiled[0].abs().max() == 0
+
+
 # --------------------------------------------------------------------------------------------------
 # CUDA: compiled here, run on a GPU
 # --------------------------------------------------------------------------------------------------

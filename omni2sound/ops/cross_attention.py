@@ -32,6 +32,7 @@ from ._dispatch import register_op, select_backend
 
 OP = "cross_attention"
 MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
+CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernel is compiled for these
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -334,8 +335,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     max_seqlen_k: int, softmax_scale: Optional[float] = None) -> torch.Tensor:
     """Varlen cross-attention of dense queries over packed keys/values; see the module docstring.
 
-    q [B, Lq, H, D]; k, v [total_k, H, D]; cu_seqlens_k int32 [B + 1]; max_seqlen_k >= the largest
-    per-sample key count (from ``pack_condition_tokens``); softmax_scale defaults to 1/sqrt(D).
+    q [B, Lq, H, D]; k, v [total_k, H, D]; cu_seqlens_k int32 [B + 1]; max_seqlen_k = the largest
+    per-sample key count (from ``pack_condition_tokens``; not checked, which would cost a device sync);
+    softmax_scale defaults to 1/sqrt(D). D up to 128 (CUDA backend: 32, 64, 128).
     Returns [B, Lq, H, D] in q's dtype; samples without keys give zeros.
     """
     _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k)
@@ -343,7 +345,8 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     backend = select_backend(OP, q.device)
     if backend == "reference" or q.dtype == torch.float64:
         return cross_attention_reference(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"omni2sound.ops.cross_attention: the {backend} backend takes head dims up to "
-                         f"{MAX_HEAD_DIM}, got {q.shape[-1]}; use the reference backend")
+    if q.shape[-1] > MAX_HEAD_DIM or (backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS):
+        allowed = CUDA_HEAD_DIMS if backend == "cuda" else f"up to {MAX_HEAD_DIM}"
+        raise ValueError(f"omni2sound.ops.cross_attention: the {backend} backend takes head dims {allowed}, "
+                         f"got {q.shape[-1]}; use another backend (use_backend(cross_attention=...))")
     return _cross_attention_op(q, k, v, cu_seqlens_k, max_seqlen_k, scale, backend)[0]
