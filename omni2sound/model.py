@@ -148,22 +148,31 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rms_norm(x, self.weight, self.eps)
 
 
-def rope_tables(num_frames: int, head_dim: int, base: float, device, dtype) -> Tuple[Tensor, Tensor]:
-    """cos, sin [T, head_dim / 2] for rotary position embeddings over latent frames."""
+def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
+    """RMS norm over the last dim with fp32 statistics (one fused kernel where torch has F.rms_norm)."""
+    if hasattr(F, "rms_norm"):
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y if weight is None else y * weight
+
+
+def rope_table(num_frames: int, head_dim: int, base: float, device) -> Tensor:
+    """exp(i * angle) [T, head_dim / 2] (complex64) for rotary position embeddings over latent frames."""
     inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
     ang = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] * inv[None]
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, T, H, Dh]; rotate the (even, odd) pairs of every head by the frame's angle."""
-    x1, x2 = x[..., 0::2], x[..., 1::2]                                  # [B, T, H, Dh/2]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+def apply_rope(x: Tensor, cis: Tensor) -> Tensor:
+    """x [B, T, ..., Dh]: rotate the (even, odd) pairs of every head by the frame's angle, in fp32, as one
+    complex multiply (3 kernels instead of ~8 for the real-arithmetic form; this runs every block)."""
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))               # [B, T, ..., Dh/2]
+    c = cis.view(1, cis.shape[0], *([1] * (x.dim() - 3)), cis.shape[1])
+    return torch.view_as_real(xc * c).flatten(-2).to(x.dtype)
 
 
 def resample_sync(sync: Tensor, num_frames: int, sync_rate: float, latent_rate: float) -> Tensor:
@@ -193,7 +202,7 @@ class PreparedConditions:
     sync_mod      [depth, 6, B, T, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2)
     final_sync_mod [2, B, T, D]
     duration_emb  [B, D]
-    rope_cos, rope_sin [T, Dh / 2]
+    rope          complex64 [T, Dh / 2]: exp(i * angle) of RoPE
     ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
     """
     kv: List[Tuple[Tensor, Tensor]]
@@ -202,8 +211,7 @@ class PreparedConditions:
     sync_mod: Tensor
     final_sync_mod: Tensor
     duration_emb: Tensor
-    rope_cos: Tensor
-    rope_sin: Tensor
+    rope: Tensor
     ones: Tensor
     zeros: Tensor
     batch_size: int
@@ -212,7 +220,7 @@ class PreparedConditions:
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
         out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, self.sync_mod]
-        return out + [self.final_sync_mod, self.duration_emb, self.rope_cos, self.rope_sin, self.ones, self.zeros]
+        return out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
 
     def signature(self) -> tuple:
         """Shapes and dtypes that a captured graph depends on."""
@@ -238,11 +246,13 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, y: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, y: Tensor, rope: Tensor) -> Tensor:
         B, T, D = y.shape
-        q, k, v = self.qkv(y).view(B, T, 3, self.heads, D // self.heads).unbind(2)   # [B, T, H, Dh] each
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
+        # q and k together: one norm (per-tensor weights broadcast over [2, 1, Dh]) and one rotation
+        w = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]              # [2, 1, Dh]
+        qk = apply_rope(rms_norm(qkv[:, :, :2], None, self.q_norm.eps) * w, rope)       # [B, T, 2, H, Dh]
+        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]                                # [B, T, H, Dh] each
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]
         return self.proj(o.transpose(1, 2).reshape(B, T, D))                            # [B, T, D]
 
@@ -288,7 +298,7 @@ class DiTBlock(nn.Module):
         """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; mod [6, B, T, D].
         Returns the new residual and its modulated norm for the NEXT sublayer (next block or final)."""
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(0)                  # [B, T, D] each
-        h = self.attn(y, prep.rope_cos, prep.rope_sin)                                   # [B, T, D]
+        h = self.attn(y, prep.rope)                                   # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
         h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k)           # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
@@ -378,10 +388,10 @@ class Omni2SoundDiT(nn.Module):
         sync_mod = torch.stack([blk.ada_sync(s).view(B, num_frames, 6, D).permute(2, 0, 1, 3)
                                 for blk in self.blocks])                                # [depth, 6, B, T, D]
         final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D).permute(2, 0, 1, 3).contiguous()
-        cos, sin = rope_tables(num_frames, cfg.head_dim, cfg.rope_base, dev, dt)
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
-            duration_emb=self.duration_embed(cond.duration.to(dev)), rope_cos=cos, rope_sin=sin,
+            duration_emb=self.duration_embed(cond.duration.to(dev)),
+            rope=rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
             batch_size=B, num_frames=num_frames)
 

@@ -114,7 +114,7 @@ def test_overfit_handful_of_latents_reproduced_from_conditions():
     g = torch.Generator().manual_seed(0)
     reps = 8  # several noise draws per latent per step: a lower-variance loss, fewer steps
     big = Conditions.cat([cond] * reps)
-    for _ in range(350):
+    for _ in range(500):  # the text-only latent (cross-attention alone, zero-initialised) is the slowest
         loss, _ = fm.loss(model, targets.repeat(reps, 1, 1), big, generator=g)
         opt.zero_grad()
         loss.backward()
@@ -124,4 +124,4 @@ def test_overfit_handful_of_latents_reproduced_from_conditions():
     err = (out - targets).pow(2).mean((1, 2))
     gap = torch.cdist(targets.flatten(1), targets.flatten(1)).pow(2).div(T * C)
     assert loss.item() < 0.5, loss.item()  # from ~2 at the start (|x1 - x0|^2 per channel)
-    assert (err < 0.05 * gap[gap > 0].min()).all(), (err, gap)
+    assert (err < 0.05 * gap[gap > 0].min()).all(), (err, gap)  # each lands on its own latent
