@@ -152,14 +152,17 @@ def _reference_padded(q, k, v, cu_seqlens_k, max_seqlen_k, scale):
 
 def _reference_per_sample(q, k, v, cu_seqlens_k, scale):
     bounds = cu_seqlens_k.tolist()  # CPU tensor: no device sync
+    lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
+    # split, not slicing: the backward of split is one cat, where B slices would each scatter into a
+    # full-size zero gradient (O(B^2) memory traffic).
+    qs, ks, vs = q.split(1), k.split(lens), v.split(lens)
     outs = []
-    for b in range(q.shape[0]):
-        s, e = bounds[b], bounds[b + 1]
-        if e == s:
-            outs.append(q[b:b + 1] * 0)  # zeros that keep dq (= 0) in the graph
+    for qb, kb, vb in zip(qs, ks, vs):
+        if kb.shape[0] == 0:
+            outs.append(qb * 0)  # zeros that keep dq (= 0) in the graph
             continue
-        o = F.scaled_dot_product_attention(q[b:b + 1].transpose(1, 2), k[None, s:e].transpose(1, 2),
-                                           v[None, s:e].transpose(1, 2), scale=scale)   # [1, H, Lq, D]
+        o = F.scaled_dot_product_attention(qb.transpose(1, 2), kb[None].transpose(1, 2), vb[None].transpose(1, 2),
+                                           scale=scale)            # [1, H, Lq, D]
         outs.append(o.transpose(1, 2))
     return torch.cat(outs) if outs else q * 0                      # [B, Lq, H, D]
 
