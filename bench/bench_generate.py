@@ -84,9 +84,9 @@ def run_once(pipe, cond, args, plain: bool):
 
 def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
     dit = random_dit(preset, device, dtype, vae.config.latent_dim)
-    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig(), compile_step=args.compile)
     cond = random_conditions(dit.config, batch, args.duration, args.text_tokens)
-    row = {"preset": preset, "params_M": round(dit.num_params() / 1e6, 1), "batch": batch,
+    row = {"preset": preset, "params_M": round(dit.num_params() / 1e6, 1), "batch": batch, "compile": args.compile,
            "dtype": str(dtype).replace("torch.", ""), "steps": args.steps, "duration_s": args.duration}
     # warm-up: the optimised path at full steps on a GPU (graph capture for this shape), else 1 step
     warm_steps = args.steps if device.type == "cuda" else 1
@@ -144,6 +144,7 @@ def main():
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain path")
+    ap.add_argument("--compile", action="store_true", help="also torch.compile the step (optimised path)")
     ap.add_argument("--out", help="write the rows (+ hardware) as JSON here")
     args = ap.parse_args()
     if args.threads:
