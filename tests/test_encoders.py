@@ -170,3 +170,29 @@ def test_read_video_rates_sizes_and_errors(tmp_path):
         read_video(tmp_path / "corrupt.mp4", fps=8)
     with pytest.raises(ValueError, match="fps"):
         read_video(tmp_path / "a.mp4", fps=0)
+
+
+@pytest.mark.parametrize("kind", ["t5", "clap"])
+def test_t5_and_clap_text_towers_from_local_dir(tmp_path, kind):
+    """Tiny random T5 encoder / CLAP text tower saved to a directory (with the MiniLM tokenizer files,
+    which AutoTokenizer reads by their tokenizer_class) load through the same TextEncoder interface."""
+    import shutil
+
+    from omni2sound.encoders import default_text_encoder_path
+    torch.manual_seed(0)
+    if kind == "t5":
+        from transformers import T5Config, T5EncoderModel
+        model = T5EncoderModel(T5Config(vocab_size=30522, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+    else:
+        from transformers import ClapTextConfig, ClapTextModel
+        model = ClapTextModel(ClapTextConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=32,
+                                             max_position_embeddings=64))
+    model.save_pretrained(tmp_path / kind)
+    src = default_text_encoder_path()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(f"{src}/{name}", tmp_path / kind / name)
+    enc = TextEncoder.from_pretrained(tmp_path / kind, max_tokens=16)
+    assert enc.dim == 16 and type(enc.model).__name__ == ("T5EncoderModel" if kind == "t5" else "ClapTextModel")
+    tokens, lens = enc.encode(["a dog barks", ""])
+    assert tokens.shape[2] == 16 and lens[0] > 0 and lens[1] == 0 and torch.isfinite(tokens).all()
