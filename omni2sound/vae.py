@@ -38,6 +38,7 @@ from omni2sound import ops
 
 CONFIG_NAME = "config.json"
 RESIDUAL_GAIN = 0.1   # init scale of each residual branch's output conv (see _wn)
+LOGVAR_INIT = -8.0    # init of the posterior's log-variance (see Encoder)
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -194,6 +195,10 @@ class Encoder(nn.Module):
                                      for i, s in enumerate(cfg.strides)])
         self.snake_out = Snake(widths[-1], cfg.snake_eps)
         self.conv_out = _conv(widths[-1], 2 * cfg.latent_dim, 3)
+        # Posterior std starts at exp(-4) ~ 0.02: with logvar ~ 0 the samples would be mostly noise (std 1 against a
+        # mean of std ~0.5), and the decoder would first learn to ignore z and emit one input-independent sound.
+        with torch.no_grad():
+            self.conv_out.bias[cfg.latent_dim:].fill_(LOGVAR_INIT)
 
     def forward(self, wav: Tensor) -> Tensor:
         h = self.conv_in(wav)                      # [B, W0, N]

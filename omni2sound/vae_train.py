@@ -2,11 +2,11 @@
 
     loss = l1_weight * |x - x_hat|_1 + stft_weight * MRSTFT(x, x_hat) + kl_weight * KL(q(z|x) || N(0, I)) / (C T)
 
-MRSTFT (Yamamoto et al., Parallel WaveGAN) sums, over FFT sizes n (hop n/4, Hann window), spectral convergence
-|| |X| - |X_hat| ||_F / || |X| ||_F and the L1 distance of log magnitudes. The waveform L1 pins the phase, the STFT
-term the spectral envelope (the log term keeps quiet partials and decays audible in the loss); the KL keeps the
-latent near N(0, I) so the DiT sees a well-scaled space. No adversarial term: this VAE is trained small and
-fast; a GAN stage would be a separate loss added here.
+MRSTFT (after Yamamoto et al., Parallel WaveGAN) sums, over FFT sizes n (hop n/4, Hann window), spectral
+convergence || |X| - |X_hat| ||_F / || |X| ||_F and an L1 of magnitudes relative to the mean target magnitude
+(linear, not log: see ``multi_resolution_stft_loss``). The waveform L1 pins the phase, the STFT term the spectrum;
+the KL keeps the latent near N(0, I) so the DiT sees a well-scaled space. No adversarial term: this VAE is trained
+small and fast; a GAN stage would be a separate loss added here.
 """
 from __future__ import annotations
 
@@ -24,18 +24,26 @@ def stft_magnitude(wav: Tensor, n_fft: int) -> Tensor:
     """wav [B, N] -> |STFT| [B, n_fft/2 + 1, frames] with hop n_fft/4 and a Hann window."""
     window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)
     spec = torch.stft(wav, n_fft, hop_length=n_fft // 4, window=window, center=True, return_complex=True)
-    return spec.abs().clamp_min(1e-5)   # -100 dB floor: silence must not dominate the log term
+    return torch.view_as_real(spec).pow(2).sum(-1).clamp_min(1e-14).sqrt()   # |.| with a finite gradient at 0
 
 
 def multi_resolution_stft_loss(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512, 256, 128)) -> Tensor:
-    """Mean over FFT sizes of spectral convergence + log-magnitude L1. x, x_hat [B, N] (or [B, 1, N])."""
+    """Mean over FFT sizes of spectral convergence + relative linear-magnitude L1. x, x_hat [B, N] (or [B, 1, N]).
+
+    Linear, not log, magnitudes: tonal targets are sparse (a few partials over a floor), and an L1 of log
+    magnitudes is then lowest for a near-silent output until every partial is placed, which stalled training in a
+    silent, input-independent output (measured: the tiny preset never left it in 150 steps; with this loss it
+    recovers the pitch of all 8 clips of a fixed batch within 50 steps).
+    """
     x, x_hat = x.reshape(x.shape[0], -1).float(), x_hat.reshape(x_hat.shape[0], -1).float()
     total = x.new_zeros(())
     for n in sizes:
         n = min(n, 1 << (x.shape[-1].bit_length() - 1))      # never an FFT longer than the clip
         mag, mag_hat = stft_magnitude(x, n), stft_magnitude(x_hat, n)
-        sc = torch.linalg.vector_norm(mag - mag_hat) / torch.linalg.vector_norm(mag).clamp_min(1e-7)
-        total = total + sc + (mag.log() - mag_hat.log()).abs().mean()
+        scale = torch.linalg.vector_norm(mag).clamp_min(1e-7)
+        sc = torch.linalg.vector_norm(mag - mag_hat) / scale
+        lin = (mag - mag_hat).abs().mean() / mag.mean().clamp_min(1e-7)
+        total = total + sc + lin
     return total / len(sizes)
 
 
