@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from .data.shards import done_shards, shard_name, write_index, write_shard
+from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
 
 
 class Encoders:
@@ -70,8 +70,8 @@ class Encoders:
 
 @torch.no_grad()
 def encode_items(raw: list, vae, enc: Encoders) -> list:
-    """raw: dicts with clip_id, audio (np [N] at the VAE rate), frames_semantic / frames_sync (uint8 or None),
-    caption (or None), duration -> feature dicts for write_shard."""
+    """raw: dicts with clip_id, audio (np [N] at the VAE rate), frames_semantic / frames_sync (uint8 or None)
+    or precomputed video / sync features, caption (or None), duration -> feature dicts for write_shard."""
     texts = enc.text([r.get("caption") for r in raw])
     lens = {len(r["audio"]) for r in raw}
     device = next(vae.parameters()).device
@@ -82,12 +82,19 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
         posts = [vae.encode(torch.from_numpy(r["audio"]).float()[None, None].to(device)) for r in raw]
     means = torch.cat([p.mean for p in posts]).transpose(1, 2).float().cpu()        # [B, T, C]
     stds = torch.cat([torch.exp(0.5 * p.logvar) for p in posts]).transpose(1, 2).float().cpu()
+    # the semantic encoder is per frame: one call for every frame of the shard
+    with_frames = [r for r in raw if r.get("video") is None and r.get("frames_semantic") is not None]
+    sems = {}
+    if with_frames:
+        allsem = enc.semantic(np.concatenate([r["frames_semantic"] for r in with_frames]))
+        sems = dict(zip([id(r) for r in with_frames], allsem.split([len(r["frames_semantic"]) for r in with_frames])))
     out = []
     for i, r in enumerate(raw):
-        has_video = r.get("frames_semantic") is not None
-        sem = enc.semantic(r["frames_semantic"]) if has_video else None
-        syn = enc.sync(r["frames_sync"]) if has_video else None
-        if not has_video:
+        if r.get("video") is not None:          # features given (e.g. an off-screen variant of a clip)
+            sem, syn = r["video"], r["sync"]
+        elif r.get("frames_semantic") is not None:
+            sem, syn = sems[id(r)], enc.sync(r["frames_sync"])
+        else:
             sem, syn = torch.zeros(0, enc.dims()[0]), torch.zeros(0, enc.dims()[1])
         out.append({"clip_id": r["clip_id"], "caption": r.get("caption"), "duration": r["duration"],
                     "latent_mean": means[i], "latent_std": stds[i], "text": texts[i], "video": sem, "sync": syn})
@@ -179,13 +186,17 @@ def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64,
     extract_shards(lambda k: [_toy_raw(world.clip(i, "train")) for i in rows(k)], n_shards,
                    os.path.join(feat_dir, "train"), vae, enc, stop_after=stop_after, progress=cfg.progress)
 
+    train = ShardDataset(os.path.join(feat_dir, "train")) if stop_after is None else None
+
     def off_shard(k):
         out = []
         for i in rows(k):
             clip = world.clip(i, "train")
             mixed = world.mix_offscreen(clip, offscreen_partner(world, clip, i, n, cfg.seed))
-            mixed.clip_id = clip.clip_id            # aligned row by row with train/
-            out.append(_toy_raw(mixed))
+            raw = {**_toy_raw(mixed), "clip_id": clip.clip_id}           # aligned row by row with train/
+            if train is not None:                                        # the picture is the clip's: reuse
+                raw.update(video=train[i]["video"], sync=train[i]["sync"], frames_semantic=None, frames_sync=None)
+            out.append(raw)
         return out
     extract_shards(off_shard, n_shards, os.path.join(feat_dir, "offscreen"), vae, enc, stop_after=stop_after,
                    progress=cfg.progress)
@@ -211,10 +222,8 @@ def _load_record(rec, sample_rate: int, frame_size: int) -> Optional[dict]:
     f8 = f25 = None
     if rec.video:
         from .video import read_video
-        f8 = read_video(rec.video, fps=8, size=frame_size)
-        f25 = read_video(rec.video, fps=25, size=frame_size)
-        f8 = f8[int(rec.start * 8): int(np.ceil((rec.start + rec.duration) * 8))]
-        f25 = f25[int(rec.start * 25): int(np.ceil((rec.start + rec.duration) * 25))]
+        f8 = read_video(rec.video, fps=8, size=frame_size, start=rec.start, max_seconds=rec.duration)
+        f25 = read_video(rec.video, fps=25, size=frame_size, start=rec.start, max_seconds=rec.duration)
     return {"clip_id": rec.clip_id, "audio": wav.astype(np.float32), "frames_semantic": f8, "frames_sync": f25,
             "caption": rec.caption, "duration": len(wav) / sample_rate}
 

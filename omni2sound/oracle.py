@@ -235,7 +235,7 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     """runs/<name>/report/: report.md, losses.png, scores.json, and per track two samples (WAV + PNG)."""
     from .audio import save_audio
     run_root = os.path.join(cfg.runs_dir, cfg.name)
-    out_dir = out_dir or os.path.join(run_root, "report")
+    out_dir = out_dir or os.path.join(run_root, "report" if cfg.schedule == "1-2-3" else f"report-{cfg.schedule}")
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     ev = evaluate_toy(cfg, stage_dir, os.path.join(run_root, "vae"), enc=enc)
@@ -265,11 +265,13 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
             samples.append(f"- `{track}_{i}.wav`  / `.png`: prompt \"{clips[i].caption}\" (task {r['task']}), "
                          f"truth {[(e['cls'], e['onset']) for e in _truth(clips[i])]}, "
                          f"heard {[(e['cls'], round(e['onset'], 3)) for e in Oracle().analyse(wav[i])]}")
-    _loss_png(os.path.join(out_dir, "losses.png"), run_root, cfg.stages())
+    from .train import stage_dir as folder_of
+    folders = [os.path.basename(folder_of(cfg, s)) for s in cfg.stages()]     # e.g. stage2-only/
+    _loss_png(os.path.join(out_dir, "losses.png"), run_root, folders)
     lines += samples + ["", f"Learning bar: {'all tracks pass' if passed_all else 'NOT met on every track'}.", "",
               "![losses](losses.png)", ""]
     stage_meta = {}
-    for s in cfg.stages():
+    for s in folders:
         p = os.path.join(run_root, s, "meta.json")
         if os.path.isfile(p):
             with open(p) as f:

@@ -19,7 +19,10 @@ the next stage starts from), latent_stats.json (the per-channel latent normalisa
 in: x_dit = (z - mean) / std), log.jsonl and checkpoints/.
 
 `--schedule stage2-only` gives stage 2 all the DiT steps of stages 1 + 2 + 3 (same compute), for the
-paper's "stage 2 alone vs stages 1 -> 2 -> 3" comparison.
+paper's "stage 2 alone vs stages 1 -> 2 -> 3" comparison; it shares the run's vae/ and features/ and writes
+stage2-only/ and report-stage2-only/:
+    python -m omni2sound.train                                          # vae, stage1, stage2, stage3, report
+    python -m omni2sound.train --schedule stage2-only --stage stage2    # the same compute in stage 2 alone
 """
 from __future__ import annotations
 
@@ -50,22 +53,22 @@ class TrainConfig:
     dit_preset: str = "tiny"
     vae_preset: str = "tiny"
     # the toy world
-    toy_train_clips: int = 768
+    toy_train_clips: int = 512
     toy_eval_clips: int = 16          # per evaluation track (v2a, t2a, vt2a, offscreen)
     toy_duration: float = 2.0
     # the schedule
     schedule: str = "1-2-3"           # "1-2-3" | "stage2-only"
-    vae_steps: int = 300
-    vae_batch: int = 8
+    vae_steps: int = 200
+    vae_batch: int = 4
     vae_lr: float = 3e-3
-    stage1_steps: int = 200
+    stage1_steps: int = 150
     stage2_steps: int = 500
-    stage3_steps: int = 200
-    batch_size: int = 32              # global batch (ranks x accum x micro)
+    stage3_steps: int = 150
+    batch_size: int = 16              # global batch (ranks x accum x micro)
     accum: int = 1
-    lr: float = 6e-4
+    lr: float = 1e-3
     weight_decay: float = 0.01
-    warmup: int = 50
+    warmup: int = 30
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     ema_decay: float = 0.998
@@ -123,7 +126,7 @@ TRAIN_PRESETS = {
     # python -m omni2sound.train: the toy world through all stages on a CPU in ~15 minutes
     "toy": TrainConfig(),
     # the same compute, stage 2 alone
-    "toy-stage2-only": TrainConfig(name="toy-stage2-only", schedule="stage2-only"),
+    "toy-stage2-only": TrainConfig(schedule="stage2-only"),
     # seconds, for tests
     "smoke": TrainConfig(name="smoke", toy_train_clips=16, toy_eval_clips=2, toy_duration=1.0, vae_steps=2,
                          vae_batch=2, stage1_steps=2, stage2_steps=2, stage3_steps=2, batch_size=4, warmup=1,
@@ -141,6 +144,14 @@ TRAIN_PRESETS = {
 # ----------------------------------------------------------------------------------------------------
 def run_dir(cfg: TrainConfig, *parts: str) -> str:
     return os.path.join(cfg.runs_dir, cfg.name, *parts)
+
+
+def stage_dir(cfg: TrainConfig, stage: str) -> str:
+    """A stage's folder. The stage2-only schedule shares the run's vae/ and features/ and writes its DiT to
+    stage2-only/ (report: report-stage2-only/), so both schedules compare on the same VAE and data."""
+    if cfg.schedule == "stage2-only" and stage in DIT_STAGES:
+        return run_dir(cfg, f"{stage}-only")
+    return run_dir(cfg, stage)
 
 
 def read_meta(directory: str) -> Optional[dict]:
@@ -167,7 +178,7 @@ def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resum
     out = run_dir(cfg, "vae")
     vae = AudioVAE.from_pretrained(init_from, inference=False) if init_from else AudioVAE(VAE_PRESETS[cfg.vae_preset])
     hop = vae.hop_length
-    crop = min(audio.shape[1] // hop, 12) * hop            # up to 0.48 s crops: enough context, fast steps
+    crop = min(audio.shape[1] // hop, 8) * hop             # 0.32 s crops: a whole strike and its decay
     micro = max(1, cfg.vae_batch // (info.world * cfg.accum))
 
     def loss_fn(module, step, chunk):
@@ -278,7 +289,7 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
                     init_from: Optional[str]) -> str:
     """One DiT stage: init from `init_from` (a stage folder: dit_raw/ or dit/) or from scratch."""
     from .model import Omni2SoundDiT
-    out = run_dir(cfg, stage)
+    out = stage_dir(cfg, stage)
     if init_from:
         src = os.path.join(init_from, "dit_raw") if os.path.isdir(os.path.join(init_from, "dit_raw")) else \
             os.path.join(init_from, "dit") if os.path.isdir(os.path.join(init_from, "dit")) else init_from
@@ -346,12 +357,33 @@ def latent_stats(table: FeatureTable) -> dict:
 
 
 def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None) -> tuple:
-    """(train table, off-screen table or None, latent stats), extracting the toy features once."""
-    if cfg.data == "toy":
-        from .extract import extract_toy_features
+    """(train table, off-screen table or None, latent stats). data = "toy": the toy features, extracted once
+    per run; a manifest (.jsonl): its train split extracted once with the run's VAE (small data from raw
+    files); otherwise a folder of extracted features (train/ and optionally offscreen/ shards)."""
+    if cfg.data == "toy" or cfg.data.endswith(".jsonl"):
+        from .extract import extract_manifest, extract_toy_features
         feat_dir = run_dir(cfg, "features")
-        if info.main:
-            extract_toy_features(cfg, vae_dir, feat_dir, enc=encoders)
+        if cfg.data == "toy":
+            if info.main:
+                extract_toy_features(cfg, vae_dir, feat_dir, enc=encoders)
+        else:    # every rank extracts its share r::world of the missing shards (of this VAE: stale ones go)
+            from .data.shards import done_shards, shard_name, write_index
+            from .extract import _file_digest
+            train_dir = os.path.join(feat_dir, "train")
+            key = {"vae": _file_digest(os.path.join(vae_dir, "model.safetensors"))
+                   if os.path.isfile(os.path.join(vae_dir, "model.safetensors")) else None,
+                   "manifest": os.path.abspath(cfg.data)}
+            old = read_meta(feat_dir)
+            if info.main and old is not None and old.get("key") != key:
+                for k in done_shards(train_dir):
+                    os.remove(os.path.join(train_dir, shard_name(k)))
+            _barrier(info)
+            extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+                             split="train", enc=encoders, progress=cfg.progress)
+            _barrier(info)
+            if info.main:
+                write_index(train_dir, {"manifest": os.path.abspath(cfg.data)})
+                write_meta(feat_dir, {"key": key, "complete": True})
         _barrier(info)
     else:
         feat_dir = cfg.data
@@ -382,7 +414,7 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
     vae_dir = run_dir(cfg, "vae")
     table = offscreen = stats = None
     for stage in todo:
-        out = run_dir(cfg, stage)
+        out = stage_dir(cfg, stage)
         meta = read_meta(out)
         if resume and meta and meta.get("complete"):
             if info.main:
@@ -390,20 +422,19 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
             outs[stage], prev = out, (out if stage != "vae" else None)
             continue
         if stage == "vae":
-            audio = _toy_train_audio(cfg) if cfg.data == "toy" else None
-            if audio is None:
-                raise ValueError("stage vae trains on the toy audio; for real data use omni2sound.vae_train")
+            audio = _train_audio(cfg)
             outs[stage] = train_vae_stage(cfg, info, audio, resume, init_from if stage == todo[0] else None)
             prev = None
             continue
         if table is None:
-            if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and cfg.data == "toy":
+            if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and (cfg.data == "toy"
+                                                                           or cfg.data.endswith(".jsonl")):
                 raise FileNotFoundError(f"{vae_dir}/meta.json: run stage vae first (the toy features need it)")
             table, offscreen, stats = load_features(cfg, vae_dir, info, encoders)
         src = prev
         if src is None and not (stage == "stage1" or (stage == "stage2" and cfg.schedule == "stage2-only")):
             before = DIT_STAGES[DIT_STAGES.index(stage) - 1]
-            src = run_dir(cfg, before)
+            src = stage_dir(cfg, before)
             if not os.path.isfile(os.path.join(src, "meta.json")):
                 raise FileNotFoundError(f"{stage} starts from {src}, which is not a finished stage: run {before} "
                                         f"first or pass --init-from")
@@ -415,10 +446,35 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
     return outs
 
 
-def _toy_train_audio(cfg: TrainConfig) -> torch.Tensor:
-    from .toy import ToyConfig, ToyWorld
-    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
-    return torch.from_numpy(__import__("numpy").stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
+def _train_audio(cfg: TrainConfig) -> torch.Tensor:
+    """The VAE's training audio [N, samples]: the toy clips, or a manifest's train clips (small data: all
+    in memory, cut to the shortest clip)."""
+    import numpy as np
+    if cfg.data == "toy":
+        from .toy import ToyConfig, ToyWorld
+        world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
+        return torch.from_numpy(np.stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
+    if not cfg.data.endswith(".jsonl"):
+        raise ValueError(f"stage vae needs audio: data must be 'toy' or a manifest (.jsonl), got {cfg.data!r}")
+    from .audio import load_audio
+    from .data.manifest import read_manifest
+    from .vae import VAE_PRESETS
+    sr = VAE_PRESETS[cfg.vae_preset].sample_rate
+    records, report = read_manifest(cfg.data, split="train")
+    if report.skipped:
+        print(report.summary())
+    clips = []
+    for r in records:
+        try:
+            w = load_audio(r.audio, sr)[int(r.start * sr): int((r.start + r.duration) * sr)]
+        except Exception as e:             # one bad clip never stops the run
+            print(f"[train] skipped {r.clip_id}: {e}")
+            continue
+        clips.append(w)
+    if not clips:
+        raise ValueError(f"{cfg.data}: no readable training audio")
+    n = min(len(w) for w in clips)
+    return torch.stack([w[:n] for w in clips])
 
 
 def parse_args(argv=None) -> tuple:
@@ -451,8 +507,6 @@ def parse_args(argv=None) -> tuple:
         if v is not None:
             over[k] = v
     cfg = replace(cfg, **over)
-    if a.schedule == "stage2-only" and a.name is None and cfg.name == "toy":
-        cfg = replace(cfg, name="toy-stage2-only")
     return cfg, a
 
 

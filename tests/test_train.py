@@ -212,3 +212,27 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     os.remove(root / "stage2" / "meta.json")             # stage 2 unfinished: stage 3 alone must refuse
     with pytest.raises(FileNotFoundError, match="run stage2 first"):
         run(cfg, stages=["stage3"], report=False, encoders=SmallEncoders())
+
+
+def test_training_from_raw_files(tmp_path):
+    """Small data straight from a manifest of WAV files: vae on its audio, features extracted once, stage 1."""
+    import soundfile as sf
+    from test_data import SmallEncoders
+
+    from omni2sound.data import write_manifest
+    from omni2sound.toy import ToyConfig, ToyWorld
+    world = ToyWorld(ToyConfig(duration=0.8))
+    recs = []
+    for i in range(6):
+        c = world.clip(i)
+        sf.write(tmp_path / f"{i}.wav", c.audio, 16000)
+        recs.append({"clip_id": f"r{i}", "audio": f"{i}.wav", "duration": 0.8, "caption": c.caption})
+    recs.append({"clip_id": "bad", "audio": "missing.wav", "duration": 0.8})
+    write_manifest(str(tmp_path / "m.jsonl"), recs)
+    cfg = replace(TRAIN_PRESETS["smoke"], runs_dir=str(tmp_path / "runs"), data=str(tmp_path / "m.jsonl"),
+                  vae_steps=1, stage1_steps=2, batch_size=2)
+    outs = run(cfg, stages=["vae", "stage1"], encoders=SmallEncoders())
+    assert set(outs) == {"vae", "stage1"}                     # no toy report for real data
+    meta = json.load(open(tmp_path / "runs" / "smoke" / "stage1" / "meta.json"))
+    assert meta["complete"] and meta["steps"] == 2
+    assert json.load(open(tmp_path / "runs" / "smoke" / "features" / "train" / "index.json"))["num_clips"] == 6

@@ -1,0 +1,121 @@
+"""Training-step throughput of the Omni2Sound DiT on random data: fused ops vs reference ops, same run.
+
+One step = flow-matching loss (forward) + backward + AdamW step on a batch of random latents and random
+conditions (text 32 tokens, video 8 / s, sync 24 / s), as the trainer runs it (bf16 autocast on GPU).
+Reports us per step, samples/s, latent tokens/s, and on GPU the model FLOP utilisation
+(MFU = 6 * params * tokens/s / peak; attention FLOPs not counted, nanoGPT's convention).
+
+    python bench/bench_train.py --quick                 # CPU: tiny and S at small batch
+    python bench/bench_train.py --presets tiny S L --batch 32 --seconds 10 --out train.json   # GPU
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import time
+
+import torch
+
+from omni2sound import ops
+from omni2sound.conditions import Conditions
+from omni2sound.flow import FlowMatching
+from omni2sound.model import Omni2SoundDiT, dit_config
+from omni2sound.trainer import peak_flops
+
+
+def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:
+    T = cfg.num_frames(seconds)
+    L, V, S = 32, int(seconds * cfg.video_rate), int(seconds * cfg.sync_rate)
+    r = lambda *s: torch.randn(*s, generator=generator).to(device)
+    cond = Conditions(text_tokens=r(batch, L, cfg.text_dim), text_lens=torch.full((batch,), L, device=device),
+                      video_tokens=r(batch, V, cfg.video_dim), video_lens=torch.full((batch,), V, device=device),
+                      sync=r(batch, S, cfg.sync_dim), duration=torch.full((batch,), seconds, device=device))
+    return r(batch, T, cfg.latent_dim), cond
+
+
+def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool) -> float:
+    flow = FlowMatching()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") \
+        else contextlib.nullcontext()
+    g = torch.Generator(device=device).manual_seed(0) if device.startswith("cuda") else torch.Generator()
+
+    def step():
+        with autocast:
+            loss, _ = flow.loss(model, x1, cond, generator=g)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--presets", nargs="*", default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None, help="clip length (latent frames = 25 / s)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out")
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    presets = a.presets or (["tiny", "S"] if a.quick or not cuda else ["tiny", "S", "L"])
+    batch = a.batch or (4 if a.quick else (32 if cuda else 8))
+    seconds = a.seconds or (2.0 if a.quick else 10.0)
+    steps = a.steps or (3 if a.quick else 10)
+    hw = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()} CPU, " \
+                                                     f"{torch.get_num_threads()} threads"
+    peak = peak_flops(a.device)
+    rows = []
+    for name in presets:
+        cfg = dit_config(name)
+        variants = [("reference", "reference", False), ("fused", None, False)]
+        if a.compile:
+            variants.append(("fused+compile", None, True))
+        for label, backend, comp in variants:
+            torch.manual_seed(0)
+            model = Omni2SoundDiT(cfg).to(a.device)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
+            run_model = torch.compile(model) if comp else model
+            ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
+            with ctx:
+                dt = time_steps(run_model, opt, x1, cond, steps, 1 if not comp else 3, a.device, True)
+            tokens = batch * x1.shape[1]
+            params = model.num_params()
+            row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,
+                   "us_per_step": dt * 1e6, "samples_per_s": batch / dt, "tokens_per_s": tokens / dt,
+                   "mfu": (6 * params * tokens / dt / peak) if peak else None}
+            rows.append(row)
+            del model, opt
+    for r in rows:
+        ref = next(x for x in rows if x["preset"] == r["preset"] and x["variant"] == "reference")
+        r["speedup_vs_reference"] = ref["us_per_step"] / r["us_per_step"]
+    print(f"\nTraining step (loss + backward + AdamW), {hw}, torch {torch.__version__}, batch {batch}, "
+          f"{seconds} s clips\n")
+    print("| preset | params (M) | ops | us / step | samples/s | tokens/s | MFU | vs reference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        print(f"| {r['preset']} | {r['params_M']:.1f} | {r['variant']} | {r['us_per_step']:.0f} | "
+              f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {r['speedup_vs_reference']:.2f}x |")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"hardware": hw, "torch": torch.__version__, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
