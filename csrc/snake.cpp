@@ -10,6 +10,7 @@
 // compiler can inline: fast_sincos below (glibc's vector sin is only exposed under -ffast-math).
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "common.h"
 #include "registry.h"
@@ -87,6 +88,45 @@ void forward_rows(const SnakeParams& p) {
   }
 }
 
+// Channels-last layout: memory [B, T, C], so a row is one time step over all channels, alpha[c] varying along it.
+template <typename T>
+void forward_rows_cl(const SnakeParams& p) {
+  const int64_t rows = p.B * p.T, C = p.C;
+  const T* x = static_cast<const T*>(p.x);
+  const T* res = static_cast<const T*>(p.residual);
+  T* s_out = static_cast<T*>(p.s);
+  T* y = static_cast<T*>(p.y);
+  std::vector<float> qv(C);
+  for (int64_t c = 0; c < C; ++c) qv[c] = 1.0f / (p.beta[c] + p.eps);
+  const float* q = qv.data();
+  const float* alpha = p.alpha;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * C;
+    T* yr = y + r * C;
+    if (res) {
+      const T* rr = res + r * C;
+      T* sr = s_out + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = to_float(xr[c]) + to_float(rr[c]);
+        float sn, cs;
+        fast_sincos(alpha[c] * v, sn, cs);
+        sr[c] = from_float<T>(v);
+        yr[c] = from_float<T>(v + q[c] * sn * sn);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float v = to_float(xr[c]);
+        float sn, cs;
+        fast_sincos(alpha[c] * v, sn, cs);
+        yr[c] = from_float<T>(v + q[c] * sn * sn);
+      }
+    }
+  }
+}
+
 template <typename T>
 void backward_rows(const SnakeBwdParams& p) {
   const int64_t rows = p.B * p.C, L = p.T;
@@ -139,7 +179,7 @@ void check_common(int64_t B, int64_t C, int64_t T, uintptr_t alpha, uintptr_t be
 }
 
 SnakeParams make_fwd(int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t residual, uintptr_t alpha,
-                     uintptr_t beta, uintptr_t s, uintptr_t y, double eps, int dtype) {
+                     uintptr_t beta, uintptr_t s, uintptr_t y, double eps, int dtype, int channels_last = 0) {
   check_common(B, C, T, alpha, beta, eps, dtype);
   check(x != 0 && y != 0, "snake_forward: x and y pointers must be non-null");
   check(residual == 0 || s != 0, "snake_forward: with a residual, the s output pointer must be non-null");
@@ -153,6 +193,7 @@ SnakeParams make_fwd(int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t res
   p.y = reinterpret_cast<void*>(y);
   p.eps = static_cast<float>(eps);
   p.dtype = dtype;
+  p.channels_last = channels_last;
   return p;
 }
 
@@ -184,12 +225,19 @@ static Registrar reg_snake([](pybind11::module_& m) {
   m.def(
       "snake_forward_cpu",
       [](int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t residual, uintptr_t alpha, uintptr_t beta,
-         uintptr_t s, uintptr_t y, double eps, int dtype, uintptr_t /*stream*/) {
-        auto p = make_fwd(B, C, T, x, residual, alpha, beta, s, y, eps, dtype);
+         uintptr_t s, uintptr_t y, double eps, int dtype, uintptr_t /*stream*/, int channels_last) {
+        auto p = make_fwd(B, C, T, x, residual, alpha, beta, s, y, eps, dtype, channels_last);
         pybind11::gil_scoped_release nogil;
-        by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
+        if (channels_last)
+          by_dtype(p, forward_rows_cl<float>, forward_rows_cl<half_t>, forward_rows_cl<bf16_t>);
+        else
+          by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
       },
-      "Snake [fused with the residual add], C++ CPU. x, residual, s, y contiguous [B, C, T]; alpha, beta fp32 [C].");
+      pybind11::arg("B"), pybind11::arg("C"), pybind11::arg("T"), pybind11::arg("x"), pybind11::arg("residual"),
+      pybind11::arg("alpha"), pybind11::arg("beta"), pybind11::arg("s"), pybind11::arg("y"), pybind11::arg("eps"),
+      pybind11::arg("dtype"), pybind11::arg("stream"), pybind11::arg("channels_last") = 0,
+      "Snake [fused with the residual add], C++ CPU. x, residual, s, y dense [B, C, T] (channels_last=1: stored as "
+      "[B, T, C]); alpha, beta fp32 [C].");
   m.def(
       "snake_backward_cpu",
       [](int64_t B, int64_t C, int64_t T, uintptr_t dy, uintptr_t ds_out, uintptr_t s, uintptr_t residual,

@@ -16,6 +16,7 @@ struct SnakeParams {
   void* y = nullptr;
   float eps = 1e-9f;
   int dtype = kFloat32;
+  int channels_last = 0;           // 1: memory is [B, T, C] (the VAE's channels-last decode), CPU only
 };
 
 struct SnakeBwdParams {

@@ -129,6 +129,31 @@ def test_non_contiguous_and_param_shapes(backend):
     torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_channels_last_layout(dtype):
+    """The C++ kernel reads and writes [B, C, T] stored as [B, T, C] (the VAE's CPU decode layout) in place."""
+    x4 = torch.randn(2, 24, 1, 37).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = x4.squeeze(2)                                          # [2, 24, 37], strides (888, 1, 24)
+    res = torch.randn(2, 24, 37).to(dtype)                     # contiguous: converted to x's layout
+    alpha, beta = torch.rand(24) + 0.5, torch.rand(24) + 0.5
+    with ops.use_backend("cpu"):
+        s, y = ops.snake_residual(x, alpha, beta, res)
+        y1 = ops.snake(x, alpha, beta)
+    assert y.stride() == x.stride() and s.stride() == x.stride() and y1.stride() == x.stride()
+    sr, yr = ref64(x, alpha, beta, res, 1e-9)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+    torch.testing.assert_close(y1.double(), ref64(x, alpha, beta, None, 1e-9)[1], rtol=tol, atol=tol)
+    # gradients through the channels-last input match the contiguous run
+    xg = x.float().detach().requires_grad_()
+    with ops.use_backend("cpu"):
+        ops.snake(xg, alpha, beta).sum().backward()
+    xc = x.float().contiguous().requires_grad_()
+    with ops.use_backend("reference"):
+        ops.snake(xc, alpha, beta).sum().backward()
+    torch.testing.assert_close(xg.grad, xc.grad, rtol=1e-5, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # low precision: flash-attn's 2x rule against the plain formula run in the same precision
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ fused op takes the 1x1 conv's output ``x`` and the running residual, and returns
 two, instead of six elementwise passes in eager PyTorch.
 
 Shapes: x, residual ``[B, C, T]``; alpha, beta per channel ``[C]`` (``[1, C, 1]`` is accepted and viewed as
-``[C]``). alpha and beta are the activation's values, not their logarithms (the VAE stores log-scale parameters
+``[C]``). Layout: contiguous ``[B, C, T]``; the C++ backend also runs channels-last tensors (stored ``[B, T, C]``,
+the VAE's fast CPU decode) in place and returns outputs in the same layout; other backends make x contiguous.
+alpha and beta are the activation's values, not their logarithms (the VAE stores log-scale parameters
 and exponentiates them; see ``omni2sound.vae.Snake``). Math is fp32; outputs in x's dtype (fp32/fp16/bf16).
 
 Backward (q = 1 / (beta + eps)):
@@ -111,9 +113,12 @@ def _forward_native(x: Tensor, residual: Optional[Tensor], alpha: Tensor, beta: 
 
         tk.snake_forward(x, residual, a32, b32, s, y, eps)
         return s, y
-    fn = _native.lib().snake_forward_cpu if backend == "cpu" else _native.lib().snake_forward_cuda
-    fn(B, C, T, x.data_ptr(), _native.ptr(residual), a32.data_ptr(), b32.data_ptr(), _native.ptr(s), y.data_ptr(),
-       float(eps), _native.dtype_code(x), _native.stream_of(x))
+    args = (B, C, T, x.data_ptr(), _native.ptr(residual), a32.data_ptr(), b32.data_ptr(), _native.ptr(s),
+            y.data_ptr(), float(eps), _native.dtype_code(x), _native.stream_of(x))
+    if backend == "cpu":
+        _native.lib().snake_forward_cpu(*args, int(_is_channels_last(x)))
+    else:
+        _native.lib().snake_forward_cuda(*args)
     return s, y
 
 
@@ -123,6 +128,9 @@ def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, residual: 
     the rounded s output, so a low-precision backward sees the same value the forward's Snake saw."""
     if backend == "reference":
         return _backward_reference(dy, ds_out, s, residual, alpha, beta, eps)
+    dy, s = dy.contiguous(), s.contiguous()      # the backward kernels take [B, C, T] rows
+    ds_out = None if ds_out is None else ds_out.contiguous()
+    residual = None if residual is None else residual.contiguous()
     B, C, T = s.shape
     ds = torch.empty_like(s)
     if s.numel() == 0:
@@ -142,6 +150,18 @@ def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, residual: 
        b32.data_ptr(), ds.data_ptr(), dalpha_rows.data_ptr(), dbeta_rows.data_ptr(), float(eps),
        _native.dtype_code(s), _native.stream_of(s))
     return ds, dalpha_rows.sum(0), dbeta_rows.sum(0)
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    """x [B, C, T] stored as [B, T, C] (a squeezed channels-last [B, C, 1, T]): the VAE's fast CPU decode layout."""
+    return x.dim() == 3 and x.shape[1] > 1 and x.shape[2] > 1 and x.stride(1) == 1 and x.transpose(1, 2).is_contiguous()
+
+
+def _kernel_layout(t: Tensor, backend: str, like: Optional[Tensor] = None) -> Tensor:
+    """Contiguous [B, C, T], except that the C++ kernel also takes channels-last as is (then ``like``'s layout)."""
+    if backend == "cpu" and _is_channels_last(t if like is None else like):
+        return t if _is_channels_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,7 +281,7 @@ def snake(x: Tensor, alpha: Tensor, beta: Tensor, eps: float = 1e-9) -> Tensor:
     backend = select_backend("snake", x.device)
     if backend == "reference":
         return snake_reference(x, alpha, beta, eps)
-    return _snake_op(x.contiguous(), alpha, beta, float(eps), backend)
+    return _snake_op(_kernel_layout(x, backend), alpha, beta, float(eps), backend)
 
 
 def snake_residual(x: Tensor, alpha: Tensor, beta: Tensor, residual: Tensor, eps: float = 1e-9
@@ -280,4 +300,5 @@ def snake_residual(x: Tensor, alpha: Tensor, beta: Tensor, residual: Tensor, eps
     backend = select_backend("snake_residual", x.device)
     if backend == "reference":
         return snake_residual_reference(x, alpha, beta, residual, eps)
-    return _snake_residual_op(x.contiguous(), alpha, beta, residual.contiguous(), float(eps), backend)
+    x = _kernel_layout(x, backend)
+    return _snake_residual_op(x, alpha, beta, _kernel_layout(residual, backend, like=x), float(eps), backend)
