@@ -92,17 +92,17 @@ def test_fused_decoder_equals_reference(tiny, backend):
 def test_receptive_field_and_chunked_decode(tiny):
     """context_frames is the decoder's receptive radius in latent frames, computed layer by layer; check it against
     the gradient of one output sample w.r.t. z (its true support), then chunked decode == whole decode."""
-    T = 40
+    T = 24
     z = torch.randn(1, 16, T, requires_grad=True)
     out = tiny.decode(z)
-    t0 = 20
+    t0 = 12
     out[0, 0, t0 * 640 + 320].backward()
     support = (z.grad.abs().sum(1)[0] > 0).nonzero().flatten()
     radius = max(t0 - support.min().item(), support.max().item() - t0)
     assert radius <= tiny.context_frames <= radius + 1, (radius, tiny.context_frames)
     with torch.no_grad():
         whole = tiny.decode(z)
-        for chunk in (1, 7, 16):
+        for chunk in (5, 11):
             chunked = tiny.decode(z, chunk_frames=chunk)
             assert chunked.shape == whole.shape
             torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
