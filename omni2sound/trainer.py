@@ -216,9 +216,10 @@ class Trainer:
         self.module = model
         if self.info.world > 1:
             if loop.parallel == "fsdp":
+                if not self.info.device.startswith("cuda"):
+                    raise ValueError("parallel='fsdp' needs GPUs (torch's FSDP has no CPU path); use 'ddp' on CPU")
                 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-                self.module = FSDP(model, use_orig_params=True,
-                                   device_id=torch.device(self.info.device) if self.info.device != "cpu" else None)
+                self.module = FSDP(model, use_orig_params=True, device_id=torch.device(self.info.device))
             else:
                 from torch.nn.parallel import DistributedDataParallel as DDP
                 self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
