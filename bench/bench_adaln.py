@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -37,54 +36,10 @@ def fused(backend, fn):
     return run
 
 
-def time_cpu(fn, args, repeats, inner):
-    for _ in range(3):
-        fn(*args)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn(*args)
-        samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e6
-
-
-def time_gpu(fn, args, repeats, inner, graphs=True):
-    """Median us per call; with graphs, `inner` calls are captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    if graphs:
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for _ in range(inner):
-                fn(*args)
-        step = g.replay
-    else:
-        def step():
-            for _ in range(inner):
-                fn(*args)
-    step()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        step()
-        b.record()
-        b.synchronize()
-        samples.append(a.elapsed_time(b) * 1e3 / inner)
-    return statistics.median(samples)
-
-
 def copy_bandwidth_gbs(nbytes=1 << 30):
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
     dst = torch.empty_like(src)
-    us = time_gpu(lambda: dst.copy_(src), (), repeats=10, inner=5, graphs=False)
+    us, _ = time_gpu(lambda: dst.copy_(src), repeats=10, inner=5, graphs=False)
     return 2 * nbytes / (us * 1e-6) / 1e9
 
 
@@ -107,7 +62,8 @@ def main():
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
-    hw = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    cpu_name = f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    hw = torch.cuda.get_device_name() if gpu else cpu_name
     shapes = [("inference", (2, 250, 1536)), ("training", (32, 250, 1536))]
     if gpu:
         shapes.append(("bandwidth", (16, 4096, 1536)))
@@ -138,9 +94,9 @@ def main():
                     with torch.no_grad():
                         if gpu:
                             # Graph capture for every variant at the inference shape (launch-bound there).
-                            times[name] = time_gpu(fn, fargs, repeats, inner, graphs=True)
+                            times[name], _ = time_gpu(lambda: fn(*fargs), repeats, inner, graphs=True)
                         else:
-                            times[name] = time_cpu(fn, fargs, repeats, inner)
+                            times[name] = time_cpu(lambda: fn(*fargs), repeats, inner)
                 for name, us in times.items():
                     row = {
                         "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),

@@ -12,18 +12,10 @@
 #include <string>
 
 #include "common.h"
+#include "cuda_common.cuh"
 
 namespace o2s {
 namespace {
-
-__device__ __forceinline__ float ld1(const float* p) { return *p; }
-__device__ __forceinline__ float ld1(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float ld1(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ T cvt(float f);
-template <> __device__ __forceinline__ float cvt<float>(float f) { return f; }
-template <> __device__ __forceinline__ __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
 
 // VEC elements starting at p as floats; VEC * sizeof(T) == 16 uses one 128-bit load.
 template <typename T, int VEC>
@@ -45,11 +37,11 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
     uint4 raw;
     T* e = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) e[i] = cvt<T>(in[i]);
+    for (int i = 0; i < VEC; ++i) e[i] = from_f32<T>(in[i]);
     *reinterpret_cast<uint4*>(p) = raw;
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) p[i] = cvt<T>(in[i]);
+    for (int i = 0; i < VEC; ++i) p[i] = from_f32<T>(in[i]);
   }
 }
 

@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include "cuda_common.cuh"
 #include <mma.h>
 
 #include <cstdint>
@@ -31,13 +32,6 @@ constexpr int kBlockM = kWarps * kRowsPerWarp;    // query rows per block
 constexpr int kBlockN = 64;                       // keys per shared-memory tile
 constexpr float kLn2 = 0.6931471805599453f;
 
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ __forceinline__ T from_f(float x);
-template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 template <typename T> struct Traits {
   static constexpr bool kTensorCore = true;
@@ -81,7 +75,7 @@ template <typename T, int D>
 __device__ __forceinline__ void load_rows(T* dst, int ld, const T* src, int64_t src_stride, int n_valid, int n_rows) {
   for (int c = threadIdx.x; c < n_rows * D; c += blockDim.x) {
     const int r = c / D, col = c % D;
-    dst[r * ld + col] = r < n_valid ? src[r * src_stride + col] : from_f<T>(0.0f);
+    dst[r * ld + col] = r < n_valid ? src[r * src_stride + col] : from_f32<T>(0.0f);
   }
 }
 
@@ -153,9 +147,9 @@ __device__ __forceinline__ void tile_scores(const T* q_w, const T* k_s, float* s
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
       for (int d = 0; d < D; ++d) {
-        const float kv = to_f(k_s[n * S::kLd + d]);
+        const float kv = to_f32(k_s[n * S::kLd + d]);
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f(q_w[r * S::kLd + d]), kv, acc[r]);
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f32(q_w[r * S::kLd + d]), kv, acc[r]);
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) s_w[r * S::kSLd + n] = acc[r];
@@ -190,9 +184,9 @@ __device__ __forceinline__ void tile_pv(const typename Traits<T>::P* p_w, const 
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = 0.0f;
       for (int n = 0; n < kBlockN; ++n) {
-        const float vv = to_f(v_s[n * S::kLd + d]);
+        const float vv = to_f32(v_s[n * S::kLd + d]);
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f(p_w[r * S::kPLd + n]), vv, acc[r]);
+        for (int r = 0; r < kRowsPerWarp; ++r) acc[r] = fmaf(to_f32(p_w[r * S::kPLd + n]), vv, acc[r]);
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) s_w[r * S::kSLd + d] = acc[r];
@@ -287,7 +281,7 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
     for (int j = 0; j < kBlockN / 2; ++j) {
       const float p = exp2f(sv[j] - m_new);  // 0 for padding keys
       sum += p;
-      p_w[r * S::kPLd + half + 2 * j] = from_f<PT>(p);
+      p_w[r * S::kPLd + half + 2 * j] = from_f32<PT>(p);
     }
     l_i = l_i * alpha + sum + __shfl_xor_sync(0xffffffffu, sum, 1);
     m_i = m_new;
@@ -311,7 +305,7 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
       uint4 packed;
       T* e = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int i = 0; i < kVec; ++i) e[i] = from_f<T>(o[c + i] * inv_l);
+      for (int i = 0; i < kVec; ++i) e[i] = from_f32<T>(o[c + i] * inv_l);
       *reinterpret_cast<uint4*>(dst + c) = packed;
     }
     if (half == 0) {

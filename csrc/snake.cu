@@ -12,18 +12,11 @@
 #include <string>
 
 #include "snake.h"
+#include "cuda_common.cuh"
 
 namespace o2s {
 namespace {
 
-__device__ __forceinline__ float ld(const float* p) { return *p; }
-__device__ __forceinline__ float ld(const __half* p) { return __half2float(*p); }
-__device__ __forceinline__ float ld(const __nv_bfloat16* p) { return __bfloat162float(*p); }
-
-template <typename T> __device__ __forceinline__ T cvt(float f);
-template <> __device__ __forceinline__ float cvt<float>(float f) { return f; }
-template <> __device__ __forceinline__ __half cvt<__half>(float f) { return __float2half_rn(f); }
-template <> __device__ __forceinline__ __nv_bfloat16 cvt<__nv_bfloat16>(float f) { return __float2bfloat16_rn(f); }
 
 __device__ __forceinline__ void sincos_reduced(float x, float* s, float* c) {
   const float k = rintf(x * 0.15915494309189535f);       // x / (2 pi)
@@ -48,14 +41,14 @@ __global__ void snake_fwd_kernel(const T* __restrict__ x, const T* __restrict__ 
   for (int i = 0; i < kVec; ++i) {
     const int64_t t = t0 + i;
     if (t < L) {
-      float v = ld(x + base + t);
+      float v = ld1(x + base + t);
       if (res != nullptr) {
-        v += ld(res + base + t);
-        s_out[base + t] = cvt<T>(v);
+        v += ld1(res + base + t);
+        s_out[base + t] = from_f32<T>(v);
       }
       float sn, cs;
       sincos_reduced(a * v, &sn, &cs);
-      y[base + t] = cvt<T>(v + q * sn * sn);
+      y[base + t] = from_f32<T>(v + q * sn * sn);
     }
   }
 }
@@ -85,13 +78,13 @@ __global__ void snake_bwd_kernel(const T* __restrict__ dy, const T* __restrict__
   const int64_t base = r * L;
   float da = 0.f, db = 0.f;
   for (int64_t t = threadIdx.x; t < L; t += blockDim.x) {
-    const float v = ld(s + base + t) + (res != nullptr ? ld(res + base + t) : 0.f), g = ld(dy + base + t);
+    const float v = ld1(s + base + t) + (res != nullptr ? ld1(res + base + t) : 0.f), g = ld1(dy + base + t);
     float sn, cs;
     sincos_reduced(a * v, &sn, &cs);
     const float sin2 = 2.0f * sn * cs;
     float d = g * (1.0f + q * a * sin2);
-    if (dso != nullptr) d += ld(dso + base + t);
-    ds[base + t] = cvt<T>(d);
+    if (dso != nullptr) d += ld1(dso + base + t);
+    ds[base + t] = from_f32<T>(d);
     da += g * v * sin2;
     db += g * sn * sn;
   }

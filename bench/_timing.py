@@ -1,0 +1,59 @@
+"""Timing shared by the benchmarks: median microseconds per call, warm-up kept out of the numbers.
+
+CPU: host clock around `inner` calls. GPU: CUDA events around `inner` calls captured in one CUDA graph
+(launch gaps removed, as a served model would run them), or eagerly when a variant cannot be captured.
+"""
+import statistics
+import time
+
+import torch
+
+
+def time_cpu(fn, repeats, inner):
+    for _ in range(2):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples) * 1e6
+
+
+def time_gpu(fn, repeats, inner, graphs=True):
+    """Median us per call; with graphs, `inner` calls are captured in one CUDA graph and replayed."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    step = None
+    if graphs:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(inner):
+                    fn()
+            step = g.replay
+        except Exception:  # e.g. an op that syncs with the host: time it eagerly instead
+            torch.cuda.synchronize()
+            step = None
+    graphed = step is not None
+    if step is None:
+        def step():
+            for _ in range(inner):
+                fn()
+    step()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        step()
+        b.record()
+        b.synchronize()
+        samples.append(a.elapsed_time(b) * 1e3 / inner)
+    return statistics.median(samples), graphed
