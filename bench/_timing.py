@@ -1,6 +1,7 @@
-"""Timing shared by the benchmarks: median microseconds per call, warm-up kept out of the numbers.
+"""Shared by the benchmarks: timing (median microseconds per call, warm-up kept out of the numbers) and
+the markdown table they print.
 
-CPU: host clock around `inner` calls. GPU: CUDA events around `inner` calls captured in one CUDA graph
+Timing. CPU: host clock around `inner` calls. GPU: CUDA events around `inner` calls captured in one CUDA graph
 (launch gaps removed, as a served model would run them), or eagerly when a variant cannot be captured.
 """
 import statistics
@@ -57,3 +58,11 @@ def time_gpu(fn, repeats, inner, graphs=True):
         b.synchronize()
         samples.append(a.elapsed_time(b) * 1e3 / inner)
     return statistics.median(samples), graphed
+
+
+def print_table(rows, cols):
+    """Rows (dicts) as a markdown table of the given columns."""
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")

@@ -15,7 +15,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from _timing import time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import print_table, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -117,10 +117,7 @@ def main():
     cols = ["label", "shape", "op", "modulation", "variant", "us", "x_eager", "x_compile", "GB/s"]
     if copy_gbs:
         cols.append("pct_copy_bw")
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    print_table(rows, cols)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"hardware": hw, "copy_GBps": copy_gbs, "torch": torch.__version__, "rows": rows}, f, indent=1)

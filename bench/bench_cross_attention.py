@@ -29,7 +29,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from _timing import time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import print_table, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -165,10 +165,7 @@ def main():
 
     print(f"\n# bench_cross_attention on {hw}, {dtype}, torch {torch.__version__}")
     cols = ["case", "q", "keys", "mode", "variant", "us", "x_sdpa", "TFLOP/s", "cuda_graph"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
+    print_table(rows, cols)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"hardware": hw, "torch": torch.__version__, "rows": rows}, f, indent=1)

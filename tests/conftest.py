@@ -35,3 +35,12 @@ def _seeded(request):
 
     torch.manual_seed((RUN_SEED + zlib.crc32(request.node.nodeid.encode())) % (2**31))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one intra-op thread (opt in with ``pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
