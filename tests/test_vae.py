@@ -7,17 +7,18 @@ import torch
 
 from omni2sound import ops
 from omni2sound.vae import VAE_PRESETS, AudioVAE, VAEConfig, build_vae
-from omni2sound.vae_train import multi_resolution_stft_loss, synthetic_tones, train_vae, vae_loss
+from omni2sound.vae_train import log_stft_loss, multi_resolution_stft_loss, synthetic_tones, train_vae, vae_loss
 
 
-@pytest.fixture(scope="module")
-def tiny():
+@pytest.fixture(scope="module", params=["tiny", "toy"])
+def tiny(request):
+    """The small presets of both heads: "tiny" (waveform head) and "toy" (STFT head, the embedded default's)."""
     torch.manual_seed(0)
-    return build_vae("tiny").eval()
+    return build_vae(request.param).eval()
 
 
 def test_presets_latent_rate_and_hop():
-    for name in ("paper", "tiny"):
+    for name in ("paper", "tiny", "toy"):
         cfg = VAE_PRESETS[name]
         assert cfg.sample_rate == 16000 and cfg.hop_length == 640 and cfg.latent_rate == 25.0, name
     assert VAE_PRESETS["paper"].latent_dim == 64
@@ -27,6 +28,11 @@ def test_presets_latent_rate_and_hop():
         VAEConfig(channel_mults=(1, 2))
     with pytest.raises(ValueError, match="unknown fields"):
         VAEConfig.from_dict({"sample_rate": 16000, "widths": 3})
+    with pytest.raises(ValueError, match="head"):
+        VAEConfig(head="mel")
+    with pytest.raises(ValueError, match="n_fft >= 2"):
+        VAEConfig(head="stft", n_fft=100, stft_hop=80)
+    assert VAE_PRESETS["toy"].head == "stft" and VAE_PRESETS["toy"].frame_hop == 80
 
 
 @pytest.mark.parametrize("n", [1, 639, 640, 641, 1920, 2000])
@@ -84,7 +90,7 @@ def test_fused_decoder_equals_reference(tiny, backend):
                 h = block.up(block.snake(h))
                 for unit in block.res:
                     h = unit(h)
-            plain = d.conv_out(d.snake_out(h))
+            plain = d._head(d.conv_out(d.snake_out(h)))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-5)
 
@@ -108,7 +114,7 @@ def test_receptive_field_and_chunked_decode(tiny):
             torch.testing.assert_close(chunked, whole, rtol=1e-4, atol=1e-5)
         # too little overlap leaves a seam: the overlap rule is what makes it exact
         short = tiny.decode(z, chunk_frames=7, overlap_frames=1)
-        assert (short - whole).abs().max() > 1e-3
+        assert (short - whole).abs().max() > 1e-3 * whole.abs().max()
 
 
 def test_fold_weight_norm_keeps_the_function():
@@ -123,9 +129,10 @@ def test_fold_weight_norm_keeps_the_function():
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
 
 
-def test_save_and_load(tmp_path):
+@pytest.mark.parametrize("preset", ["tiny", "toy"])
+def test_save_and_load(tmp_path, preset):
     torch.manual_seed(2)
-    vae = build_vae("tiny")
+    vae = build_vae(preset)
     vae.save_pretrained(tmp_path / "ckpt")
     assert {p.name for p in (tmp_path / "ckpt").iterdir()} == {"config.json", "model.safetensors"}
     train_form = AudioVAE.from_pretrained(tmp_path / "ckpt", inference=False)
@@ -165,18 +172,22 @@ def test_load_names_the_bad_key(tmp_path):
         AudioVAE.from_pretrained(tmp_path)
 
 
-def test_loss_and_gradients_flow_through_fused_ops():
+@pytest.mark.parametrize("preset", ["tiny", "toy"])
+def test_loss_and_gradients_flow_through_fused_ops(preset):
     torch.manual_seed(3)
-    vae = build_vae("tiny")
+    vae = build_vae(preset)
     wav, _ = synthetic_tones(2, 1500)
     loss, logs = vae_loss(vae, wav, generator=torch.Generator().manual_seed(0))
-    assert set(logs) == {"loss", "l1", "stft", "kl"} and math.isfinite(logs["loss"])
+    want = {"loss", "l1", "stft", "kl"} | ({"log_stft"} if vae.config.log_stft_weight else set()) \
+        | ({"frame"} if vae.config.frame_weight else set())
+    assert set(logs) == want and math.isfinite(logs["loss"])
     loss.backward()
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, name
     # the loss of a perfect reconstruction is zero in its waveform and STFT terms
     assert multi_resolution_stft_loss(wav, wav).item() == 0.0
+    assert log_stft_loss(wav, wav).item() == 0.0 and log_stft_loss(wav, 0.5 * wav).item() > 0.1
 
 
 PITCHES = (200.0, 300.0, 450.0, 675.0)
@@ -229,3 +240,35 @@ def test_training_on_tones_lowers_loss_and_keeps_pitch(tmp_path):
     assert ((fft_peak_hz(wav) - f0).abs() <= 4.0).all()              # the measure itself works on the input
     ok = (peaks - f0).abs() <= 0.03 * f0 + 4.0                     # within 3 % (+ one 3.3 Hz FFT bin)
     assert ok.float().mean() >= 7 / 8, (f0.tolist(), peaks.tolist())
+
+
+def test_stft_head_phase_prior_continues_a_partial():
+    """One bin at a constant magnitude and zero phase output: the synthesis is a steady sinusoid at the bin's centre
+    frequency (the phase reference continues it across overlapping frames, no cancellation or beating)."""
+    vae = build_vae("toy").eval()
+    head, cfg = vae.decoder.synth, vae.config
+    k, frames = 46, 64                                                        # 46 * 50 Hz = 2300 Hz
+    out = torch.full((1, 2 * cfg.n_bins, frames), -10.0)                      # log-magnitude 3 * -10 - 8: silence
+    out[:, cfg.n_bins:] = 0.0                                                 # no phase correction
+    out[0, k] = (math.log(0.3) + 8.0) / 3.0                                   # 0.3 of full scale in bin k
+    wav = head(out)[0, 0]
+    assert wav.shape == (frames * cfg.stft_hop,)
+    mid = wav[cfg.n_fft:-cfg.n_fft]                                           # away from the edge frames
+    spec = torch.fft.rfft(mid * torch.hann_window(mid.shape[0]))
+    peak_hz = torch.fft.rfftfreq(mid.shape[0], 1 / cfg.sample_rate)[spec.abs().argmax()]
+    assert abs(peak_hz.item() - k * cfg.sample_rate / cfg.n_fft) < 10
+    rms = mid.reshape(-1, cfg.stft_hop).pow(2).mean(1).sqrt()                 # per 5 ms
+    assert rms.min() > 0.97 * rms.max(), (rms.min(), rms.max())               # steady: no beating
+    assert 0.1 < rms.mean() * math.sqrt(2) < 0.4                              # the amplitude's order is kept
+
+
+def test_frame_loss_is_zero_for_the_true_magnitudes():
+    from omni2sound.vae_train import frame_loss
+    vae = build_vae("toy")
+    cfg = vae.config
+    wav, _ = synthetic_tones(2, 1280)
+    mag = vae.encoder.stft.magnitude(wav).clamp_min(1e-4)                      # the loss's -80 dB floor
+    frames = torch.cat([(mag.log() + 8.0) / 3.0, torch.zeros_like(mag)], 1)  # the head's parameterisation
+    assert frames.shape == (2, 2 * cfg.n_bins, 1280 // cfg.stft_hop)
+    assert frame_loss(vae, wav, frames).item() < 1e-8
+    assert frame_loss(vae, wav, frames + 0.1).item() > 0.05
