@@ -128,6 +128,59 @@ def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
     return row
 
 
+GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+            "aten::mkldnn_linear", "mkldnn::_linear_pointwise")
+
+
+def profile_steps(preset: str, vae, args, device, dtype, steps: int = 2) -> dict:
+    """Where a sampling step's time goes, optimised vs plain: torch.profiler over ``steps`` Euler steps of each path
+    (prepare included, decode excluded), self time split into GEMMs, attention and the rest, and the GEMM FLOPs.
+
+    The plain path's extra work is mostly GEMMs too (every step re-runs the per-request projections), so the ratio
+    of GEMM FLOPs bounds what any kernel work on the rest can buy: it is printed as ``flop_ratio``.
+    """
+    from contextlib import nullcontext
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from omni2sound import ops
+    from omni2sound.pipeline import SamplingOptions
+
+    dit = random_dit(preset, device, dtype, vae.config.latent_dim)
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    cond = random_conditions(dit.config, 1, args.duration, args.text_tokens).to(device)
+    T = int(round(args.duration * dit.config.latent_rate))
+    out = {"preset": preset}
+    for name, plain in (("opt", False), ("plain", True)):
+        opts = SamplingOptions(steps=steps, guidance=args.cfg, plain=plain, cuda_graphs=False)
+        x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
+        ctx = ops.use_backend("reference") if plain else nullcontext()
+        with ctx, torch.no_grad():
+            pipe._sample(cond, x0, opts, {})                                  # warm-up
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            with profile(activities=acts, with_flops=True) as prof:
+                t0 = time.perf_counter()
+                pipe._sample(cond, x0, opts, {})
+                wall = time.perf_counter() - t0
+        ev = prof.key_averages()
+        us = {"gemm": 0.0, "attention": 0.0, "other": 0.0}
+        flops = 0.0
+        for e in ev:
+            t = e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total
+            kind = "gemm" if e.key in GEMM_OPS else ("attention" if "attention" in e.key else "other")
+            us[kind] += t
+            flops += e.flops or 0
+        total = sum(us.values())
+        out[f"{name}_step_ms"] = round(wall / steps * 1e3, 1)
+        for k, v in us.items():
+            out[f"{name}_{k}_share"] = round(v / max(total, 1e-9), 3)
+        out[f"{name}_gemm_gflop_per_step"] = round(flops / steps / 1e9, 1)
+        out[f"{name}_gemm_gflops"] = round(flops / max(us["gemm"] * 1e-6, 1e-9) / 1e9, 1)
+    out["step_ratio"] = round(out["plain_step_ms"] / out["opt_step_ms"], 2)
+    out["flop_ratio"] = round(out["plain_gemm_gflop_per_step"] / max(out["opt_gemm_gflop_per_step"], 1e-9), 2)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny and S at batch 1, one repeat, tiny VAE")
@@ -146,6 +199,9 @@ def main():
     ap.add_argument("--no-plain", action="store_true", help="skip the plain path")
     ap.add_argument("--compile", action="store_true", help="also torch.compile the step (optimised path)")
     ap.add_argument("--out", help="write the rows (+ hardware) as JSON here")
+    ap.add_argument("--profile", action="store_true",
+                    help="instead of timing whole requests, profile 2 steps of each path per preset (batch 1): GEMM "
+                         "/ attention / other shares of the step, GEMM GFLOP per step and the plain/opt FLOP ratio")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,6 +214,17 @@ def main():
 
     from omni2sound.vae import VAE_PRESETS, AudioVAE
     rows = []
+    if args.profile:
+        for preset in presets:
+            torch.manual_seed(0)
+            vae = AudioVAE(VAE_PRESETS["tiny"]).to(device).eval()
+            row = profile_steps(preset, vae, args, device, dtype)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"hardware": hardware(device), "args": vars(args), "rows": rows}, f, indent=2)
+        return
     for preset in presets:
         vname = args.vae if args.vae != "auto" else ("paper" if preset != "tiny" and device.type == "cuda"
                                                      else "tiny")
