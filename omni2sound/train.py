@@ -61,7 +61,7 @@ class TrainConfig:
     vae_steps: int = 1000
     vae_batch: int = 16
     vae_lr: float = 2e-3
-    vae_min_lr_ratio: float = 1.0     # constant after warm-up: the toy VAE learns its short sounds late (see train_vae_stage)
+    vae_min_lr_ratio: float = 1.0     # constant after warm-up (see train_vae_stage)
     stage1_steps: int = 300
     stage2_steps: int = 1000
     stage3_steps: int = 300
