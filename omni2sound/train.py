@@ -410,7 +410,8 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None)
 def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, init_from: Optional[str] = None,
         report: bool = True, encoders=None) -> dict:
     """Run the given stages (default: the schedule's) in order, each starting from the previous one's
-    folder; a stage whose meta.json says complete is skipped when resuming. `encoders`: the condition
+    folder; a stage whose meta.json says complete is skipped when resuming (and a finished VAE always under the
+    stage2-only schedule, which shares it with the 1-2-3 one). `encoders`: the condition
     encoders for the toy features (default: the package's built-in ones, see extract.Encoders)."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
@@ -423,9 +424,13 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
     for stage in todo:
         out = stage_dir(cfg, stage)
         meta = read_meta(out)
-        if resume and meta and meta.get("complete"):
+        # The stage2-only schedule shares the run's VAE (stage_dir): retraining it would change the latents under
+        # the 1-2-3 run it is compared with, so a finished one is reused even without --resume.
+        shared_vae = stage == "vae" and cfg.schedule == "stage2-only"
+        if (resume or shared_vae) and meta and meta.get("complete"):
             if info.main:
-                print(f"[train] {stage}: complete in {out}, skipped")
+                print(f"[train] {stage}: complete in {out}, skipped" + (" (shared with the 1-2-3 schedule)"
+                                                                        if shared_vae and not resume else ""))
             outs[stage], prev = out, (out if stage != "vae" else None)
             continue
         if stage == "vae":

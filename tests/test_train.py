@@ -209,6 +209,13 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     assert run(cfg, resume=True, report=False, encoders=SmallEncoders())["stage3"] == str(root / "stage3")
     with pytest.raises(FileNotFoundError, match="run stage vae first"):
         run(replace(cfg, name="other"), stages=["stage3"], report=False, encoders=SmallEncoders())
+    # the stage2-only schedule reuses the run's finished VAE (same latents for the comparison) and writes its DiT
+    # beside the 1-2-3 stages, not over them
+    vae_bytes = (root / "vae" / "model.safetensors").read_bytes()
+    s2 = run(replace(cfg, schedule="stage2-only"), report=False, encoders=SmallEncoders())
+    assert (root / "vae" / "model.safetensors").read_bytes() == vae_bytes
+    assert s2["stage2"] == str(root / "stage2-only") and (root / "stage2-only" / "dit" / "model.safetensors").is_file()
+    assert json.load(open(root / "stage2-only" / "meta.json"))["steps"] == 1 + 2 + 1     # the same compute
     os.remove(root / "stage2" / "meta.json")             # stage 2 unfinished: stage 3 alone must refuse
     with pytest.raises(FileNotFoundError, match="run stage2 first"):
         run(cfg, stages=["stage3"], report=False, encoders=SmallEncoders())
