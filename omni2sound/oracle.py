@@ -247,10 +247,12 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
              "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    passed_all, samples = True, ["", "Samples (two per track):", ""]
+    passed_all, failing, samples = True, [], ["", "Samples (two per track):", ""]
     for track, r in ev["results"].items():
         ok = all((r[k] or 0) >= v for k, v in BAR[track].items())
         passed_all &= ok
+        if not ok:
+            failing.append(track)
         c = r["vae_ceiling"]
         lines.append(f"| {track} | {r['task']} | {fmt(r['onset_f1'])} | {fmt(r['class_acc'])} | {fmt(r['class_f1'])} "
                      f"| {fmt(r['offscreen_recall'])} | {'pass' if ok else 'FAIL'} "
@@ -268,7 +270,7 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     from .train import stage_dir as folder_of
     folders = [os.path.basename(folder_of(cfg, s)) for s in cfg.stages()]     # e.g. stage2-only/
     _loss_png(os.path.join(out_dir, "losses.png"), run_root, folders)
-    lines += samples + ["", f"Learning bar: {'all tracks pass' if passed_all else 'NOT met on every track'}.", "",
+    lines += samples + ["", f"Learning bar: {'all tracks pass' if passed_all else 'NOT met; failing: ' + ', '.join(failing)}.", "",
               "![losses](losses.png)", ""]
     stage_meta = {}
     for s in folders:
