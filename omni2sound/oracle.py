@@ -270,7 +270,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     from .train import stage_dir as folder_of
     folders = [os.path.basename(folder_of(cfg, s)) for s in cfg.stages()]     # e.g. stage2-only/
     _loss_png(os.path.join(out_dir, "losses.png"), run_root, folders)
-    lines += samples + ["", f"Learning bar: {'all tracks pass' if passed_all else 'NOT met; failing: ' + ', '.join(failing)}.", "",
+    verdict = "all tracks pass" if passed_all else "NOT met; failing: " + ", ".join(failing)
+    lines += samples + ["", f"Learning bar: {verdict}.", "",
               "![losses](losses.png)", ""]
     stage_meta = {}
     for s in folders:

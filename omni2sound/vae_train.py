@@ -29,6 +29,27 @@ def stft_magnitude(wav: Tensor, n_fft: int) -> Tensor:
     return torch.view_as_real(spec).pow(2).sum(-1).clamp_min(1e-14).sqrt()   # |.| with a finite gradient at 0
 
 
+def _magnitude_pairs(x: Tensor, x_hat: Tensor, sizes):
+    """Per FFT size (never longer than the clip): (n, |STFT(x)|, |STFT(x_hat)|). x, x_hat [B, N] or [B, 1, N]."""
+    x, x_hat = x.reshape(x.shape[0], -1).float(), x_hat.reshape(x_hat.shape[0], -1).float()
+    for n in sizes:
+        n = min(n, 1 << (x.shape[-1].bit_length() - 1))
+        yield n, stft_magnitude(x, n), stft_magnitude(x_hat, n)
+
+
+def stft_losses(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512, 256, 128), floor_db: float = -80.0,
+                log: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+    """(linear MRSTFT, log-STFT L1 or None) from one STFT per size and signal; see the two functions below."""
+    lin_total, log_total = x.new_zeros((), dtype=torch.float32), x.new_zeros((), dtype=torch.float32)
+    for n, mag, mag_hat in _magnitude_pairs(x, x_hat, sizes):
+        sc = torch.linalg.vector_norm(mag - mag_hat) / torch.linalg.vector_norm(mag).clamp_min(1e-7)
+        lin_total = lin_total + sc + (mag - mag_hat).abs().mean() / mag.mean().clamp_min(1e-7)
+        if log:
+            eps = (n / 4) * 10 ** (floor_db / 20)                 # n / 4: a full-scale sine's peak bin (Hann)
+            log_total = log_total + (torch.log(mag + eps) - torch.log(mag_hat + eps)).abs().mean()
+    return lin_total / len(sizes), (log_total / len(sizes) if log else None)
+
+
 def multi_resolution_stft_loss(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512, 256, 128)) -> Tensor:
     """Mean over FFT sizes of spectral convergence + relative linear-magnitude L1. x, x_hat [B, N] (or [B, 1, N]).
 
@@ -37,16 +58,7 @@ def multi_resolution_stft_loss(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512,
     silent, input-independent output (measured: the tiny preset never left it in 150 steps; with this loss it
     recovers the pitch of all 8 clips of a fixed batch within 50 steps).
     """
-    x, x_hat = x.reshape(x.shape[0], -1).float(), x_hat.reshape(x_hat.shape[0], -1).float()
-    total = x.new_zeros(())
-    for n in sizes:
-        n = min(n, 1 << (x.shape[-1].bit_length() - 1))      # never an FFT longer than the clip
-        mag, mag_hat = stft_magnitude(x, n), stft_magnitude(x_hat, n)
-        scale = torch.linalg.vector_norm(mag).clamp_min(1e-7)
-        sc = torch.linalg.vector_norm(mag - mag_hat) / scale
-        lin = (mag - mag_hat).abs().mean() / mag.mean().clamp_min(1e-7)
-        total = total + sc + lin
-    return total / len(sizes)
+    return stft_losses(x, x_hat, sizes, log=False)[0]
 
 
 def log_stft_loss(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512, 256, 128), floor_db: float = -80.0) -> Tensor:
@@ -57,13 +69,7 @@ def log_stft_loss(x: Tensor, x_hat: Tensor, sizes=(2048, 1024, 512, 256, 128), f
     the inaudible noise floor from dominating it. Used with the STFT head (``VAEConfig.log_stft_weight``), whose
     log-magnitude output never stalls at silence the way a waveform decoder does.
     """
-    x, x_hat = x.reshape(x.shape[0], -1).float(), x_hat.reshape(x_hat.shape[0], -1).float()
-    total = x.new_zeros(())
-    for n in sizes:
-        n = min(n, 1 << (x.shape[-1].bit_length() - 1))
-        eps = (n / 4) * 10 ** (floor_db / 20)                 # n / 4: a full-scale sine's peak bin (Hann)
-        total = total + (torch.log(stft_magnitude(x, n) + eps) - torch.log(stft_magnitude(x_hat, n) + eps)).abs().mean()
-    return total / len(sizes)
+    return stft_losses(x, x_hat, sizes, floor_db)[1]
 
 
 def frame_loss(vae: AudioVAE, wav: Tensor, frames: Tensor, floor_db: float = -80.0) -> Tensor:
@@ -109,14 +115,13 @@ def vae_loss(vae: AudioVAE, wav: Tensor, cfg=None, generator: Optional[torch.Gen
     recon, post, frames = vae(wav, generator=generator, return_frames=True)   # recon [B, 1, ceil(N/hop)*hop]
     recon = recon[..., :wav.shape[-1]]
     l1 = (recon - wav).abs().mean()
-    stft = multi_resolution_stft_loss(wav, recon, _weight(cfg, inner, "stft_sizes"))
+    w_log = _weight(cfg, inner, "log_stft_weight")
+    stft, log_stft = stft_losses(wav, recon, _weight(cfg, inner, "stft_sizes"), log=bool(w_log))
     kl = post.kl().mean() / (post.mean.shape[1] * post.mean.shape[2])
     loss = _weight(cfg, inner, "l1_weight") * l1 + _weight(cfg, inner, "stft_weight") * stft \
         + _weight(cfg, inner, "kl_weight") * kl
     logs = {"loss": 0.0, "l1": float(l1.detach()), "stft": float(stft.detach()), "kl": float(kl.detach())}
-    w_log = _weight(cfg, inner, "log_stft_weight")
     if w_log:
-        log_stft = log_stft_loss(wav, recon, _weight(cfg, inner, "stft_sizes"))
         loss = loss + w_log * log_stft
         logs["log_stft"] = float(log_stft.detach())
     if w_frame:
