@@ -9,6 +9,8 @@ import time
 
 import torch
 
+from omni2sound.pipeline import warm_up_on_side_stream
+
 
 def time_cpu(fn, repeats, inner):
     for _ in range(2):
@@ -24,12 +26,7 @@ def time_cpu(fn, repeats, inner):
 
 def time_gpu(fn, repeats, inner, graphs=True):
     """Median us per call; with graphs, `inner` calls are captured in one CUDA graph and replayed."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
+    warm_up_on_side_stream(fn, 3)
     torch.cuda.synchronize()
     step = None
     if graphs:

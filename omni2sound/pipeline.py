@@ -77,6 +77,17 @@ class GenerationResult:
     timings: Dict[str, float] = field(default_factory=dict)   # seconds per phase
 
 
+def warm_up_on_side_stream(fn, calls: int) -> None:
+    """Run ``fn`` ``calls`` times on a side CUDA stream, ordered after and before the current one: the warm-up
+    that CUDA-graph capture needs (lazy inits, Triton compiles, cuBLAS workspaces happen outside the capture)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(calls):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -109,13 +120,7 @@ class _GraphEntry:
                 v2 = velocity(self.x + dt * v, self.t_next)
                 self.x.add_(v + v2, alpha=0.5 * dt)
 
-        # Warm up on a side stream (lazy inits, Triton compiles, cuBLAS workspaces), then capture.
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(2):
-                step()
-        torch.cuda.current_stream().wait_stream(s)
+        warm_up_on_side_stream(step, 2)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             step()
