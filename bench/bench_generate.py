@@ -69,6 +69,11 @@ def random_conditions(cfg, batch: int, duration: float, text_tokens: int) -> Con
                       duration=torch.full((batch,), duration))
 
 
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -84,45 +89,53 @@ def run_once(pipe, cond, args, plain: bool):
 
 def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
     dit = random_dit(preset, device, dtype, vae.config.latent_dim)
-    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig(), compile_step=args.compile)
+    pipes = {"opt": Omni2SoundPipeline(dit, vae, PipelineConfig())}
+    if args.compile:                       # the same model, its step compiled (captured in the graph on a GPU)
+        pipes["optc"] = Omni2SoundPipeline(dit, vae, PipelineConfig(), compile_step=True)
     cond = random_conditions(dit.config, batch, args.duration, args.text_tokens)
-    row = {"preset": preset, "params_M": round(dit.num_params() / 1e6, 1), "batch": batch, "compile": args.compile,
+    row = {"preset": preset, "params_M": round(dit.num_params() / 1e6, 1), "batch": batch,
            "dtype": str(dtype).replace("torch.", ""), "steps": args.steps, "duration_s": args.duration}
     # warm-up: the optimised path at full steps on a GPU (graph capture for this shape), else 1 step
     warm_steps = args.steps if device.type == "cuda" else 1
-    t0 = time.perf_counter()
-    pipe.generate_from_conditions(cond, steps=warm_steps, cfg=args.cfg, seed=0)
+    for name, pipe in pipes.items():
+        t0 = time.perf_counter()
+        pipe.generate_from_conditions(cond, steps=warm_steps, cfg=args.cfg, seed=0)
+        _sync(device)
+        row[f"{name}_warmup_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
-    row["warmup_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     if not args.no_plain:
-        pipe.generate_from_conditions(cond, steps=1, cfg=args.cfg, seed=0, plain=True)
-    runs = {"opt": [], "plain": []}
-    for _ in range(args.repeats):          # interleaved, so a noisy neighbour hits both paths alike
-        runs["opt"].append(run_once(pipe, cond, args, plain=False))
-        if not args.no_plain:
-            runs["plain"].append(run_once(pipe, cond, args, plain=True))
+        pipes["plain"] = pipes["opt"]
+        pipes["opt"].generate_from_conditions(cond, steps=1, cfg=args.cfg, seed=0, plain=True)
+    runs = {name: [] for name in pipes}
+    for _ in range(args.repeats):          # interleaved, so a noisy neighbour hits every path alike
+        for name, pipe in pipes.items():
+            runs[name].append(run_once(pipe, cond, args, plain=name == "plain"))
     row["peak_mem_MB"] = round(peak_memory_mb(device), 0)
 
     def med(name, key):
-        return statistics.median(r.timings[key] for r in runs[name]) * 1e3
+        return statistics.median(r.timings.get(key, 0.0) for r in runs[name]) * 1e3
 
-    for name in ("opt", "plain"):
-        if not runs[name]:
-            continue
-        for key in ("prepare", "sample", "decode", "total"):
+    for name in runs:
+        for key in ("setup", "prepare", "sample", "decode", "to_host", "total"):
             row[f"{name}_{key}_ms"] = round(med(name, key), 1)
+        # the part of a request's wall time that no phase accounts for (median over repeats)
+        row[f"{name}_unaccounted_ms"] = round(statistics.median(
+            r.timings["total"] - sum(v for k, v in r.timings.items() if k != "total") for r in runs[name]) * 1e3, 1)
         row[f"{name}_step_ms"] = round(med(name, "sample") / args.steps, 2)
         row[f"{name}_rtf"] = round(args.duration * batch / (med(name, "total") / 1e3), 2)
-    if runs["plain"]:
+    if "plain" in runs:
         row["speedup_sample"] = round(row["plain_sample_ms"] / row["opt_sample_ms"], 2)
         row["speedup_total"] = round(row["plain_total_ms"] / row["opt_total_ms"], 2)
         row["max_latent_diff"] = float((runs["opt"][0].latents.float() - runs["plain"][0].latents.float())
                                        .abs().max())
+    if "optc" in runs:
+        row["speedup_sample_compiled"] = round(row["opt_sample_ms"] / row["optc_sample_ms"], 2)
+        row["max_latent_diff_compiled"] = float((runs["opt"][0].latents.float() - runs["optc"][0].latents.float())
+                                                .abs().max())
     if device.type == "cuda":
-        row["graph_captures"] = pipe.graphs.captures
-    del pipe, dit
+        row["graph_captures"] = sum(p.graphs.captures for p in set(pipes.values()))
+    del pipes, dit
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
@@ -201,7 +214,8 @@ def main():
     ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain path")
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the step (optimised path)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the optimised path with its step torch.compiled (column prefix optc_)")
     ap.add_argument("--out", help="write the rows (+ hardware) as JSON here")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing whole requests, profile one step of each path per preset (batch 1): "
@@ -243,9 +257,10 @@ def main():
             print(json.dumps(row), flush=True)
 
     hw = hardware(device)
-    cols = ["preset", "params_M", "batch", "dtype", "vae", "opt_prepare_ms", "opt_sample_ms", "opt_step_ms",
-            "opt_decode_ms", "opt_total_ms", "opt_rtf", "plain_sample_ms", "plain_total_ms", "speedup_sample",
-            "speedup_total", "max_latent_diff", "warmup_ms", "peak_mem_MB"]
+    cols = ["preset", "params_M", "batch", "dtype", "vae", "opt_setup_ms", "opt_prepare_ms", "opt_sample_ms",
+            "opt_step_ms", "opt_decode_ms", "opt_to_host_ms", "opt_unaccounted_ms", "opt_total_ms", "opt_rtf",
+            "optc_sample_ms", "optc_total_ms", "speedup_sample_compiled", "plain_sample_ms", "plain_total_ms",
+            "speedup_sample", "speedup_total", "max_latent_diff", "opt_warmup_ms", "optc_warmup_ms", "peak_mem_MB"]
     cols = [c for c in cols if any(c in r for r in rows)]
     print(f"\n## bench_generate: {args.duration:g} s audio, {args.steps} steps, CFG {args.cfg}, on {hw}\n")
     print("| " + " | ".join(cols) + " |")

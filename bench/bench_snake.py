@@ -13,6 +13,7 @@ import platform
 import time
 
 import torch
+from _timing import time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.ops.snake import snake_reference, snake_residual_reference
@@ -28,6 +29,8 @@ def eager_snake_residual(x, a, b, r, eps=1e-9):
 
 
 def timeit(fn, warmup, iters, device):
+    if device == "cuda":                         # median of CUDA-graph replays of 20 calls (no launch gaps)
+        return time_gpu(fn, repeats=max(iters // 3, 3), inner=20)[0]
     for _ in range(warmup):
         fn()
     if device == "cuda":
@@ -51,18 +54,20 @@ def hardware(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
     p.add_argument("--quick", action="store_true", help="two shapes, few iterations, no torch.compile")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None, help="write the rows as JSON")
     args = p.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     dev, dtype = args.device, getattr(torch, args.dtype)
     shapes = [(1, 64, 16000), (1, 128, 8000), (1, 256, 2000), (1, 512, 250)]   # paper decoder stages, 1 s
     if args.quick:
         shapes = shapes[:2]
     iters, warmup = (5, 2) if args.quick else (30, 5)
     use_compile = not (args.quick or args.no_compile)
-    fused_backend = ops.select_backend("snake", torch.device(dev))
+    backends = [b for b in ops.available_backends("snake", torch.device(dev)) if b != "reference"]
     rows = []
     for B, C, T in shapes:
         x = torch.randn(B, C, T, device=dev, dtype=dtype)
@@ -82,13 +87,17 @@ def main(argv=None):
                 comp = (lambda: comp_fn(x, a, b, r)) if comp_fn else None   # noqa: E731
             with torch.no_grad():
                 t_eager = timeit(eager, warmup, iters, dev)
-                t_fused = timeit(fused, warmup, iters, dev)
                 t_comp = timeit(comp, warmup, iters, dev) if comp else float("nan")
-            nbytes = n_io * x.numel() * x.element_size()
-            rows.append(dict(op=op, shape=f"{B}x{C}x{T}", dtype=args.dtype, backend=fused_backend,
-                             eager_us=t_eager, compile_us=t_comp, fused_us=t_fused,
-                             fused_gbps=nbytes / t_fused / 1e3, speedup_vs_eager=t_eager / t_fused,
-                             speedup_vs_compile=t_comp / t_fused))
+                for backend in backends:
+                    def run(backend=backend):
+                        with ops.use_backend(snake=backend):
+                            return fused()
+                    t_fused = timeit(run, warmup, iters, dev)
+                    nbytes = n_io * x.numel() * x.element_size()
+                    rows.append(dict(op=op, shape=f"{B}x{C}x{T}", dtype=args.dtype, backend=backend,
+                                     eager_us=t_eager, compile_us=t_comp, fused_us=t_fused,
+                                     fused_gbps=nbytes / t_fused / 1e3, speedup_vs_eager=t_eager / t_fused,
+                                     speedup_vs_compile=t_comp / t_fused))
     print(f"\nSnake ops on {hardware(dev)}, torch {torch.__version__}, {args.dtype}\n")
     print("| op | shape | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
     print("|---|---|---|---|---|---|---|---|---|")

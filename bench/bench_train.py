@@ -67,6 +67,7 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=None, help="clip length (latent frames = 25 / s)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model")
+    p.add_argument("--variants", help="comma list of reference,fused,fused+compile to run (default: all asked for)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out")
@@ -85,10 +86,13 @@ def main(argv=None) -> None:
         variants = [("reference", "reference", False), ("fused", None, False)]
         if a.compile:
             variants.append(("fused+compile", None, True))
+        if a.variants:
+            variants = [v for v in variants if v[0] in a.variants.split(",")]
         for label, backend, comp in variants:
             torch.manual_seed(0)
-            model = Omni2SoundDiT(cfg).to(a.device)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            with torch.device(a.device):                 # init on the device: seconds, not a minute, for L
+                model = Omni2SoundDiT(cfg)
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)   # as the trainer
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
             run_model = torch.compile(model) if comp else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
@@ -99,11 +103,17 @@ def main(argv=None) -> None:
             row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,
                    "us_per_step": dt * 1e6, "samples_per_s": batch / dt, "tokens_per_s": tokens / dt,
                    "mfu": (6 * params * tokens / dt / peak) if peak else None}
+            if cuda:
+                row["peak_mem_GB"] = torch.cuda.max_memory_allocated() / 2**30
+                torch.cuda.reset_peak_memory_stats()
             rows.append(row)
-            del model, opt
+            print(json.dumps(row), flush=True)
+            del model, opt, run_model
+            if cuda:
+                torch.cuda.empty_cache()
     for r in rows:
-        ref = next(x for x in rows if x["preset"] == r["preset"] and x["variant"] == "reference")
-        r["speedup_vs_reference"] = ref["us_per_step"] / r["us_per_step"]
+        ref = next((x for x in rows if x["preset"] == r["preset"] and x["variant"] == "reference"), None)
+        r["speedup_vs_reference"] = ref["us_per_step"] / r["us_per_step"] if ref else float("nan")
     print(f"\nTraining step (loss + backward + AdamW), {hw}, torch {torch.__version__}, batch {batch}, "
           f"{seconds} s clips\n")
     print("| preset | params (M) | ops | us / step | samples/s | tokens/s | MFU | vs reference |")

@@ -79,6 +79,10 @@ def main(argv=None):
         with ops.use_backend(snake="reference"):
             return base.decode(z_base)
 
+    def eager_same_dtype():                                      # the eager decoder in the fused path's dtype
+        with ops.use_backend(snake="reference"):
+            return vae.decode(z)
+
     def fused():
         return vae.decode(z)
 
@@ -89,6 +93,17 @@ def main(argv=None):
         err = (out.float() - ref.float()).abs().max().item()
         results["eager"] = best_time(eager, repeats, dev)
         results["fused"] = best_time(fused, repeats, dev)
+        default = ops.select_backend("snake_residual", torch.device(dev))
+        for b in ops.available_backends("snake_residual", torch.device(dev)):
+            if b not in ("reference", default):                 # the other fused backends (GPU: triton / cuda)
+                def other(b=b):
+                    with ops.use_backend(snake=b):
+                        return vae.decode(z)
+                other()
+                results[f"fused_{b}"] = best_time(other, repeats, dev)
+        if base_dtype != dtype:
+            eager_same_dtype()
+            results["eager_" + str(dtype).replace("torch.", "")] = best_time(eager_same_dtype, repeats, dev)
         compile_s = float("nan")
         if use_compile:
             compiled = torch.compile(base.decoder)
@@ -109,7 +124,8 @@ def main(argv=None):
           f"max |fused - eager| = {err:.2e}\n")
     print("| path | ms per decode | real-time factor | speed-up vs eager |")
     print("|---|---|---|---|")
-    for name in ("eager", "compile", "fused"):
+    order = ["eager"] + [k for k in results if k.startswith("eager_")] + ["compile", "fused"]
+    for name in order + [k for k in results if k.startswith("fused_")]:
         if name in results:
             t = results[name]
             print(f"| {name} | {t * 1e3:.1f} | {audio_s / t:.1f}x | {results['eager'] / t:.2f} |")

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks,
-# write everything under $OUT. Usage (repo root, on the GPU machine):
-#   bash bench/device_check.sh [tests|bench|all]
-# Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site.
+# The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
+# under $OUT. Usage (repo root, on the GPU machine):
+#   bash bench/device_check.sh [part1|part2|all] [SECONDS]
+#     part1  build, GPU tests, generate L (+ its compiled step), train L
+#     part2  VAE decode, the op benchmarks (adaln, snake), a GPU profile of one L step, generate L batch 8, train L
+#            compiled
+#     all    both
+# SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
+# less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
+# Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
+# extension was built by an earlier call and carried back (omni2sound/_C.cpython-312-*.so), the build is skipped.
 set -u
 export PYTHONUNBUFFERED=1
+T_START=$(date +%s)
 OUT=${OUT:-/tmp/o2s_out}
-mkdir -p "$OUT"
+RES="$OUT/res"                       # raw JSON / logs, packed into one archive at the end (the file limit is 8)
+mkdir -p "$RES"
 WHAT=${1:-all}
+BUDGET=${2:-540}
 PY=python3
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+left() { echo $(( T_START + BUDGET - $(date +%s) )); }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv; date -u;
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
@@ -20,35 +32,53 @@ cat "$OUT/gpu.txt"
 
 # Only the card's own architecture, to keep the build short (CI builds the full default list).
 export OMNI2SOUND_CUDA_ARCHS=${OMNI2SOUND_CUDA_ARCHS:-90a-real}
-t0=$(date +%s)
-if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -60 "$OUT/build.log"; exit 1
+if ls omni2sound/_C.cpython-312-*.so >/dev/null 2>&1; then
+  echo "build: using the carried extension $(ls omni2sound/_C.cpython-312-*.so)"
+else
+  t0=$(date +%s)
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; then
+    tail -60 "$RES/build.log"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - t0 )) s"
+  cp omni2sound/_C.cpython-312-*.so "$OUT/" 2>/dev/null   # carried to a later call: no second build
 fi
-echo "build: $(( $(date +%s) - t0 )) s"
 $PY -c "from omni2sound import _C; print('built_with_cuda', _C.built_with_cuda(), _C.cuda_archs())"
 
-if [ "$WHAT" = tests ] || [ "$WHAT" = all ]; then
-  t0=$(date +%s)
-  timeout 240 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10 2>&1 | tee "$OUT/tests.log" | tail -40
-  echo "gpu tests: $(( $(date +%s) - t0 )) s"
-fi
+SUMMARY="$OUT/summary.md"
+: >> "$SUMMARY"
+step() {  # name, limit seconds, command...: run with min(limit, time left - 10) seconds, log to $RES/name.log
+  local name=$1 limit=$2; shift 2
+  local rem=$(( $(left) - 10 ))
+  if [ "$rem" -lt 20 ]; then echo "($name skipped: ${rem}s left)" | tee -a "$SUMMARY"; return; fi
+  [ "$limit" -gt "$rem" ] && limit=$rem
+  local t0=$(date +%s)
+  echo "## $name (limit ${limit}s): $*" >> "$SUMMARY"
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  # the markdown tables and the last lines go to the summary
+  grep -E '^\||^#|^AudioVAE|^Training|passed|failed|error' "$RES/$name.log" | tail -60 >> "$SUMMARY"
+  tail -5 "$RES/$name.log" >> "$SUMMARY"
+  echo "($name: rc=$rc, $(( $(date +%s) - t0 )) s)" | tee -a "$SUMMARY"
+}
 
-if [ "$WHAT" = bench ] || [ "$WHAT" = all ]; then
-  : > "$OUT/bench.md"
-  run_bench() {  # name, timeout, args...
-    local name=$1 limit=$2; shift 2
-    [ -f "bench/$name.py" ] || { echo "(no bench/$name.py)" >> "$OUT/bench.md"; return; }
-    echo "## $name $*" >> "$OUT/bench.md"
-    local t0=$(date +%s)
-    timeout "$limit" $PY "bench/$name.py" "$@" >> "$OUT/bench.md" 2>> "$OUT/bench_err.log" \
-      || echo "(bench $name failed or timed out: rc=$?)" >> "$OUT/bench.md"
-    echo "($name took $(( $(date +%s) - t0 )) s)" >> "$OUT/bench.md"
-  }
-  run_bench bench_adaln 120
-  run_bench bench_cross_attention 120
-  run_bench bench_snake 60
-  run_bench bench_vae 90
-  run_bench bench_generate 150 --presets L --batches 1,8 --repeats 3 --device cuda
-  run_bench bench_train 120 --presets L --batch 32 --device cuda
-  tail -c 12000 "$OUT/bench.md"
+if [ "$WHAT" = part1 ] || [ "$WHAT" = all ]; then
+  step tests 110 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10
+  step generate_L 150 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --compile \
+    --out "$RES/generate_L.json"
+  step train_L 80 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+    --out "$RES/train_L.json"
 fi
+if [ "$WHAT" = part2 ] || [ "$WHAT" = all ]; then
+  step vae 70 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --out "$RES/vae.json"
+  step adaln 110 $PY bench/bench_adaln.py --quick --out "$RES/adaln.json"
+  step snake 40 $PY bench/bench_snake.py --out "$RES/snake.json"
+  step profile_L 60 $PY bench/bench_generate.py --profile --presets L --device cuda --out "$RES/profile_L.json"
+  step generate_L8 60 $PY bench/bench_generate.py --presets L --batches 8 --repeats 3 --device cuda \
+    --out "$RES/generate_L8.json"
+  step train_L_compile 150 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+    --compile --variants fused+compile --out "$RES/train_L_compile.json"
+fi
+tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
+echo "total: $(( $(date +%s) - T_START )) s"
+cat "$SUMMARY"

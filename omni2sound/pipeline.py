@@ -373,6 +373,7 @@ class Omni2SoundPipeline:
         if not torch.allclose(cond.duration, cond.duration[0]):
             raise ValueError("all requests of one batch must have the same duration (batch them by length)")
         timings: Dict[str, float] = {}
+        t_setup = time.perf_counter()
         dev = self.device
         mcfg = self.dit.config
         T = mcfg.num_frames(dur)
@@ -380,6 +381,8 @@ class Omni2SoundPipeline:
         starts = self.window_starts(T)
         Tp = starts[-1] + W if len(starts) > 1 else T                      # windows may run past the end
         x0 = self.flow.noise(cond.batch_size, Tp, mcfg.latent_dim, seed=seed, device=dev, dtype=self.dit.dtype)
+        _sync(dev)
+        timings["setup"] = time.perf_counter() - t_setup                   # checks + initial noise on the device
         ctx = ops.use_backend("reference") if plain else nullcontext()
         with ctx:
             if len(starts) == 1:
@@ -391,8 +394,10 @@ class Omni2SoundPipeline:
             audio = self.vae.decode(latents.float().transpose(1, 2))[:, 0, :n]           # [B, N]
             _sync(dev)
             timings["decode"] = time.perf_counter() - t0
-        return GenerationResult(audio=audio.float().cpu(), sample_rate=self.sample_rate, latents=latents,
-                                timings=timings)
+        t0 = time.perf_counter()
+        audio = audio.float().cpu()
+        timings["to_host"] = time.perf_counter() - t0
+        return GenerationResult(audio=audio, sample_rate=self.sample_rate, latents=latents, timings=timings)
 
     def _sample(self, cond: Conditions, x0: Tensor, opts: SamplingOptions, timings: Dict[str, float]) -> Tensor:
         dev, T = self.device, x0.shape[1]

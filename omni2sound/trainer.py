@@ -228,7 +228,8 @@ class Trainer:
         no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=optim.lr, betas=tuple(optim.betas))
+                                     lr=optim.lr, betas=tuple(optim.betas),
+                                     fused=True if self.info.device.startswith("cuda") else None)  # one kernel
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(optim.warmup, loop.steps, optim.min_lr_ratio))
         self.step = 0
