@@ -2,9 +2,9 @@
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
 #   bash bench/device_check.sh [part1|part2|all] [SECONDS]
-#     part1  build, GPU tests, generate L (+ its compiled step), train L
-#     part2  VAE decode, the op benchmarks (adaln, snake), a GPU profile of one L step, generate L batch 8, train L
-#            compiled
+#     part1  generate L (+ its compiled step), train L, VAE decode
+#     part2  the op benchmarks (adaln, snake), a GPU profile of one L step, generate L batch 8, train L compiled
+# Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
 #     all    both
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
@@ -61,16 +61,18 @@ step() {  # name, limit seconds, command...: run with min(limit, time left - 10)
   echo "($name: rc=$rc, $(( $(date +%s) - t0 )) s)" | tee -a "$SUMMARY"
 }
 
+if [ -z "${SKIP_TESTS:-}" ]; then
+  step tests 130 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10
+fi
 if [ "$WHAT" = part1 ] || [ "$WHAT" = all ]; then
-  step tests 110 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10
   step generate_L 150 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --compile \
     --out "$RES/generate_L.json"
   step train_L 80 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
     --out "$RES/train_L.json"
-fi
-if [ "$WHAT" = part2 ] || [ "$WHAT" = all ]; then
   step vae 70 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --out "$RES/vae.json"
+fi
+if [ "$WHAT" = part2 ] || [ "$WHAT" = all ]; then
   step adaln 110 $PY bench/bench_adaln.py --quick --out "$RES/adaln.json"
   step snake 40 $PY bench/bench_snake.py --out "$RES/snake.json"
   step profile_L 60 $PY bench/bench_generate.py --profile --presets L --device cuda --out "$RES/profile_L.json"

@@ -26,12 +26,23 @@ def lib():
     return _C
 
 
+# The backend checks below run inside ``omni2sound.ops`` dispatch, which torch.compile traces: Dynamo cannot trace
+# a pybind11 function (``built_with_cuda``), so each check is marked as a constant that Dynamo evaluates once at
+# trace time instead of tracing into it. Their answers cannot change within a process.
+@torch.compiler.assume_constant_result
 def has_cpu() -> bool:
     return lib() is not None
 
 
+@torch.compiler.assume_constant_result
 def has_cuda() -> bool:
     return lib() is not None and bool(lib().built_with_cuda()) and torch.cuda.is_available()
+
+
+@torch.compiler.assume_constant_result
+def has_symbol(name: str) -> bool:
+    """Whether the extension was built with the entry point ``name`` (e.g. ``snake_forward_cuda``)."""
+    return lib() is not None and hasattr(lib(), name)
 
 
 def dtype_code(t: torch.Tensor) -> int:

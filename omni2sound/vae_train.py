@@ -24,6 +24,7 @@ from omni2sound.vae import AudioVAE
 
 def stft_magnitude(wav: Tensor, n_fft: int) -> Tensor:
     """wav [B, N] -> |STFT| [B, n_fft/2 + 1, frames] with hop n_fft/4 and a Hann window."""
+    wav = wav.float()               # losses in fp32 (cuFFT has no bf16 transform; autocast leaves stft alone)
     window = torch.hann_window(n_fft, device=wav.device, dtype=wav.dtype)
     spec = torch.stft(wav, n_fft, hop_length=n_fft // 4, window=window, center=True, return_complex=True)
     return torch.view_as_real(spec).pow(2).sum(-1).clamp_min(1e-14).sqrt()   # |.| with a finite gradient at 0

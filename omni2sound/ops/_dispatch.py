@@ -113,3 +113,22 @@ def select_backend(op: str, device: torch.device) -> str:
         if b in checks and checks[b](device):
             return b
     return "reference"
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype while an autocast region is active for ``device``'s type, else None."""
+    dev = torch.device(device).type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def autocast_inputs(device: torch.device, *tensors):
+    """Under autocast, the floating inputs of an omni2sound op cast to the autocast dtype (as torch's own
+    lower-precision ops, linear and SDPA, do: a model under autocast hands these ops bf16 activations next to
+    fp32 parameters and buffers); outside autocast, the inputs unchanged. Casts are autograd-tracked, so gradients
+    reach fp32 parameters in fp32."""
+    dt = autocast_dtype(device)
+    if dt is None:
+        return tensors
+    return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)

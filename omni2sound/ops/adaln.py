@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import register_op, select_backend
+from ._dispatch import autocast_inputs, register_op, select_backend
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -277,7 +277,9 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 
 def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``."""
+    """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``.
+    Under autocast every input is cast to the autocast dtype first."""
+    x, shift, scale = autocast_inputs(x.device, x, shift, scale)
     _check(x, {"shift": shift, "scale": scale})
     backend = select_backend("adaln_modulate", x.device)
     if backend == "reference":
@@ -292,7 +294,9 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scal
     """``x2 = x + gate * h``; ``y = LayerNorm(x2) * (1 + scale) + shift``; returns ``(x2, y)``.
 
     x, h ``[B, L, D]``; gate, shift, scale ``[B, 1, D]`` (per sample) or ``[B, L, D]`` (per token).
+    Under autocast every input is cast to the autocast dtype first.
     """
+    x, h, gate, shift, scale = autocast_inputs(x.device, x, h, gate, shift, scale)
     _check(x, {"gate": gate, "shift": shift, "scale": scale}, h=h)
     backend = select_backend("gated_residual_adaln", x.device)
     if backend == "reference":

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ._dispatch import register_op, select_backend
+from ._dispatch import autocast_inputs, register_op, select_backend
 
 OP = "cross_attention"
 MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
@@ -67,6 +67,9 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
     gather, no loop over the batch; max_seqlen_k costs one host sync, which is why the model calls this
     once per request and not once per step.
     """
+    ref = video if video is not None else text
+    if ref is not None:                       # under autocast both modalities in the autocast dtype
+        video, text = autocast_inputs(ref.device, video, text)
     parts, masks = [], []
     for x, lens, name in ((video, video_lens, "video"), (text, text_lens, "text")):
         if x is None:
@@ -220,7 +223,7 @@ def _triton_available(device: torch.device) -> bool:
 
 
 def _cuda_available(device: torch.device) -> bool:
-    return device.type == "cuda" and _native.has_cuda() and hasattr(_native.lib(), "cross_attention_fwd_cuda")
+    return device.type == "cuda" and _native.has_cuda() and _native.has_symbol("cross_attention_fwd_cuda")
 
 
 # CPU: the SDPA reference is the fast path (no C++ kernel), so it is the CPU default. GPU: Triton first,
@@ -341,8 +344,10 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     q [B, Lq, H, D]; k, v [total_k, H, D]; cu_seqlens_k int32 [B + 1]; max_seqlen_k = the largest
     per-sample key count (from ``pack_condition_tokens``; not checked, which would cost a device sync);
     softmax_scale defaults to 1/sqrt(D). D up to 128 (CUDA backend: 32, 64, 128).
-    Returns [B, Lq, H, D] in q's dtype; samples without keys give zeros.
+    Returns [B, Lq, H, D] in q's dtype; samples without keys give zeros. Under autocast q, k and v are cast to
+    the autocast dtype first.
     """
+    q, k, v = autocast_inputs(q.device, q, k, v)
     _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     backend = select_backend(OP, q.device)

@@ -87,8 +87,8 @@ def _triton_ok(device: torch.device) -> bool:
 
 _AVAILABLE = {
     "reference": lambda d: True,
-    "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and hasattr(_native.lib(), "snake_forward_cpu"),
-    "cuda": lambda d: d.type == "cuda" and _native.has_cuda() and hasattr(_native.lib(), "snake_forward_cuda"),
+    "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("snake_forward_cpu"),
+    "cuda": lambda d: d.type == "cuda" and _native.has_cuda() and _native.has_symbol("snake_forward_cuda"),
     "triton": _triton_ok,
 }
 register_op("snake", _AVAILABLE, family="snake")
