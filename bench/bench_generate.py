@@ -176,6 +176,10 @@ def profile_steps(preset: str, vae, args, device, dtype) -> dict:
                 t0 = time.perf_counter()
                 pipe._sample(cond, x0, opts, {})
                 wall = time.perf_counter() - t0
+        if steps == 3:                       # the top kernels (device) / ops (CPU) of this path, for the notes
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(f"# {preset} {'plain' if plain else 'optimised'}, 3 steps", flush=True)
+            print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60), flush=True)
         out = {"wall_s": wall, "gemm": 0.0, "attention": 0.0, "other": 0.0, "flops": 0.0}
         for e in prof.key_averages():
             t = (e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total) * 1e-6

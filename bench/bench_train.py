@@ -35,7 +35,8 @@ def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:
     return r(batch, T, cfg.latent_dim), cond
 
 
-def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool) -> float:
+def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool, profile: bool = False
+               ) -> float:
     flow = FlowMatching()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") \
         else contextlib.nullcontext()
@@ -52,6 +53,17 @@ def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16:
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+    if profile:                     # where a step's device time goes: the top kernels of 2 steps, printed
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with torch_profile(activities=acts) as prof:
+            for _ in range(2):
+                step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60), flush=True)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
@@ -68,6 +80,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model")
     p.add_argument("--variants", help="comma list of reference,fused,fused+compile to run (default: all asked for)")
+    p.add_argument("--profile", action="store_true", help="print the top kernels of 2 steps (not the reference)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out")
@@ -97,7 +110,8 @@ def main(argv=None) -> None:
             run_model = torch.compile(model) if comp else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
             with ctx:
-                dt = time_steps(run_model, opt, x1, cond, steps, 1 if not comp else 3, a.device, True)
+                dt = time_steps(run_model, opt, x1, cond, steps, 1 if not comp else 3, a.device, True,
+                                profile=a.profile and label != "reference")
             tokens = batch * x1.shape[1]
             params = model.num_params()
             row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,

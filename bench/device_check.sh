@@ -2,8 +2,8 @@
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
 #   bash bench/device_check.sh [part1|part2|all] [SECONDS]
-#     part1  generate L (+ its compiled step), train L, VAE decode
-#     part2  the op benchmarks (adaln, snake), a GPU profile of one L step, generate L batch 8, train L compiled
+#     part1  generate L (+ its compiled step), train L (+ its top kernels), VAE decode, a profile of one L step
+#     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
 #     all    both
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
@@ -34,6 +34,8 @@ cat "$OUT/gpu.txt"
 export OMNI2SOUND_CUDA_ARCHS=${OMNI2SOUND_CUDA_ARCHS:-90a-real}
 if ls omni2sound/_C.cpython-312-*.so >/dev/null 2>&1; then
   echo "build: using the carried extension $(ls omni2sound/_C.cpython-312-*.so)"
+  # without the install, omni2sound.kernels (installed from kernels/) is missing: link it in this copy
+  [ -e omni2sound/kernels ] || ln -s ../kernels omni2sound/kernels
 else
   t0=$(date +%s)
   if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; then
@@ -67,15 +69,15 @@ fi
 if [ "$WHAT" = part1 ] || [ "$WHAT" = all ]; then
   step generate_L 150 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --compile \
     --out "$RES/generate_L.json"
-  step train_L 80 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+  step train_L 80 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda --profile \
     --out "$RES/train_L.json"
   step vae 70 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --out "$RES/vae.json"
+  step profile_L 60 $PY bench/bench_generate.py --profile --presets L --device cuda --out "$RES/profile_L.json"
 fi
 if [ "$WHAT" = part2 ] || [ "$WHAT" = all ]; then
   step adaln 110 $PY bench/bench_adaln.py --quick --out "$RES/adaln.json"
   step snake 40 $PY bench/bench_snake.py --out "$RES/snake.json"
-  step profile_L 60 $PY bench/bench_generate.py --profile --presets L --device cuda --out "$RES/profile_L.json"
   step generate_L8 60 $PY bench/bench_generate.py --presets L --batches 8 --repeats 3 --device cuda \
     --out "$RES/generate_L8.json"
   step train_L_compile 150 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \

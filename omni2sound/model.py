@@ -154,7 +154,8 @@ class RMSNorm(nn.Module):
 def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
     """RMS norm over the last dim with fp32 statistics (one fused kernel where torch has F.rms_norm)."""
     if hasattr(F, "rms_norm"):
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        # weight in x's dtype: under autocast (bf16 x, fp32 weight) torch falls back to a slow unfused path
+        return F.rms_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype), eps)
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y if weight is None else y * weight
@@ -250,7 +251,7 @@ class SelfAttention(nn.Module):
         B, T, D = y.shape
         qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
         # q and k together: one norm (per-tensor weights broadcast over [2, 1, Dh]) and one rotation
-        w = torch.stack([self.q_norm.weight, self.k_norm.weight])[:, None]              # [2, 1, Dh]
+        w = torch.stack([self.q_norm.weight, self.k_norm.weight]).to(qkv.dtype)[:, None]  # [2, 1, Dh]
         qk = apply_rope(rms_norm(qkv[:, :, :2], None, self.q_norm.eps) * w, rope)       # [B, T, 2, H, Dh]
         q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]                                # [B, T, H, Dh] each
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]

@@ -132,3 +132,14 @@ def autocast_inputs(device: torch.device, *tensors):
     if dt is None:
         return tensors
     return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+@torch.compiler.assume_constant_result          # checked inside compiled steps: a constant to Dynamo, never traced
+def triton_available(device_type: str) -> bool:
+    """Whether the Triton kernels (``omni2sound.kernels``) can run on ``device_type`` tensors in this process
+    (False when triton or the installed kernels package is missing)."""
+    try:
+        from omni2sound.kernels import available
+    except ImportError:
+        return False
+    return available(device_type)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import autocast_inputs, register_op, select_backend
+from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -76,9 +76,7 @@ def _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd):
 
 
 def _triton_ok(device: torch.device) -> bool:
-    from omni2sound import kernels
-
-    return kernels.available(device)
+    return triton_available(device.type)
 
 
 _AVAILABLE = {

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
-from ._dispatch import autocast_inputs, register_op, select_backend
+from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
 
 OP = "cross_attention"
 MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
@@ -215,11 +215,7 @@ def _packed_rows(cu_seqlens_k: torch.Tensor, Lk: int, total_k: int) -> torch.Ten
 # Dispatch and torch.library registration
 # ----------------------------------------------------------------------------------------------------
 def _triton_available(device: torch.device) -> bool:
-    try:
-        from omni2sound.kernels import available
-    except ImportError:
-        return False
-    return available(device)
+    return triton_available(device.type)
 
 
 def _cuda_available(device: torch.device) -> bool:

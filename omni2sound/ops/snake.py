@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import register_op, select_backend
+from ._dispatch import register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -80,9 +80,7 @@ def _backward_reference(dy: Tensor, ds_out: Optional[Tensor], x: Tensor, residua
 
 
 def _triton_ok(device: torch.device) -> bool:
-    from omni2sound import kernels
-
-    return kernels.available(device)
+    return triton_available(device.type)
 
 
 _AVAILABLE = {
