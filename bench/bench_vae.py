@@ -93,6 +93,9 @@ def main(argv=None):
         err = (out.float() - ref.float()).abs().max().item()
         results["eager"] = best_time(eager, repeats, dev)
         results["fused"] = best_time(fused, repeats, dev)
+        if dev == "cuda":                                        # the pipeline's decode: one CUDA graph replay
+            vae.decode_graphed(z)
+            results["fused_graph"] = best_time(lambda: vae.decode_graphed(z), repeats, dev)
         default = ops.select_backend("snake_residual", torch.device(dev))
         for b in ops.available_backends("snake_residual", torch.device(dev)):
             if b not in ("reference", default):                 # the other fused backends (GPU: triton / cuda)

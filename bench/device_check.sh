@@ -6,6 +6,7 @@
 #     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
 #     all    both
+#     final  a short re-check: train L, VAE decode, the VAE/pipeline GPU tests, adaln, snake, generate L
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -82,6 +83,17 @@ if [ "$WHAT" = part2 ] || [ "$WHAT" = all ]; then
     --out "$RES/generate_L8.json"
   step train_L_compile 150 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
     --compile --variants fused+compile --out "$RES/train_L_compile.json"
+fi
+if [ "$WHAT" = final ]; then      # a short re-check after fixes: the changed paths first, then the op benchmarks
+  step train_L 60 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda --profile \
+    --out "$RES/train_L.json"
+  step vae 50 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --out "$RES/vae.json"
+  step tests_vae_pipeline 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_vae.py tests/test_pipeline.py -rf
+  step adaln 110 $PY bench/bench_adaln.py --quick --out "$RES/adaln.json"
+  step snake 40 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
+  step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 2 --device cuda \
+    --out "$RES/generate_L.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

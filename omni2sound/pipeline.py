@@ -391,7 +391,9 @@ class Omni2SoundPipeline:
                 latents = self._sample_windows(cond, x0, starts, W, opts, timings)[:, :T]
             t0 = time.perf_counter()
             n = int(round(dur * self.sample_rate))
-            audio = self.vae.decode(latents.float().transpose(1, 2))[:, 0, :n]           # [B, N]
+            z = latents.float().transpose(1, 2)
+            # on a GPU the decode is replayed from a CUDA graph (launch-bound at batch 1); plain: eager
+            audio = (self.vae.decode(z) if plain or not cuda_graphs else self.vae.decode_graphed(z))[:, 0, :n]  # [B, N]
             _sync(dev)
             timings["decode"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -501,6 +501,32 @@ class AudioVAE(nn.Module):
             out.append(wav[:, :, (start - lo) * hop:(stop - lo) * hop])
         return torch.cat(out, dim=-1)
 
+    @torch.no_grad()
+    def decode_graphed(self, z: Tensor, max_graphs: int = 4) -> Tensor:
+        """``decode(z)`` replayed from a CUDA graph captured once per (shape, dtype): a batch-1 decode is a chain of
+        ~60 small convs and Snake kernels whose launches, not their work, bound it on a GPU. Elsewhere (CPU, or
+        with gradients on) it is ``decode(z)``. The graph reads the weights in place, so later weight updates are
+        seen; it holds its own input and output buffers (the result is a copy)."""
+        if z.device.type != "cuda" or torch.is_grad_enabled():
+            return self.decode(z)
+        graphs = self.__dict__.setdefault("_decode_graphs", {})          # not a module attribute: no state_dict
+        key = (tuple(z.shape), z.dtype, z.device, ops.select_backend("snake_residual", z.device))
+        entry = graphs.get(key)
+        if entry is None:
+            from .pipeline import warm_up_on_side_stream
+            if len(graphs) >= max_graphs:
+                graphs.pop(next(iter(graphs)))
+            z_static = z.clone()
+            warm_up_on_side_stream(lambda: self.decoder(z_static), 2)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self.decoder(z_static)
+            entry = graphs[key] = (graph, z_static, out)
+        graph, z_static, out = entry
+        z_static.copy_(z)
+        graph.replay()
+        return out.clone()
+
     def forward(self, wav: Tensor, generator: Optional[torch.Generator] = None, return_frames: bool = False):
         """Training pass: wav [B, 1, N] -> (reconstruction [B, 1, ceil(N/hop)*hop], posterior), plus the decoder's
         pre-synthesis output (``Decoder.frames``) when ``return_frames`` (the stft head's frame loss reads it)."""
