@@ -506,7 +506,9 @@ class AudioVAE(nn.Module):
         """``decode(z)`` replayed from a CUDA graph captured once per (shape, dtype): a batch-1 decode is a chain of
         ~60 small convs and Snake kernels whose launches, not their work, bound it on a GPU. Elsewhere (CPU, or
         with gradients on) it is ``decode(z)``. The graph reads the weights in place, so later weight updates are
-        seen; it holds its own input and output buffers (the result is a copy)."""
+        seen; it holds its own input and output buffers. Only the conv stack (``Decoder.frames``) is captured: the
+        stft head's inverse STFT synchronises with the host (torch.istft checks its window envelope), which a
+        capture does not allow (seen on an H100), so it runs eagerly after the replay."""
         if z.device.type != "cuda" or torch.is_grad_enabled():
             return self.decode(z)
         graphs = self.__dict__.setdefault("_decode_graphs", {})          # not a module attribute: no state_dict
@@ -517,15 +519,15 @@ class AudioVAE(nn.Module):
             if len(graphs) >= max_graphs:
                 graphs.pop(next(iter(graphs)))
             z_static = z.clone()
-            warm_up_on_side_stream(lambda: self.decoder(z_static), 2)
+            warm_up_on_side_stream(lambda: self.decoder.frames(z_static), 2)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                out = self.decoder(z_static)
+                out = self.decoder.frames(z_static)
             entry = graphs[key] = (graph, z_static, out)
         graph, z_static, out = entry
         z_static.copy_(z)
         graph.replay()
-        return out.clone()
+        return self.decoder._head(out.clone())
 
     def forward(self, wav: Tensor, generator: Optional[torch.Generator] = None, return_frames: bool = False):
         """Training pass: wav [B, 1, N] -> (reconstruction [B, 1, ceil(N/hop)*hop], posterior), plus the decoder's
