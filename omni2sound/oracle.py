@@ -151,9 +151,11 @@ def _truth(clip) -> list:
     return [{"cls": e.cls, "onset": e.onset, "onscreen": e.onscreen} for e in clip.events]
 
 
-def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234) -> dict:
+def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
+                 split: str = "test") -> dict:
     """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
-    Also scores the VAE's reconstruction of the true audio (the ceiling any DiT can reach here)."""
+    Also scores the VAE's reconstruction of the true audio (the ceiling any DiT can reach here).
+    split: "test" for the report; "val" to choose sampling settings (steps, CFG) without touching the test prompts."""
     import torch
 
     from .extract import Encoders, encode_items
@@ -175,7 +177,7 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     results, audio = {}, {}
     from .data.shards import FeatureTable
     for track, (task, start, off) in TRACKS.items():
-        clips = world.clips(n, "test", start=start, offscreen=off)
+        clips = world.clips(n, split, start=start, offscreen=off)
         table = FeatureTable.from_items(encode_items([{"clip_id": c.clip_id, "audio": c.audio,
                                                         "frames_semantic": c.frames_semantic,
                                                         "frames_sync": c.frames_sync, "caption": c.caption,
@@ -231,6 +233,10 @@ def _loss_png(path: str, run_root: str, stages: list) -> None:
     plt.close(fig)
 
 
+def _cfg_text(g) -> str:
+    return f"video {g[0]:g} / text {g[1]:g} (separate scales)" if isinstance(g, (tuple, list)) else f"{g:g} (joint)"
+
+
 def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -> str:
     """runs/<name>/report/: report.md, losses.png, scores.json, and per track two samples (WAV + PNG)."""
     from .audio import save_audio
@@ -242,8 +248,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     sr = 16000
     lines = [f"# Toy report: {cfg.name} (schedule {cfg.schedule}, sampled from {stage_dir})", "",
              f"{cfg.toy_eval_clips} held-out prompts per track (test split), {cfg.sample_steps} Euler steps, "
-             f"CFG {cfg.cfg_scale}. Oracle: onset within 40 ms and class right; class_acc = the set of heard "
-             "classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true audio.", "",
+             f"CFG {_cfg_text(cfg.cfg_scale)}. Oracle: onset within 40 ms and class right; class_acc = the set of "
+             "heard classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true audio.", "",
              "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
