@@ -249,7 +249,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     lines = [f"# Toy report: {cfg.name} (schedule {cfg.schedule}, sampled from {stage_dir})", "",
              f"{cfg.toy_eval_clips} held-out prompts per track (test split), {cfg.sample_steps} Euler steps, "
              f"CFG {_cfg_text(cfg.cfg_scale)}. Oracle: onset within 40 ms and class right; class_acc = the set of "
-             "heard classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true audio.", "",
+             "heard classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true "
+             "audio.", "",
              "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
