@@ -25,7 +25,7 @@ Two heads (``VAEConfig.head``):
     one trained for minutes on a CPU only learns the loudest low band (measured on the toy world: 4 of 5 classes
     at -40 to -70 dB after 1500 steps); with one output channel per frequency bin every band is one linear map
     away, and the toy preset, trained with ``vae_train.frame_loss``, reconstructs every class (the toy oracle
-    hears all events in its reconstructions after 1000 steps x 16 crops; see bench/RESULTS.md).
+    hears all events in its reconstructions after 1000-1500 steps x 16 crops; see bench/RESULTS.md).
 """
 from __future__ import annotations
 
