@@ -6,10 +6,7 @@ the tests use. ``available(device)`` tells the dispatcher whether this process c
 import functools
 import os
 
-import torch
 
-
-@torch.compiler.assume_constant_result      # ops dispatch runs inside compiled steps: a constant to Dynamo
 @functools.lru_cache(maxsize=None)
 def _triton_importable() -> bool:
     try:
