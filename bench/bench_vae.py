@@ -75,13 +75,15 @@ def main(argv=None):
     z = z_base.to(dtype)
     audio_s = args.batch * frames * vae.hop_length / vae.sample_rate
 
-    def eager():
-        with ops.use_backend(snake="reference"):
-            return base.decode(z_base)
+    def decode_on(backend, model, latents):
+        """A decode of ``latents`` by ``model`` with every Snake op on ``backend``."""
+        def run():
+            with ops.use_backend(snake=backend):
+                return model.decode(latents)
+        return run
 
-    def eager_same_dtype():                                      # the eager decoder in the fused path's dtype
-        with ops.use_backend(snake="reference"):
-            return vae.decode(z)
+    eager = decode_on("reference", base, z_base)
+    eager_same_dtype = decode_on("reference", vae, z)              # the eager decoder in the fused path's dtype
 
     def fused():
         return vae.decode(z)
@@ -99,9 +101,7 @@ def main(argv=None):
         default = ops.select_backend("snake_residual", torch.device(dev))
         for b in ops.available_backends("snake_residual", torch.device(dev)):
             if b not in ("reference", default):                 # the other fused backends (GPU: triton / cuda)
-                def other(b=b):
-                    with ops.use_backend(snake=b):
-                        return vae.decode(z)
+                other = decode_on(b, vae, z)
                 other()
                 results[f"fused_{b}"] = best_time(other, repeats, dev)
         if base_dtype != dtype:

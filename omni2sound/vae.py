@@ -501,7 +501,6 @@ class AudioVAE(nn.Module):
             out.append(wav[:, :, (start - lo) * hop:(stop - lo) * hop])
         return torch.cat(out, dim=-1)
 
-    @torch.no_grad()
     def decode_graphed(self, z: Tensor, max_graphs: int = 4) -> Tensor:
         """``decode(z)`` replayed from a CUDA graph captured once per (shape, dtype): a batch-1 decode is a chain of
         ~60 small convs and Snake kernels whose launches, not their work, bound it on a GPU. Elsewhere (CPU, or
@@ -509,7 +508,7 @@ class AudioVAE(nn.Module):
         seen; it holds its own input and output buffers. Only the conv stack (``Decoder.frames``) is captured: the
         stft head's inverse STFT synchronises with the host (torch.istft checks its window envelope), which a
         capture does not allow (seen on an H100), so it runs eagerly after the replay."""
-        if z.device.type != "cuda" or torch.is_grad_enabled():
+        if z.device.type != "cuda" or torch.is_grad_enabled():      # graphs are for inference only
             return self.decode(z)
         graphs = self.__dict__.setdefault("_decode_graphs", {})          # not a module attribute: no state_dict
         key = (tuple(z.shape), z.dtype, z.device, ops.select_backend("snake_residual", z.device))
