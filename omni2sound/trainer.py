@@ -16,6 +16,7 @@ NCCL on GPUs, gloo on the CPU; DDP or FSDP (full-state checkpoints). bf16 autoca
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -47,8 +48,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: Optional[str] = None) -> DistInfo:
-    """From torchrun's environment; single process when WORLD_SIZE is unset or 1."""
+def init_distributed(device: Optional[str] = None, timeout_s: Optional[float] = None) -> DistInfo:
+    """From torchrun's environment; single process when WORLD_SIZE is unset or 1.
+
+    timeout_s bounds the rendezvous and every collective (torch's default is 10-30 minutes, which turns a peer that
+    never arrives into a silent half-hour hang); OMNI2SOUND_DIST_TIMEOUT sets it from the environment."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +61,10 @@ def init_distributed(device: Optional[str] = None) -> DistInfo:
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world)
+        if timeout_s is None and os.environ.get("OMNI2SOUND_DIST_TIMEOUT"):
+            timeout_s = float(os.environ["OMNI2SOUND_DIST_TIMEOUT"])
+        kw = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=rank, world_size=world, **kw)
     return DistInfo(rank, world, local, device)
 
 

@@ -354,7 +354,7 @@ def test_cuda_sources_compile(tmp_path):
     src = ROOT / "csrc" / "cross_attention.cu"
     cmd = ["nvcc", "-std=c++17", "-O1", "--expt-relaxed-constexpr", "-gencode=arch=compute_90a,code=sm_90a",
            f"-I{ROOT / 'csrc'}", "-c", str(src), "-o", str(tmp_path / "cross_attention.o")]
-    res = subprocess.run(cmd, capture_output=True, text=True)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, f"{src.name} failed to compile:\n{res.stderr[-3000:]}"
 
 
