@@ -168,12 +168,13 @@ def rope_table(num_frames: int, head_dim: int, base: float, device) -> Tensor:
     return torch.polar(torch.ones_like(ang), ang)
 
 
-def apply_rope(x: Tensor, cis: Tensor) -> Tensor:
-    """x [B, T, ..., Dh]: rotate the (even, odd) pairs of every head by the frame's angle, in fp32, as one
-    complex multiply (3 kernels instead of ~8 for the real-arithmetic form; this runs every block)."""
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))               # [B, T, ..., Dh/2]
-    c = cis.view(1, cis.shape[0], *([1] * (x.dim() - 3)), cis.shape[1])
-    return torch.view_as_real(xc * c).flatten(-2).to(x.dtype)
+def _leading_rows_with_tokens(cu_seqlens: Tensor) -> int:
+    """The number of rows before the trailing run of rows with zero tokens (one host read)."""
+    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    n = len(lens)
+    while n and lens[n - 1] == 0:
+        n -= 1
+    return n
 
 
 def resample_sync(sync: Tensor, num_frames: int, sync_rate: float, latent_rate: float) -> Tensor:
@@ -206,8 +207,11 @@ class PreparedConditions:
                   L at batch 32: 36% of the step in add_ and fill_ kernels)
     final_sync_mod [2, B, T, D]
     duration_emb  [B, D]
-    rope          complex64 [T, Dh / 2]: exp(i * angle) of RoPE
+    rope          fp32 [T, Dh / 2, 2]: (cos, sin) of RoPE's angle per frame and pair
     ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
+    cross_rows    the cross-attention runs on rows [0, cross_rows) only: the rows after have no condition tokens,
+                  so their attention output is exactly 0 and the sublayer's output exactly proj.bias (the CFG
+                  batch puts its unconditional rows last; skipping them saves their query and output GEMMs)
     """
     kv: List[Tuple[Tensor, Tensor]]
     cu_seqlens_k: Tensor
@@ -220,6 +224,11 @@ class PreparedConditions:
     zeros: Tensor
     batch_size: int
     num_frames: int
+    cross_rows: int = -1
+
+    def __post_init__(self):
+        if self.cross_rows < 0:
+            self.cross_rows = self.batch_size
 
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
@@ -228,7 +237,7 @@ class PreparedConditions:
 
     def signature(self) -> tuple:
         """Shapes and dtypes that a captured graph depends on."""
-        return (self.batch_size, self.num_frames, self.max_seqlen_k,
+        return (self.batch_size, self.num_frames, self.max_seqlen_k, self.cross_rows,
                 tuple((tuple(t.shape), t.dtype) for t in self.tensors()))
 
     def copy_(self, other: "PreparedConditions") -> "PreparedConditions":
@@ -251,11 +260,13 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, y: Tensor, rope: Tensor) -> Tensor:
+        """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]."""
         B, T, D = y.shape
         qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
-        # q and k together: one norm (per-tensor weights broadcast over [2, 1, Dh]) and one rotation
-        w = torch.stack([self.q_norm.weight, self.k_norm.weight]).to(qkv.dtype)[:, None]  # [2, 1, Dh]
-        qk = apply_rope(rms_norm(qkv[:, :, :2], None, self.q_norm.eps) * w, rope)       # [B, T, 2, H, Dh]
+        # q and k together, straight from the projection's output (a strided view, no copy): one fused
+        # RMSNorm (q's and k's weights) + RoPE rotation
+        w = torch.stack([self.q_norm.weight, self.k_norm.weight])                         # [2, Dh]
+        qk = ops.qk_norm_rope(qkv[:, :, :2], w, rope, self.q_norm.eps)                   # [B, T, 2, H, Dh]
         q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]                                # [B, T, H, Dh] each
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]
         return self.proj(o.transpose(1, 2).reshape(B, T, D))                            # [B, T, D]
@@ -278,11 +289,18 @@ class CrossAttention(nn.Module):
         k, v = self.kv_proj(tokens).view(n, 2, self.heads, D // self.heads).unbind(1)
         return self.k_norm(k).contiguous(), v.contiguous()
 
-    def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int) -> Tensor:
+    def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
+                rows: Optional[int] = None) -> Tensor:
+        """y [B, T, D] -> [B, T, D]. Rows >= ``rows`` have no keys: their output is proj.bias, not computed."""
         B, T, D = y.shape
-        q = self.q_norm(self.q(y).view(B, T, self.heads, D // self.heads))              # [B, T, H, Dh]
-        o = ops.cross_attention(q.contiguous(), k, v, cu_seqlens_k, max_seqlen_k)       # [B, T, H, Dh]
-        return self.proj(o.reshape(B, T, D))
+        n = B if rows is None else rows
+        yc = y[:n]                                                                       # a view: rows lead
+        q = self.q_norm(self.q(yc).view(n, T, self.heads, D // self.heads))             # [n, T, H, Dh]
+        o = ops.cross_attention(q.contiguous(), k, v, cu_seqlens_k[:n + 1], max_seqlen_k)  # [n, T, H, Dh]
+        h = self.proj(o.reshape(n, T, D))                                                # [n, T, D]
+        if n == B:
+            return h
+        return torch.cat([h, self.proj.bias.to(h.dtype).expand(B - n, T, D)])             # [B, T, D]
 
 
 class DiTBlock(nn.Module):
@@ -304,7 +322,7 @@ class DiTBlock(nn.Module):
         _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(0)                  # [B, T, D] each
         h = self.attn(y, prep.rope)                                   # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
-        h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k)           # [B, T, D]
+        h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
         h = self.mlp(y)                                                                  # [B, T, D]
         return ops.gated_residual_adaln(x, h, gate_mlp, next_shift, next_scale, self.eps)
@@ -371,9 +389,14 @@ class Omni2SoundDiT(nn.Module):
         return self.x_embed.weight.device
 
     # -- once per request ----------------------------------------------------------------------------
-    def prepare_conditions(self, cond: Conditions, num_frames: int) -> PreparedConditions:
+    def prepare_conditions(self, cond: Conditions, num_frames: int, skip_empty_cross: bool = False
+                           ) -> PreparedConditions:
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
-        embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here)."""
+        embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
+
+        skip_empty_cross: trailing rows with no condition tokens skip the cross-attention (exact; see
+        PreparedConditions.cross_rows). Off for training, where the dropped rows are scattered and a
+        data-dependent row count would recompile a compiled step."""
         cfg, D = self.config, self.config.hidden_dim
         dt, dev = self.dtype, self.device
         cond = cond.to(dev, dt)
@@ -395,9 +418,10 @@ class Omni2SoundDiT(nn.Module):
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
-            rope=rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev),
+            rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
-            batch_size=B, num_frames=num_frames)
+            batch_size=B, num_frames=num_frames,
+            cross_rows=_leading_rows_with_tokens(cu) if skip_empty_cross else B)
 
     def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
         cfg = self.config

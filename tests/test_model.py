@@ -119,6 +119,27 @@ def test_prepared_path_equals_forward_and_fused_equals_reference_ops():
             model.predict_velocity(x[:, :12], t, prep)
 
 
+@pytest.mark.parametrize("text_lens,video_lens,rows", [
+    ([5, 0, 3, 0], [9, 9, 0, 0], 3),      # VT2A, V2A, T2A, unconditional: the last row skips
+    ([5, 0, 0, 0], [0, 0, 0, 0], 1),      # a T2A CFG batch padded with empty rows
+    ([0, 0, 0, 0], [0, 0, 0, 0], 0),      # nothing to attend to at all
+    ([0, 0, 3, 2], [0, 0, 0, 9], 4),      # empty rows that do not trail: nothing skipped
+])
+def test_skipping_empty_cross_attention_rows_is_exact(text_lens, video_lens, rows):
+    model = small_model()
+    cond = make_cond(text_lens=text_lens, video_lens=video_lens)
+    x, t = torch.randn(4, 11, 4), torch.rand(4)
+    with torch.no_grad():
+        full = model.prepare_conditions(cond, 11)
+        skip = model.prepare_conditions(cond, 11, skip_empty_cross=True)
+        assert full.cross_rows == 4 and skip.cross_rows == rows
+        for backend in ("reference", None):
+            with use_backend(backend) if backend else torch.no_grad():
+                torch.testing.assert_close(model.predict_velocity(x, t, skip), model.predict_velocity(x, t, full),
+                                           atol=1e-6, rtol=1e-6)
+    assert skip.signature() != full.signature() or rows == 4     # a captured graph is never reused across them
+
+
 def test_low_precision_forward_close_to_fp32():
     model, cond = small_model(), make_cond()
     x, t = torch.randn(4, 9, 4), torch.rand(4)

@@ -1,0 +1,113 @@
+"""Benchmark of the fused q/k RMSNorm + RoPE against the unfused chain it replaces (eager, and torch.compile of
+the same chain), measured in the same run.
+
+    python bench/bench_qk_norm_rope.py [--quick] [--device cpu|cuda] [--dtype ...] [--threads N] [--out f.json]
+
+Shapes: the self-attention input of 10 s (250 latent frames) at the sizes that sample (CFG batch 2) and train
+(batch 32): S (12 heads x 64) and L (24 x 64). The input is the strided q/k slice of a [B, T, 3, H, Dh]
+projection, as in the model. The unfused chain is what the model ran before this op: F.rms_norm in the input
+dtype, the q/k weights, RoPE as a complex multiply in fp32 and a cast back. Reports us per call and GB/s of the
+bytes the op must move (read q/k, write q/k; fwd+bwd also reads dy and q/k again and writes dq/dk); forward alone
+and forward + backward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+from _timing import time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+
+from omni2sound import ops
+from omni2sound.model import rope_table
+
+
+def unfused(qk, w, cis, eps=1e-6):
+    """The model's chain before the fused op (three to five passes over q/k)."""
+    n = F.rms_norm(qk, (qk.shape[-1],), None, eps) * w.to(qk.dtype)[:, None]
+    xc = torch.view_as_complex(n.float().reshape(*n.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * cis[None, :, None, None]).flatten(-2).to(qk.dtype)
+
+
+def hardware(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--quick", action="store_true", help="inference shapes only, no torch.compile")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dev, dtype = args.device, getattr(torch, args.dtype)
+    gpu = dev == "cuda"
+    T = 250
+    shapes = [("S sample", 2, 12, 64), ("L sample", 2, 24, 64), ("S train", 32, 12, 64), ("L train", 32, 24, 64)]
+    if args.quick or not gpu:
+        shapes = [s for s in shapes if "sample" in s[0]] if args.quick else shapes[:3]
+    use_compile = not (args.quick or args.no_compile)
+    backends = [b for b in ops.available_backends("qk_norm_rope", torch.device(dev)) if b != "reference"]
+    timer = (lambda fn: time_gpu(fn, repeats=7, inner=20)[0]) if gpu else (lambda fn: time_cpu(fn, 5, 3))
+    rows = []
+    for name, B, H, Dh in shapes:
+        qkv = torch.randn(B, T, 3, H, Dh, device=dev, dtype=dtype)
+        w = (1 + 0.1 * torch.randn(2, Dh, device=dev)).to(dtype)
+        cis = rope_table(T, Dh, 10000.0, dev)
+        cs = torch.view_as_real(cis).contiguous()
+        comp = torch.compile(unfused) if use_compile else None
+        for mode in ("fwd", "fwd+bwd"):
+            grad = mode == "fwd+bwd"
+            leaf = qkv.clone().requires_grad_(grad)
+            wl = w.clone().requires_grad_(grad)
+            dy = torch.randn(B, T, 2, H, Dh, device=dev, dtype=dtype)
+
+            def call(fn):
+                def go():
+                    y = fn(leaf[:, :, :2], wl)
+                    if grad:
+                        torch.autograd.grad(y, (leaf, wl), dy)
+                return go
+
+            if not grad:
+                ctx = torch.no_grad()
+                ctx.__enter__()
+            t_eager = timer(call(lambda q, ww: unfused(q, ww, cis)))
+            t_comp = timer(call(lambda q, ww: comp(q, ww, cis))) if comp else float("nan")
+            nbytes = (2 if not grad else 6) * B * T * 2 * H * Dh * qkv.element_size()
+            for backend in backends:
+                def fused(q, ww, backend=backend):
+                    with ops.use_backend(qk_norm_rope=backend):
+                        return ops.qk_norm_rope(q, ww, cs)
+                t = timer(call(fused))
+                rows.append(dict(shape=f"{name} [{B},{T},2,{H},{Dh}]", mode=mode, dtype=args.dtype, backend=backend,
+                                 eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
+                                 speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t))
+            if not grad:
+                ctx.__exit__(None, None, None)
+    print(f"\nqk_norm_rope on {hardware(dev)}, torch {torch.__version__}, {args.dtype}"
+          f"{' (CUDA-graph replays)' if gpu else ''}\n")
+    print("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
+              f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
+              f"{r['speedup_vs_compile']:.2f} |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"hardware": hardware(dev), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+// C++ CPU kernels of the fused q/k RMSNorm + RoPE (omni2sound/ops/qk_norm_rope.py has the math and the
+// reference). No CUDA launcher: on a GPU the Triton kernel runs this op.
+//
+//   per head row x [Dh] of q (j = 0) or k (j = 1) at frame t:
+//     n = x * rstd * w[j],  rstd = 1 / sqrt(mean(x^2) + eps)
+//     y[2i] = n[2i] c - n[2i+1] s,  y[2i+1] = n[2i] s + n[2i+1] c,   (c, s) = cs[t, i]
+//   backward: gn = R^T dy;  dw[j] += gn * xhat;  dx = rstd * (gn w - xhat * mean(gn w xhat))
+//
+// x is [B, T, 2, H, Dh] with any strides except a unit last stride (the model hands the q/k slice of its
+// fused qkv projection without a copy); y, dy, dx are contiguous. OpenMP splits tokens (b, t); the inner loops
+// are over Dh contiguous floats and vectorise.
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "common.h"
+#include "registry.h"
+
+namespace o2s {
+namespace {
+
+struct QKParams {
+  int64_t B = 0, T = 0, H = 0, Dh = 0;
+  int64_t sb = 0, st = 0, sj = 0, sh = 0;   // x strides in elements
+  const void* x = nullptr;
+  const float* w = nullptr;                 // [2, Dh]
+  const float* cs = nullptr;                // [T, Dh / 2, 2]: (cos, sin)
+  void* y = nullptr;                        // forward output, or backward dx
+  const void* dy = nullptr;                 // backward only
+  float* dw_tok = nullptr;                  // backward only: [B * T, 2, Dh] fp32 partials
+  float eps = 1e-6f;
+  int dtype = kFloat32;
+};
+
+template <typename T>
+void forward_tokens(const QKParams& p) {
+  const int64_t Dh = p.Dh, H = p.H, tokens = p.B * p.T;
+  const T* x = static_cast<const T*>(p.x);
+  T* y = static_cast<T*>(p.y);
+#pragma omp parallel
+  {
+    std::vector<float> buf(Dh);
+#pragma omp for schedule(static)
+    for (int64_t tok = 0; tok < tokens; ++tok) {
+      const int64_t b = tok / p.T, t = tok % p.T;
+      const float* cs = p.cs + t * Dh;
+      for (int64_t j = 0; j < 2; ++j) {
+        const float* w = p.w + j * Dh;
+        for (int64_t h = 0; h < H; ++h) {
+          const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
+          T* yr = y + ((tok * 2 + j) * H + h) * Dh;
+          float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+          for (int64_t d = 0; d < Dh; ++d) {
+            const float v = to_float(xr[d]);
+            buf[d] = v;
+            ss += v * v;
+          }
+          const float rstd = 1.0f / std::sqrt(ss / float(Dh) + p.eps);
+#pragma omp simd
+          for (int64_t i = 0; i < Dh / 2; ++i) {
+            const float n0 = buf[2 * i] * rstd * w[2 * i], n1 = buf[2 * i + 1] * rstd * w[2 * i + 1];
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            yr[2 * i] = from_float<T>(n0 * c - n1 * s);
+            yr[2 * i + 1] = from_float<T>(n0 * s + n1 * c);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T>
+void backward_tokens(const QKParams& p) {
+  const int64_t Dh = p.Dh, H = p.H, tokens = p.B * p.T;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.dy);
+  T* dx = static_cast<T*>(p.y);
+#pragma omp parallel
+  {
+    std::vector<float> xh(Dh), gn(Dh);
+#pragma omp for schedule(static)
+    for (int64_t tok = 0; tok < tokens; ++tok) {
+      const int64_t b = tok / p.T, t = tok % p.T;
+      const float* cs = p.cs + t * Dh;
+      for (int64_t j = 0; j < 2; ++j) {
+        const float* w = p.w + j * Dh;
+        float* dw = p.dw_tok + (tok * 2 + j) * Dh;
+        for (int64_t d = 0; d < Dh; ++d) dw[d] = 0.f;
+        for (int64_t h = 0; h < H; ++h) {
+          const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
+          const T* gr = dy + ((tok * 2 + j) * H + h) * Dh;
+          T* dr = dx + ((tok * 2 + j) * H + h) * Dh;
+          float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+          for (int64_t d = 0; d < Dh; ++d) {
+            const float v = to_float(xr[d]);
+            xh[d] = v;
+            ss += v * v;
+          }
+          const float rstd = 1.0f / std::sqrt(ss / float(Dh) + p.eps);
+          float proj = 0.f;
+#pragma omp simd reduction(+ : proj)
+          for (int64_t i = 0; i < Dh / 2; ++i) {
+            // the rotation's transpose takes the gradient back to the normalised values n
+            const float g0 = to_float(gr[2 * i]), g1 = to_float(gr[2 * i + 1]);
+            const float c = cs[2 * i], s = cs[2 * i + 1];
+            const float n0 = g0 * c + g1 * s, n1 = -g0 * s + g1 * c;
+            const float x0 = xh[2 * i] * rstd, x1 = xh[2 * i + 1] * rstd;
+            gn[2 * i] = n0;
+            gn[2 * i + 1] = n1;
+            xh[2 * i] = x0;
+            xh[2 * i + 1] = x1;
+            proj += n0 * w[2 * i] * x0 + n1 * w[2 * i + 1] * x1;
+          }
+          proj /= float(Dh);
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) {
+            dw[d] += gn[d] * xh[d];
+            dr[d] = from_float<T>(rstd * (gn[d] * w[d] - xh[d] * proj));
+          }
+        }
+      }
+    }
+  }
+}
+
+void check_params(const QKParams& p) {
+  check(p.B >= 0 && p.T >= 0 && p.H > 0 && p.Dh > 0 && p.Dh % 2 == 0, "qk_norm_rope: bad shape (Dh must be even)");
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16, "qk_norm_rope: unknown dtype code");
+}
+
+template <typename Fn>
+void by_dtype(int dtype, Fn&& fn) {
+  if (dtype == kFloat32) fn(float{});
+  else if (dtype == kFloat16) fn(half_t{});
+  else fn(bf16_t{});
+}
+
+void qk_norm_rope_forward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
+                              int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t y,
+                              double eps, int dtype) {
+  QKParams p;
+  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const float*>(w);
+  p.cs = reinterpret_cast<const float*>(cs);
+  p.y = reinterpret_cast<void*>(y);
+  p.eps = float(eps);
+  p.dtype = dtype;
+  check_params(p);
+  if (B * T == 0) return;
+  by_dtype(dtype, [&](auto tag) { forward_tokens<decltype(tag)>(p); });
+}
+
+void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
+                               int64_t sh, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs,
+                               std::uintptr_t dx, std::uintptr_t dw_tok, double eps, int dtype) {
+  QKParams p;
+  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
+  p.dy = reinterpret_cast<const void*>(dy);
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const float*>(w);
+  p.cs = reinterpret_cast<const float*>(cs);
+  p.y = reinterpret_cast<void*>(dx);
+  p.dw_tok = reinterpret_cast<float*>(dw_tok);
+  p.eps = float(eps);
+  p.dtype = dtype;
+  check_params(p);
+  if (B * T == 0) return;
+  by_dtype(dtype, [&](auto tag) { backward_tokens<decltype(tag)>(p); });
+}
+
+}  // namespace
+
+static Registrar reg_qk_norm_rope([](pybind11::module_& m) {
+  m.def("qk_norm_rope_forward_cpu", &qk_norm_rope_forward_cpu,
+        "fused q/k RMSNorm + RoPE, forward (C++ CPU)");
+  m.def("qk_norm_rope_backward_cpu", &qk_norm_rope_backward_cpu,
+        "fused q/k RMSNorm + RoPE, backward (C++ CPU): dx and per-token weight-gradient partials");
+});
+
+}  // namespace o2s

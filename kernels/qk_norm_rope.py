@@ -1,0 +1,115 @@
+"""Triton kernels for the fused q/k RMSNorm + RoPE of self-attention (math and reference in
+omni2sound/ops/qk_norm_rope.py).
+
+Grid: one program per token (b, t). It loads the token's 2 * H head rows of Dh (q heads then k heads) as one
+[2H, Dh] tile, normalises each row in fp32, scales by the q or k weight, rotates the (even, odd) pairs by the
+frame's angle and writes the tile once. The rotation partner of column d is column d ^ 1, so the kernel loads
+the tile a second time with the pair-swapped column index (a gather inside the same cache lines) instead of
+splitting even and odd halves, which Triton cannot interleave back without a shuffle.
+
+Backward, per token: recompute rstd, rotate the gradient back (transpose of the rotation), then the RMSNorm
+backward; the weight gradient is written as one fp32 partial [2, Dh] per token (no atomics: deterministic),
+which the launcher sums.
+"""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rotate_pair(a, a_swap, c, s, is_even, inverse: tl.constexpr):
+    # forward: y[2i] = a0 c - a1 s, y[2i+1] = a0 s + a1 c;  inverse (transpose): s -> -s
+    if inverse:
+        s = -s
+    return tl.where(is_even, a * c - a_swap * s, a_swap * s + a * c)
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(X, W, CS, Y, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // T
+    t = tok % T
+    r = tl.arange(0, BLOCK_R)                       # head row: j * H + h
+    d = tl.arange(0, BLOCK_D)
+    rm = r < H2
+    dm = d < DH
+    m = rm[:, None] & dm[None, :]
+    j = (r // H).to(tl.int64)
+    h = (r % H).to(tl.int64)
+    row = X + b * sxb + t * sxt + j * sxj + h * sxh                                   # [BLOCK_R] pointers
+    x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+    xs = tl.load(row[:, None] + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)  # pair partner
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)                           # [BLOCK_R]
+    w = tl.load(W + j[:, None] * DH + d[None, :], mask=m, other=0.0).to(tl.float32)
+    ws = tl.load(W + j[:, None] * DH + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
+    n = x * rstd[:, None] * w
+    ns = xs * rstd[:, None] * ws
+    half = d // 2
+    c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)                          # [BLOCK_D]
+    s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
+    even = (d % 2 == 0)[None, :]
+    y = _rotate_pair(n, ns, c[None, :], s[None, :], even, inverse=False)
+    tl.store(Y + tok * H2 * DH + r[:, None] * DH + d[None, :], y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _qk_norm_rope_bwd_kernel(DY, X, W, CS, DX, DW, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok = tl.program_id(0).to(tl.int64)
+    b = tok // T
+    t = tok % T
+    r = tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    rm = r < H2
+    dm = d < DH
+    m = rm[:, None] & dm[None, :]
+    j = (r // H).to(tl.int64)
+    h = (r % H).to(tl.int64)
+    row = X + b * sxb + t * sxt + j * sxj + h * sxh
+    x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)
+    xhat = x * rstd[:, None]
+    dbase = DY + tok * H2 * DH + r[:, None] * DH
+    g = tl.load(dbase + d[None, :], mask=m, other=0.0).to(tl.float32)
+    gs = tl.load(dbase + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
+    half = d // 2
+    c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)
+    s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
+    even = (d % 2 == 0)[None, :]
+    gn = _rotate_pair(g, gs, c[None, :], s[None, :], even, inverse=True)            # dL/dn
+    w = tl.load(W + j[:, None] * DH + d[None, :], mask=m, other=0.0).to(tl.float32)
+    gx_hat = gn * w
+    proj = tl.sum(gx_hat * xhat, axis=1) / DH
+    dx = rstd[:, None] * (gx_hat - xhat * proj[:, None])
+    tl.store(DX + tok * H2 * DH + r[:, None] * DH + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
+    # weight partials of this token: rows 0..H-1 are q, H..2H-1 are k
+    prod = gn * xhat
+    is_q = (j == 0)[:, None]
+    dwq = tl.sum(tl.where(is_q, prod, 0.0), axis=0)
+    dwk = tl.sum(tl.where(is_q, 0.0, prod), axis=0)
+    tl.store(DW + tok * 2 * DH + d, dwq, mask=dm)
+    tl.store(DW + tok * 2 * DH + DH + d, dwk, mask=dm)
+
+
+def _meta(x):
+    B, T, two, H, Dh = x.shape
+    assert two == 2 and x.stride(4) == 1
+    return B, T, H, Dh, dict(BLOCK_R=triton.next_power_of_2(2 * H), BLOCK_D=triton.next_power_of_2(Dh))
+
+
+def qk_norm_rope_forward(x, w, cs, y, eps):
+    """x [B, T, 2, H, Dh] (last dim unit stride), w fp32 [2, Dh], cs fp32 [T, Dh/2, 2] contiguous,
+    y contiguous [B, T, 2, H, Dh]."""
+    B, T, H, Dh, blocks = _meta(x)
+    _qk_norm_rope_fwd_kernel[(B * T,)](x, w, cs, y, T, 2 * H, Dh, x.stride(0), x.stride(1), x.stride(2),
+                                       x.stride(3), H, float(eps), **blocks)
+
+
+def qk_norm_rope_backward(dy, x, w, cs, dx, eps):
+    """dy, dx contiguous [B, T, 2, H, Dh]; returns dw fp32 [2, Dh]."""
+    B, T, H, Dh, blocks = _meta(x)
+    dw = torch.empty(B * T, 2, Dh, device=x.device, dtype=torch.float32)
+    _qk_norm_rope_bwd_kernel[(B * T,)](dy, x, w, cs, dx, dw, T, 2 * H, Dh, x.stride(0), x.stride(1), x.stride(2),
+                                       x.stride(3), H, float(eps), **blocks)
+    return dw.sum(0)

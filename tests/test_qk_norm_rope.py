@@ -1,0 +1,275 @@
+"""qk_norm_rope: every backend on this machine against a float64 reference, forward and every grad; strided
+input (the q/k slice of a qkv projection), empty, odd shapes, large magnitudes, the 2x rule, opcheck, compile."""
+import importlib
+
+import pytest
+import torch
+
+from omni2sound import ops
+from omni2sound.model import rope_table
+
+CPU_BACKENDS = ops.available_backends("qk_norm_rope", torch.device("cpu"))
+NATIVE = [b for b in CPU_BACKENDS if b != "reference"]
+
+
+def test_cpu_backends_present():
+    assert "cpu" in CPU_BACKENDS, "omni2sound._C was not built with the qk_norm_rope kernels: run tools/dev_build.sh"
+
+
+# --------------------------------------------------------------------------------------------------
+# float64 reference and helpers
+# --------------------------------------------------------------------------------------------------
+
+def make_inputs(B, T, H, Dh, dtype=torch.float32, magnitude=1.0, device="cpu", strided=True):
+    """qk as the model makes it: the [:, :, :2] slice of a [B, T, 3, H, Dh] projection (strided), unless not."""
+    qkv = (magnitude * torch.randn(B, T, 3, H, Dh)).to(dtype)
+    qk = qkv[:, :, :2] if strided else qkv[:, :, :2].contiguous()
+    w = (1.0 + 0.3 * torch.randn(2, Dh)).to(dtype)
+    cs = torch.view_as_real(rope_table(T, Dh, 10000.0, "cpu")).contiguous()
+    return qk.to(device), w.to(device), cs.to(device)
+
+
+def formula(qk, w, cs, eps):
+    """The unfused chain in the inputs' own precision (the baseline of the 2x rule when fed low precision):
+    RMSNorm in the input dtype, weight, then the rotation in the input dtype."""
+    n = qk * torch.rsqrt(qk.pow(2).mean(-1, keepdim=True) + eps) * w[:, None, :]
+    n = n.unflatten(-1, (-1, 2))
+    c = cs[..., 0].to(qk.dtype)[None, :, None, None, :]
+    s = cs[..., 1].to(qk.dtype)[None, :, None, None, :]
+    return torch.stack([n[..., 0] * c - n[..., 1] * s, n[..., 0] * s + n[..., 1] * c], -1).flatten(-2)
+
+
+def ref64(qk, w, cs, eps):
+    return formula(qk.double(), w.double(), cs.double(), eps)
+
+
+def op_with(backend):
+    def fn(qk, w, cs, eps):
+        with ops.use_backend(qk_norm_rope=backend):
+            return ops.qk_norm_rope(qk, w, cs, eps)
+    return fn
+
+
+def run(fn, qk, w, cs, eps=1e-6):
+    """Forward + backward with a fixed random upstream grad; returns (output, [dqk, dw])."""
+    qkv_leaf = qk.detach().clone().requires_grad_()
+    w_leaf = w.detach().clone().requires_grad_()
+    y = fn(qkv_leaf, w_leaf, cs, eps)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(y.shape, generator=g).to(qk.dtype).to(y)
+    (y.double() * dy.double()).sum().backward()
+    return y, [qkv_leaf.grad, w_leaf.grad]
+
+
+def run_strided(fn, qk, w, cs, eps=1e-6):
+    """As run, but through the strided slice of a qkv leaf, as the model calls it (the grad lands in qkv)."""
+    B, T, _, H, Dh = qk.shape
+    qkv = torch.cat([qk, torch.zeros(B, T, 1, H, Dh, dtype=qk.dtype)], 2).detach().requires_grad_()
+    w_leaf = w.detach().clone().requires_grad_()
+    y = fn(qkv[:, :, :2], w_leaf, cs, eps)
+    g = torch.Generator().manual_seed(7)
+    dy = torch.randn(y.shape, generator=g).to(qk.dtype).to(y)
+    (y.double() * dy.double()).sum().backward()
+    return y, [qkv.grad[:, :, :2], w_leaf.grad], qkv.grad[:, :, 2]
+
+
+def err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def half_ulp(ref, dtype):
+    m = ref.abs().max().item()
+    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** torch.tensor(m).log2().floor().item()
+
+
+# --------------------------------------------------------------------------------------------------
+# fp32: every backend, odd shapes
+# --------------------------------------------------------------------------------------------------
+
+SHAPES = [(1, 1, 1, 2), (2, 7, 3, 6), (3, 13, 2, 64), (1, 5, 5, 126)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fp32_matches_float64(backend, shape):
+    inputs = make_inputs(*shape)
+    y, grads, dv = run_strided(op_with(backend), *inputs)
+    yr, gref = run(ref64, *(t.double() for t in inputs))
+    assert y.shape == inputs[0].shape and y.is_contiguous() and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    B, T = shape[:2]
+    for name, g, gr in zip(("qk", "weight"), grads, gref):
+        tol = 1e-5 * (1 + gr.abs().max().item()) * (1 if name == "qk" else (B * T * shape[2]) ** 0.5)
+        assert err(g, gr) <= tol, (name, err(g, gr), tol)
+    assert (dv == 0).all()                 # v's third of the projection gets no gradient from this op
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_contiguous_input_and_large_magnitude(backend):
+    # the norm makes the output scale-free: 1e4-sized inputs give the same result as unit ones, no overflow
+    qk, w, cs = make_inputs(2, 9, 2, 16, magnitude=1e4, strided=False)
+    y, grads = run(op_with(backend), qk, w, cs)
+    yr, gref = run(ref64, qk.double(), w.double(), cs.double())
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), gref[0], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(grads[1].double(), gref[1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_rotation_is_relative_position(backend):
+    """RoPE's point: q_t . k_s depends on t - s only. Same head vector at every frame -> constant diagonals."""
+    B, T, H, Dh = 1, 11, 1, 8
+    vec = torch.randn(Dh)
+    qk = vec.expand(B, T, 2, H, Dh).contiguous()
+    _, w, cs = make_inputs(B, T, H, Dh)
+    with ops.use_backend(qk_norm_rope=backend):
+        y = ops.qk_norm_rope(qk, w, cs)
+    q, k = y[0, :, 0, 0], y[0, :, 1, 0]                       # [T, Dh]
+    scores = q @ k.T
+    for off in (-3, 0, 4):
+        d = torch.diagonal(scores, off)
+        torch.testing.assert_close(d, d[:1].expand_as(d), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty(backend):
+    for shape in [(0, 5, 2, 8), (2, 0, 2, 8)]:
+        qk, w, cs = make_inputs(*shape)
+        y, grads = run(op_with(backend), qk, w, cs)
+        assert y.shape == qk.shape
+        assert grads[0].shape == qk.shape and (grads[1] == 0).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# low precision: flash-attn's 2x rule against the unfused chain in the same precision
+# --------------------------------------------------------------------------------------------------
+
+LOWP = [(b, dt) for b in NATIVE for dt in (torch.float16, torch.bfloat16)
+        if not (b == "triton" and dt == torch.bfloat16)]  # the interpreter has no bf16 arithmetic
+
+
+@pytest.mark.parametrize("backend,dtype", LOWP)
+def test_low_precision_2x_rule(backend, dtype):
+    qk, w, cs = make_inputs(2, 17, 3, 64, dtype=dtype, magnitude=3.0)
+    y, grads, _ = run_strided(op_with(backend), qk, w, cs)
+    yp, gplain = run(formula, qk, w, cs)
+    yr, gref = run(ref64, qk.double(), w.double(), cs.double())
+    assert y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
+    slack = 1e-6
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + slack
+    for name, g, gp, gr in zip(("qk", "weight"), grads, gplain, gref):
+        assert err(g, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + slack * (1 + gr.abs().max().item()), name
+
+
+# --------------------------------------------------------------------------------------------------
+# errors, dispatch, opcheck, compile, the model
+# --------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_give_clear_errors():
+    qk, w, cs = make_inputs(2, 5, 2, 8)
+    with pytest.raises(ValueError, match=r"qk must be \[B, T, 2, H, Dh\]"):
+        ops.qk_norm_rope(qk[:, :, :1], w, cs)
+    with pytest.raises(ValueError, match="head dim must be even"):
+        ops.qk_norm_rope(torch.randn(2, 5, 2, 2, 7), torch.ones(2, 7), torch.zeros(5, 3, 2))
+    with pytest.raises(ValueError, match=r"weight must be \[2, Dh=8\]"):
+        ops.qk_norm_rope(qk, w[:1], cs)
+    with pytest.raises(ValueError, match=r"cs must be float32 \[T=5"):
+        ops.qk_norm_rope(qk, w, cs[:4])
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        ops.qk_norm_rope(qk.double(), w, cs)
+    with pytest.raises(ValueError, match="cannot require grad"):
+        ops.qk_norm_rope(qk, w, cs.clone().requires_grad_())
+
+
+def test_dispatch_defaults(monkeypatch):
+    monkeypatch.delenv("OMNI2SOUND_BACKEND", raising=False)
+    assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "cpu"
+    with ops.use_backend(qk_norm_rope="reference"):
+        assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "reference"
+
+
+@pytest.mark.parametrize("backend", NATIVE)
+def test_opcheck(backend):
+    mod = importlib.import_module("omni2sound.ops.qk_norm_rope")
+    qk, w, cs = make_inputs(2, 5, 3, 8, strided=False)
+    torch.library.opcheck(mod._qk_norm_rope_op, (qk.requires_grad_(), w.requires_grad_(), cs, 1e-6, backend))
+    torch.library.opcheck(mod._qk_norm_rope_backward_op, (torch.randn_like(qk), qk.detach(), w.detach(), cs, 1e-6,
+                                                          backend))
+
+
+def test_compiles_fullgraph_and_matches_reference():
+    torch._dynamo.reset()
+    proj = torch.nn.Linear(16, 3 * 16)
+    w = torch.nn.Parameter(1 + 0.1 * torch.randn(2, 8))
+    cs = torch.view_as_real(rope_table(9, 8, 10000.0, "cpu")).contiguous()
+
+    def attn_in(x):
+        qkv = proj(x).view(2, 9, 3, 2, 8)
+        return ops.qk_norm_rope(qkv[:, :, :2], w, cs).sum(2)
+
+    x = torch.randn(2, 9, 16)
+    with ops.use_backend(qk_norm_rope="cpu"):
+        out = torch.compile(attn_in, fullgraph=True)(x)
+        out.pow(2).sum().backward()
+    gw, gp = w.grad.clone(), proj.weight.grad.clone()
+    w.grad = proj.weight.grad = None
+    with ops.use_backend(qk_norm_rope="reference"):
+        ref = attn_in(x)
+        ref.pow(2).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gp, proj.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU (the lead's run)
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2), (2, 250, 24, 64), (3, 37, 5, 126)])
+def test_gpu_triton_fp32(shape):
+    inputs = make_inputs(*shape)
+    cuda = [t.cuda() for t in inputs]
+    qkv = torch.cat([cuda[0], torch.zeros_like(cuda[0][:, :, :1])], 2).requires_grad_()
+    w = cuda[1].clone().requires_grad_()
+    with ops.use_backend(qk_norm_rope="triton"):
+        y = ops.qk_norm_rope(qkv[:, :, :2], w, cuda[2])
+    dy = torch.randn_like(y)
+    (y * dy).sum().backward()
+    yr, gref = run(ref64, *(t.double() for t in inputs))
+    torch.testing.assert_close(y.double().cpu(), yr, rtol=1e-5, atol=1e-5)
+    dq = qkv.grad[:, :, :2].cpu()
+    # the float64 reference's grads for the same dy
+    qk64 = inputs[0].double().requires_grad_()
+    w64 = inputs[1].double().requires_grad_()
+    (ref64(qk64, w64, inputs[2].double(), 1e-6) * dy.double().cpu()).sum().backward()
+    torch.testing.assert_close(dq.double(), qk64.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad.double().cpu(), w64.grad, rtol=1e-4, atol=1e-4 * (shape[0] * shape[1]) ** 0.5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_triton_low_precision_2x_rule(dtype):
+    qk, w, cs = make_inputs(2, 250, 24, 64, dtype=dtype, magnitude=3.0, device="cuda")
+    y, grads = run(op_with("triton"), qk, w, cs)
+    yp, gplain = run(formula, qk, w, cs)
+    yr, gref = run(ref64, qk.double(), w.double(), cs.double())
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + 1e-6
+    for name, g, gp, gr in zip(("qk", "weight"), grads, gplain, gref):
+        assert err(g, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + 1e-6 * (1 + gr.abs().max().item()), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cuda_graph_capture():
+    qk, w, cs = make_inputs(2, 250, 24, 64, dtype=torch.bfloat16, device="cuda")
+    with ops.use_backend(qk_norm_rope="triton"):
+        ops.qk_norm_rope(qk, w, cs)                        # warm up (compile) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = ops.qk_norm_rope(qk, w, cs)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y.double(), ref64(qk, w, cs, 1e-6), rtol=2e-2, atol=2e-2)
