@@ -173,7 +173,7 @@ class FlowMatching:
             return plain_velocity
 
         batch_cond, k = cfg_conditions(cond, scales)
-        prep = model.prepare_conditions(batch_cond, num_frames, skip_empty_cross=True)
+        prep = model.prepare_conditions(batch_cond, num_frames, sampling=True)
 
         def velocity(x: Tensor, t: Tensor) -> Tensor:
             xk = x.repeat(k, 1, 1) if k > 1 else x                                     # [k B, T, C]

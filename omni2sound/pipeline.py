@@ -415,7 +415,7 @@ class Omni2SoundPipeline:
         scales = guidance_scales(opts.guidance)
         t0 = time.perf_counter()
         batch_cond, k = cfg_conditions(cond, scales)
-        prep = self.dit.prepare_conditions(batch_cond, T, skip_empty_cross=True)
+        prep = self.dit.prepare_conditions(batch_cond, T, sampling=True)
         _sync(dev)
         t1 = time.perf_counter()
         timings["prepare"] = t1 - t0

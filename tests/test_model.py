@@ -131,7 +131,7 @@ def test_skipping_empty_cross_attention_rows_is_exact(text_lens, video_lens, row
     x, t = torch.randn(4, 11, 4), torch.rand(4)
     with torch.no_grad():
         full = model.prepare_conditions(cond, 11)
-        skip = model.prepare_conditions(cond, 11, skip_empty_cross=True)
+        skip = model.prepare_conditions(cond, 11, sampling=True)
         assert full.cross_rows == 4 and skip.cross_rows == rows
         for backend in ("reference", None):
             with use_backend(backend) if backend else torch.no_grad():

@@ -186,6 +186,13 @@ def test_dispatch_defaults(monkeypatch):
     assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "cpu"
     with ops.use_backend(qk_norm_rope="reference"):
         assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "reference"
+    # per-op environment override: only the named op moves
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rope=reference, snake=reference")
+    assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "reference"
+    assert ops.select_backend("adaln_modulate", torch.device("cpu")) == "cpu"
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rope=fast")
+    with pytest.raises(ValueError, match="names no backend"):
+        ops.select_backend("qk_norm_rope", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("backend", NATIVE)

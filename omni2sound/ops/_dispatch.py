@@ -8,7 +8,8 @@ Backends, in the order the default picks them:
   reference - plain PyTorch, shipped in the package, always available
 
 Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
-variable > the per-device default. An override may name one backend for every op
+variable (one backend for every op, or per op: ``OMNI2SOUND_BACKEND=qk_norm_rope=triton,snake=cuda``) >
+the per-device default. An override may name one backend for every op
 (``use_backend("triton")``) or per op (``use_backend(cross_attention="reference")``). Asking for a
 backend that cannot run the tensor at hand is an error, never a silent fallback: a test that asks for
 ``cpu`` must run the C++ kernel or fail.
@@ -84,10 +85,19 @@ def _forced(op: str) -> Optional[str]:
         if backend is not None:
             return backend
     env = os.environ.get("OMNI2SOUND_BACKEND", "").strip()
-    if env:
+    if not env:
+        return None
+    if "=" not in env:
         if env not in BACKENDS:
             raise ValueError(f"OMNI2SOUND_BACKEND={env!r} is not one of {BACKENDS}")
         return env
+    # per op: "qk_norm_rope=triton,adaln=cuda" (op names or families; ops not named keep their default)
+    for item in env.split(","):
+        key, _, b = (part.strip() for part in item.partition("="))
+        if b not in BACKENDS:
+            raise ValueError(f"OMNI2SOUND_BACKEND: {item.strip()!r} names no backend of {BACKENDS}")
+        if key in (op, _FAMILY.get(op)):
+            return b
     return None
 
 
