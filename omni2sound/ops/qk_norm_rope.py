@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
@@ -37,29 +38,14 @@ from ._dispatch import autocast_inputs, register_op, select_backend, triton_avai
 
 
 def qk_norm_rope_reference(qk: Tensor, weight: Tensor, cs: Tensor, eps: float = 1e-6) -> Tensor:
-    """The math at the top in plain PyTorch (differentiable through autograd)."""
-    xf = qk.float()
-    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()[:, None, :]   # [B, T, 2, H, Dh]
-    n = n.unflatten(-1, (-1, 2))                                                                 # [..., Dh/2, 2]
-    c = cs[..., 0].float()[None, :, None, None, :]                                               # [1, T, 1, 1, Dh/2]
-    s = cs[..., 1].float()[None, :, None, None, :]
-    y = torch.stack([n[..., 0] * c - n[..., 1] * s, n[..., 0] * s + n[..., 1] * c], -1)
-    return y.flatten(-2).to(qk.dtype)
-
-
-def _backward_reference(dy: Tensor, qk: Tensor, weight: Tensor, cs: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """Analytic backward (formulas at the top) in fp32: dx in qk's dtype (contiguous), dweight fp32 [2, Dh]."""
-    xf = qk.float()
-    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    xhat = xf * rstd
-    g = dy.float().unflatten(-1, (-1, 2))
-    c = cs[..., 0].float()[None, :, None, None, :]
-    s = cs[..., 1].float()[None, :, None, None, :]
-    gn = torch.stack([g[..., 0] * c + g[..., 1] * s, -g[..., 0] * s + g[..., 1] * c], -1).flatten(-2)
-    dweight = (gn * xhat).sum((0, 1, 3))                                                         # [2, Dh]
-    gxh = gn * weight.float()[:, None, :]
-    dx = rstd * (gxh - xhat * (gxh * xhat).mean(-1, keepdim=True))
-    return dx.to(qk.dtype).contiguous(), dweight
+    """The math at the top in plain PyTorch, differentiable through autograd. It is the chain the model ran before
+    the fused op (norm in the input dtype with fp32 statistics, the weight, RoPE as one complex multiply in fp32):
+    the fewest passes plain PyTorch needs, so a GPU that keeps this default loses nothing to the fused op's arrival."""
+    Dh = qk.shape[-1]
+    n = F.rms_norm(qk, (Dh,), None, eps) * weight.to(qk.dtype)[:, None, :]                      # [B, T, 2, H, Dh]
+    xc = torch.view_as_complex(n.float().reshape(*n.shape[:-1], Dh // 2, 2))                    # [..., Dh/2]
+    cis = torch.view_as_complex(cs.float().contiguous())[None, :, None, None, :]                # [1, T, 1, 1, Dh/2]
+    return torch.view_as_real(xc * cis).flatten(-2).to(qk.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
