@@ -98,6 +98,17 @@ def main(argv=None):
         if dev == "cuda":                                        # the pipeline's decode: one CUDA graph replay
             vae.decode_graphed(z)
             results["fused_graph"] = best_time(lambda: vae.decode_graphed(z), repeats, dev)
+        if dev == "cuda":
+            # cuDNN picks conv algorithms by heuristics unless asked to time them; bf16 conv1d at batch 1 was slower
+            # than fp32 (session 3), so measure both the baseline and the graphed decode with autotuned algorithms
+            with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
+                                            allow_tf32=torch.backends.cudnn.allow_tf32):
+                eager()
+                results["eager_cudnn_benchmark"] = best_time(eager, repeats, dev)
+                tuned = copy.deepcopy(vae)                          # its own graph cache, captured with tuned convs
+                tuned.decode(z)
+                tuned.decode_graphed(z)
+                results["fused_graph_cudnn_benchmark"] = best_time(lambda: tuned.decode_graphed(z), repeats, dev)
         default = ops.select_backend("snake_residual", torch.device(dev))
         for b in ops.available_backends("snake_residual", torch.device(dev)):
             if b not in ("reference", default):                 # the other fused backends (GPU: triton / cuda)
