@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
-#   bash bench/device_check.sh [part1|part2|all|final|qk] [SECONDS]
+#   bash bench/device_check.sh [part1|part2|all|final|candidates] [SECONDS]
 #     part1  generate L (+ its compiled step), train L (+ its top kernels), VAE decode, a profile of one L step
 #     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
 #     all    both
 #     final  a short re-check: train L, VAE decode, the VAE/pipeline GPU tests, adaln, snake, generate L
-#     qk     the fused q/k RMSNorm + RoPE (Triton): its GPU tests, its bench, generate L and train L with it forced
-#            (OMNI2SOUND_BACKEND=qk_norm_rope=triton) against the default in the same call
+#     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
+#            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
+#            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake)
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -97,8 +98,11 @@ if [ "$WHAT" = final ]; then      # a short re-check after fixes: the changed pa
   step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 2 --device cuda \
     --out "$RES/generate_L.json"
 fi
-if [ "$WHAT" = qk ]; then        # the evidence to make the Triton qk_norm_rope the GPU default (or not)
-  step tests_qk 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_qk_norm_rope.py tests/test_model.py -rf
+if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or not)
+  step tests_candidates 70 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_qk_norm_rope.py tests/test_model.py \
+    tests/test_snake.py tests/test_vae.py -rf
+  step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --out "$RES/vae.json"
   step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
   step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
     --out "$RES/generate_L.json"

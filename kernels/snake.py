@@ -1,7 +1,12 @@
 """Triton kernels for the Snake ops (see omni2sound/ops/snake.py for the math and the reference).
 
 Grid (row, block of T): row r = b * C + c of a contiguous [B, C, T] tensor shares alpha[c], beta[c]. The ops are
-memory-bound elementwise passes; fp32 math, storage in the input dtype. The backward writes one partial sum of
+memory-bound elementwise passes; fp32 math, storage in the input dtype.
+
+Channels-last forward ([B, C, T] stored as [B, T, C], the layout of a decoder whose convs run as channels-last 2-D
+convs, cuDNN's NHWC tensor-core path): grid (block of the B * T positions, block of C), tiles [BLOCK_N, BLOCK_C]
+with C contiguous, alpha / beta loaded once per tile column. The backward takes contiguous tensors only (the
+wrapper converts: decode is inference, training runs the contiguous layout). The backward writes one partial sum of
 dalpha / dbeta per program (deterministic: no atomics), which the launcher reduces over rows' blocks and B.
 """
 import torch
@@ -29,6 +34,24 @@ def _snake_fwd_kernel(X, RES, ALPHA, BETA, S, Y, C, T, eps, HAS_RES: tl.constexp
 
 
 @triton.jit
+def _snake_fwd_cl_kernel(X, RES, ALPHA, BETA, S, Y, C, N, eps, HAS_RES: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)       # positions b * T + t
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)                    # channels
+    cm = cols < C
+    m = (rows < N)[:, None] & cm[None, :]
+    a = tl.load(ALPHA + cols, mask=cm, other=0.0)[None, :]
+    q = (1.0 / (tl.load(BETA + cols, mask=cm, other=1.0) + eps))[None, :]
+    off = rows[:, None] * C + cols[None, :]
+    v = tl.load(X + off, mask=m, other=0.0).to(tl.float32)
+    if HAS_RES:
+        v += tl.load(RES + off, mask=m, other=0.0).to(tl.float32)
+        tl.store(S + off, v.to(S.dtype.element_ty), mask=m)
+    sn = tl.sin(a * v)
+    tl.store(Y + off, (v + q * sn * sn).to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _snake_bwd_kernel(DY, DSO, S, RES, ALPHA, BETA, DS, DA, DB, C, T, NBLK, eps,
                       HAS_DSO: tl.constexpr, HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
@@ -52,11 +75,19 @@ def _snake_bwd_kernel(DY, DSO, S, RES, ALPHA, BETA, DS, DA, DB, C, T, NBLK, eps,
     tl.store(DB + r * NBLK + j, -q * q * tl.sum(g * sn * sn, axis=0))
 
 
-def snake_forward(x, residual, alpha, beta, s, y, eps):
-    """x, residual, s, y contiguous [B, C, T] (residual, s may be None); alpha, beta fp32 [C]."""
+def snake_forward(x, residual, alpha, beta, s, y, eps, channels_last=False):
+    """x, residual, s, y [B, C, T], all contiguous or all channels-last (stored [B, T, C]); residual, s may be None;
+    alpha, beta fp32 [C]."""
     B, C, T = x.shape
-    grid = (B * C, triton.cdiv(T, BLOCK_T))
     has_res = residual is not None
+    if channels_last:
+        block_c = min(triton.next_power_of_2(C), 128)
+        block_n = max(1, 4096 // block_c)
+        grid = (triton.cdiv(B * T, block_n), triton.cdiv(C, block_c))
+        _snake_fwd_cl_kernel[grid](x, residual if has_res else x, alpha, beta, s if has_res else y, y, C, B * T,
+                                   float(eps), HAS_RES=has_res, BLOCK_N=block_n, BLOCK_C=block_c)
+        return
+    grid = (B * C, triton.cdiv(T, BLOCK_T))
     _snake_fwd_kernel[grid](x, residual if has_res else x, alpha, beta, s if has_res else y, y, C, T, float(eps),
                             HAS_RES=has_res, BLOCK=BLOCK_T)
 

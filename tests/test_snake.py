@@ -129,14 +129,20 @@ def test_non_contiguous_and_param_shapes(backend):
     torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_channels_last_layout(dtype):
-    """The C++ kernel reads and writes [B, C, T] stored as [B, T, C] (the VAE's CPU decode layout) in place."""
-    x4 = torch.randn(2, 24, 1, 37).to(dtype).contiguous(memory_format=torch.channels_last)
-    x = x4.squeeze(2)                                          # [2, 24, 37], strides (888, 1, 24)
-    res = torch.randn(2, 24, 37).to(dtype)                     # contiguous: converted to x's layout
-    alpha, beta = torch.rand(24) + 0.5, torch.rand(24) + 0.5
-    with ops.use_backend("cpu"):
+CL = [(b, dt) for b in NATIVE for dt in (torch.float32, torch.bfloat16 if b == "cpu" else torch.float16)]
+
+
+@pytest.mark.parametrize("backend,dtype", CL)
+@pytest.mark.parametrize("C", [24, 300])
+def test_channels_last_layout(backend, dtype, C):
+    """The C++ and Triton forward kernels read and write [B, C, T] stored as [B, T, C] (the layout of a decoder whose
+    convs run channels-last: the VAE's CPU decode, a GPU NHWC decode) in place; C = 300 spans several channel
+    tiles of the Triton kernel."""
+    x4 = torch.randn(2, C, 1, 37).to(dtype).contiguous(memory_format=torch.channels_last)
+    x = x4.squeeze(2)                                          # [2, C, 37], strides (37 C, 1, C)
+    res = torch.randn(2, C, 37).to(dtype)                      # contiguous: converted to x's layout
+    alpha, beta = torch.rand(C) + 0.5, torch.rand(C) + 0.5
+    with ops.use_backend(backend):
         s, y = ops.snake_residual(x, alpha, beta, res)
         y1 = ops.snake(x, alpha, beta)
     assert y.stride() == x.stride() and s.stride() == x.stride() and y1.stride() == x.stride()
@@ -146,7 +152,8 @@ def test_cpu_channels_last_layout(dtype):
     torch.testing.assert_close(y1.double(), ref64(x, alpha, beta, None, 1e-9)[1], rtol=tol, atol=tol)
     # gradients through the channels-last input match the contiguous run
     xg = x.float().detach().requires_grad_()
-    with ops.use_backend("cpu"):
+    assert xg.stride() == x.stride()           # the backward sees the channels-last input
+    with ops.use_backend(backend):
         ops.snake(xg, alpha, beta).sum().backward()
     xc = x.float().contiguous().requires_grad_()
     with ops.use_backend("reference"):
@@ -292,3 +299,21 @@ def test_gpu_cuda_graph_capture():
     torch.cuda.synchronize()
     sr, yr = ref64(x, alpha, beta, res, 1e-9)
     torch.testing.assert_close(y.double(), yr, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_channels_last(dtype):
+    """The Triton forward in the layout of a channels-last (NHWC) GPU decode: written in place, equal to the fp64
+    reference; C = 300 spans several channel tiles."""
+    x = torch.randn(2, 300, 1, 1001, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last).squeeze(2)
+    res = torch.randn_like(x)
+    alpha, beta = torch.rand(300, device="cuda") + 0.5, torch.rand(300, device="cuda") + 0.5
+    with ops.use_backend(snake="triton"):
+        s, y = ops.snake_residual(x, alpha, beta, res)
+    assert y.stride() == x.stride() and s.stride() == x.stride()
+    sr, yr = ref64(x, alpha, beta, res, 1e-9)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+    torch.testing.assert_close(s.double(), sr, rtol=tol, atol=tol)

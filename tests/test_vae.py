@@ -93,6 +93,12 @@ def test_fused_decoder_equals_reference(tiny, backend):
             plain = d._head(d.conv_out(d.snake_out(h)))
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-5)
+    # the channels-last form of the decoder (convs as NHWC 2-D convs; the CPU decode, a GPU candidate) on this
+    # backend's Snake kernels, which read and write that layout in place
+    with torch.no_grad(), ops.use_backend(snake=backend):
+        d = tiny.decoder
+        cl = d._head(d._forward_channels_last(z))
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_receptive_field_and_chunked_decode(tiny):

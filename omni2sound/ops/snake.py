@@ -109,7 +109,7 @@ def _forward_native(x: Tensor, residual: Optional[Tensor], alpha: Tensor, beta: 
     if backend == "triton":
         from omni2sound.kernels import snake as tk
 
-        tk.snake_forward(x, residual, a32, b32, s, y, eps)
+        tk.snake_forward(x, residual, a32, b32, s, y, eps, channels_last=_is_channels_last(x))
         return s, y
     args = (B, C, T, x.data_ptr(), _native.ptr(residual), a32.data_ptr(), b32.data_ptr(), _native.ptr(s),
             y.data_ptr(), float(eps), _native.dtype_code(x), _native.stream_of(x))
@@ -156,8 +156,9 @@ def _is_channels_last(x: Tensor) -> bool:
 
 
 def _kernel_layout(t: Tensor, backend: str, like: Optional[Tensor] = None) -> Tensor:
-    """Contiguous [B, C, T], except that the C++ kernel also takes channels-last as is (then ``like``'s layout)."""
-    if backend == "cpu" and _is_channels_last(t if like is None else like):
+    """Contiguous [B, C, T], except that the C++ and the Triton forward kernels also take channels-last as is (then
+    ``like``'s layout; the Triton backward converts to contiguous)."""
+    if backend in ("cpu", "triton") and _is_channels_last(t if like is None else like):
         return t if _is_channels_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
 
