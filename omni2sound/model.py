@@ -294,6 +294,8 @@ class CrossAttention(nn.Module):
         """y [B, T, D] -> [B, T, D]. Rows >= ``rows`` have no keys: their output is proj.bias, not computed."""
         B, T, D = y.shape
         n = B if rows is None else rows
+        if n == 0:                                                                       # nothing to attend to
+            return self.proj.bias.to(y.dtype).expand(B, T, D).contiguous()
         yc = y[:n]                                                                       # a view: rows lead
         q = self.q_norm(self.q(yc).view(n, T, self.heads, D // self.heads))             # [n, T, H, Dh]
         o = ops.cross_attention(q.contiguous(), k, v, cu_seqlens_k[:n + 1], max_seqlen_k)  # [n, T, H, Dh]
