@@ -395,8 +395,10 @@ class Omni2SoundDiT(nn.Module):
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
-        sampling: prepared for many denoising steps: trailing rows with no condition tokens skip the
-        cross-attention (exact; see PreparedConditions.cross_rows) and the per-token modulations are stored
+        sampling: prepared for many denoising steps: on the CPU, trailing rows with no condition tokens skip the
+        cross-attention (exact; see PreparedConditions.cross_rows: 7% of an S step's GEMM FLOPs; not on a GPU,
+        where at batch 1 both row counts fit in one wave of GEMM tiles, so halving M saves no time and the
+        concatenation adds a kernel per layer; unmeasured there) and the per-token modulations are stored
         contiguously (the per-step add of the timestep half then streams; on the CPU a strided add took 2.6x as
         long). Off for training, where both cost more than they save: the dropped rows are scattered (and a
         data-dependent row count would recompile a compiled step) and each prepared tensor is used once."""
@@ -426,7 +428,7 @@ class Omni2SoundDiT(nn.Module):
             rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
             batch_size=B, num_frames=num_frames,
-            cross_rows=_leading_rows_with_tokens(cu) if sampling else B)
+            cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B)
 
     def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
         cfg = self.config
