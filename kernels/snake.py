@@ -1,13 +1,13 @@
 """Triton kernels for the Snake ops (see omni2sound/ops/snake.py for the math and the reference).
 
 Grid (row, block of T): row r = b * C + c of a contiguous [B, C, T] tensor shares alpha[c], beta[c]. The ops are
-memory-bound elementwise passes; fp32 math, storage in the input dtype.
+memory-bound elementwise passes; fp32 math, storage in the input dtype. The backward writes one partial sum of
+dalpha / dbeta per program (deterministic: no atomics), which the launcher reduces over rows' blocks and B.
 
 Channels-last forward ([B, C, T] stored as [B, T, C], the layout of a decoder whose convs run as channels-last 2-D
 convs, cuDNN's NHWC tensor-core path): grid (block of the B * T positions, block of C), tiles [BLOCK_N, BLOCK_C]
 with C contiguous, alpha / beta loaded once per tile column. The backward takes contiguous tensors only (the
-wrapper converts: decode is inference, training runs the contiguous layout). The backward writes one partial sum of
-dalpha / dbeta per program (deterministic: no atomics), which the launcher reduces over rows' blocks and B.
+wrapper converts: decode is inference, training runs the contiguous layout).
 """
 import torch
 import triton
