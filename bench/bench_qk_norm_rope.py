@@ -60,6 +60,10 @@ def main(argv=None):
     backends = [b for b in ops.available_backends("qk_norm_rope", torch.device(dev)) if b != "reference"]
     timer = (lambda fn: time_gpu(fn, repeats=7, inner=20)[0]) if gpu else (lambda fn: time_cpu(fn, 5, 3))
     rows = []
+    print(f"\nqk_norm_rope on {hardware(dev)}, torch {torch.__version__}, {args.dtype}"
+          f"{' (CUDA-graph replays)' if gpu else ''}\n")
+    print("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     for name, B, H, Dh in shapes:
         qkv = torch.randn(B, T, 3, H, Dh, device=dev, dtype=dtype)
         w = (1 + 0.1 * torch.randn(2, Dh, device=dev)).to(dtype)
@@ -90,19 +94,16 @@ def main(argv=None):
                     with ops.use_backend(qk_norm_rope=backend):
                         return ops.qk_norm_rope(q, ww, cs)
                 t = timer(call(fused))
-                rows.append(dict(shape=f"{name} [{B},{T},2,{H},{Dh}]", mode=mode, dtype=args.dtype, backend=backend,
-                                 eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
-                                 speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t))
+                r = dict(shape=f"{name} [{B},{T},2,{H},{Dh}]", mode=mode, dtype=args.dtype, backend=backend,
+                         eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
+                         speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t)
+                rows.append(r)
+                # one row at a time: a run cut short by a time limit keeps what it measured
+                print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
+                      f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
+                      f"{r['speedup_vs_compile']:.2f} |", flush=True)
             if not grad:
                 ctx.__exit__(None, None, None)
-    print(f"\nqk_norm_rope on {hardware(dev)}, torch {torch.__version__}, {args.dtype}"
-          f"{' (CUDA-graph replays)' if gpu else ''}\n")
-    print("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
-              f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
-              f"{r['speedup_vs_compile']:.2f} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"hardware": hardware(dev), "torch": torch.__version__, "rows": rows}, f, indent=2)

@@ -103,7 +103,7 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
     tests/test_snake.py tests/test_vae.py -rf
   step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --out "$RES/vae.json"
-  step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
+  step bench_qk 90 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
   step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
     --out "$RES/generate_L.json"
   step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_generate.py --presets L \
