@@ -111,9 +111,13 @@ class EMA:
     def update(self, module: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.decay
-        for k, p in module.named_parameters():
-            if k in self.shadow:
-                self.shadow[k].lerp_(p.detach().float(), 1 - d)
+        pairs = [(self.shadow[k], p.detach()) for k, p in module.named_parameters() if k in self.shadow]
+        same = [(s, p) for s, p in pairs if p.dtype == s.dtype and p.device == s.device]
+        if same:        # one multi-tensor kernel instead of one launch per parameter (hundreds per step)
+            torch._foreach_lerp_([s for s, _ in same], [p for _, p in same], 1 - d)
+        for s, p in pairs:
+            if p.dtype != s.dtype or p.device != s.device:
+                s.lerp_(p.float().to(s.device), 1 - d)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module) -> None:

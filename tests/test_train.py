@@ -135,6 +135,33 @@ def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None):
                    out_dir, info)
 
 
+def test_ema_update_matches_the_formula():
+    from omni2sound.trainer import EMA
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    m[1].weight.requires_grad_(False)                       # frozen: not tracked
+    ema = EMA(m, decay=0.9, warmup=True)
+    assert set(ema.shadow) == {"0.weight", "0.bias", "1.bias"}
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p))
+    ema.update(m)
+    d = min(0.9, 2 / 11)                                    # warm-up decay at the first update
+    params = dict(m.named_parameters())
+    for k, v in ema.shadow.items():
+        torch.testing.assert_close(v, d * before[k] + (1 - d) * params[k].detach(), rtol=1e-6, atol=1e-7)
+    # a bf16 model keeps fp32 shadows (the per-tensor path)
+    mb = torch.nn.Linear(3, 4).to(torch.bfloat16)
+    eb = EMA(mb, decay=0.5, warmup=False)
+    sb = {k: v.clone() for k, v in eb.shadow.items()}
+    with torch.no_grad():
+        mb.weight.add_(1.0)
+    eb.update(mb)
+    assert eb.shadow["weight"].dtype == torch.float32
+    torch.testing.assert_close(eb.shadow["weight"], 0.5 * sb["weight"] + 0.5 * mb.weight.float())
+
+
 def test_resume_after_kill_repeats_the_same_losses(tmp_path):
     table = synthetic_table(10)
     full = _trainer(str(tmp_path / "a"), table, 6)
