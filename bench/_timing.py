@@ -4,12 +4,20 @@ the markdown table they print.
 Timing. CPU: host clock around `inner` calls. GPU: CUDA events around `inner` calls captured in one CUDA graph
 (launch gaps removed, as a served model would run them), or eagerly when a variant cannot be captured.
 """
+import platform
 import statistics
 import time
 
 import torch
 
 from omni2sound.pipeline import warm_up_on_side_stream
+
+
+def hardware(device):
+    """The machine a figure was measured on: the GPU's name, or the CPU and the intra-op threads."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def time_cpu(fn, repeats, inner):

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 
 import torch
 import torch.nn.functional as F
-from _timing import time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import hardware, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.model import rope_table
@@ -29,12 +28,6 @@ def unfused(qk, w, cis, eps=1e-6):
     n = F.rms_norm(qk, (qk.shape[-1],), None, eps) * w.to(qk.dtype)[:, None]
     xc = torch.view_as_complex(n.float().reshape(*n.shape[:-1], -1, 2))
     return torch.view_as_real(xc * cis[None, :, None, None]).flatten(-2).to(qk.dtype)
-
-
-def hardware(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
-from _timing import time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import hardware, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.ops.snake import snake_reference, snake_residual_reference
@@ -43,12 +42,6 @@ def timeit(fn, warmup, iters, device):
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best * 1e6
-
-
-def hardware(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None):

@@ -17,20 +17,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 
 import torch
-from _timing import time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import hardware, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.vae import VAE_PRESETS, AudioVAE
-
-
-def hardware(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def best_time(fn, repeats, device):

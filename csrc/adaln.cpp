@@ -184,13 +184,6 @@ AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t
   return p;
 }
 
-template <typename P, typename F32, typename F16, typename BF16>
-void by_dtype(const P& p, F32 f32, F16 f16, BF16 bf16) {
-  if (p.dtype == kFloat32) f32(p);
-  else if (p.dtype == kFloat16) f16(p);
-  else bf16(p);
-}
-
 }  // namespace
 
 static Registrar reg_adaln([](pybind11::module_& m) {

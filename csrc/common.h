@@ -57,6 +57,15 @@ template <> inline half_t from_float<half_t>(float f) {
   return half_t{uint16_t(sign | ((r - 0x38000000u) >> 13))};
 }
 
+// Run the fp32, fp16 or bf16 instantiation of a CPU kernel for the params' dtype code (storage type only: the
+// kernels compute in float).
+template <typename P, typename F32, typename F16, typename BF16>
+void by_dtype(const P& p, F32 f32, F16 f16, BF16 bf16) {
+  if (p.dtype == kFloat32) f32(p);
+  else if (p.dtype == kFloat16) f16(p);
+  else bf16(p);
+}
+
 // cudaStream_t passed from Python as an integer (torch.cuda.current_stream().cuda_stream).
 using stream_handle = std::uintptr_t;
 

@@ -32,6 +32,19 @@ struct QKParams {
   int dtype = kFloat32;
 };
 
+// One head row to float in buf; returns its sum of squares.
+template <typename T>
+inline float load_row(const T* xr, float* buf, int64_t Dh) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t d = 0; d < Dh; ++d) {
+    const float v = to_float(xr[d]);
+    buf[d] = v;
+    ss += v * v;
+  }
+  return ss;
+}
+
 template <typename T>
 void forward_tokens(const QKParams& p) {
   const int64_t Dh = p.Dh, H = p.H, tokens = p.B * p.T;
@@ -49,14 +62,7 @@ void forward_tokens(const QKParams& p) {
         for (int64_t h = 0; h < H; ++h) {
           const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
           T* yr = y + ((tok * 2 + j) * H + h) * Dh;
-          float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-          for (int64_t d = 0; d < Dh; ++d) {
-            const float v = to_float(xr[d]);
-            buf[d] = v;
-            ss += v * v;
-          }
-          const float rstd = 1.0f / std::sqrt(ss / float(Dh) + p.eps);
+          const float rstd = 1.0f / std::sqrt(load_row(xr, buf.data(), Dh) / float(Dh) + p.eps);
 #pragma omp simd
           for (int64_t i = 0; i < Dh / 2; ++i) {
             const float n0 = buf[2 * i] * rstd * w[2 * i], n1 = buf[2 * i + 1] * rstd * w[2 * i + 1];
@@ -91,14 +97,7 @@ void backward_tokens(const QKParams& p) {
           const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
           const T* gr = dy + ((tok * 2 + j) * H + h) * Dh;
           T* dr = dx + ((tok * 2 + j) * H + h) * Dh;
-          float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-          for (int64_t d = 0; d < Dh; ++d) {
-            const float v = to_float(xr[d]);
-            xh[d] = v;
-            ss += v * v;
-          }
-          const float rstd = 1.0f / std::sqrt(ss / float(Dh) + p.eps);
+          const float rstd = 1.0f / std::sqrt(load_row(xr, xh.data(), Dh) / float(Dh) + p.eps);
           float proj = 0.f;
 #pragma omp simd reduction(+ : proj)
           for (int64_t i = 0; i < Dh / 2; ++i) {
@@ -125,50 +124,41 @@ void backward_tokens(const QKParams& p) {
   }
 }
 
-void check_params(const QKParams& p) {
-  check(p.B >= 0 && p.T >= 0 && p.H > 0 && p.Dh > 0 && p.Dh % 2 == 0, "qk_norm_rope: bad shape (Dh must be even)");
-  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16, "qk_norm_rope: unknown dtype code");
-}
-
-template <typename Fn>
-void by_dtype(int dtype, Fn&& fn) {
-  if (dtype == kFloat32) fn(float{});
-  else if (dtype == kFloat16) fn(half_t{});
-  else fn(bf16_t{});
+// The shared part of both entry points' parameters (out: y in the forward, dx in the backward), checked.
+QKParams make_params(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj, int64_t sh,
+                     std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t out, double eps,
+                     int dtype) {
+  check(B >= 0 && T >= 0 && H > 0 && Dh > 0 && Dh % 2 == 0, "qk_norm_rope: bad shape (Dh must be even)");
+  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "qk_norm_rope: unknown dtype code");
+  QKParams p;
+  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
+  p.x = reinterpret_cast<const void*>(x);
+  p.w = reinterpret_cast<const float*>(w);
+  p.cs = reinterpret_cast<const float*>(cs);
+  p.y = reinterpret_cast<void*>(out);
+  p.eps = float(eps);
+  p.dtype = dtype;
+  return p;
 }
 
 void qk_norm_rope_forward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
                               int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t y,
                               double eps, int dtype) {
-  QKParams p;
-  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
-  p.x = reinterpret_cast<const void*>(x);
-  p.w = reinterpret_cast<const float*>(w);
-  p.cs = reinterpret_cast<const float*>(cs);
-  p.y = reinterpret_cast<void*>(y);
-  p.eps = float(eps);
-  p.dtype = dtype;
-  check_params(p);
+  const QKParams p = make_params(B, T, H, Dh, sb, st, sj, sh, x, w, cs, y, eps, dtype);
   if (B * T == 0) return;
-  by_dtype(dtype, [&](auto tag) { forward_tokens<decltype(tag)>(p); });
+  pybind11::gil_scoped_release nogil;
+  by_dtype(p, forward_tokens<float>, forward_tokens<half_t>, forward_tokens<bf16_t>);
 }
 
 void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
                                int64_t sh, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs,
                                std::uintptr_t dx, std::uintptr_t dw_tok, double eps, int dtype) {
-  QKParams p;
-  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
+  QKParams p = make_params(B, T, H, Dh, sb, st, sj, sh, x, w, cs, dx, eps, dtype);
   p.dy = reinterpret_cast<const void*>(dy);
-  p.x = reinterpret_cast<const void*>(x);
-  p.w = reinterpret_cast<const float*>(w);
-  p.cs = reinterpret_cast<const float*>(cs);
-  p.y = reinterpret_cast<void*>(dx);
   p.dw_tok = reinterpret_cast<float*>(dw_tok);
-  p.eps = float(eps);
-  p.dtype = dtype;
-  check_params(p);
   if (B * T == 0) return;
-  by_dtype(dtype, [&](auto tag) { backward_tokens<decltype(tag)>(p); });
+  pybind11::gil_scoped_release nogil;
+  by_dtype(p, backward_tokens<float>, backward_tokens<half_t>, backward_tokens<bf16_t>);
 }
 
 }  // namespace

@@ -162,13 +162,6 @@ void backward_rows(const SnakeBwdParams& p) {
   }
 }
 
-template <typename P, typename F32, typename F16, typename BF16>
-void by_dtype(const P& p, F32 f32, F16 f16, BF16 bf16) {
-  if (p.dtype == kFloat32) f32(p);
-  else if (p.dtype == kFloat16) f16(p);
-  else bf16(p);
-}
-
 void check_common(int64_t B, int64_t C, int64_t T, uintptr_t alpha, uintptr_t beta, double eps, int dtype) {
   check(B >= 0 && C >= 0 && T >= 0, "snake: B, C, T must be >= 0, got " + std::to_string(B) + ", " +
                                         std::to_string(C) + ", " + std::to_string(T));

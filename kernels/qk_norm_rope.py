@@ -25,19 +25,26 @@ def _rotate_pair(a, a_swap, c, s, is_even, inverse: tl.constexpr):
 
 
 @triton.jit
-def _qk_norm_rope_fwd_kernel(X, W, CS, Y, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+def _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's token (b, t) and its [BLOCK_R, BLOCK_D] tile of head rows r = j * H + h: the row pointers
+    into the strided input, the column index d and the masks."""
     tok = tl.program_id(0).to(tl.int64)
     b = tok // T
     t = tok % T
-    r = tl.arange(0, BLOCK_R)                       # head row: j * H + h
+    r = tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
-    rm = r < H2
     dm = d < DH
-    m = rm[:, None] & dm[None, :]
+    m = (r < H2)[:, None] & dm[None, :]
     j = (r // H).to(tl.int64)
     h = (r % H).to(tl.int64)
     row = X + b * sxb + t * sxt + j * sxj + h * sxh                                   # [BLOCK_R] pointers
+    return tok, t, r, d, dm, m, j, row
+
+
+@triton.jit
+def _qk_norm_rope_fwd_kernel(X, W, CS, Y, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
+                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    tok, t, r, d, dm, m, j, row = _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R, BLOCK_D)
     x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
     xs = tl.load(row[:, None] + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)  # pair partner
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)                           # [BLOCK_R]
@@ -56,17 +63,7 @@ def _qk_norm_rope_fwd_kernel(X, W, CS, Y, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
 @triton.jit
 def _qk_norm_rope_bwd_kernel(DY, X, W, CS, DX, DW, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    tok = tl.program_id(0).to(tl.int64)
-    b = tok // T
-    t = tok % T
-    r = tl.arange(0, BLOCK_R)
-    d = tl.arange(0, BLOCK_D)
-    rm = r < H2
-    dm = d < DH
-    m = rm[:, None] & dm[None, :]
-    j = (r // H).to(tl.int64)
-    h = (r % H).to(tl.int64)
-    row = X + b * sxb + t * sxt + j * sxj + h * sxh
+    tok, t, r, d, dm, m, j, row = _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R, BLOCK_D)
     x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)
     xhat = x * rstd[:, None]
