@@ -24,8 +24,12 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _blocks(D: int, block_m, block_n):
-    # Tiny problems (Lq ~ 250, <= ~208 keys): 64 x 64 tiles keep every head row in registers up to D = 128.
+def _blocks(D: int, block_m, block_n, dtype: torch.dtype):
+    # Tiny problems (Lq ~ 250, <= ~208 keys): 64 x 64 tiles keep every head row in registers up to D = 128 in
+    # 16-bit. fp32 tiles are twice the registers: at 64 x 64 the sm_90a build spills (32 KB a thread in the dK/dV
+    # kernel, `python tools/triton_sm90.py --only cross`), at 32 x 32 the forward and dQ kernels do not.
+    if dtype == torch.float32:
+        return block_m or 32, block_n or 32, max(16, triton.next_power_of_2(D))
     return block_m or 64, block_n or (64 if D <= 64 else 32), max(16, triton.next_power_of_2(D))
 
 
@@ -182,7 +186,7 @@ def cross_attention_fwd(q, k, v, cu_seqlens_k, max_seqlen_k: int, softmax_scale:
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    BM, BN, BD = _blocks(D, block_m, block_n)
+    BM, BN, BD = _blocks(D, block_m, block_n, q.dtype)
     grid = (triton.cdiv(Lq, BM), B * H)
     _fwd_kernel[grid](q, k, v, cu_seqlens_k, out, lse,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -205,7 +209,7 @@ def cross_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k: int
     # delta[b, h, m] = sum_d dO * O (fp32): the softmax-Jacobian term of dS.
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()   # [B, H, Lq]
     lse = lse.contiguous()
-    BM, BN, BD = _blocks(D, block_m, block_n)
+    BM, BN, BD = _blocks(D, block_m, block_n, q.dtype)
     prec = _precision(q.dtype)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
               dout.stride(0), dout.stride(1), dout.stride(2))

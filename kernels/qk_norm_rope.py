@@ -92,7 +92,12 @@ def _qk_norm_rope_bwd_kernel(DY, X, W, CS, DX, DW, T, H2, DH, sxb, sxt, sxj, sxh
 def _meta(x):
     B, T, two, H, Dh = x.shape
     assert two == 2 and x.stride(4) == 1
-    return B, T, H, Dh, dict(BLOCK_R=triton.next_power_of_2(2 * H), BLOCK_D=triton.next_power_of_2(Dh))
+    block_r, block_d = triton.next_power_of_2(2 * H), triton.next_power_of_2(Dh)
+    # 8 elements of the tile per thread (the AdaLN kernels' ratio): with the default 4 warps the L preset's
+    # [64, 64] tile took 254 registers a thread on sm_90a (a quarter of the occupancy), with 16 warps 62 (forward)
+    # and 96 (backward); `python tools/triton_sm90.py --only qk`.
+    warps = max(4, min(16, block_r * block_d // 256))
+    return B, T, H, Dh, dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
 
 
 def qk_norm_rope_forward(x, w, cs, y, eps):

@@ -84,8 +84,12 @@ def snake_forward(x, residual, alpha, beta, s, y, eps, channels_last=False):
         block_c = min(triton.next_power_of_2(C), 128)
         block_n = max(1, 4096 // block_c)
         grid = (triton.cdiv(B * T, block_n), triton.cdiv(C, block_c))
+        # 8 elements of the [BLOCK_N, BLOCK_C] tile per thread, as in the contiguous kernel (1024 / 4 warps):
+        # with 4 warps the 4096-element tile took 206 registers a thread on sm_90a, with 16 warps 63
+        # (`python tools/triton_sm90.py --only snake`).
         _snake_fwd_cl_kernel[grid](x, residual if has_res else x, alpha, beta, s if has_res else y, y, C, B * T,
-                                   float(eps), HAS_RES=has_res, BLOCK_N=block_n, BLOCK_C=block_c)
+                                   float(eps), HAS_RES=has_res, BLOCK_N=block_n, BLOCK_C=block_c,
+                                   num_warps=max(4, min(16, block_n * block_c // 256)))
         return
     grid = (B * C, triton.cdiv(T, BLOCK_T))
     _snake_fwd_kernel[grid](x, residual if has_res else x, alpha, beta, s if has_res else y, y, C, T, float(eps),
