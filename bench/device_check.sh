@@ -9,7 +9,9 @@
 #     final  a short re-check: train L, VAE decode, the VAE/pipeline GPU tests, adaln, snake, generate L
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
-#            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake)
+#            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
+#            session 5 added the Snake op bench (the CUDA forward's coalesced indexing; the Triton qk_norm_rope and
+#            channels-last Snake launches with 16 warps, chosen from their sm_90a register counts offline)
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -103,7 +105,8 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
     tests/test_snake.py tests/test_vae.py -rf
   step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --out "$RES/vae.json"
-  step bench_qk 90 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
+  step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
+  step snake 30 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
   step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
     --out "$RES/generate_L.json"
   step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_generate.py --presets L \

@@ -36,10 +36,14 @@ __global__ void snake_fwd_kernel(const T* __restrict__ x, const T* __restrict__ 
   const int64_t c = r % C;
   const float a = alpha[c], q = 1.0f / (beta[c] + eps);
   const int64_t base = r * L;
-  const int64_t t0 = (static_cast<int64_t>(blockIdx.y) * kThreads + threadIdx.x) * kVec;
+  // A block covers kThreads * kVec consecutive samples; in each of the kVec steps the warp's 32 lanes touch 32
+  // consecutive samples (coalesced). The earlier mapping gave each thread kVec consecutive samples, so a warp's
+  // access in one step was strided by kVec elements: four partial passes over every cache line (sm_90a, unmeasured
+  // since the change; the H100 bench had this kernel at half the Triton kernel's speed).
+  const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kThreads * kVec + threadIdx.x;
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
-    const int64_t t = t0 + i;
+    const int64_t t = t0 + int64_t(i) * kThreads;
     if (t < L) {
       float v = ld1(x + base + t);
       if (res != nullptr) {
