@@ -15,6 +15,23 @@ void adaln_backward_cuda_launch(const AdaLNBwdParams& p, stream_handle stream);
 
 namespace {
 
+// One modulation row in fp32: a [+ a2] (a2 null: no second addend).
+template <typename T>
+inline void mod_row(float* out, const T* a, const T* a2, int64_t D) {
+  if (a2) {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = to_float(a[d]) + to_float(a2[d]);
+  } else {
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) out[d] = to_float(a[d]);
+  }
+}
+
+template <typename T>
+const T* row_or_null(const void* base, int64_t b, int64_t l, int64_t sb, int64_t sl) {
+  return base ? static_cast<const T*>(base) + b * sb + l * sl : nullptr;
+}
+
 template <typename T>
 void forward_rows(const AdaLNParams& p) {
   const int64_t rows = p.B * p.L, D = p.D;
@@ -27,19 +44,22 @@ void forward_rows(const AdaLNParams& p) {
   T* y = static_cast<T*>(p.y);
 #pragma omp parallel
   {
-    std::vector<float> buf(D);
+    std::vector<float> buf(4 * D);
     float* v = buf.data();
+    float* gm = v + D;       // the row's gate, shift and scale in fp32 (both addends summed)
+    float* shm = v + 2 * D;
+    float* scm = v + 3 * D;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
       const T* xr = x + r * D;
       if (h) {
         const T* hr = h + r * D;
-        const T* gr = gate + b * p.gate_sb + l * p.gate_sl;
+        mod_row(gm, gate + b * p.gate_sb + l * p.gate_sl, row_or_null<T>(p.gate2, b, l, p.gate2_sb, p.gate2_sl), D);
         T* x2r = x2 + r * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          v[d] = to_float(xr[d]) + to_float(gr[d]) * to_float(hr[d]);
+          v[d] = to_float(xr[d]) + gm[d] * to_float(hr[d]);
           x2r[d] = from_float<T>(v[d]);
         }
       } else {
@@ -60,12 +80,13 @@ void forward_rows(const AdaLNParams& p) {
       const float rstd = 1.0f / std::sqrt(ss / float(D) + p.eps);
       p.mean[r] = mean;
       p.rstd[r] = rstd;
-      const T* sh = shift + b * p.shift_sb + l * p.shift_sl;
-      const T* sc = scale + b * p.scale_sb + l * p.scale_sl;
+      mod_row(shm, shift + b * p.shift_sb + l * p.shift_sl, row_or_null<T>(p.shift2, b, l, p.shift2_sb, p.shift2_sl),
+              D);
+      mod_row(scm, scale + b * p.scale_sb + l * p.scale_sl, row_or_null<T>(p.scale2, b, l, p.scale2_sb, p.scale2_sl),
+              D);
       T* yr = y + r * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d)
-        yr[d] = from_float<T>((v[d] - mean) * rstd * (1.0f + to_float(sc[d])) + to_float(sh[d]));
+      for (int64_t d = 0; d < D; ++d) yr[d] = from_float<T>((v[d] - mean) * rstd * (1.0f + scm[d]) + shm[d]);
     }
   }
 }
@@ -83,23 +104,26 @@ void backward_rows(const AdaLNBwdParams& p) {
   T* dh = static_cast<T*>(p.dh);
 #pragma omp parallel
   {
-    std::vector<float> buf(2 * D);
+    std::vector<float> buf(4 * D);
     float* xhat = buf.data();
     float* g = buf.data() + D;
+    float* scm = buf.data() + 2 * D;   // the row's scale and gate in fp32 (both addends summed)
+    float* gm = buf.data() + 3 * D;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
       const float mean = p.mean[r], rstd = p.rstd[r];
       const T* xr = xin + r * D;
       const T* dyr = dy + r * D;
-      const T* sc = scale + b * p.scale_sb + l * p.scale_sl;
+      mod_row(scm, scale + b * p.scale_sb + l * p.scale_sl, row_or_null<T>(p.scale2, b, l, p.scale2_sb, p.scale2_sl),
+              D);
       float* dsc = p.dscale_tok + r * D;
       float sg = 0.f, sgx = 0.f;
 #pragma omp simd reduction(+ : sg, sgx)
       for (int64_t d = 0; d < D; ++d) {
         const float dyv = to_float(dyr[d]);
         xhat[d] = (to_float(xr[d]) - mean) * rstd;
-        g[d] = dyv * (1.0f + to_float(sc[d]));
+        g[d] = dyv * (1.0f + scm[d]);
         dsc[d] = dyv * xhat[d];
         sg += g[d];
         sgx += g[d] * xhat[d];
@@ -109,14 +133,14 @@ void backward_rows(const AdaLNBwdParams& p) {
       const T* d2r = dx2_in ? dx2_in + r * D : nullptr;
       if (h) {
         const T* hr = h + r * D;
-        const T* gr = gate + b * p.gate_sb + l * p.gate_sl;
+        mod_row(gm, gate + b * p.gate_sb + l * p.gate_sl, row_or_null<T>(p.gate2, b, l, p.gate2_sb, p.gate2_sl), D);
         T* dhr = dh + r * D;
         float* dgt = p.dgate_tok + r * D;
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
           float dx = rstd * (g[d] - mg - xhat[d] * mgx) + (d2r ? to_float(d2r[d]) : 0.f);
           dxr[d] = from_float<T>(dx);
-          dhr[d] = from_float<T>(to_float(gr[d]) * dx);
+          dhr[d] = from_float<T>(gm[d] * dx);
           dgt[d] = to_float(hr[d]) * dx;
         }
       } else {
@@ -135,9 +159,16 @@ void check_common(int64_t B, int64_t L, int64_t D, int dtype) {
   check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "adaln: dtype code must be 0, 1 or 2");
 }
 
+// Second addends: three pointers (0: none) and their (stride over B, stride over L) pairs.
+struct Mod2 {
+  uintptr_t gate = 0, shift = 0, scale = 0;
+  int64_t gsb = 0, gsl = 0, ssb = 0, ssl = 0, csb = 0, csl = 0;
+};
+
 AdaLNParams make_fwd(int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
                      uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
-                     uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int dtype) {
+                     const Mod2& m2, uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps,
+                     int dtype) {
   check_common(B, L, D, dtype);
   check(x && shift && scale && y && mean && rstd, "adaln_forward: null pointer");
   check(!h || (gate && x2), "adaln_forward: gated form needs gate and x2");
@@ -149,6 +180,12 @@ AdaLNParams make_fwd(int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, 
   p.shift = reinterpret_cast<const void*>(shift);
   p.scale = reinterpret_cast<const void*>(scale);
   p.gate_sb = gsb; p.gate_sl = gsl; p.shift_sb = ssb; p.shift_sl = ssl; p.scale_sb = csb; p.scale_sl = csl;
+  check(!m2.gate || h, "adaln_forward: gate2 without the gated form");
+  p.gate2 = reinterpret_cast<const void*>(m2.gate);
+  p.shift2 = reinterpret_cast<const void*>(m2.shift);
+  p.scale2 = reinterpret_cast<const void*>(m2.scale);
+  p.gate2_sb = m2.gsb; p.gate2_sl = m2.gsl; p.shift2_sb = m2.ssb; p.shift2_sl = m2.ssl;
+  p.scale2_sb = m2.csb; p.scale2_sl = m2.csl;
   p.x2 = reinterpret_cast<void*>(x2);
   p.y = reinterpret_cast<void*>(y);
   p.mean = reinterpret_cast<float*>(mean);
@@ -160,7 +197,7 @@ AdaLNParams make_fwd(int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, 
 
 AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin,
                         uintptr_t h, uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb,
-                        int64_t csl, uintptr_t mean, uintptr_t rstd, uintptr_t dxin, uintptr_t dh,
+                        int64_t csl, const Mod2& m2, uintptr_t mean, uintptr_t rstd, uintptr_t dxin, uintptr_t dh,
                         uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype) {
   check_common(B, L, D, dtype);
   check(dy && xin && scale && mean && rstd && dxin && dscale_tok, "adaln_backward: null pointer");
@@ -174,6 +211,10 @@ AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t
   p.gate = reinterpret_cast<const void*>(gate);
   p.scale = reinterpret_cast<const void*>(scale);
   p.gate_sb = gsb; p.gate_sl = gsl; p.scale_sb = csb; p.scale_sl = csl;
+  check(!m2.gate || h, "adaln_backward: gate2 without the gated form");
+  p.gate2 = reinterpret_cast<const void*>(m2.gate);
+  p.scale2 = reinterpret_cast<const void*>(m2.scale);
+  p.gate2_sb = m2.gsb; p.gate2_sl = m2.gsl; p.scale2_sb = m2.csb; p.scale2_sl = m2.csl;
   p.mean = reinterpret_cast<const float*>(mean);
   p.rstd = reinterpret_cast<const float*>(rstd);
   p.dxin = reinterpret_cast<void*>(dxin);
@@ -191,9 +232,12 @@ static Registrar reg_adaln([](pybind11::module_& m) {
       "adaln_forward_cpu",
       [](int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
          uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
+         uintptr_t gate2, uintptr_t shift2, uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t s2sb,
+         int64_t s2sl, int64_t c2sb, int64_t c2sl,
          uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int dtype, uintptr_t /*stream*/) {
-        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, x2, y, mean, rstd, eps,
-                          dtype);
+        const Mod2 m2{gate2, shift2, scale2, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl};
+        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, m2, x2, y, mean, rstd,
+                          eps, dtype);
         pybind11::gil_scoped_release nogil;
         by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
       },
@@ -201,10 +245,13 @@ static Registrar reg_adaln([](pybind11::module_& m) {
   m.def(
       "adaln_backward_cpu",
       [](int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin, uintptr_t h,
-         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t mean,
+         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t gate2,
+         uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t c2sb, int64_t c2sl, uintptr_t mean,
          uintptr_t rstd, uintptr_t dxin, uintptr_t dh, uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype,
          uintptr_t /*stream*/) {
-        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, mean, rstd, dxin, dh,
+        Mod2 m2;
+        m2.gate = gate2; m2.scale = scale2; m2.gsb = g2sb; m2.gsl = g2sl; m2.csb = c2sb; m2.csl = c2sl;
+        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, m2, mean, rstd, dxin, dh,
                           dgate_tok, dscale_tok, dtype);
         pybind11::gil_scoped_release nogil;
         by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
@@ -215,19 +262,25 @@ static Registrar reg_adaln([](pybind11::module_& m) {
       "adaln_forward_cuda",
       [](int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
          uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
+         uintptr_t gate2, uintptr_t shift2, uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t s2sb,
+         int64_t s2sl, int64_t c2sb, int64_t c2sl,
          uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int dtype, uintptr_t stream) {
-        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, x2, y, mean, rstd, eps,
-                          dtype);
+        const Mod2 m2{gate2, shift2, scale2, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl};
+        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, m2, x2, y, mean, rstd,
+                          eps, dtype);
         adaln_forward_cuda_launch(p, stream);
       },
       "Fused [gated residual ->] LayerNorm -> modulate, CUDA, on the given stream.");
   m.def(
       "adaln_backward_cuda",
       [](int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin, uintptr_t h,
-         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t mean,
+         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t gate2,
+         uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t c2sb, int64_t c2sl, uintptr_t mean,
          uintptr_t rstd, uintptr_t dxin, uintptr_t dh, uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype,
          uintptr_t stream) {
-        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, mean, rstd, dxin, dh,
+        Mod2 m2;
+        m2.gate = gate2; m2.scale = scale2; m2.gsb = g2sb; m2.gsl = g2sl; m2.csb = c2sb; m2.csl = c2sl;
+        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, m2, mean, rstd, dxin, dh,
                           dgate_tok, dscale_tok, dtype);
         adaln_backward_cuda_launch(p, stream);
       },

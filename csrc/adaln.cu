@@ -70,6 +70,19 @@ __device__ __forceinline__ float block_sum(float v, float* smem) {
   return t;
 }
 
+// VEC modulation values at row (b, l), column i * VEC: a [+ a2] (a2 null: no second addend).
+template <typename T, int VEC>
+__device__ __forceinline__ void load_mod(const void* a, int64_t asb, int64_t asl, const void* a2, int64_t a2sb,
+                                         int64_t a2sl, int64_t b, int64_t l, int i, float* out) {
+  load_vec<T, VEC>(static_cast<const T*>(a) + b * asb + l * asl + i * VEC, out);
+  if (a2 != nullptr) {
+    float o2[VEC];
+    load_vec<T, VEC>(static_cast<const T*>(a2) + b * a2sb + l * a2sl + i * VEC, o2);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] += o2[e];
+  }
+}
+
 template <typename T, int VEC, int MAXV>
 __global__ void adaln_fwd_kernel(AdaLNParams p) {
   __shared__ float smem[32];
@@ -90,7 +103,7 @@ __global__ void adaln_fwd_kernel(AdaLNParams p) {
       if (gated) {
         float hv[VEC], gv[VEC];
         load_vec<T, VEC>(static_cast<const T*>(p.h) + r * D + i * VEC, hv);
-        load_vec<T, VEC>(static_cast<const T*>(p.gate) + b * p.gate_sb + l * p.gate_sl + i * VEC, gv);
+        load_mod<T, VEC>(p.gate, p.gate_sb, p.gate_sl, p.gate2, p.gate2_sb, p.gate2_sl, b, l, i, gv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) v[k][e] += gv[e] * hv[e];
         store_vec<T, VEC>(static_cast<T*>(p.x2) + r * D + i * VEC, v[k]);
@@ -117,16 +130,14 @@ __global__ void adaln_fwd_kernel(AdaLNParams p) {
     p.mean[r] = mean;
     p.rstd[r] = rstd;
   }
-  const T* sh = static_cast<const T*>(p.shift) + b * p.shift_sb + l * p.shift_sl;
-  const T* sc = static_cast<const T*>(p.scale) + b * p.scale_sb + l * p.scale_sl;
   T* y = static_cast<T*>(p.y) + r * D;
 #pragma unroll
   for (int k = 0; k < MAXV; ++k) {
     const int i = threadIdx.x + k * blockDim.x;
     if (i < nvec) {
       float shv[VEC], scv[VEC], out[VEC];
-      load_vec<T, VEC>(sh + i * VEC, shv);
-      load_vec<T, VEC>(sc + i * VEC, scv);
+      load_mod<T, VEC>(p.shift, p.shift_sb, p.shift_sl, p.shift2, p.shift2_sb, p.shift2_sl, b, l, i, shv);
+      load_mod<T, VEC>(p.scale, p.scale_sb, p.scale_sl, p.scale2, p.scale2_sb, p.scale2_sl, b, l, i, scv);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) out[e] = (v[k][e] - mean) * rstd * (1.f + scv[e]) + shv[e];
       store_vec<T, VEC>(y + i * VEC, out);
@@ -141,7 +152,6 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
   const int64_t b = r / p.L, l = r % p.L;
   const int D = int(p.D), nvec = D / VEC;
   const float mean = p.mean[r], rstd = p.rstd[r];
-  const T* sc = static_cast<const T*>(p.scale) + b * p.scale_sb + l * p.scale_sl;
   float xhat[MAXV][VEC], g[MAXV][VEC];
   float sg = 0.f, sgx = 0.f;
 #pragma unroll
@@ -151,7 +161,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
       float dy[VEC], scv[VEC], dsc[VEC];
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + r * D + i * VEC, dy);
       load_vec<T, VEC>(static_cast<const T*>(p.xin) + r * D + i * VEC, xhat[k]);
-      load_vec<T, VEC>(sc + i * VEC, scv);
+      load_mod<T, VEC>(p.scale, p.scale_sb, p.scale_sl, p.scale2, p.scale2_sb, p.scale2_sl, b, l, i, scv);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         xhat[k][e] = (xhat[k][e] - mean) * rstd;
@@ -183,7 +193,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
       if (gated) {
         float hv[VEC], gv[VEC], dh[VEC], dg[VEC];
         load_vec<T, VEC>(static_cast<const T*>(p.h) + r * D + i * VEC, hv);
-        load_vec<T, VEC>(static_cast<const T*>(p.gate) + b * p.gate_sb + l * p.gate_sl + i * VEC, gv);
+        load_mod<T, VEC>(p.gate, p.gate_sb, p.gate_sl, p.gate2, p.gate2_sb, p.gate2_sl, b, l, i, gv);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
           dh[e] = gv[e] * dx[e];
@@ -254,8 +264,9 @@ bool can_vectorise(int64_t D, std::initializer_list<const void*> ptrs, std::init
 
 template <typename T>
 void fwd_dtype(const AdaLNParams& p, cudaStream_t s) {
-  if (can_vectorise<T>(p.D, {p.x, p.h, p.gate, p.shift, p.scale, p.x2, p.y},
-                       {p.gate_sb, p.gate_sl, p.shift_sb, p.shift_sl, p.scale_sb, p.scale_sl}))
+  if (can_vectorise<T>(p.D, {p.x, p.h, p.gate, p.shift, p.scale, p.gate2, p.shift2, p.scale2, p.x2, p.y},
+                       {p.gate_sb, p.gate_sl, p.shift_sb, p.shift_sl, p.scale_sb, p.scale_sl, p.gate2_sb, p.gate2_sl,
+                        p.shift2_sb, p.shift2_sl, p.scale2_sb, p.scale2_sl}))
     fwd_typed<T, 16 / sizeof(T)>(p, s);
   else
     fwd_typed<T, 1>(p, s);
@@ -263,8 +274,10 @@ void fwd_dtype(const AdaLNParams& p, cudaStream_t s) {
 
 template <typename T>
 void bwd_dtype(const AdaLNBwdParams& p, cudaStream_t s) {
-  if (can_vectorise<T>(p.D, {p.dy, p.dx2_in, p.xin, p.h, p.gate, p.scale, p.dxin, p.dh, p.dgate_tok, p.dscale_tok},
-                       {p.gate_sb, p.gate_sl, p.scale_sb, p.scale_sl}))
+  if (can_vectorise<T>(p.D, {p.dy, p.dx2_in, p.xin, p.h, p.gate, p.scale, p.gate2, p.scale2, p.dxin, p.dh,
+                             p.dgate_tok, p.dscale_tok},
+                       {p.gate_sb, p.gate_sl, p.scale_sb, p.scale_sl, p.gate2_sb, p.gate2_sl, p.scale2_sb,
+                        p.scale2_sl}))
     bwd_typed<T, 16 / sizeof(T)>(p, s);
   else
     bwd_typed<T, 1>(p, s);

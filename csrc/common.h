@@ -84,6 +84,13 @@ struct AdaLNParams {
   const void* shift = nullptr;
   const void* scale = nullptr;
   int64_t gate_sb = 0, gate_sl = 0, shift_sb = 0, shift_sl = 0, scale_sb = 0, scale_sl = 0;
+  // Optional second addend of each modulation (null: none): gate = gate + gate2, etc. A DiT's modulation is a
+  // per-token part (sync features, once per request) plus a per-sample part (timestep, once per step); passing
+  // both saves materialising their sum every step.
+  const void* gate2 = nullptr;
+  const void* shift2 = nullptr;
+  const void* scale2 = nullptr;
+  int64_t gate2_sb = 0, gate2_sl = 0, shift2_sb = 0, shift2_sl = 0, scale2_sb = 0, scale2_sl = 0;
   void* x2 = nullptr;           // written only when h is given
   void* y = nullptr;
   float* mean = nullptr;        // [B * L], fp32, saved for backward
@@ -105,6 +112,9 @@ struct AdaLNBwdParams {
   const void* gate = nullptr;
   const void* scale = nullptr;
   int64_t gate_sb = 0, gate_sl = 0, scale_sb = 0, scale_sl = 0;
+  const void* gate2 = nullptr;   // optional second addends, as in AdaLNParams
+  const void* scale2 = nullptr;
+  int64_t gate2_sb = 0, gate2_sl = 0, scale2_sb = 0, scale2_sl = 0;
   const float* mean = nullptr;
   const float* rstd = nullptr;
   void* dxin = nullptr;

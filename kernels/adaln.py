@@ -9,9 +9,19 @@ import triton.language as tl
 
 
 @triton.jit
-def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, X2, Y, MEAN, RSTD,
-                      L, D, gsb, gsl, ssb, ssl, csb, csl, eps,
-                      HAS_H: tl.constexpr, BLOCK_D: tl.constexpr):
+def _mod(A, asb, asl, A2, a2sb, a2sl, b, l, cols, m, HAS_A2: tl.constexpr):
+    """A modulation row in fp32: A [+ A2] (the optional second addend, e.g. the per-step timestep part)."""
+    v = tl.load(A + b * asb + l * asl + cols, mask=m, other=0.0).to(tl.float32)
+    if HAS_A2:
+        v += tl.load(A2 + b * a2sb + l * a2sl + cols, mask=m, other=0.0).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, MEAN, RSTD,
+                      L, D, gsb, gsl, ssb, ssl, csb, csl, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl, eps,
+                      HAS_H: tl.constexpr, HAS_G2: tl.constexpr, HAS_S2: tl.constexpr, HAS_C2: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -20,7 +30,7 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, X2, Y, MEAN, RSTD,
     v = tl.load(X + r * D + cols, mask=m, other=0.0).to(tl.float32)
     if HAS_H:
         hv = tl.load(H + r * D + cols, mask=m, other=0.0).to(tl.float32)
-        gv = tl.load(GATE + b * gsb + l * gsl + cols, mask=m, other=0.0).to(tl.float32)
+        gv = _mod(GATE, gsb, gsl, GATE2, g2sb, g2sl, b, l, cols, m, HAS_G2)
         v = v + gv * hv
         tl.store(X2 + r * D + cols, v.to(X2.dtype.element_ty), mask=m)
     mean = tl.sum(v, axis=0) / D
@@ -28,16 +38,17 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, X2, Y, MEAN, RSTD,
     rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=0) / D + eps)
     tl.store(MEAN + r, mean)
     tl.store(RSTD + r, rstd)
-    sh = tl.load(SHIFT + b * ssb + l * ssl + cols, mask=m, other=0.0).to(tl.float32)
-    sc = tl.load(SCALE + b * csb + l * csl + cols, mask=m, other=0.0).to(tl.float32)
+    sh = _mod(SHIFT, ssb, ssl, SHIFT2, s2sb, s2sl, b, l, cols, m, HAS_S2)
+    sc = _mod(SCALE, csb, csl, SCALE2, c2sb, c2sl, b, l, cols, m, HAS_C2)
     y = c * rstd * (1.0 + sc) + sh
     tl.store(Y + r * D + cols, y.to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, MEAN, RSTD, DXIN, DH, DGATE, DSCALE,
-                      L, D, gsb, gsl, csb, csl,
-                      HAS_H: tl.constexpr, HAS_DX2: tl.constexpr, BLOCK_D: tl.constexpr):
+def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, DXIN, DH, DGATE, DSCALE,
+                      L, D, gsb, gsl, csb, csl, g2sb, g2sl, c2sb, c2sl,
+                      HAS_H: tl.constexpr, HAS_DX2: tl.constexpr, HAS_G2: tl.constexpr, HAS_C2: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -48,7 +59,7 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, MEAN, RSTD, DXIN, DH, DGATE,
     dy = tl.load(DY + r * D + cols, mask=m, other=0.0).to(tl.float32)
     xhat = (tl.load(XIN + r * D + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
     xhat = tl.where(m, xhat, 0.0)
-    sc = tl.load(SCALE + b * csb + l * csl + cols, mask=m, other=0.0).to(tl.float32)
+    sc = _mod(SCALE, csb, csl, SCALE2, c2sb, c2sl, b, l, cols, m, HAS_C2)
     g = dy * (1.0 + sc)
     tl.store(DSCALE + r * D + cols, dy * xhat, mask=m)
     mg = tl.sum(g, axis=0) / D
@@ -59,7 +70,7 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, MEAN, RSTD, DXIN, DH, DGATE,
     tl.store(DXIN + r * D + cols, dx.to(DXIN.dtype.element_ty), mask=m)
     if HAS_H:
         hv = tl.load(H + r * D + cols, mask=m, other=0.0).to(tl.float32)
-        gv = tl.load(GATE + b * gsb + l * gsl + cols, mask=m, other=0.0).to(tl.float32)
+        gv = _mod(GATE, gsb, gsl, GATE2, g2sb, g2sl, b, l, cols, m, HAS_G2)
         tl.store(DH + r * D + cols, (gv * dx).to(DH.dtype.element_ty), mask=m)
         tl.store(DGATE + r * D + cols, hv * dx, mask=m)
 
@@ -74,23 +85,31 @@ def _num_warps(block_d: int) -> int:
     return max(1, min(16, block_d // 256))
 
 
-def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps):
-    """Launch the forward on contiguous x/h [B, L, D]; outputs are preallocated by the caller."""
+def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2=None, shift2=None, scale2=None):
+    """Launch the forward on contiguous x/h [B, L, D]; outputs are preallocated by the caller. gate2 / shift2 /
+    scale2: optional second addends of the modulations."""
     B, L, D = x.shape
     block = triton.next_power_of_2(D)
     has_h = h is not None
     _adaln_fwd_kernel[(B * L,)](
-        x, h if has_h else x, gate if has_h else x, shift, scale, x2 if has_h else y, y, mean, rstd,
-        L, D, *_strides(gate), *_strides(shift), *_strides(scale), eps,
-        HAS_H=has_h, BLOCK_D=block, num_warps=_num_warps(block))
+        x, h if has_h else x, gate if has_h else x, shift, scale,
+        gate2 if gate2 is not None else x, shift2 if shift2 is not None else x, scale2 if scale2 is not None else x,
+        x2 if has_h else y, y, mean, rstd,
+        L, D, *_strides(gate), *_strides(shift), *_strides(scale), *_strides(gate2), *_strides(shift2),
+        *_strides(scale2), eps,
+        HAS_H=has_h, HAS_G2=gate2 is not None, HAS_S2=shift2 is not None, HAS_C2=scale2 is not None,
+        BLOCK_D=block, num_warps=_num_warps(block))
 
 
-def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok):
+def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2=None,
+                   scale2=None):
     B, L, D = xin.shape
     block = triton.next_power_of_2(D)
     has_h = h is not None
     _adaln_bwd_kernel[(B * L,)](
-        dy, dx2 if dx2 is not None else dy, xin, h if has_h else xin, gate if has_h else xin, scale, mean, rstd,
+        dy, dx2 if dx2 is not None else dy, xin, h if has_h else xin, gate if has_h else xin, scale,
+        gate2 if gate2 is not None else xin, scale2 if scale2 is not None else xin, mean, rstd,
         dxin, dh if has_h else dxin, dgate_tok if has_h else dscale_tok, dscale_tok,
-        L, D, *_strides(gate), *_strides(scale),
-        HAS_H=has_h, HAS_DX2=dx2 is not None, BLOCK_D=block, num_warps=_num_warps(block))
+        L, D, *_strides(gate), *_strides(scale), *_strides(gate2), *_strides(scale2),
+        HAS_H=has_h, HAS_DX2=dx2 is not None, HAS_G2=gate2 is not None, HAS_C2=scale2 is not None,
+        BLOCK_D=block, num_warps=_num_warps(block))

@@ -317,11 +317,13 @@ class DiTBlock(nn.Module):
         # AdaLN modulation, per-request half (sync); the per-step half is the model's shared t_mod.
         self.ada_sync = nn.Linear(D, 6 * D)
 
-    def forward(self, x: Tensor, y: Tensor, mod: Tensor, next_shift: Tensor, next_scale: Tensor,
+    def forward(self, x: Tensor, y: Tensor, mod: Tensor, mod_t: Tensor, next_shift: ops.Mod, next_scale: ops.Mod,
                 kv: Tuple[Tensor, Tensor], prep: PreparedConditions) -> Tuple[Tensor, Tensor]:
-        """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; mod [6, B, T, D].
-        Returns the new residual and its modulated norm for the NEXT sublayer (next block or final)."""
-        _, _, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.unbind(0)                  # [B, T, D] each
+        """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; this block's modulation is
+        mod [6, B, T, D] (per token, per request) + mod_t [6, B, 1, D] (per step), passed to the fused ops as
+        pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
+        (next block or final)."""
+        gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
         h = self.attn(y, prep.rope)                                   # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
         h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
@@ -398,10 +400,8 @@ class Omni2SoundDiT(nn.Module):
         sampling: prepared for many denoising steps: on the CPU, trailing rows with no condition tokens skip the
         cross-attention (exact; see PreparedConditions.cross_rows: 7% of an S step's GEMM FLOPs; not on a GPU,
         where at batch 1 both row counts fit in one wave of GEMM tiles, so halving M saves no time and the
-        concatenation adds a kernel per layer; unmeasured there) and the per-token modulations are stored
-        contiguously (the per-step add of the timestep half then streams; on the CPU a strided add took 2.6x as
-        long). Off for training, where both cost more than they save: the dropped rows are scattered (and a
-        data-dependent row count would recompile a compiled step) and each prepared tensor is used once."""
+        concatenation adds a kernel per layer; unmeasured there). Off for training, where it costs more than it
+        saves: the dropped rows are scattered, and a data-dependent row count would recompile a compiled step."""
         cfg, D = self.config, self.config.hidden_dim
         dt, dev = self.dtype, self.device
         cond = cond.to(dev, dt)
@@ -419,8 +419,6 @@ class Omni2SoundDiT(nn.Module):
         s = F.silu(self.sync_proj(sync))                                                # [B, T, D]
         sync_mod = [blk.ada_sync(s).view(B, num_frames, 6, D).permute(2, 0, 1, 3)
                     for blk in self.blocks]                                             # depth x [6, B, T, D]
-        if sampling:
-            sync_mod = [m.contiguous() for m in sync_mod]
         final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D).permute(2, 0, 1, 3).contiguous()
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
@@ -458,16 +456,20 @@ class Omni2SoundDiT(nn.Module):
                              f"[B={prep.batch_size}, T={prep.num_frames}]")
         D = self.config.hidden_dim
         c = F.silu(self.t_embed(t) + prep.duration_emb)                                  # [B, D]
-        # Every block's modulation: [6, B, T, D] (per token, per request) + [6, B, 1, D] (per step).
+        # Every block's modulation is sync_mod[i] [6, B, T, D] (per token, per request) + t_mod [6, B, 1, D]
+        # (per step); the fused ops take the two as a pair and add them as they load them (the sum was a
+        # [6, B, T, D] tensor written and read once per block and step).
         t_mod = self.t_mod(c).view(B, 6, D).permute(1, 0, 2)[:, :, None]
-        mods = [m + t_mod for m in prep.sync_mod]
-        final_mod = self.final_ada_t(c).view(B, 2, D).permute(1, 0, 2)[:, :, None] + prep.final_sync_mod
+        final_t = self.final_ada_t(c).view(B, 2, D).permute(1, 0, 2)[:, :, None]           # [2, B, 1, D]
+        mods = [(m, t_mod) for m in prep.sync_mod] + [(prep.final_sync_mod, final_t)]
 
         x = self.x_embed(x_t.to(self.dtype))                                              # [B, T, D]
-        y = ops.adaln_modulate(x, mods[0][0], mods[0][1], self.config.norm_eps)          # LN(x)(1+scale)+shift
+        first = mods[0]
+        y = ops.adaln_modulate(x, (first[0][0], first[1][0]), (first[0][1], first[1][1]),
+                               self.config.norm_eps)                                      # LN(x)(1+scale)+shift
         for i, blk in enumerate(self.blocks):
-            nxt = mods[i + 1] if i + 1 < len(mods) else final_mod                        # next shift, scale
-            x, y = blk(x, y, mods[i], nxt[0], nxt[1], prep.kv[i], prep)
+            nxt_tok, nxt_t = mods[i + 1]                                                  # next shift, scale
+            x, y = blk(x, y, mods[i][0], t_mod, (nxt_tok[0], nxt_t[0]), (nxt_tok[1], nxt_t[1]), prep.kv[i], prep)
         return self.final(y)                                                              # [B, T, C]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditions) -> Tensor:

@@ -125,6 +125,92 @@ def test_fp32_matches_float64(backend, B, L, D, per_token, gated):
             assert rel_err(g, gr) < 5e-5, f"{backend} d{name}"
 
 
+# --------------------------------------------------------------------------------------------------
+# Modulations given as pairs (a, b) meaning a + b: the DiT's per-token sync part + per-sample timestep part
+# --------------------------------------------------------------------------------------------------
+
+def make_pairs(B, L, D, gated, dtype=torch.float32, device="cpu", seed=0):
+    """x, h and every modulation as a pair with a random mix of per-token / per-sample parts."""
+    g = torch.Generator().manual_seed(seed)
+    rows = lambda: L if torch.rand((), generator=g) < 0.5 else 1  # noqa: E731
+
+    def mod(s=1.0):
+        return tuple((s * torch.randn(B, rows(), D, generator=g)).to(dtype).to(device) for _ in range(2))
+    x = torch.randn(B, L, D, generator=g).to(dtype).to(device)
+    h = torch.randn(B, L, D, generator=g).to(dtype).to(device) if gated else None
+    return x, h, (mod() if gated else None), mod(), mod(0.5)
+
+
+def run_pairs(backend, x, h, gate, shift, scale, eps, double=False):
+    """Forward + backward with the pairs' parts as leaves; backend None: float64 reference of the summed form."""
+    conv = (lambda t: t.detach().double()) if double else (lambda t: t.detach().clone())  # noqa: E731
+    leaf = lambda t: None if t is None else conv(t).requires_grad_()  # noqa: E731
+    X, Hh = leaf(x), leaf(h)
+    G, S, C = [None if m is None else (leaf(m[0]), leaf(m[1])) for m in (gate, shift, scale)]
+    tot = lambda m: None if m is None else m[0] + m[1]  # noqa: E731
+    if backend in (None, "plain"):            # float64 reference / the plain ops in the input precision
+        x2, y = (ref64 if backend is None else plain_lowp)(X, Hh, tot(G), tot(S), tot(C), eps)
+        x2 = x2 if h is not None else None
+    else:
+        with ops.use_backend(backend):
+            if h is None:
+                x2, y = None, ops.adaln_modulate(X, S, C, eps)
+            else:
+                x2, y = ops.gated_residual_adaln(X, Hh, G, S, C, eps)
+    gen = torch.Generator().manual_seed(7)
+    loss = (y.double() * torch.randn(y.shape, generator=gen).to(y.device).double()).sum()
+    if x2 is not None:
+        loss = loss + (x2.double() * torch.randn(x2.shape, generator=gen).to(y.device).double()).sum()
+    loss.backward()
+    leaves = [X, Hh] + [t for m in (G, S, C) if m is not None for t in m]
+    return (x2, y), [t.grad for t in leaves if t is not None]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("B,L,D", [(2, 1, 1), (2, 5, 7), (3, 4, 64), (2, 5, 1536)])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pair_modulation_fp32_matches_float64(backend, B, L, D, gated, seed):
+    inputs = make_pairs(B, L, D, gated, seed=seed)
+    (x2, y), grads = run_pairs(backend, *inputs, 1e-6)
+    (x2r, yr), gref = run_pairs(None, *inputs, 1e-6, double=True)
+    assert rel_err(y, yr) < 2e-5, backend
+    if gated:
+        assert rel_err(x2, x2r) < 1e-6
+    assert len(grads) == len(gref)
+    for i, (g, gr) in enumerate(zip(grads, gref)):
+        assert g.shape == gr.shape, i
+        assert (g.abs().max() == 0) if gr.abs().max() == 0 else rel_err(g, gr) < 5e-5, f"{backend} grad {i}"
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_pair_equals_presummed_and_strided_parts(backend):
+    # The model passes strided views (t_mod[k] of a [6, B, 1, D] permute, sync_mod[i][k]): same result as the
+    # materialised sum.
+    B, L, D = 2, 5, 48
+    tok = torch.randn(6, B, L, D)
+    per = torch.randn(B, 6, D).permute(1, 0, 2)[:, :, None]                # [6, B, 1, D], strided
+    x, h = torch.randn(B, L, D), torch.randn(B, L, D)
+    with ops.use_backend(backend):
+        x2, y = ops.gated_residual_adaln(x, h, (tok[2], per[2]), (tok[3], per[3]), (tok[4], per[4]))
+        x2r, yr = ops.gated_residual_adaln(x, h, tok[2] + per[2], tok[3] + per[3], tok[4] + per[4])
+        y1 = ops.adaln_modulate(x, (tok[0], per[0]), (tok[1], per[1]))
+        y1r = ops.adaln_modulate(x, tok[0] + per[0], tok[1] + per[1])
+    torch.testing.assert_close(x2, x2r, rtol=0, atol=0)
+    torch.testing.assert_close(y, yr, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y1, y1r, rtol=1e-6, atol=1e-6)
+
+
+def test_pair_bad_inputs():
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(TypeError, match="pair"):
+        ops.adaln_modulate(x, (x, x, x), x)
+    with pytest.raises(ValueError, match=r"shift\[1\]"):
+        ops.adaln_modulate(x, (x, torch.randn(2, 2, 8)), x)
+    with pytest.raises(TypeError, match=r"scale\[1\]"):
+        ops.adaln_modulate(x, x, (x, x.double()))
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_large_magnitude(backend):
     # |x| ~ 1e4 with a large common offset: a one-pass E[x^2]-E[x]^2 variance would lose everything here.
@@ -234,14 +320,18 @@ def test_opcheck(backend):
 
     x, h, gate, shift, scale = make_inputs(2, 3, 12, per_token=True)
     gate1 = gate[:, :1].contiguous()  # per-sample gate next to per-token shift/scale
-    leaf = lambda *ts: [t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
-    torch.library.opcheck(mod._adaln_modulate_op, (*leaf(x, shift, scale), 1e-6, backend))
-    torch.library.opcheck(mod._gated_residual_adaln_op, (*leaf(x, h, gate1, shift, scale), 1e-6, backend))
-    _, _, mean, rstd = mod._gated_residual_adaln_op(x.detach(), h, gate1, shift, scale, 1e-6, backend)
-    torch.library.opcheck(mod._gated_residual_adaln_backward_op,
-                          (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, mean, rstd, backend))
-    torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, mean, rstd,
-                                                            backend))
+    leaf = lambda *ts: [None if t is None else t.detach().clone().requires_grad_() for t in ts]  # noqa: E731
+    # without and with the second addends (per-sample parts next to per-token ones)
+    for g2, s2, c2 in ((None, None, None), (torch.randn(2, 3, 12), torch.randn(2, 1, 12), torch.randn(2, 1, 12))):
+        torch.library.opcheck(mod._adaln_modulate_op, (*leaf(x, shift, scale, s2, c2), 1e-6, backend))
+        torch.library.opcheck(mod._gated_residual_adaln_op, (*leaf(x, h, gate1, shift, scale, g2, s2, c2), 1e-6,
+                                                             backend))
+        _, _, mean, rstd = mod._gated_residual_adaln_op(x.detach(), h, gate1, shift, scale, g2, s2, c2, 1e-6, backend)
+        torch.library.opcheck(mod._gated_residual_adaln_backward_op,
+                              (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2, mean,
+                               rstd, backend))
+        torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
+                                                                rstd, backend))
 
 
 class TinyDiTBlock(torch.nn.Module):
@@ -359,3 +449,39 @@ def test_gpu_cuda_graph_capture():
         torch.cuda.synchronize()
     x2r, yr = ops.gated_residual_adaln_reference(x, h, gate, shift, scale)
     torch.testing.assert_close(y, yr, rtol=2e-2, atol=2e-2)
+
+
+LOWP_PAIRS = [(b, dt) for b in CPU_BACKENDS if b != "reference" for dt in (torch.float16, torch.bfloat16)
+              if not (b == "triton" and dt == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,dtype", LOWP_PAIRS)
+def test_pair_low_precision_2x_rule(backend, dtype):
+    # the plain PyTorch baseline in the same precision adds the parts in that precision, as the model did
+    inputs = make_pairs(2, 7, 256, True, dtype=dtype, seed=3)
+    (x2, y), grads = run_pairs(backend, *inputs, 1e-6)
+    (x2p, yp), gplain = run_pairs("plain", *inputs, 1e-6)
+    (x2r, yr), gref = run_pairs(None, *inputs, 1e-6, double=True)
+    err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
+    assert err(y, yr) <= 2 * err(yp, yr) + 1e-6
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + 1e-6
+    for gg, gp, gr in zip(grads, gplain, gref):
+        assert err(gg, gr) <= 2 * err(gp, gr) + 1e-6 * gr.abs().max().item()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gpu_pair_modulation(backend, dtype, gated, seed):
+    inputs = make_pairs(2, 250, 1536, gated, dtype=dtype, device="cuda", seed=seed)
+    (x2, y), grads = run_pairs(backend, *inputs, 1e-6)
+    cpu = [None if t is None else (tuple(p.cpu() for p in t) if isinstance(t, tuple) else t.cpu()) for t in inputs]
+    (x2r, yr), gref = run_pairs(None, *cpu, 1e-6, double=True)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    assert rel_err(y.cpu(), yr) < tol
+    if gated:
+        assert rel_err(x2.cpu(), x2r) < max(tol, 1e-6)
+    for g, gr in zip(grads, gref):
+        assert rel_err(g.cpu(), gr) < (1e-4 if dtype == torch.float32 else 3e-2)

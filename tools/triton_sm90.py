@@ -148,6 +148,18 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
         ka.adaln_backward(t(B, T, D), None, t(B, T, D), None, None, t(B, T, D), t(B * T, dt=f32),
                           t(B * T, dt=f32), t(B, T, D), None, None, t(B, T, D, dt=f32))
 
+    def adaln_fwd_pairs():                           # the DiT's form: per-token sync part + per-step timestep part
+        x, h = t(B, T, D), t(B, T, D)
+        tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]
+        ka.adaln_forward(x, h, tok[2], tok[0], tok[1], t(B, T, D), t(B, T, D), t(B * T, dt=f32), t(B * T, dt=f32),
+                         1e-6, per[2], per[0], per[1])
+
+    def adaln_bwd_pairs():
+        tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]
+        ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), tok[2], tok[1], t(B * T, dt=f32),
+                          t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D, dt=f32), t(B, T, D, dt=f32),
+                          per[2], per[1])
+
     def cross_fwd():                                  # 80 video + 16 text tokens in row 0, none in row 1
         q, kv = t(B, T, H, Dh), t(96, 2, H, Dh)
         cu = torch.tensor([0, 96, 96], dtype=torch.int32)

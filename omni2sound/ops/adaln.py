@@ -7,7 +7,10 @@
 
 LN has no affine parameters (the modulation is the affine). Shapes: x, h ``[B, L, D]``; gate, shift, scale
 per sample ``[B, 1, D]`` or per token ``[B, L, D]`` (Omni2Sound's temporal branch drives a per-token AdaLN
-from 25 Hz sync features). Statistics are always fp32; inputs fp32/fp16/bf16; outputs in the input dtype.
+from 25 Hz sync features). Each modulation may also be a pair ``(a, b)`` of such tensors meaning ``a + b``: the
+DiT's modulation is a per-token part (sync, once per request) plus a per-sample part (timestep, once per step),
+and the kernels add the two as they load them instead of the model materialising the [B, L, D] sum per step.
+Statistics are always fp32; inputs fp32/fp16/bf16; outputs in the input dtype.
 The fused kernels compute LN from the fp32 value of x2 before it is rounded to the input dtype.
 
 Backward (xhat = (x2 - mean) * rstd, g = dy * (1 + scale)):
@@ -20,7 +23,7 @@ public functions.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +99,11 @@ def _mod_strides(t: Optional[Tensor]) -> Tuple[int, int]:
     return t.stride(0), (0 if t.shape[1] == 1 else t.stride(1))
 
 
-def _forward_native(x, h, gate, shift, scale, eps, backend):
+def _sum(a: Optional[Tensor], a2: Optional[Tensor]) -> Optional[Tensor]:
+    return a if a is None or a2 is None else a + a2
+
+
+def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=None, scale2=None):
     B, L, D = x.shape
     y = torch.empty_like(x)
     x2 = torch.empty_like(x) if h is not None else None
@@ -105,6 +112,7 @@ def _forward_native(x, h, gate, shift, scale, eps, backend):
     if B * L * D == 0:
         return x2, y, mean, rstd
     if backend == "reference":
+        gate, shift, scale = _sum(gate, gate2), _sum(shift, shift2), _sum(scale, scale2)
         if h is None:
             y = adaln_modulate_reference(x, shift, scale, eps)
             xin = x
@@ -116,20 +124,22 @@ def _forward_native(x, h, gate, shift, scale, eps, backend):
     if backend == "triton":
         from omni2sound.kernels import adaln as tk
 
-        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps)
+        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2, shift2, scale2)
         return x2, y, mean, rstd
     fn = _native.lib().adaln_forward_cpu if backend == "cpu" else _native.lib().adaln_forward_cuda
     fn(B, L, D, x.data_ptr(), _native.ptr(h), _native.ptr(gate), shift.data_ptr(), scale.data_ptr(),
        *_mod_strides(gate), *_mod_strides(shift), *_mod_strides(scale),
+       _native.ptr(gate2), _native.ptr(shift2), _native.ptr(scale2),
+       *_mod_strides(gate2), *_mod_strides(shift2), *_mod_strides(scale2),
        _native.ptr(x2), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps),
        _native.dtype_code(x), _native.stream_of(x))
     return x2, y, mean, rstd
 
 
-def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend):
+def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2=None, scale2=None):
     B, L, D = xin.shape
     if backend == "reference":
-        return _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd)
+        return _backward_reference(dy, dx2_in, xin, h, _sum(gate, gate2), _sum(scale, scale2), mean, rstd)
     dxin = torch.empty_like(xin)
     dh = torch.empty_like(xin) if h is not None else None
     dgate_tok = torch.empty(B, L, D, device=xin.device, dtype=torch.float32) if h is not None else None
@@ -139,18 +149,22 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend):
     if backend == "triton":
         from omni2sound.kernels import adaln as tk
 
-        tk.adaln_backward(dy, dx2_in, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok)
+        tk.adaln_backward(dy, dx2_in, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2,
+                          scale2)
         return dxin, dh, dgate_tok, dscale_tok
     fn = _native.lib().adaln_backward_cpu if backend == "cpu" else _native.lib().adaln_backward_cuda
     fn(B, L, D, dy.data_ptr(), _native.ptr(dx2_in), xin.data_ptr(), _native.ptr(h), _native.ptr(gate),
-       scale.data_ptr(), *_mod_strides(gate), *_mod_strides(scale), mean.data_ptr(), rstd.data_ptr(),
+       scale.data_ptr(), *_mod_strides(gate), *_mod_strides(scale), _native.ptr(gate2), _native.ptr(scale2),
+       *_mod_strides(gate2), *_mod_strides(scale2), mean.data_ptr(), rstd.data_ptr(),
        dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), dscale_tok.data_ptr(),
        _native.dtype_code(xin), _native.stream_of(xin))
     return dxin, dh, dgate_tok, dscale_tok
 
 
-def _reduce_mod(grad_tok: Tensor, like: Tensor) -> Tensor:
-    """Per-token gradient [B, L, D] (fp32) -> the modulation's own shape and dtype."""
+def _reduce_mod(grad_tok: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
+    """Per-token gradient [B, L, D] (fp32) -> the modulation's own shape and dtype (None: no such input)."""
+    if like is None:
+        return None
     if like.shape[1] == 1 and grad_tok.shape[1] != 1:
         grad_tok = grad_tok.sum(1, keepdim=True)
     return grad_tok.to(like.dtype)
@@ -162,84 +176,91 @@ def _reduce_mod(grad_tok: Tensor, like: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("omni2sound::adaln_modulate", mutates_args=())
-def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, eps: float, backend: str
-                       ) -> Tuple[Tensor, Tensor, Tensor]:
-    _, y, mean, rstd = _forward_native(x, None, None, shift, scale, eps, backend)
+def _adaln_modulate_op(x: Tensor, shift: Tensor, scale: Tensor, shift2: Optional[Tensor], scale2: Optional[Tensor],
+                       eps: float, backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    _, y, mean, rstd = _forward_native(x, None, None, shift, scale, eps, backend, None, shift2, scale2)
     return y, mean, rstd
 
 
 @_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps, backend):
+def _(x, shift, scale, shift2, scale2, eps, backend):
     n = x.shape[0] * x.shape[1]
     return torch.empty_like(x), x.new_empty(n, dtype=torch.float32), x.new_empty(n, dtype=torch.float32)
 
 
 @torch.library.custom_op("omni2sound::gated_residual_adaln", mutates_args=())
-def _gated_residual_adaln_op(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float,
+def _gated_residual_adaln_op(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor,
+                             gate2: Optional[Tensor], shift2: Optional[Tensor], scale2: Optional[Tensor], eps: float,
                              backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _forward_native(x, h, gate, shift, scale, eps, backend)
+    return _forward_native(x, h, gate, shift, scale, eps, backend, gate2, shift2, scale2)
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, h, gate, shift, scale, eps, backend):
+def _(x, h, gate, shift, scale, gate2, shift2, scale2, eps, backend):
     n = x.shape[0] * x.shape[1]
     return (torch.empty_like(x), torch.empty_like(x), x.new_empty(n, dtype=torch.float32),
             x.new_empty(n, dtype=torch.float32))
 
 
 @torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=())
-def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, mean: Tensor, rstd: Tensor, backend: str
-                                ) -> Tuple[Tensor, Tensor]:
-    dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend)
+def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, scale2: Optional[Tensor], mean: Tensor,
+                                rstd: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
+    dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend, None, scale2)
     return dx, dscale_tok
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, scale, mean, rstd, backend):
+def _(dy, x, scale, scale2, mean, rstd, backend):
     return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("omni2sound::gated_residual_adaln_backward", mutates_args=())
 def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Tensor, gate: Tensor, scale: Tensor,
-                                      mean: Tensor, rstd: Tensor, backend: str
-                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend)
+                                      gate2: Optional[Tensor], scale2: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend, gate2, scale2)
 
 
 @_gated_residual_adaln_backward_op.register_fake
-def _(dy, dx2, x2, h, gate, scale, mean, rstd, backend):
+def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, backend):
     return (torch.empty_like(x2), torch.empty_like(x2), x2.new_empty(x2.shape, dtype=torch.float32),
             x2.new_empty(x2.shape, dtype=torch.float32))
 
 
+# The second addends are saved whole although backward needs only their shapes (to reduce the per-token
+# gradient): they are the [B, 1, D] per-sample parts, a few KB.
 def _modulate_setup(ctx, inputs, output):
-    x, shift, scale, eps, backend = inputs
+    x, shift, scale, shift2, scale2, eps, backend = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, shift, scale, mean, rstd)
+    ctx.save_for_backward(x, shift, scale, shift2, scale2, mean, rstd)
     ctx.backend = backend
 
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
-    x, shift, scale, mean, rstd = ctx.saved_tensors
-    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, mean, rstd, ctx.backend)
-    return dxin, _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale), None, None
+    x, shift, scale, shift2, scale2, mean, rstd = ctx.saved_tensors
+    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd, ctx.backend)
+    dshift_tok = dy.float()
+    return (dxin, _reduce_mod(dshift_tok, shift), _reduce_mod(dscale_tok, scale), _reduce_mod(dshift_tok, shift2),
+            _reduce_mod(dscale_tok, scale2), None, None)
 
 
 _adaln_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
 
 
 def _gated_setup(ctx, inputs, output):
-    x, h, gate, shift, scale, eps, backend = inputs
+    x, h, gate, shift, scale, gate2, shift2, scale2, eps, backend = inputs
     x2, _, mean, rstd = output
-    ctx.save_for_backward(x2, h, gate, shift, scale, mean, rstd)
+    ctx.save_for_backward(x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd)
     ctx.backend = backend
 
 
 def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
-    x2, h, gate, shift, scale, mean, rstd = ctx.saved_tensors
+    x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd = ctx.saved_tensors
     dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
-        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, mean, rstd, ctx.backend)
-    return (dxin, dh, _reduce_mod(dgate_tok, gate), _reduce_mod(dy.float(), shift), _reduce_mod(dscale_tok, scale),
+        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, ctx.backend)
+    dshift_tok = dy.float()
+    return (dxin, dh, _reduce_mod(dgate_tok, gate), _reduce_mod(dshift_tok, shift), _reduce_mod(dscale_tok, scale),
+            _reduce_mod(dgate_tok, gate2), _reduce_mod(dshift_tok, shift2), _reduce_mod(dscale_tok, scale2),
             None, None)
 
 
@@ -251,6 +272,20 @@ _gated_residual_adaln_op.register_autograd(_gated_backward, setup_context=_gated
 # ----------------------------------------------------------------------------------------------------
 
 
+Mod = Union[Tensor, Tuple[Tensor, Tensor]]
+
+
+def _parts(name: str, m: Mod) -> Tuple[Tensor, Optional[Tensor]]:
+    """A modulation or a pair (a, b) meaning a + b -> (a, b or None)."""
+    if isinstance(m, (tuple, list)):
+        if len(m) != 2 or not all(isinstance(t, Tensor) for t in m):
+            raise TypeError(f"{name} must be a tensor or a pair of tensors (summed), got {len(m)} items")
+        return m[0], m[1]
+    if not isinstance(m, Tensor):
+        raise TypeError(f"{name} must be a tensor or a pair of tensors, got {type(m).__name__}")
+    return m, None
+
+
 def _check(x: Tensor, mods: dict, h: Optional[Tensor] = None) -> None:
     if x.dim() != 3:
         raise ValueError(f"x must be [B, L, D], got shape {tuple(x.shape)}")
@@ -260,6 +295,8 @@ def _check(x: Tensor, mods: dict, h: Optional[Tensor] = None) -> None:
     if h is not None and h.shape != x.shape:
         raise ValueError(f"h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
     for name, t in mods.items():
+        if t is None:
+            continue
         if t.dim() != 3 or t.shape[0] != B or t.shape[2] != D or t.shape[1] not in (1, L):
             raise ValueError(f"{name} must be per-sample [B={B}, 1, D={D}] or per-token [B, L={L}, D], "
                              f"got {tuple(t.shape)}")
@@ -269,37 +306,43 @@ def _check(x: Tensor, mods: dict, h: Optional[Tensor] = None) -> None:
                             f"got ({t.dtype}, {t.device})")
 
 
-def _last_dim_contiguous(t: Tensor) -> Tensor:
+def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     # Kernels address modulation rows by (stride over B, stride over L) and need unit stride over D.
-    return t if t.stride(-1) == 1 else t.contiguous()
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
 
 
-def adaln_modulate(x: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6) -> Tensor:
-    """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``.
-    Under autocast every input is cast to the autocast dtype first."""
-    x, shift, scale = autocast_inputs(x.device, x, shift, scale)
-    _check(x, {"shift": shift, "scale": scale})
+def adaln_modulate(x: Tensor, shift: Mod, scale: Mod, eps: float = 1e-6) -> Tensor:
+    """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``, or a
+    pair of such tensors (their sum). Under autocast every input is cast to the autocast dtype first."""
+    (shift, shift2), (scale, scale2) = _parts("shift", shift), _parts("scale", scale)
+    x, shift, scale, shift2, scale2 = autocast_inputs(x.device, x, shift, scale, shift2, scale2)
+    _check(x, {"shift": shift, "scale": scale, "shift[1]": shift2, "scale[1]": scale2})
     backend = select_backend("adaln_modulate", x.device)
     if backend == "reference":
-        return adaln_modulate_reference(x, shift, scale, eps)
+        return adaln_modulate_reference(x, _sum(shift, shift2), _sum(scale, scale2), eps)
     y, _, _ = _adaln_modulate_op(x.contiguous(), _last_dim_contiguous(shift), _last_dim_contiguous(scale),
-                                 float(eps), backend)
+                                 _last_dim_contiguous(shift2), _last_dim_contiguous(scale2), float(eps), backend)
     return y
 
 
-def gated_residual_adaln(x: Tensor, h: Tensor, gate: Tensor, shift: Tensor, scale: Tensor, eps: float = 1e-6
+def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod, eps: float = 1e-6
                          ) -> Tuple[Tensor, Tensor]:
     """``x2 = x + gate * h``; ``y = LayerNorm(x2) * (1 + scale) + shift``; returns ``(x2, y)``.
 
-    x, h ``[B, L, D]``; gate, shift, scale ``[B, 1, D]`` (per sample) or ``[B, L, D]`` (per token).
-    Under autocast every input is cast to the autocast dtype first.
+    x, h ``[B, L, D]``; gate, shift, scale ``[B, 1, D]`` (per sample) or ``[B, L, D]`` (per token), or a pair of
+    such tensors (their sum, added inside the kernel). Under autocast every input is cast to the autocast dtype first.
     """
-    x, h, gate, shift, scale = autocast_inputs(x.device, x, h, gate, shift, scale)
-    _check(x, {"gate": gate, "shift": shift, "scale": scale}, h=h)
+    (gate, gate2), (shift, shift2), (scale, scale2) = _parts("gate", gate), _parts("shift", shift), \
+        _parts("scale", scale)
+    x, h, gate, shift, scale, gate2, shift2, scale2 = autocast_inputs(x.device, x, h, gate, shift, scale, gate2,
+                                                                      shift2, scale2)
+    _check(x, {"gate": gate, "shift": shift, "scale": scale, "gate[1]": gate2, "shift[1]": shift2,
+               "scale[1]": scale2}, h=h)
     backend = select_backend("gated_residual_adaln", x.device)
     if backend == "reference":
-        return gated_residual_adaln_reference(x, h, gate, shift, scale, eps)
+        return gated_residual_adaln_reference(x, h, _sum(gate, gate2), _sum(shift, shift2), _sum(scale, scale2), eps)
     x2, y, _, _ = _gated_residual_adaln_op(x.contiguous(), h.contiguous(), _last_dim_contiguous(gate),
-                                           _last_dim_contiguous(shift), _last_dim_contiguous(scale), float(eps),
-                                           backend)
+                                           _last_dim_contiguous(shift), _last_dim_contiguous(scale),
+                                           _last_dim_contiguous(gate2), _last_dim_contiguous(shift2),
+                                           _last_dim_contiguous(scale2), float(eps), backend)
     return x2, y
