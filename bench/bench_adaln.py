@@ -3,6 +3,10 @@
     python bench/bench_adaln.py            # CPU: fp32; GPU: bf16 (forward under CUDA graphs)
     python bench/bench_adaln.py --quick    # fewer repeats
 
+Modulations per sample, per token, and as the DiT passes them each step: a per-token part plus a per-sample
+part (rows "token+sample pair": the baselines and "<backend>+add" sum the parts first, "<backend> pairs" passes the
+pair to the op, which adds them in the kernel).
+
 Reports us per call, the ratio to eager and to torch.compile, and (GPU) GB/s of the bytes the op must move,
 against a device-to-device copy measured in the same run. Shapes: inference [2, 250, 1536], training
 [32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536].
@@ -27,6 +31,26 @@ def eager_gated(x, h, gate, shift, scale, eps=1e-6):
 
 def eager_modulate(x, shift, scale, eps=1e-6):
     return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
+
+
+MODULATION = {True: "per-token", False: "per-sample", "pair": "token+sample pair"}
+
+
+def eager_gated_pairs(x, h, tok, per, eps=1e-6):
+    """The DiT's per-step form: modulation = per-token part [3, B, L, D] + per-sample part [3, B, 1, D], summed
+    first (what the model did before the ops took pairs)."""
+    m = tok + per
+    return eager_gated(x, h, m[0], m[1], m[2], eps)
+
+
+def fused_pairs(backend, presum):
+    def run(x, h, tok, per):
+        with ops.use_backend(backend):
+            if presum:
+                m = tok + per
+                return ops.gated_residual_adaln(x, h, m[0], m[1], m[2])
+            return ops.gated_residual_adaln(x, h, (tok[0], per[0]), (tok[1], per[1]), (tok[2], per[2]))
+    return run
 
 
 def fused(backend, fn):
@@ -72,10 +96,19 @@ def main():
     backends = [b for b in ops.available_backends("gated_residual_adaln", dev) if b != "reference"]
     rows = []
     for label, shape in shapes:
-        for op_name in ("gated_residual_adaln", "adaln_modulate"):
-            for per_token in (False, True):
-                x, h, gate, shift, scale = make(shape, dtype, dev, per_token)
-                if op_name == "gated_residual_adaln":
+        for op_name, per_token in (("gated_residual_adaln", False), ("gated_residual_adaln", True),
+                                   ("gated_residual_adaln", "pair"), ("adaln_modulate", False),
+                                   ("adaln_modulate", True)):
+            if True:
+                x, h, gate, shift, scale = make(shape, dtype, dev, per_token is True)
+                if per_token == "pair":
+                    # gate/shift/scale = per-token part + per-sample part, as the DiT passes them each step
+                    B, L, D = shape
+                    tok = torch.stack([gate, shift, scale]).expand(3, B, L, D).contiguous()
+                    per = 0.1 * tok[:, :, :1].clone()
+                    fargs, eager_fn = (x, h, tok, per), eager_gated_pairs
+                    nbytes = x.element_size() * (4 * x.numel() + 3 * x.numel())
+                elif op_name == "gated_residual_adaln":
                     fargs, eager_fn, op = (x, h, gate, shift, scale), eager_gated, ops.gated_residual_adaln
                     # read x, h, gate, shift, scale; write x2, y
                     nbytes = x.element_size() * (4 * x.numel() + 3 * gate.numel())
@@ -86,7 +119,11 @@ def main():
                 if not args.no_compile:
                     variants["compile"] = torch.compile(eager_fn, fullgraph=True, dynamic=False)
                 for b in backends:
-                    variants[b] = fused(b, op)
+                    if per_token == "pair":
+                        variants[f"{b}+add"] = fused_pairs(b, presum=True)
+                        variants[f"{b} pairs"] = fused_pairs(b, presum=False)
+                    else:
+                        variants[b] = fused(b, op)
                 numel = x.numel()
                 inner = max(1, min(50, int(2e7 // numel))) if gpu else max(1, int(2e6 // numel))
                 times = {}
@@ -100,7 +137,7 @@ def main():
                 for name, us in times.items():
                     row = {
                         "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
-                        "label": label, "op": op_name, "modulation": "per-token" if per_token else "per-sample",
+                        "label": label, "op": op_name, "modulation": MODULATION[per_token],
                         "variant": name, "us": round(us, 2),
                         "x_eager": round(times["eager"] / us, 2),
                         "x_compile": round(times["compile"] / us, 2) if "compile" in times else None,
