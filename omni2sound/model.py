@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields, replace
-from typing import List, Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -201,11 +201,13 @@ class PreparedConditions:
 
     kv            per layer (k, v), each [total_k, H, Dh]: the cross-attention keys/values
     cu_seqlens_k  int32 [B + 1];  max_seqlen_k  int
-    sync_mod      depth x [6, B, T, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2);
-                  a list, not one stacked tensor: in training, indexing one [depth, ...] tensor per block made
-                  autograd build a zero-filled full-size gradient per block and add them up (measured on an H100,
-                  L at batch 32: 36% of the step in add_ and fill_ kernels)
-    final_sync_mod [2, B, T, D]
+    sync_mod      depth x [B, T, 6, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2),
+                  views of the ada_sync outputs. A list, not one stacked tensor, and split with ONE unbind(2) per
+                  block per step: in training, indexing ([k]) a shared tensor makes autograd build a zero-filled
+                  full-size gradient per index and add them up (one [depth, ...] tensor indexed per block: 36% of
+                  an L step at batch 32 in add_ and fill_ kernels on an H100), while unbind's backward is one
+                  stack into the layout the Linear's backward reads
+    final_sync_mod [B, T, 2, D]
     duration_emb  [B, D]
     rope          fp32 [T, Dh / 2, 2]: (cos, sin) of RoPE's angle per frame and pair
     ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
@@ -265,9 +267,13 @@ class SelfAttention(nn.Module):
         qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
         # RMSNorm (q's and k's weights) + RoPE rotation
+        # split / unbind / squeeze, not indexing: in training, each index of a shared tensor makes autograd build
+        # a zero-filled gradient of the whole tensor and add them up; split's backward is one cat, unbind's one
+        # stack, squeeze's a view.
         w = torch.stack([self.q_norm.weight, self.k_norm.weight])                         # [2, Dh]
-        qk = ops.qk_norm_rope(qkv[:, :, :2], w, rope, self.q_norm.eps)                   # [B, T, 2, H, Dh]
-        q, k, v = qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2]                                # [B, T, H, Dh] each
+        qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
+        q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
+        v = v.squeeze(2)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]
         return self.proj(o.transpose(1, 2).reshape(B, T, D))                            # [B, T, D]
 
@@ -317,10 +323,10 @@ class DiTBlock(nn.Module):
         # AdaLN modulation, per-request half (sync); the per-step half is the model's shared t_mod.
         self.ada_sync = nn.Linear(D, 6 * D)
 
-    def forward(self, x: Tensor, y: Tensor, mod: Tensor, mod_t: Tensor, next_shift: ops.Mod, next_scale: ops.Mod,
-                kv: Tuple[Tensor, Tensor], prep: PreparedConditions) -> Tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, y: Tensor, mod: Sequence[Tensor], mod_t: Sequence[Tensor], next_shift: ops.Mod,
+                next_scale: ops.Mod, kv: Tuple[Tensor, Tensor], prep: PreparedConditions) -> Tuple[Tensor, Tensor]:
         """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; this block's modulation is
-        mod [6, B, T, D] (per token, per request) + mod_t [6, B, 1, D] (per step), passed to the fused ops as
+        mod 6 x [B, T, D] (per token, per request) + mod_t 6 x [B, 1, D] (per step), passed to the fused ops as
         pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
         (next block or final)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
@@ -417,9 +423,8 @@ class Omni2SoundDiT(nn.Module):
         has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
         sync = resample_sync(cond.sync, num_frames, cfg.sync_rate, cfg.latent_rate) * has_video  # [B, T, Ds]
         s = F.silu(self.sync_proj(sync))                                                # [B, T, D]
-        sync_mod = [blk.ada_sync(s).view(B, num_frames, 6, D).permute(2, 0, 1, 3)
-                    for blk in self.blocks]                                             # depth x [6, B, T, D]
-        final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D).permute(2, 0, 1, 3).contiguous()
+        sync_mod = [blk.ada_sync(s).view(B, num_frames, 6, D) for blk in self.blocks]  # depth x [B, T, 6, D]
+        final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D)                # [B, T, 2, D]
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
@@ -456,20 +461,20 @@ class Omni2SoundDiT(nn.Module):
                              f"[B={prep.batch_size}, T={prep.num_frames}]")
         D = self.config.hidden_dim
         c = F.silu(self.t_embed(t) + prep.duration_emb)                                  # [B, D]
-        # Every block's modulation is sync_mod[i] [6, B, T, D] (per token, per request) + t_mod [6, B, 1, D]
-        # (per step); the fused ops take the two as a pair and add them as they load them (the sum was a
-        # [6, B, T, D] tensor written and read once per block and step).
-        t_mod = self.t_mod(c).view(B, 6, D).permute(1, 0, 2)[:, :, None]
-        final_t = self.final_ada_t(c).view(B, 2, D).permute(1, 0, 2)[:, :, None]           # [2, B, 1, D]
-        mods = [(m, t_mod) for m in prep.sync_mod] + [(prep.final_sync_mod, final_t)]
+        # Every block's modulation is sync_mod[i] (per token, per request) + t_mod (per sample, per step); the
+        # fused ops take the two as a pair and add them as they load them (the sum was a [6, B, T, D] tensor
+        # written and read once per block and step). Each is split once (see PreparedConditions.sync_mod).
+        t_mod = [m[:, None] for m in self.t_mod(c).view(B, 6, D).unbind(1)]               # 6 x [B, 1, D]
+        final_t = [m[:, None] for m in self.final_ada_t(c).view(B, 2, D).unbind(1)]       # 2 x [B, 1, D]
+        tok = [m.unbind(2) for m in prep.sync_mod] + [prep.final_sync_mod.unbind(2)]      # 6 (2) x [B, T, D]
+        per = [t_mod] * len(prep.sync_mod) + [final_t]
 
         x = self.x_embed(x_t.to(self.dtype))                                              # [B, T, D]
-        first = mods[0]
-        y = ops.adaln_modulate(x, (first[0][0], first[1][0]), (first[0][1], first[1][1]),
+        y = ops.adaln_modulate(x, (tok[0][0], t_mod[0]), (tok[0][1], t_mod[1]),
                                self.config.norm_eps)                                      # LN(x)(1+scale)+shift
         for i, blk in enumerate(self.blocks):
-            nxt_tok, nxt_t = mods[i + 1]                                                  # next shift, scale
-            x, y = blk(x, y, mods[i][0], t_mod, (nxt_tok[0], nxt_t[0]), (nxt_tok[1], nxt_t[1]), prep.kv[i], prep)
+            nxt_shift, nxt_scale = (tok[i + 1][0], per[i + 1][0]), (tok[i + 1][1], per[i + 1][1])
+            x, y = blk(x, y, tok[i], t_mod, nxt_shift, nxt_scale, prep.kv[i], prep)
         return self.final(y)                                                              # [B, T, C]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditions) -> Tensor:

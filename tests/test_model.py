@@ -107,7 +107,7 @@ def test_prepared_path_equals_forward_and_fused_equals_reference_ops():
     with torch.no_grad():
         prep = model.prepare_conditions(cond, 13)
         assert isinstance(prep, PreparedConditions) and len(prep.sync_mod) == 2
-        assert all(m.shape == (6, 4, 13, 64) for m in prep.sync_mod)
+        assert all(m.shape == (4, 13, 6, 64) for m in prep.sync_mod)
         v = model.predict_velocity(x, t, prep)
         torch.testing.assert_close(v, model(x, t, cond))
         with use_backend("reference"):

@@ -161,12 +161,14 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
     return dxin, dh, dgate_tok, dscale_tok
 
 
-def _reduce_mod(grad_tok: Tensor, like: Optional[Tensor]) -> Optional[Tensor]:
-    """Per-token gradient [B, L, D] (fp32) -> the modulation's own shape and dtype (None: no such input)."""
-    if like is None:
+def _reduce_mod(grad_tok: Tensor, like: Optional[Tensor], needed: bool = True) -> Optional[Tensor]:
+    """Per-token gradient [B, L, D] -> the modulation's own shape and dtype (None: no such input, or autograd
+    does not need it, e.g. the constant ones / zeros the DiT passes). Per-sample: summed over L in fp32. Per-token
+    in its own dtype already (dshift = dy): returned as is, no copy."""
+    if like is None or not needed:
         return None
     if like.shape[1] == 1 and grad_tok.shape[1] != 1:
-        grad_tok = grad_tok.sum(1, keepdim=True)
+        return grad_tok.sum(1, keepdim=True, dtype=torch.float32).to(like.dtype)
     return grad_tok.to(like.dtype)
 
 
@@ -239,9 +241,9 @@ def _modulate_setup(ctx, inputs, output):
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, shift2, scale2, mean, rstd = ctx.saved_tensors
     dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd, ctx.backend)
-    dshift_tok = dy.float()
-    return (dxin, _reduce_mod(dshift_tok, shift), _reduce_mod(dscale_tok, scale), _reduce_mod(dshift_tok, shift2),
-            _reduce_mod(dscale_tok, scale2), None, None)
+    need = ctx.needs_input_grad
+    return (dxin, _reduce_mod(dy, shift, need[1]), _reduce_mod(dscale_tok, scale, need[2]),
+            _reduce_mod(dy, shift2, need[3]), _reduce_mod(dscale_tok, scale2, need[4]), None, None)
 
 
 _adaln_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
@@ -258,10 +260,10 @@ def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
     x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd = ctx.saved_tensors
     dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
         dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, ctx.backend)
-    dshift_tok = dy.float()
-    return (dxin, dh, _reduce_mod(dgate_tok, gate), _reduce_mod(dshift_tok, shift), _reduce_mod(dscale_tok, scale),
-            _reduce_mod(dgate_tok, gate2), _reduce_mod(dshift_tok, shift2), _reduce_mod(dscale_tok, scale2),
-            None, None)
+    need = ctx.needs_input_grad
+    return (dxin, dh, _reduce_mod(dgate_tok, gate, need[2]), _reduce_mod(dy, shift, need[3]),
+            _reduce_mod(dscale_tok, scale, need[4]), _reduce_mod(dgate_tok, gate2, need[5]),
+            _reduce_mod(dy, shift2, need[6]), _reduce_mod(dscale_tok, scale2, need[7]), None, None)
 
 
 _gated_residual_adaln_op.register_autograd(_gated_backward, setup_context=_gated_setup)
