@@ -100,13 +100,9 @@ if [ "$WHAT" = final ]; then      # a short re-check after fixes: the changed pa
   step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 2 --device cuda \
     --out "$RES/generate_L.json"
 fi
-if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or not)
-  step tests_candidates 70 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_qk_norm_rope.py tests/test_model.py \
-    tests/test_snake.py tests/test_vae.py -rf
-  step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
-    --no-compile --out "$RES/vae.json"
-  step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
-  step snake 30 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
+if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or not); the bars' benches first
+  # (every GPU test ran above, unless SKIP_TESTS: session 5 changed the CUDA AdaLN kernels (pair modulations), the
+  # CUDA Snake forward's indexing, the fp32 cross-attention tiles and the Triton launch widths)
   step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
     --out "$RES/generate_L.json"
   step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_generate.py --presets L \
@@ -115,6 +111,10 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
     --variants fused --out "$RES/train_L.json"
   step train_L_qk 60 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_train.py --presets L --batch 32 \
     --seconds 10 --steps 6 --device cuda --variants fused --out "$RES/train_L_qk.json"
+  step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --out "$RES/vae.json"
+  step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
+  step snake 30 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"
