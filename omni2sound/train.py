@@ -30,8 +30,8 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields, replace
-from typing import Optional, Union
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -62,6 +62,9 @@ class TrainConfig:
     vae_batch: int = 16
     vae_lr: float = 2e-3
     vae_min_lr_ratio: float = 1.0     # constant after warm-up (see train_vae_stage)
+    # VAEConfig fields to override for stage vae, e.g. {"adv_weight": 0.1, "fm_weight": 0.2, "disc_start": 500}
+    # (--set 'vae_config={"adv_weight": 0.1}'); with --init-from only the loss fields (weights, disc_start)
+    vae_config: Dict[str, Any] = field(default_factory=dict)
     stage1_steps: int = 300
     stage2_steps: int = 1000
     stage3_steps: int = 500
@@ -172,23 +175,45 @@ def write_meta(directory: str, meta: dict) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Stage vae
 # ----------------------------------------------------------------------------------------------------
+# VAEConfig fields that only change the loss (may be overridden when a stage starts from a trained VAE)
+# (and the discriminator's shape: it is not part of the VAE; a saved discriminator must match it)
+_VAE_LOSS_FIELDS = {"kl_weight", "stft_weight", "l1_weight", "stft_sizes", "log_stft_weight", "frame_weight",
+                    "adv_weight", "fm_weight", "disc_start", "disc_channels", "disc_ffts"}
+
+
 def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resume: bool,
                     init_from: Optional[str] = None) -> str:
     """Train the audio VAE on `audio` [N, samples] (random crops) and save runs/<name>/vae."""
-    from .vae import VAE_PRESETS, AudioVAE
+    from .vae import AudioVAE, build_vae
+    from .vae_gan import DISC_WEIGHTS_NAME, VAEGAN, load_discriminator, save_discriminator
     from .vae_train import vae_loss
     out = run_dir(cfg, "vae")
-    vae = AudioVAE.from_pretrained(init_from, inference=False) if init_from else AudioVAE(VAE_PRESETS[cfg.vae_preset])
+    if init_from:
+        vae = AudioVAE.from_pretrained(init_from, inference=False)
+        arch = sorted(set(cfg.vae_config) - _VAE_LOSS_FIELDS)
+        if arch:
+            raise ValueError(f"vae_config {arch}: architecture fields cannot change with --init-from {init_from}")
+        vae.config = replace(vae.config, **cfg.vae_config)
+    else:
+        vae = build_vae(cfg.vae_preset, **cfg.vae_config)
     hop = vae.hop_length
     crop = min(audio.shape[1] // hop, 8) * hop             # 0.32 s crops: a whole strike and its decay
     micro = max(1, cfg.vae_batch // (info.world * cfg.accum))
+    # Adversarial: the VAE and its discriminator are one module for the Trainer (one optimiser: see vae_gan).
+    model = vae
+    if vae.config.adversarial:
+        resume_disc = init_from and os.path.isfile(os.path.join(init_from, DISC_WEIGHTS_NAME))
+        model = VAEGAN(vae, load_discriminator(init_from, vae) if resume_disc else None)
 
     def loss_fn(module, step, chunk):
         g = seeded(cfg.seed, 0, step, chunk)
         idx = torch.randint(0, audio.shape[0], (micro,), generator=g)
         start = torch.randint(0, audio.shape[1] - crop + 1, (micro,), generator=g)
         wav = torch.stack([audio[i, s:s + crop] for i, s in zip(idx.tolist(), start.tolist())])[:, None]
-        loss, logs = vae_loss(module, wav.to(info.device), None, generator=g)
+        if model is vae:
+            loss, logs = vae_loss(module, wav.to(info.device), None, generator=g)
+        else:
+            loss, logs = module(wav.to(info.device), step, generator=g)
         return loss, {**logs, "samples": micro, "tokens": micro * crop // hop}
 
     # Audio-codec optimiser settings (HiFi-GAN / DAC): beta2 0.99 and almost no weight decay; EMA over ~100 steps.
@@ -197,12 +222,14 @@ def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resum
     # with the decay, 0.93 without; 1000 steps without: 1.00).
     optim = replace(_optim(cfg), lr=cfg.vae_lr, ema_decay=0.99, betas=(0.8, 0.99), weight_decay=1e-4,
                     min_lr_ratio=cfg.vae_min_lr_ratio)
-    trainer = Trainer(vae, loss_fn, _loop(cfg, "vae", micro), optim,
+    trainer = Trainer(model, loss_fn, _loop(cfg, "vae", micro), optim,
                       out, info, meta={"stage": "vae", "config": asdict(cfg)})
     t0 = time.time()
     trainer.fit(resume=resume)
     if info.main:
-        trainer.ema.copy_to(vae)
+        if model is not vae:        # the raw (not EMA) discriminator, to continue adversarial training (--init-from)
+            save_discriminator(model.disc, out)
+        trainer.ema.copy_to(model)
         vae.save_pretrained(out)
         write_meta(out, {"stage": "vae", "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
                          "final_loss": trainer.history[-1]["loss"] if trainer.history else None,

@@ -6,8 +6,9 @@
 MRSTFT (after Yamamoto et al., Parallel WaveGAN) sums, over FFT sizes n (hop n/4, Hann window), spectral
 convergence || |X| - |X_hat| ||_F / || |X| ||_F and an L1 of magnitudes relative to the mean target magnitude
 (linear, not log: see ``multi_resolution_stft_loss``). The waveform L1 pins the phase, the STFT term the spectrum;
-the KL keeps the latent near N(0, I) so the DiT sees a well-scaled space. No adversarial term: this VAE is trained
-small and fast; a GAN stage would be a separate loss added here.
+the KL keeps the latent near N(0, I) so the DiT sees a well-scaled space. The adversarial terms (a multi-resolution
+STFT discriminator, hinge + feature matching) are ``omni2sound.vae_gan``'s, on when ``VAEConfig.adv_weight`` or
+``fm_weight`` is > 0 (the paper preset; the toy and tiny presets train without them).
 """
 from __future__ import annotations
 
@@ -100,13 +101,21 @@ def _weight(cfg, vae: AudioVAE, name: str):
 
 def vae_loss(vae: AudioVAE, wav: Tensor, cfg=None, generator: Optional[torch.Generator] = None
              ) -> Tuple[Tensor, dict]:
-    """The VAE training loss for a waveform batch.
+    """The VAE training loss for a waveform batch (reconstruction + KL; the adversarial terms are
+    ``omni2sound.vae_gan.VAEGAN``'s).
 
     wav: [B, 1, N] or [B, N] at ``vae.sample_rate``. cfg: None (use ``vae.config``), or any object or dict with
     some of ``l1_weight``, ``stft_weight``, ``log_stft_weight``, ``kl_weight``, ``stft_sizes`` (missing ones come
     from vae.config). Returns (loss, logs) with logs of python floats: loss, l1, stft, kl (per latent element) and
     log_stft / frame when their weights are not 0 (frame: the stft head only).
     """
+    loss, logs, _ = vae_loss_terms(vae, wav, cfg, generator)
+    return loss, logs
+
+
+def vae_loss_terms(vae: AudioVAE, wav: Tensor, cfg=None, generator: Optional[torch.Generator] = None
+                   ) -> Tuple[Tensor, dict, Tensor]:
+    """``vae_loss`` and the reconstruction it was computed from ([B, 1, N], cut to the input's length)."""
     if wav.dim() == 2:
         wav = wav[:, None]
     if wav.dim() != 3 or wav.shape[1] != 1:
@@ -130,7 +139,7 @@ def vae_loss(vae: AudioVAE, wav: Tensor, cfg=None, generator: Optional[torch.Gen
         loss = loss + w_frame * frame
         logs["frame"] = float(frame.detach())
     logs["loss"] = float(loss.detach())
-    return loss, logs
+    return loss, logs, recon
 
 
 def synthetic_tones(batch: int, num_samples: int, sample_rate: int = 16000,
@@ -163,12 +172,17 @@ def train_vae(vae: AudioVAE, batches: Iterable[Tensor], steps: int, lr: float = 
               seed: int = 0, grad_clip: float = 1.0, log=print) -> List[dict]:
     """AdamW on ``vae_loss`` for ``steps`` batches from ``batches`` (each [B, 1, N] or [B, N]).
 
-    Saves ``out_dir`` with ``save_pretrained`` at the end (training form, weight norm kept). Returns the per-step
-    logs (each with ``step`` and ``samples_per_s``).
+    Saves ``out_dir`` with ``save_pretrained`` at the end (training form, weight norm kept; plus the
+    discriminator when ``vae.config.adversarial``). Returns the per-step logs (each with ``step`` and
+    ``samples_per_s``).
     """
+    from omni2sound.vae_gan import VAEGAN, save_discriminator
+
     device = torch.device(device) if device is not None else next(vae.parameters()).device
     vae.to(device).train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=weight_decay)
+    # with adversarial weights, the VAE and its discriminator train together (one optimiser; see vae_gan)
+    model = VAEGAN(vae).to(device).train() if vae.config.adversarial else vae
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))   # short warm-up
     gen = torch.Generator(device=device).manual_seed(seed)
     it: Iterator[Tensor] = iter(batches)
@@ -176,10 +190,10 @@ def train_vae(vae: AudioVAE, batches: Iterable[Tensor], steps: int, lr: float = 
     t0 = time.perf_counter()
     for step in range(steps):
         wav = next(it).to(device)
-        loss, logs = vae_loss(vae, wav, generator=gen)
+        loss, logs = model(wav, step, generator=gen) if model is not vae else vae_loss(vae, wav, generator=gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
         sched.step()
         elapsed = time.perf_counter() - t0
@@ -190,4 +204,6 @@ def train_vae(vae: AudioVAE, batches: Iterable[Tensor], steps: int, lr: float = 
                 f"kl {logs['kl']:.3f}  {logs['samples_per_s'] / vae.sample_rate:.1f} s audio/s")
     if out_dir is not None:
         vae.save_pretrained(out_dir)
+        if model is not vae:
+            save_discriminator(model.disc, out_dir)
     return history
