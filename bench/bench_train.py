@@ -134,8 +134,10 @@ def main(argv=None) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
+        sp = r["speedup_vs_reference"]
+        vs = "-" if sp != sp else f"{sp:.2f}x"          # nan: no reference row
         print(f"| {r['preset']} | {r['params_M']:.1f} | {r['variant']} | {r['us_per_step']:.0f} | "
-              f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {r['speedup_vs_reference']:.2f}x |")
+              f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {vs} |")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"hardware": hw, "torch": torch.__version__, "rows": rows}, f, indent=2)
