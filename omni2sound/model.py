@@ -266,10 +266,9 @@ class SelfAttention(nn.Module):
         B, T, D = y.shape
         qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
-        # RMSNorm (q's and k's weights) + RoPE rotation
-        # split / unbind / squeeze, not indexing: in training, each index of a shared tensor makes autograd build
-        # a zero-filled gradient of the whole tensor and add them up; split's backward is one cat, unbind's one
-        # stack, squeeze's a view.
+        # RMSNorm (q's and k's weights) + RoPE rotation. split / unbind / squeeze, not indexing: in training each
+        # index of a shared tensor makes autograd build a zero-filled gradient of the whole tensor and add them
+        # up; split's backward is one cat, unbind's one stack, squeeze's a view.
         w = torch.stack([self.q_norm.weight, self.k_norm.weight])                         # [2, Dh]
         qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
         q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
