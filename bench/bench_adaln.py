@@ -99,53 +99,52 @@ def main():
         for op_name, per_token in (("gated_residual_adaln", False), ("gated_residual_adaln", True),
                                    ("gated_residual_adaln", "pair"), ("adaln_modulate", False),
                                    ("adaln_modulate", True)):
-            if True:
-                x, h, gate, shift, scale = make(shape, dtype, dev, per_token is True)
+            x, h, gate, shift, scale = make(shape, dtype, dev, per_token is True)
+            if per_token == "pair":
+                # gate/shift/scale = per-token part + per-sample part, as the DiT passes them each step
+                B, L, D = shape
+                tok = torch.stack([gate, shift, scale]).expand(3, B, L, D).contiguous()
+                per = 0.1 * tok[:, :, :1].clone()
+                fargs, eager_fn = (x, h, tok, per), eager_gated_pairs
+                nbytes = x.element_size() * (4 * x.numel() + 3 * x.numel())
+            elif op_name == "gated_residual_adaln":
+                fargs, eager_fn, op = (x, h, gate, shift, scale), eager_gated, ops.gated_residual_adaln
+                # read x, h, gate, shift, scale; write x2, y
+                nbytes = x.element_size() * (4 * x.numel() + 3 * gate.numel())
+            else:
+                fargs, eager_fn, op = (x, shift, scale), eager_modulate, ops.adaln_modulate
+                nbytes = x.element_size() * (2 * x.numel() + 2 * shift.numel())
+            variants = {"eager": eager_fn}
+            if not args.no_compile:
+                variants["compile"] = torch.compile(eager_fn, fullgraph=True, dynamic=False)
+            for b in backends:
                 if per_token == "pair":
-                    # gate/shift/scale = per-token part + per-sample part, as the DiT passes them each step
-                    B, L, D = shape
-                    tok = torch.stack([gate, shift, scale]).expand(3, B, L, D).contiguous()
-                    per = 0.1 * tok[:, :, :1].clone()
-                    fargs, eager_fn = (x, h, tok, per), eager_gated_pairs
-                    nbytes = x.element_size() * (4 * x.numel() + 3 * x.numel())
-                elif op_name == "gated_residual_adaln":
-                    fargs, eager_fn, op = (x, h, gate, shift, scale), eager_gated, ops.gated_residual_adaln
-                    # read x, h, gate, shift, scale; write x2, y
-                    nbytes = x.element_size() * (4 * x.numel() + 3 * gate.numel())
+                    variants[f"{b}+add"] = fused_pairs(b, presum=True)
+                    variants[f"{b} pairs"] = fused_pairs(b, presum=False)
                 else:
-                    fargs, eager_fn, op = (x, shift, scale), eager_modulate, ops.adaln_modulate
-                    nbytes = x.element_size() * (2 * x.numel() + 2 * shift.numel())
-                variants = {"eager": eager_fn}
-                if not args.no_compile:
-                    variants["compile"] = torch.compile(eager_fn, fullgraph=True, dynamic=False)
-                for b in backends:
-                    if per_token == "pair":
-                        variants[f"{b}+add"] = fused_pairs(b, presum=True)
-                        variants[f"{b} pairs"] = fused_pairs(b, presum=False)
+                    variants[b] = fused(b, op)
+            numel = x.numel()
+            inner = max(1, min(50, int(2e7 // numel))) if gpu else max(1, int(2e6 // numel))
+            times = {}
+            for name, fn in variants.items():
+                with torch.no_grad():
+                    if gpu:
+                        # Graph capture for every variant at the inference shape (launch-bound there).
+                        times[name], _ = time_gpu(lambda: fn(*fargs), repeats, inner, graphs=True)
                     else:
-                        variants[b] = fused(b, op)
-                numel = x.numel()
-                inner = max(1, min(50, int(2e7 // numel))) if gpu else max(1, int(2e6 // numel))
-                times = {}
-                for name, fn in variants.items():
-                    with torch.no_grad():
-                        if gpu:
-                            # Graph capture for every variant at the inference shape (launch-bound there).
-                            times[name], _ = time_gpu(lambda: fn(*fargs), repeats, inner, graphs=True)
-                        else:
-                            times[name] = time_cpu(lambda: fn(*fargs), repeats, inner)
-                for name, us in times.items():
-                    row = {
-                        "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
-                        "label": label, "op": op_name, "modulation": MODULATION[per_token],
-                        "variant": name, "us": round(us, 2),
-                        "x_eager": round(times["eager"] / us, 2),
-                        "x_compile": round(times["compile"] / us, 2) if "compile" in times else None,
-                        "GB/s": round(nbytes / (us * 1e-6) / 1e9, 1),
-                    }
-                    if copy_gbs:
-                        row["pct_copy_bw"] = round(100 * row["GB/s"] / copy_gbs, 1)
-                    rows.append(row)
+                        times[name] = time_cpu(lambda: fn(*fargs), repeats, inner)
+            for name, us in times.items():
+                row = {
+                    "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
+                    "label": label, "op": op_name, "modulation": MODULATION[per_token],
+                    "variant": name, "us": round(us, 2),
+                    "x_eager": round(times["eager"] / us, 2),
+                    "x_compile": round(times["compile"] / us, 2) if "compile" in times else None,
+                    "GB/s": round(nbytes / (us * 1e-6) / 1e9, 1),
+                }
+                if copy_gbs:
+                    row["pct_copy_bw"] = round(100 * row["GB/s"] / copy_gbs, 1)
+                rows.append(row)
         if args.quick and not gpu:
             break
 
