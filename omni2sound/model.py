@@ -18,7 +18,8 @@ only for the DiT itself (MMAudio's ``preprocess_conditions`` / ``predict_flow`` 
 
 The chain between the sublayers goes through the fused ops: ``gated_residual_adaln`` computes
 ``x + gate * h`` and the next LayerNorm + modulation in one pass, also across block boundaries.
-The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1.
+The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1. The MLP's
+first Linear + tanh-GELU is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU).
 
 The network knows nothing of noise schedules: ``t`` in [0, 1] comes from ``omni2sound.flow``.
 """
@@ -29,7 +30,7 @@ import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, fields, replace
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -214,6 +215,11 @@ class PreparedConditions:
     cross_rows    the cross-attention runs on rows [0, cross_rows) only: the rows after have no condition tokens,
                   so their attention output is exactly 0 and the sublayer's output exactly proj.bias (the CFG
                   batch puts its unconditional rows last; skipping them saves their query and output GEMMs)
+    workspace     None, or (CPU sampling) reusable scratch tensors by name: the qkv projection [B T, 3D] and the MLP's
+                  hidden activation [B T, 4D] are written into buffers that every block and step reuses (the CPU
+                  analogue of a CUDA graph's static memory: fresh 5-6 MB tensors are served by mmap and page-fault
+                  on first touch, 12k-38k faults per S step, and the qkv GEMM's bias fill into a fresh tensor took
+                  1.8 ms of its 18)
     """
     kv: List[Tuple[Tensor, Tensor]]
     cu_seqlens_k: Tensor
@@ -227,10 +233,21 @@ class PreparedConditions:
     batch_size: int
     num_frames: int
     cross_rows: int = -1
+    workspace: Optional[Dict[str, Tensor]] = None
 
     def __post_init__(self):
         if self.cross_rows < 0:
             self.cross_rows = self.batch_size
+
+    def buffer(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Optional[Tensor]:
+        """The workspace tensor ``name`` of ``shape`` (like's dtype and device), made on first use; None without a
+        workspace. Its contents are garbage between uses."""
+        if self.workspace is None or torch.compiler.is_compiling():      # a compiled step plans its own memory
+            return None
+        t = self.workspace.get(name)
+        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != like.dtype or t.device != like.device:
+            t = self.workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return t
 
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
@@ -253,6 +270,16 @@ class PreparedConditions:
 # ----------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------
+def linear_into(x: Tensor, lin: nn.Linear, out: Optional[Tensor]) -> Tensor:
+    """lin(x) for x [..., K], written into ``out`` [prod(...), N] when given and usable (no grad, same dtype, no
+    autocast), else a new tensor."""
+    if (out is None or torch.is_grad_enabled() or out.dtype != x.dtype or lin.weight.dtype != x.dtype
+            or torch.is_autocast_enabled(x.device.type)):
+        return lin(x)
+    y = torch.addmm(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight.t(), out=out)
+    return y.view(*x.shape[:-1], lin.out_features)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -261,10 +288,11 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, y: Tensor, rope: Tensor) -> Tensor:
-        """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]."""
+    def forward(self, y: Tensor, rope: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]. out: a workspace buffer [B T, 3D] for the
+        qkv projection (no-grad sampling on the CPU; see PreparedConditions.workspace)."""
         B, T, D = y.shape
-        qkv = self.qkv(y).view(B, T, 3, self.heads, D // self.heads)                    # [B, T, 3, H, Dh]
+        qkv = linear_into(y, self.qkv, out).view(B, T, 3, self.heads, D // self.heads)  # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
         # RMSNorm (q's and k's weights) + RoPE rotation. split / unbind / squeeze, not indexing: in training each
         # index of a shared tensor makes autograd build a zero-filled gradient of the whole tensor and add them
@@ -329,12 +357,21 @@ class DiTBlock(nn.Module):
         pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
         (next block or final)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
-        h = self.attn(y, prep.rope)                                   # [B, T, D]
+        B, T, D = y.shape
+        h = self.attn(y, prep.rope, prep.buffer("qkv", (B * T, 3 * D), y))  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
         h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
-        h = self.mlp(y)                                                                  # [B, T, D]
+        h = self.mlp_forward(y, prep)                                                    # [B, T, D]
         return ops.gated_residual_adaln(x, h, gate_mlp, next_shift, next_scale, self.eps)
+
+    def mlp_forward(self, y: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
+        """self.mlp(y) for y [B, T, D] -> [B, T, D]; the first Linear + GELU through ``ops.linear_gelu`` (fused bias +
+        GELU, its [B T, 4D] output in the request's workspace buffer when sampling on the CPU)."""
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        B, T, _ = y.shape
+        buf = None if prep is None else prep.buffer("mlp_hidden", (B * T, fc1.out_features), y)
+        return fc2(ops.linear_gelu(y, fc1.weight, fc1.bias, out=buf))                   # [B, T, 4D] -> [B, T, D]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,7 +439,8 @@ class Omni2SoundDiT(nn.Module):
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
-        sampling: prepared for many denoising steps: on the CPU, trailing rows with no condition tokens skip the
+        sampling: prepared for many denoising steps (on the CPU: with a workspace, see PreparedConditions): on the
+        CPU, trailing rows with no condition tokens skip the
         cross-attention (exact; see PreparedConditions.cross_rows: 7% of an S step's GEMM FLOPs; not on a GPU,
         where at batch 1 both row counts fit in one wave of GEMM tiles, so halving M saves no time and the
         concatenation adds a kernel per layer; unmeasured there). Off for training, where it costs more than it
@@ -430,7 +468,8 @@ class Omni2SoundDiT(nn.Module):
             rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
             batch_size=B, num_frames=num_frames,
-            cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B)
+            cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B,
+            workspace={} if sampling and dev.type == "cpu" else None)
 
     def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
         cfg = self.config

@@ -141,6 +141,30 @@ def test_skipping_empty_cross_attention_rows_is_exact(text_lens, video_lens, row
     assert skip.signature() != full.signature() or rows == 4     # a captured graph is never reused across them
 
 
+def test_sampling_workspace_is_reused_and_exact():
+    """CPU sampling writes the qkv projection and the MLP hidden activation into per-request buffers that every
+    block and step reuses; the velocity is the same as without them, and a gradient pass never uses them."""
+    model, cond = small_model(), make_cond()
+    x, t = torch.randn(4, 13, 4), torch.rand(4)
+    with torch.no_grad():
+        plain = model.prepare_conditions(cond, 13)
+        prep = model.prepare_conditions(cond, 13, sampling=True)
+        assert plain.workspace is None and prep.workspace == {}
+        want = model.predict_velocity(x, t, plain)
+        got = model.predict_velocity(x, t, prep)
+        bufs = {k: (v.data_ptr(), tuple(v.shape)) for k, v in prep.workspace.items()}
+        assert bufs == {"qkv": (bufs["qkv"][0], (4 * 13, 3 * 64)), "mlp_hidden": (bufs["mlp_hidden"][0], (4 * 13, 256))}
+        again = model.predict_velocity(x, 1 - t, prep)                   # a second step: the same buffers
+        assert {k: (v.data_ptr(), tuple(v.shape)) for k, v in prep.workspace.items()} == bufs
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(again, model.predict_velocity(x, 1 - t, plain), atol=1e-6, rtol=1e-6)
+    # with gradients on, the buffers are bypassed (autograd needs every block's activations)
+    v = model.predict_velocity(x, t, prep)
+    v.pow(2).sum().backward()
+    torch.testing.assert_close(v.detach(), want, atol=1e-6, rtol=1e-6)
+    assert model.blocks[0].mlp[0].weight.grad is not None
+
+
 def test_low_precision_forward_close_to_fp32():
     model, cond = small_model(), make_cond()
     x, t = torch.randn(4, 9, 4), torch.rand(4)

@@ -121,6 +121,7 @@ def ptxas_report(ptx: str) -> Dict[str, int]:
 def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
     from omni2sound.kernels import adaln as ka
     from omni2sound.kernels import cross_attention as kc
+    from omni2sound.kernels import gelu as kg
     from omni2sound.kernels import qk_norm_rope as kq
     from omni2sound.kernels import snake as ks
 
@@ -195,6 +196,15 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
 
     def snake_bwd():
         ks.snake_backward(t(1, C, N), t(1, C, N), t(1, C, N), t(1, C, N), alpha, beta, t(1, C, N), 1e-9)
+
+    F = 4 * D                                         # the MLP's hidden width
+
+    def gelu_fwd():                                   # in place on the first layer's output, as sampling runs it
+        h = t(B * T, F)
+        kg.bias_gelu_forward(h, t(F, dt=f32), h)
+
+    def gelu_bwd():
+        kg.bias_gelu_backward(t(B * T, F), t(B * T, F), t(F, dt=f32), t(B * T, F))
 
     return {name: fn for name, fn in locals().items()
             if callable(fn) and name not in ("t",) and not name.startswith("_")}
