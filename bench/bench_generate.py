@@ -3,6 +3,7 @@
     python bench/bench_generate.py --quick                 # CPU: tiny and S, batch 1 (tiny VAE)
     python bench/bench_generate.py                         # tiny, S, L at batch 1 and 8
     python bench/bench_generate.py --presets L --batches 1 --device cuda    # the GPU bar (bf16)
+    python bench/bench_generate.py --ablate --presets S                     # each low-latency item on its own
 
 Every row generates ``--duration`` s of audio (default 10 s = 250 latent frames) with ``--steps`` Euler steps
 (default 25) and joint CFG (default 4.5) from precomputed features with random weights: 80 video tokens
@@ -141,6 +142,56 @@ def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
     return row
 
 
+ABLATIONS = {                                # name -> SamplingOptions changes (one item off at a time)
+    "full": {},
+    "no_fused_ops": {"fused_ops": False},
+    "no_workspace": {"cpu_workspace": False},
+    "no_cross_skip": {"skip_empty_cross_rows": False},
+    "no_cuda_graphs": {"cuda_graphs": False},
+    "plain": {"plain": True},
+}
+
+
+def ablate(preset: str, vae, args, device, dtype) -> dict:
+    """Each low-latency item of the optimised path measured on its own: the per-step time with that one item off,
+    against the full path, interleaved in one process (R rounds, each runs every variant once), reported as the
+    median over rounds of the paired ratio variant / full (a shared box's drift hits both sides of a pair alike).
+    Items that do nothing on this device are left out (the workspace and the cross-attention skip are CPU-only,
+    CUDA graphs GPU-only). ``plain`` turns everything off at once (conditions per step, sequential CFG, reference
+    ops)."""
+    from omni2sound.pipeline import SamplingOptions
+
+    dit = random_dit(preset, device, dtype, vae.config.latent_dim)
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    cond = random_conditions(dit.config, 1, args.duration, args.text_tokens).to(device)
+    T = int(round(args.duration * dit.config.latent_rate))
+    x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
+    cpu_only, gpu_only = {"no_workspace", "no_cross_skip"}, {"no_cuda_graphs"}
+    names = [n for n in ABLATIONS if not (device.type == "cuda" and n in cpu_only)
+             and not (device.type != "cuda" and n in gpu_only)]
+    steps = args.ablate_steps
+
+    def per_step(name: str) -> float:
+        opts = SamplingOptions(steps=steps, guidance=args.cfg, **ABLATIONS[name])
+        timings = {}
+        with torch.no_grad():
+            pipe._sample(cond, x0, opts, timings)
+        return timings["sample"] / steps
+
+    for name in names:                       # warm-up (graph capture, first-touch of every buffer)
+        per_step(name)
+    times = {n: [] for n in names}
+    for r in range(args.ablate_rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(per_step(name))
+    row = {"preset": preset, "batch": 1, "steps_per_round": steps, "rounds": args.ablate_rounds}
+    for name in names:
+        row[f"{name}_step_ms"] = round(statistics.median(times[name]) * 1e3, 2)
+        if name != "full":
+            row[f"{name}_x"] = round(statistics.median(a / b for a, b in zip(times[name], times["full"])), 3)
+    return row
+
+
 GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
             "aten::mkldnn_linear", "mkldnn::_linear_pointwise")
 
@@ -221,6 +272,11 @@ def main():
     ap.add_argument("--compile", action="store_true",
                     help="also time the optimised path with its step torch.compiled (column prefix optc_)")
     ap.add_argument("--out", help="write the rows (+ hardware) as JSON here")
+    ap.add_argument("--ablate", action="store_true",
+                    help="instead of whole requests, time the optimised path's per-step cost with each low-latency "
+                         "item turned off on its own (batch 1), interleaved; reports paired ratios item-off / full")
+    ap.add_argument("--ablate-rounds", type=int, default=5)
+    ap.add_argument("--ablate-steps", type=int, default=None, help="steps per timed sampling (default 3 CPU, 25 GPU)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing whole requests, profile one step of each path per preset (batch 1): "
                          "GEMM / attention / other shares, GEMM GFLOP per step and the plain/opt FLOP ratio")
@@ -236,6 +292,26 @@ def main():
 
     from omni2sound.vae import VAE_PRESETS, AudioVAE
     rows = []
+    if args.ablate:
+        args.ablate_steps = args.ablate_steps or (args.steps if device.type == "cuda" else 3)
+        for preset in presets:
+            torch.manual_seed(0)
+            vae = AudioVAE(VAE_PRESETS["tiny"]).to(device).eval()
+            row = ablate(preset, vae, args, device, dtype)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        print(f"\n## bench_generate --ablate: ms per step (batch 1, CFG {args.cfg}, {args.duration:g} s) and the "
+              f"median paired ratio item-off / full, on {hardware(device)}\n")
+        for r in rows:
+            items = [k[:-8] for k in r if k.endswith("_step_ms")]
+            print("| preset | " + " | ".join(items) + " |")
+            print("|---|" + "---|" * len(items))
+            print(f"| {r['preset']} | " + " | ".join(
+                f"{r[i + '_step_ms']}" + (f" ({r[i + '_x']}x)" if i != "full" else "") for i in items) + " |")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"hardware": hardware(device), "args": vars(args), "rows": rows}, f, indent=2)
+        return
     if args.profile:
         for preset in presets:
             torch.manual_seed(0)

@@ -11,7 +11,8 @@
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
 #            session 5 added the Snake op bench (the CUDA forward's coalesced indexing; the Triton qk_norm_rope and
-#            channels-last Snake launches with 16 warps, chosen from their sm_90a register counts offline)
+#            channels-last Snake launches with 16 warps, chosen from their sm_90a register counts offline); session 6
+#            the Triton bias + GELU (bench_gelu: against eager and, per row, the whole first MLP layer)
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -115,6 +116,7 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
     --no-compile --out "$RES/vae.json"
   step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
   step snake 30 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
+  step bench_gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

@@ -30,7 +30,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -67,6 +67,10 @@ class SamplingOptions:
     guidance: Optional[Guidance] = 4.5       # joint scale or (video, text) scales; None = no CFG
     plain: bool = False                       # all optimisations off (for the benchmark)
     cuda_graphs: bool = True                  # capture the per-step function on a GPU
+    # single items of the optimised path, each on by default; off one at a time for the benchmark's ablation
+    fused_ops: bool = True                    # omni2sound.ops' default backends (False: the reference backends)
+    cpu_workspace: bool = True                # CPU: reuse the qkv / MLP buffers (PreparedConditions.workspace)
+    skip_empty_cross_rows: bool = True        # CPU: unconditional CFG rows skip the cross-attention
 
 
 @dataclass
@@ -403,6 +407,9 @@ class Omni2SoundPipeline:
 
     def _sample(self, cond: Conditions, x0: Tensor, opts: SamplingOptions, timings: Dict[str, float]) -> Tensor:
         dev, T = self.device, x0.shape[1]
+        if not opts.plain and not opts.fused_ops:          # the optimised path on the reference ops (ablation)
+            with ops.use_backend("reference"):
+                return self._sample(cond, x0, replace(opts, fused_ops=True), timings)
         if opts.plain:
             t0 = time.perf_counter()
             fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
@@ -416,6 +423,10 @@ class Omni2SoundPipeline:
         t0 = time.perf_counter()
         batch_cond, k = cfg_conditions(cond, scales)
         prep = self.dit.prepare_conditions(batch_cond, T, sampling=True)
+        if not opts.cpu_workspace:
+            prep.workspace = None
+        if not opts.skip_empty_cross_rows:
+            prep.cross_rows = prep.batch_size
         _sync(dev)
         t1 = time.perf_counter()
         timings["prepare"] = t1 - t0

@@ -69,6 +69,20 @@ def test_generate_all_tasks_in_one_batch_optimised_equals_plain(saved, pipe):
     assert (d.latents - c.latents).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("item", ["fused_ops", "cpu_workspace", "skip_empty_cross_rows"])
+def test_each_low_latency_item_off_gives_the_same_latents(pipe, item):
+    """The benchmark's ablation turns one item off at a time; each is an exact rewrite, so the latents agree."""
+    from omni2sound.pipeline import SamplingOptions
+
+    feats = [torch.randn(10, pipe.dit.config.video_dim), None]
+    cond = pipe.conditions_from_features(video_features=feats, text=["rain", None], duration=1.2)
+    x0 = pipe.flow.noise(2, pipe.dit.config.num_frames(1.2), 16, seed=3)
+    with torch.no_grad():                            # as generate runs it (the workspace is for no-grad sampling)
+        full = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=3.0), {})
+        off = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=3.0, **{item: False}), {})
+    torch.testing.assert_close(off, full, atol=1e-5, rtol=1e-5)
+
+
 def test_no_video_no_text_and_shared_prompt(pipe):
     out = pipe.generate(duration=0.5, steps=2, cfg=2.0, seed=0)
     assert out.audio.shape == (1, 8000) and torch.isfinite(out.audio).all()
