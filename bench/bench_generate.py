@@ -148,6 +148,8 @@ ABLATIONS = {                                # name -> SamplingOptions changes (
     "no_workspace": {"cpu_workspace": False},
     "no_cross_skip": {"skip_empty_cross_rows": False},
     "no_cuda_graphs": {"cuda_graphs": False},
+    "conditions_per_step": {"conditions_once": False},
+    "sequential_cfg": {"batched_cfg": False},
     "plain": {"plain": True},
 }
 

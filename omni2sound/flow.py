@@ -17,7 +17,7 @@ without video, v_v = v_u and only s_t acts; without text, v_c = v_v and only s_v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -48,17 +48,21 @@ def guidance_scales(guidance: Optional[Guidance]) -> Optional[Tuple[float, float
     return float(guidance), float(guidance)
 
 
-def cfg_conditions(cond: Conditions, scales: Optional[Tuple[float, float]]) -> Tuple[Conditions, int]:
-    """The conditions of the CFG batch and how many copies of the latent it needs (1, 2 or 3)."""
+def cfg_branches(cond: Conditions, scales: Optional[Tuple[float, float]]) -> List[Conditions]:
+    """The CFG branches in combine_guidance's order: [cond], [cond, uncond] or [cond, video-only, uncond]."""
     if scales is None or scales == (1.0, 1.0):
-        return cond, 1
-    B = cond.batch_size
-    no = torch.zeros(B, dtype=torch.bool)
+        return [cond]
+    no = torch.zeros(cond.batch_size, dtype=torch.bool)
     uncond = cond.drop(keep_text=no, keep_video=no)
     if scales[0] == scales[1]:
-        return Conditions.cat([cond, uncond]), 2
-    video_only = cond.drop(keep_text=no)
-    return Conditions.cat([cond, video_only, uncond]), 3
+        return [cond, uncond]
+    return [cond, cond.drop(keep_text=no), uncond]
+
+
+def cfg_conditions(cond: Conditions, scales: Optional[Tuple[float, float]]) -> Tuple[Conditions, int]:
+    """The conditions of the CFG batch and how many copies of the latent it needs (1, 2 or 3)."""
+    branches = cfg_branches(cond, scales)
+    return (cond, 1) if len(branches) == 1 else (Conditions.cat(branches), len(branches))
 
 
 def combine_guidance(v: Tensor, k: int, scales: Optional[Tuple[float, float]]) -> Tensor:
@@ -161,11 +165,7 @@ class FlowMatching:
         """
         scales = guidance_scales(guidance)
         if plain:
-            branches = [cond] if scales is None or scales == (1.0, 1.0) else None
-            if branches is None:
-                no = torch.zeros(cond.batch_size, dtype=torch.bool)
-                uncond = cond.drop(keep_text=no, keep_video=no)
-                branches = [cond, uncond] if scales[0] == scales[1] else [cond, cond.drop(keep_text=no), uncond]
+            branches = cfg_branches(cond, scales)
             k = len(branches)
 
             def plain_velocity(x: Tensor, t: Tensor) -> Tensor:

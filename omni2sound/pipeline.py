@@ -38,7 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
-from .flow import FlowMatching, Guidance, cfg_conditions, combine_guidance, guidance_scales, time_grid
+from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
 PIPELINE_CONFIG = "pipeline.json"
@@ -71,6 +71,8 @@ class SamplingOptions:
     fused_ops: bool = True                    # omni2sound.ops' default backends (False: the reference backends)
     cpu_workspace: bool = True                # CPU: reuse the qkv / MLP buffers (PreparedConditions.workspace)
     skip_empty_cross_rows: bool = True        # CPU: unconditional CFG rows skip the cross-attention
+    conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
+    batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)
 
 
 @dataclass
@@ -421,25 +423,35 @@ class Omni2SoundPipeline:
             return x
         scales = guidance_scales(opts.guidance)
         t0 = time.perf_counter()
-        batch_cond, k = cfg_conditions(cond, scales)
-        prep = self.dit.prepare_conditions(batch_cond, T, sampling=True)
-        if not opts.cpu_workspace:
-            prep.workspace = None
-        if not opts.skip_empty_cross_rows:
-            prep.cross_rows = prep.batch_size
+        # the forwards of one step: one over the whole CFG batch, or (ablation) one per CFG branch
+        branches = cfg_branches(cond, scales)
+        k = len(branches)
+        groups = [(cond if k == 1 else Conditions.cat(branches), k)] if opts.batched_cfg else [(c, 1) for c in branches]
+
+        def prepare(c: Conditions) -> PreparedConditions:
+            p = self.dit.prepare_conditions(c, T, sampling=True)
+            if not opts.cpu_workspace:
+                p.workspace = None
+            if not opts.skip_empty_cross_rows:
+                p.cross_rows = p.batch_size
+            return p
+
+        preps = [prepare(c) for c, _ in groups] if opts.conditions_once else None
         _sync(dev)
         t1 = time.perf_counter()
         timings["prepare"] = t1 - t0
-        if dev.type == "cuda" and opts.cuda_graphs:
-            x = self.graphs.sample(self._predict(), prep, k, scales, x0, opts.steps, opts.method)
+        if dev.type == "cuda" and opts.cuda_graphs and opts.conditions_once and opts.batched_cfg:
+            x = self.graphs.sample(self._predict(), preps[0], k, scales, x0, opts.steps, opts.method)
         else:
             from .flow import integrate
             predict = self._predict()
 
             def velocity(x, t):
-                xk = x.repeat(k, 1, 1) if k > 1 else x
-                tk = t.repeat(k) if k > 1 else t
-                return combine_guidance(predict(xk, tk, prep), k, scales)
+                vs = []
+                for i, (c, n) in enumerate(groups):
+                    prep = preps[i] if preps is not None else prepare(c)       # ablation: once per step
+                    vs.append(predict(x.repeat(n, 1, 1) if n > 1 else x, t.repeat(n) if n > 1 else t, prep))
+                return combine_guidance(torch.cat(vs) if len(vs) > 1 else vs[0], k, scales)
             x = integrate(velocity, x0, opts.steps, opts.method)
         _sync(dev)
         timings["sample"] = time.perf_counter() - t1

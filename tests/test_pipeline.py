@@ -69,8 +69,10 @@ def test_generate_all_tasks_in_one_batch_optimised_equals_plain(saved, pipe):
     assert (d.latents - c.latents).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("item", ["fused_ops", "cpu_workspace", "skip_empty_cross_rows"])
-def test_each_low_latency_item_off_gives_the_same_latents(pipe, item):
+@pytest.mark.parametrize("item", ["fused_ops", "cpu_workspace", "skip_empty_cross_rows", "conditions_once",
+                                  "batched_cfg"])
+@pytest.mark.parametrize("guidance", [3.0, (2.0, 4.0)])      # 2 and 3 CFG branches
+def test_each_low_latency_item_off_gives_the_same_latents(pipe, item, guidance):
     """The benchmark's ablation turns one item off at a time; each is an exact rewrite, so the latents agree."""
     from omni2sound.pipeline import SamplingOptions
 
@@ -78,8 +80,8 @@ def test_each_low_latency_item_off_gives_the_same_latents(pipe, item):
     cond = pipe.conditions_from_features(video_features=feats, text=["rain", None], duration=1.2)
     x0 = pipe.flow.noise(2, pipe.dit.config.num_frames(1.2), 16, seed=3)
     with torch.no_grad():                            # as generate runs it (the workspace is for no-grad sampling)
-        full = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=3.0), {})
-        off = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=3.0, **{item: False}), {})
+        full = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=guidance), {})
+        off = pipe._sample(cond, x0, SamplingOptions(steps=3, guidance=guidance, **{item: False}), {})
     torch.testing.assert_close(off, full, atol=1e-5, rtol=1e-5)
 
 
