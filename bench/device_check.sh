@@ -12,7 +12,8 @@
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
 #            session 5 added the Snake op bench (the CUDA forward's coalesced indexing; the Triton qk_norm_rope and
 #            channels-last Snake launches with 16 warps, chosen from their sm_90a register counts offline); session 6
-#            the Triton bias + GELU (bench_gelu: against eager and, per row, the whole first MLP layer)
+#            the Triton bias + GELU (bench_gelu: against eager and, per row, the whole first MLP layer) and the L
+#            ablation (each low-latency item off on its own, 25-step samplings, paired ratios)
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -117,6 +118,8 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
   step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
   step snake 30 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
   step bench_gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
+  step ablate_L 60 $PY bench/bench_generate.py --ablate --presets L --device cuda --ablate-rounds 3 \
+    --out "$RES/ablate_L.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"
