@@ -22,7 +22,7 @@ from omni2sound import ops
 from omni2sound.conditions import Conditions
 from omni2sound.flow import FlowMatching
 from omni2sound.model import Omni2SoundDiT, dit_config
-from omni2sound.trainer import peak_flops
+from omni2sound.trainer import fused_adamw_ok, peak_flops
 
 
 def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:
@@ -105,7 +105,7 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             with torch.device(a.device):                 # init on the device: seconds, not a minute, for L
                 model = Omni2SoundDiT(cfg)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda or None)   # as the trainer
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device))   # as the trainer
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
             run_model = torch.compile(model) if comp else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()

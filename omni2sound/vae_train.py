@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from omni2sound.trainer import fused_adamw_ok
 from omni2sound.vae import AudioVAE
 
 
@@ -182,7 +183,8 @@ def train_vae(vae: AudioVAE, batches: Iterable[Tensor], steps: int, lr: float = 
     vae.to(device).train()
     # with adversarial weights, the VAE and its discriminator train together (one optimiser; see vae_gan)
     model = VAEGAN(vae).to(device).train() if vae.config.adversarial else vae
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.8, 0.99), weight_decay=weight_decay,
+                            fused=fused_adamw_ok(next(model.parameters()).device))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))   # short warm-up
     gen = torch.Generator(device=device).manual_seed(seed)
     it: Iterator[Tensor] = iter(batches)
