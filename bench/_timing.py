@@ -65,6 +65,26 @@ def time_gpu(fn, repeats, inner, graphs=True):
     return statistics.median(samples), graphed
 
 
+def op_bench_args(doc: str, quick_help: str, argv=None):
+    """The command line every op benchmark shares (--device, --dtype, --quick, --no-compile, --threads, --out),
+    parsed: dtype defaults to float32 on the CPU and bfloat16 on a GPU, and --threads is applied."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=None, help="write the rows as JSON")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    return args
+
+
 def print_table(rows, cols):
     """Rows (dicts) as a markdown table of the given columns."""
     print("| " + " | ".join(cols) + " |")

@@ -17,12 +17,11 @@ Rows:
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 import torch.nn.functional as F
-from _timing import hardware, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import hardware, op_bench_args, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -32,18 +31,7 @@ def unfused(x, b):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on the CPU, bfloat16 on a GPU")
-    p.add_argument("--quick", action="store_true", help="S sampling shape only, no torch.compile")
-    p.add_argument("--no-compile", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="write the rows as JSON")
-    args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    args = op_bench_args(__doc__, "S sampling shape only, no torch.compile", argv)
     dev, dtype = args.device, getattr(torch, args.dtype)
     gpu = dev == "cuda"
     shapes = [("S sample", 500, 768, 3072), ("L sample", 500, 1536, 6144), ("L train", 8000, 1536, 6144)]

@@ -294,14 +294,24 @@ def main():
 
     from omni2sound.vae import VAE_PRESETS, AudioVAE
     rows = []
-    if args.ablate:
-        args.ablate_steps = args.ablate_steps or (args.steps if device.type == "cuda" else 3)
+
+    def write_out() -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"hardware": hardware(device), "args": vars(args), "rows": rows}, f, indent=2)
+
+    def each_preset(fn) -> None:
+        """fn(preset, tiny VAE, args, device, dtype) -> row, for every preset (the per-step modes: the VAE's latent
+        size is all they need of it)."""
         for preset in presets:
             torch.manual_seed(0)
             vae = AudioVAE(VAE_PRESETS["tiny"]).to(device).eval()
-            row = ablate(preset, vae, args, device, dtype)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            rows.append(fn(preset, vae, args, device, dtype))
+            print(json.dumps(rows[-1]), flush=True)
+
+    if args.ablate:
+        args.ablate_steps = args.ablate_steps or (args.steps if device.type == "cuda" else 3)
+        each_preset(ablate)
         print(f"\n## bench_generate --ablate: ms per step (batch 1, CFG {args.cfg}, {args.duration:g} s) and the "
               f"median paired ratio item-off / full, on {hardware(device)}\n")
         for r in rows:
@@ -310,20 +320,11 @@ def main():
             print("|---|" + "---|" * len(items))
             print(f"| {r['preset']} | " + " | ".join(
                 f"{r[i + '_step_ms']}" + (f" ({r[i + '_x']}x)" if i != "full" else "") for i in items) + " |")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"hardware": hardware(device), "args": vars(args), "rows": rows}, f, indent=2)
+        write_out()
         return
     if args.profile:
-        for preset in presets:
-            torch.manual_seed(0)
-            vae = AudioVAE(VAE_PRESETS["tiny"]).to(device).eval()
-            row = profile_steps(preset, vae, args, device, dtype)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"hardware": hardware(device), "args": vars(args), "rows": rows}, f, indent=2)
+        each_preset(profile_steps)
+        write_out()
         return
     for preset in presets:
         vname = args.vae if args.vae != "auto" else ("paper" if preset != "tiny" and device.type == "cuda"
@@ -349,9 +350,7 @@ def main():
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "args": vars(args), "rows": rows}, f, indent=2)
+    write_out()
 
 
 if __name__ == "__main__":
