@@ -276,7 +276,9 @@ def linear_into(x: Tensor, lin: nn.Linear, out: Optional[Tensor]) -> Tensor:
     if (out is None or torch.is_grad_enabled() or out.dtype != x.dtype or lin.weight.dtype != x.dtype
             or torch.is_autocast_enabled(x.device.type)):
         return lin(x)
-    y = torch.addmm(lin.bias, x.reshape(-1, x.shape[-1]), lin.weight.t(), out=out)
+    x2 = x.reshape(-1, x.shape[-1])
+    w = lin.weight.t()
+    y = torch.mm(x2, w, out=out) if lin.bias is None else torch.addmm(lin.bias, x2, w, out=out)
     return y.view(*x.shape[:-1], lin.out_features)
 
 
