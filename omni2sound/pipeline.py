@@ -51,6 +51,12 @@ class PipelineConfig:
     sync_encoder: str = "builtin"           # "builtin" (MotionSyncEncoder); Synchformer: precomputed features
     builtin_frame_size: int = 64            # frames are resized to this square for the built-in encoders
     window_overlap: float = 1.0             # seconds shared by neighbouring windows of long generations
+    # Where the VAE lives when DIR/vae does not exist, relative to DIR (a training stage folder points at its run's
+    # VAE instead of copying it), and the per-channel latent normalisation the DiT was trained in (None: raw VAE
+    # latents): sampled latents z become z * std + mean before decoding.
+    vae_dir: Optional[str] = None
+    latent_mean: Optional[List[float]] = None
+    latent_std: Optional[List[float]] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -79,7 +85,7 @@ class SamplingOptions:
 class GenerationResult:
     audio: Tensor                             # [B, N] float32 on the CPU, N = round(duration * sample_rate)
     sample_rate: int
-    latents: Tensor                           # [B, T, C]
+    latents: Tensor                           # [B, T, C] in the VAE's latent space (what was decoded)
     timings: Dict[str, float] = field(default_factory=dict)   # seconds per phase
 
 
@@ -181,6 +187,10 @@ class Omni2SoundPipeline:
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
         self.graphs = GraphSampler()
+        for name in ("latent_mean", "latent_std"):
+            v = getattr(self.config, name)
+            if v is not None and len(v) != dit.config.latent_dim:
+                raise ValueError(f"PipelineConfig.{name} has {len(v)} channels, the DiT {dit.config.latent_dim}")
         if vae.config.latent_dim != dit.config.latent_dim:
             raise ValueError(f"the VAE makes {vae.config.latent_dim}-channel latents but the DiT expects "
                              f"{dit.config.latent_dim} (DiTConfig.latent_dim)")
@@ -196,20 +206,23 @@ class Omni2SoundPipeline:
         from .vae import AudioVAE
 
         directory = os.fspath(directory)
-        for sub in ("dit", "vae"):
-            if not os.path.isdir(os.path.join(directory, sub)):
-                raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: {directory} has no {sub}/ folder "
-                                        "(expected DIR/dit and DIR/vae, see omni2sound/pipeline.py)")
-        device = torch.device(device)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         cfg_path = os.path.join(directory, PIPELINE_CONFIG)
         config = PipelineConfig()
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
                 config = PipelineConfig.from_dict(json.load(f))
+        vae_dir = os.path.join(directory, "vae")
+        if not os.path.isdir(vae_dir) and config.vae_dir:
+            vae_dir = os.path.normpath(os.path.join(directory, config.vae_dir))
+        for what, path in (("dit", os.path.join(directory, "dit")), ("vae", vae_dir)):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: no {what}/ folder at {path} (expected "
+                                        "DIR/dit and DIR/vae, or pipeline.json's vae_dir; see omni2sound/pipeline.py)")
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = Omni2SoundDiT.from_pretrained(os.path.join(directory, "dit"), device=device, dtype=dtype)
-        vae = AudioVAE.from_pretrained(os.path.join(directory, "vae"), device=device)
+        vae = AudioVAE.from_pretrained(vae_dir, device=device)
         return cls(dit, vae, config, **encoders)
 
     def save_pretrained(self, directory: str) -> None:
@@ -217,12 +230,23 @@ class Omni2SoundPipeline:
         os.makedirs(directory, exist_ok=True)
         self.dit.save_pretrained(os.path.join(directory, "dit"))
         self.vae.save_pretrained(os.path.join(directory, "vae"))
+        config = replace(self.config, vae_dir=None)                    # the VAE is saved inside DIR
         _atomic_write(os.path.join(directory, PIPELINE_CONFIG),
-                      lambda p: _write_text(p, json.dumps(asdict(self.config), indent=2)))
+                      lambda p: _write_text(p, json.dumps(asdict(config), indent=2)))
 
     @property
     def device(self) -> torch.device:
         return self.dit.device
+
+    def to_vae_latents(self, z: Tensor) -> Tensor:
+        """The DiT's latents [B, T, C] in the VAE's latent space: z * std + mean per channel when the DiT was
+        trained on normalised latents (PipelineConfig.latent_mean / latent_std), else z."""
+        c = self.config
+        if c.latent_mean is None and c.latent_std is None:
+            return z
+        mean = torch.tensor(c.latent_mean or [0.0] * z.shape[-1], device=z.device, dtype=z.dtype)
+        std = torch.tensor(c.latent_std or [1.0] * z.shape[-1], device=z.device, dtype=z.dtype)
+        return z * std + mean
 
     def _predict(self):
         """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``."""
@@ -395,6 +419,7 @@ class Omni2SoundPipeline:
                 latents = self._sample(cond, x0, opts, timings)
             else:
                 latents = self._sample_windows(cond, x0, starts, W, opts, timings)[:, :T]
+            latents = self.to_vae_latents(latents)
             t0 = time.perf_counter()
             n = int(round(dur * self.sample_rate))
             z = latents.float().transpose(1, 2)

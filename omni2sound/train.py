@@ -319,6 +319,17 @@ def build_dit(cfg: TrainConfig, table: FeatureTable):
     return Omni2SoundDiT(dcfg)
 
 
+def write_pipeline_config(stage_out: str, vae_dir: str, latent_stats: dict) -> None:
+    """Make a finished DiT stage folder loadable by ``Omni2SoundPipeline.from_pretrained(stage_out)`` and the
+    generate CLI (``--model stage_out``): pipeline.json points at the run's VAE (no copy) and carries the latent
+    normalisation the DiT was trained in. The condition encoders are the package's defaults, as in training."""
+    from .pipeline import PIPELINE_CONFIG, PipelineConfig
+    pc = PipelineConfig(vae_dir=os.path.relpath(vae_dir, stage_out),
+                        latent_mean=[float(v) for v in latent_stats["mean"]],
+                        latent_std=[float(v) for v in latent_stats["std"]])
+    atomic_json(asdict(pc), os.path.join(stage_out, PIPELINE_CONFIG))
+
+
 def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: FeatureTable,
                     offscreen: Optional[FeatureTable], latent_stats: dict, resume: bool,
                     init_from: Optional[str]) -> str:
@@ -349,6 +360,7 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
         trainer.ema.copy_to(model)
         model.save_pretrained(os.path.join(out, "dit"))
         atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
+        write_pipeline_config(out, run_dir(cfg, "vae"), latent_stats)
         per_task = {t: [h["loss"] for h in history if h.get("task") == t] for t in TASKS}
         write_meta(out, {"stage": stage, "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
                          "init_from": init_from, "params": model.num_params(),

@@ -85,6 +85,36 @@ def test_each_low_latency_item_off_gives_the_same_latents(pipe, item, guidance):
     torch.testing.assert_close(off, full, atol=1e-5, rtol=1e-5)
 
 
+def test_latent_normalisation_is_undone_before_decoding(saved, tmp_path):
+    """A DiT trained on normalised latents (PipelineConfig.latent_mean / latent_std) generates z; the pipeline decodes
+    z * std + mean and returns those latents. Also: a folder whose pipeline.json points at the VAE elsewhere."""
+    from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig
+
+    base = Omni2SoundPipeline.from_pretrained(saved / "model")
+    C = base.dit.config.latent_dim
+    mean, std = torch.linspace(-1, 1, C).tolist(), torch.linspace(0.5, 2, C).tolist()
+    normed = Omni2SoundPipeline(base.dit, base.vae, PipelineConfig(latent_mean=mean, latent_std=std))
+    a = base.generate(text=["rain"], duration=0.8, steps=2, cfg=2.0, seed=4)
+    b = normed.generate(text=["rain"], duration=0.8, steps=2, cfg=2.0, seed=4)
+    torch.testing.assert_close(b.latents, a.latents * torch.tensor(std) + torch.tensor(mean), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        want = base.vae.decode(b.latents.transpose(1, 2))[:, 0, :b.audio.shape[1]]
+    torch.testing.assert_close(b.audio, want, atol=1e-5, rtol=1e-4)
+    # a stage-style folder: dit/ here, the VAE one level up, named in pipeline.json
+    normed.dit.save_pretrained(str(tmp_path / "stage" / "dit"))
+    base.vae.save_pretrained(str(tmp_path / "vae"))
+    cfg = {"vae_dir": "../vae", "latent_mean": mean, "latent_std": std}
+    (tmp_path / "stage" / "pipeline.json").write_text(json.dumps(cfg))
+    c = Omni2SoundPipeline.from_pretrained(tmp_path / "stage").generate(text=["rain"], duration=0.8, steps=2, cfg=2.0,
+                                                                         seed=4)
+    torch.testing.assert_close(c.latents, b.latents, atol=1e-5, rtol=1e-5)
+    (tmp_path / "stage" / "pipeline.json").write_text(json.dumps({**cfg, "vae_dir": "../nowhere"}))
+    with pytest.raises(FileNotFoundError, match="no vae/ folder"):
+        Omni2SoundPipeline.from_pretrained(tmp_path / "stage")
+    with pytest.raises(ValueError, match="latent_mean has 3 channels"):
+        Omni2SoundPipeline(base.dit, base.vae, PipelineConfig(latent_mean=[0.0] * 3))
+
+
 def test_no_video_no_text_and_shared_prompt(pipe):
     out = pipe.generate(duration=0.5, steps=2, cfg=2.0, seed=0)
     assert out.audio.shape == (1, 8000) and torch.isfinite(out.audio).all()

@@ -274,6 +274,16 @@ def test_every_stage_runs_and_hands_off(tmp_path):
     for d in ("dit", "dit_raw"):
         assert (root / "stage3" / d / "model.safetensors").is_file()
     assert (root / "features" / "train" / "index.json").is_file() and (root / "features" / "offscreen").is_dir()
+    # a finished DiT stage folder is a pipeline: the generate CLI's --model takes it (the run's VAE by reference,
+    # the latent normalisation the DiT was trained in)
+    from omni2sound.pipeline import Omni2SoundPipeline
+    from omni2sound.vae import AudioVAE
+    pipe = Omni2SoundPipeline.from_pretrained(root / "stage3")
+    stats = json.load(open(root / "stage3" / "latent_stats.json"))
+    assert pipe.config.vae_dir == "../vae" and pipe.config.latent_mean == pytest.approx(stats["mean"])
+    assert pipe.config.latent_std == pytest.approx(stats["std"])
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(),
+                                                  AudioVAE.from_pretrained(root / "vae").state_dict().values()))
     rep = root / "report"
     scores = json.load(open(rep / "scores.json"))
     assert set(scores["results"]) == {"v2a", "t2a", "vt2a", "offscreen"}
