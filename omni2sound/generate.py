@@ -4,7 +4,9 @@
     python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --cfg 4.5 --out rain.flac
     python -m omni2sound.generate --model DIR --clip-features c.npy --sync-features s.npy --out out.wav
 
-DIR holds dit/ and vae/ (see omni2sound/pipeline.py). ``--cfg 3,5`` gives separate video and text scales.
+DIR holds dit/ and vae/, or dit/ and a pipeline.json naming the VAE's folder: every finished DiT stage of
+``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--cfg 3,5`` gives
+separate video and text scales.
 Several --text (and/or --video) values make a batch; outputs are OUT, OUT_1, OUT_2, ... Timings per phase
 are printed as JSON on stderr.
 """
@@ -38,7 +40,8 @@ def _out_paths(out: str, n: int) -> List[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m omni2sound.generate", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="pipeline directory with dit/ and vae/")
+    p.add_argument("--model", required=True,
+                   help="pipeline directory: dit/ and vae/, or a training stage folder (e.g. runs/toy/stage3)")
     p.add_argument("--video", action="append", default=None, help="input video (repeat for a batch)")
     p.add_argument("--text", action="append", default=None, help="text prompt (repeat for a batch)")
     p.add_argument("--clip-features", default=None, help="precomputed semantic video features (.npy/.safetensors)")
