@@ -85,6 +85,27 @@ def op_bench_args(doc: str, quick_help: str, argv=None):
     return args
 
 
+def write_rows(path, device, rows, **extra) -> None:
+    """The rows of a benchmark as JSON at ``path`` (nothing when path is None), with the hardware and torch version."""
+    if path:
+        import json
+
+        with open(path, "w") as f:
+            json.dump({"hardware": hardware(device), "torch": torch.__version__, **extra, "rows": rows}, f, indent=2)
+
+
+# One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),
+# printed as it is measured: a run cut short by a time limit keeps what it measured.
+OP_ROW_HEADER = ("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |\n"
+                 "|---|---|---|---|---|---|---|---|---|")
+
+
+def print_op_row(r) -> None:
+    print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
+          f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
+          f"{r['speedup_vs_compile']:.2f} |", flush=True)
+
+
 def print_table(rows, cols):
     """Rows (dicts) as a markdown table of the given columns."""
     print("| " + " | ".join(cols) + " |")

@@ -17,11 +17,17 @@ Rows:
 """
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
-from _timing import hardware, op_bench_args, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import (  # bench/ is the script's folder, on sys.path
+    OP_ROW_HEADER,
+    hardware,
+    op_bench_args,
+    print_op_row,
+    time_cpu,
+    time_gpu,
+    write_rows,
+)
 
 from omni2sound import ops
 
@@ -43,14 +49,11 @@ def main(argv=None):
     rows = []
     print(f"\nbias_gelu on {hardware(dev)}, torch {torch.__version__}, {args.dtype}"
           f"{' (CUDA-graph replays)' if gpu else ''}\n")
-    print("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(OP_ROW_HEADER, flush=True)
 
     def emit(r):
         rows.append(r)
-        print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
-              f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
-              f"{r['speedup_vs_compile']:.2f} |", flush=True)
+        print_op_row(r)
 
     for name, M, K, N in shapes:
         x = torch.randn(M, N, device=dev, dtype=dtype)
@@ -108,9 +111,7 @@ def main(argv=None):
                           eager_us=t_eager, compile_us=t_comp, fused_us=t,
                           fused_gbps=float("nan"), speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t,
                           fused_tflops=2 * M * K * N / t / 1e6))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hardware": hardware(dev), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    write_rows(args.out, dev, rows)
     return rows
 
 

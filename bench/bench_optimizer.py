@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 
 import torch
-from _timing import hardware  # bench/ is the script's folder, on sys.path
+from _timing import hardware, write_rows  # bench/ is the script's folder, on sys.path
 from bench_generate import random_conditions, random_dit
 
 from omni2sound.flow import FlowMatching
@@ -82,10 +81,7 @@ def main(argv=None):
                    optimizer_s=statistics.median(x[1] for x in res[n]), ratio_vs_fused=ratio)
         rows.append(row)
         print(f"| {n} | {row['step_s']:.3f} | {row['optimizer_s']:.3f} | {ratio:.3f} |")
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump({"hardware": hardware(a.device), "torch": torch.__version__, "args": vars(a), "rows": rows}, f,
-                      indent=2)
+    write_rows(a.out, a.device, rows, args=vars(a))
     return rows
 
 

@@ -12,11 +12,17 @@ and forward + backward.
 """
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
-from _timing import hardware, op_bench_args, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import (  # bench/ is the script's folder, on sys.path
+    OP_ROW_HEADER,
+    hardware,
+    op_bench_args,
+    print_op_row,
+    time_cpu,
+    time_gpu,
+    write_rows,
+)
 
 from omni2sound import ops
 from omni2sound.model import rope_table
@@ -43,8 +49,7 @@ def main(argv=None):
     rows = []
     print(f"\nqk_norm_rope on {hardware(dev)}, torch {torch.__version__}, {args.dtype}"
           f"{' (CUDA-graph replays)' if gpu else ''}\n")
-    print("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
-    print("|---|---|---|---|---|---|---|---|---|", flush=True)
+    print(OP_ROW_HEADER, flush=True)
     for name, B, H, Dh in shapes:
         qkv = torch.randn(B, T, 3, H, Dh, device=dev, dtype=dtype)
         w = (1 + 0.1 * torch.randn(2, Dh, device=dev)).to(dtype)
@@ -79,15 +84,10 @@ def main(argv=None):
                          eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
                          speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t)
                 rows.append(r)
-                # one row at a time: a run cut short by a time limit keeps what it measured
-                print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
-                      f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
-                      f"{r['speedup_vs_compile']:.2f} |", flush=True)
+                print_op_row(r)
             if not grad:
                 ctx.__exit__(None, None, None)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hardware": hardware(dev), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    write_rows(args.out, dev, rows)
     return rows
 
 

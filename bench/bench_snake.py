@@ -8,11 +8,10 @@ call and GB/s (bytes every op must move: read x [+ residual], write y [+ s]); ra
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
-from _timing import hardware, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import hardware, time_gpu, write_rows  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.ops.snake import snake_reference, snake_residual_reference
@@ -98,9 +97,7 @@ def main(argv=None):
         print(f"| {row['op']} | {row['shape']} | {row['backend']} | {row['eager_us']:.0f} | {row['compile_us']:.0f} | "
               f"{row['fused_us']:.0f} | {row['fused_gbps']:.1f} | {row['speedup_vs_eager']:.2f} | "
               f"{row['speedup_vs_compile']:.2f} |")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hardware": hardware(dev), "torch": torch.__version__, "rows": rows}, f, indent=2)
+    write_rows(args.out, dev, rows)
     return rows
 
 
