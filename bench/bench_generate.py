@@ -10,9 +10,11 @@ Every row generates ``--duration`` s of audio (default 10 s = 250 latent frames)
 (8 / s), ``--text-tokens`` text tokens, 240 sync features (24 / s). Encoders are not timed (the GPU bar is
 "from precomputed features"); the VAE decode is timed as its own phase.
 
-    optimised  conditions prepared once per request, batched CFG (one forward per step), fused ops,
+    optimised  conditions prepared once per request, batched CFG (one forward per step), fused ops (on the CPU
+               with oneDNN's GEMMs for the wide projections),
                CUDA-graph replay of the step on a GPU, bf16 DiT on a GPU
-    plain      conditions recomputed every step, sequential CFG, reference ops, no graphs (same dtype)
+    plain      conditions recomputed every step, sequential CFG, reference ops (aten's GEMMs), no graphs (same
+               dtype)
 
 Columns: ms per phase (prepare, sample = all steps, decode), ms per step, total, real-time factor
 (seconds of audio per second of compute, > 1 is faster than real time), speedups plain / optimised of the
@@ -30,6 +32,7 @@ import time
 
 import torch
 
+from omni2sound import ops
 from omni2sound.conditions import Conditions
 from omni2sound.model import DIT_PRESETS, Omni2SoundDiT
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig
@@ -145,7 +148,10 @@ def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
 ABLATIONS = {                                # name -> SamplingOptions changes (one item off at a time)
     "full": {},
     "no_fused_ops": {"fused_ops": False},
-    "no_workspace": {"cpu_workspace": False},
+    # the CPU's GEMM library for the qkv / MLP-fc1 projections: aten (MKL) instead of oneDNN (ops.linear); the
+    # workspace only serves aten's GEMMs (oneDNN's have no out=), so it is measured on that path
+    "aten_gemm": {"backends": {"linear": "reference"}},
+    "aten_gemm_no_workspace": {"backends": {"linear": "reference"}, "cpu_workspace": False},
     "no_cross_skip": {"skip_empty_cross_rows": False},
     "no_cuda_graphs": {"cuda_graphs": False},
     "conditions_per_step": {"conditions_once": False},
@@ -158,9 +164,9 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
     """Each low-latency item of the optimised path measured on its own: the per-step time with that one item off,
     against the full path, interleaved in one process (R rounds, each runs every variant once), reported as the
     median over rounds of the paired ratio variant / full (a shared box's drift hits both sides of a pair alike).
-    Items that do nothing on this device are left out (the workspace and the cross-attention skip are CPU-only,
-    CUDA graphs GPU-only). ``plain`` turns everything off at once (conditions per step, sequential CFG, reference
-    ops)."""
+    Items that do nothing on this device are left out (oneDNN's GEMMs, the workspace and the cross-attention skip
+    are CPU-only, CUDA graphs GPU-only). ``plain`` turns everything off at once (conditions per step, sequential
+    CFG, reference ops)."""
     from omni2sound.pipeline import SamplingOptions
 
     dit = random_dit(preset, device, dtype, vae.config.latent_dim)
@@ -168,15 +174,17 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
     cond = random_conditions(dit.config, 1, args.duration, args.text_tokens).to(device)
     T = int(round(args.duration * dit.config.latent_rate))
     x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
-    cpu_only, gpu_only = {"no_workspace", "no_cross_skip"}, {"no_cuda_graphs"}
+    cpu_only, gpu_only = {"aten_gemm", "aten_gemm_no_workspace", "no_cross_skip"}, {"no_cuda_graphs"}
     names = [n for n in ABLATIONS if not (device.type == "cuda" and n in cpu_only)
              and not (device.type != "cuda" and n in gpu_only)]
     steps = args.ablate_steps
 
     def per_step(name: str) -> float:
-        opts = SamplingOptions(steps=steps, guidance=args.cfg, **ABLATIONS[name])
+        changes = dict(ABLATIONS[name])
+        backends = changes.pop("backends", {})
+        opts = SamplingOptions(steps=steps, guidance=args.cfg, **changes)
         timings = {}
-        with torch.no_grad():
+        with torch.no_grad(), ops.use_backend(**backends):
             pipe._sample(cond, x0, opts, timings)
         return timings["sample"] / steps
 
@@ -211,7 +219,6 @@ def profile_steps(preset: str, vae, args, device, dtype) -> dict:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from omni2sound import ops
     from omni2sound.pipeline import SamplingOptions
 
     dit = random_dit(preset, device, dtype, vae.config.latent_dim)

@@ -215,11 +215,12 @@ class PreparedConditions:
     cross_rows    the cross-attention runs on rows [0, cross_rows) only: the rows after have no condition tokens,
                   so their attention output is exactly 0 and the sublayer's output exactly proj.bias (the CFG
                   batch puts its unconditional rows last; skipping them saves their query and output GEMMs)
-    workspace     None, or (CPU sampling) reusable scratch tensors by name: the qkv projection [B T, 3D] and the MLP's
+    workspace     None, or (CPU sampling) reusable scratch tensors by name: when the GEMMs run on aten (``ops.linear``'s
+                  reference backend; oneDNN, the default, has no out= form) the qkv projection [B T, 3D] and the MLP's
                   hidden activation [B T, 4D] are written into buffers that every block and step reuses (the CPU
                   analogue of a CUDA graph's static memory: fresh 5-6 MB tensors are served by mmap and page-fault
                   on first touch, 12k-38k faults per S step, and the qkv GEMM's bias fill into a fresh tensor took
-                  1.8 ms of its 18)
+                  1.8 ms of its 18). oneDNN's GEMM is faster even with those faults (bench/RESULTS.md)
     """
     kv: List[Tuple[Tensor, Tensor]]
     cu_seqlens_k: Tensor
@@ -270,16 +271,18 @@ class PreparedConditions:
 # ----------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------
+def gemm_buffer(prep: Optional[PreparedConditions], name: str, y: Tensor, lin: nn.Linear) -> Optional[Tensor]:
+    """The workspace buffer [prod(y.shape[:-1]), N] for ``lin(y)``'s output, or None: no workspace, or the GEMM runs
+    on oneDNN (``ops.linear``'s CPU default for large GEMMs), which always writes a new tensor."""
+    if prep is None or ops.runs_on_onednn(y, lin.weight, lin.bias):
+        return None
+    return prep.buffer(name, (y.numel() // y.shape[-1], lin.out_features), y)
+
+
 def linear_into(x: Tensor, lin: nn.Linear, out: Optional[Tensor]) -> Tensor:
-    """lin(x) for x [..., K], written into ``out`` [prod(...), N] when given and usable (no grad, same dtype, no
-    autocast), else a new tensor."""
-    if (out is None or torch.is_grad_enabled() or out.dtype != x.dtype or lin.weight.dtype != x.dtype
-            or torch.is_autocast_enabled(x.device.type)):
-        return lin(x)
-    x2 = x.reshape(-1, x.shape[-1])
-    w = lin.weight.t()
-    y = torch.mm(x2, w, out=out) if lin.bias is None else torch.addmm(lin.bias, x2, w, out=out)
-    return y.view(*x.shape[:-1], lin.out_features)
+    """lin(x) for x [..., K] through ``ops.linear`` (on the CPU without grad: oneDNN's GEMM, or aten's written into
+    ``out`` [prod(...), N], a workspace buffer, when that backend is forced)."""
+    return ops.linear(x, lin.weight, lin.bias, out=out)
 
 
 class SelfAttention(nn.Module):
@@ -359,8 +362,7 @@ class DiTBlock(nn.Module):
         pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
         (next block or final)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
-        B, T, D = y.shape
-        h = self.attn(y, prep.rope, prep.buffer("qkv", (B * T, 3 * D), y))  # [B, T, D]
+        h = self.attn(y, prep.rope, gemm_buffer(prep, "qkv", y, self.attn.qkv))  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
         h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
@@ -371,8 +373,7 @@ class DiTBlock(nn.Module):
         """self.mlp(y) for y [B, T, D] -> [B, T, D]; the first Linear + GELU through ``ops.linear_gelu`` (fused bias +
         GELU, its [B T, 4D] output in the request's workspace buffer when sampling on the CPU)."""
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        B, T, _ = y.shape
-        buf = None if prep is None else prep.buffer("mlp_hidden", (B * T, fc1.out_features), y)
+        buf = gemm_buffer(prep, "mlp_hidden", y, fc1)
         return fc2(ops.linear_gelu(y, fc1.weight, fc1.bias, out=buf))                   # [B, T, 4D] -> [B, T, D]
 
 

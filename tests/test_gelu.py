@@ -174,7 +174,8 @@ def test_linear_gelu_matches_reference_with_grads_and_buffer(backend):
     want = ops.linear_gelu_reference(y, lin.weight, lin.bias)
     gw = torch.autograd.grad(want.pow(2).sum(), (y, lin.weight, lin.bias))
     buf = torch.full((14, 40), float("nan"))
-    with ops.use_backend(bias_gelu=backend):
+    # the buffer is written by aten's GEMM (ops.linear's reference backend); oneDNN's returns a new tensor
+    with ops.use_backend(bias_gelu=backend, linear="reference"):
         got = ops.linear_gelu(y, lin.weight, lin.bias, out=buf)      # grad needed: the buffer is not used
         gg = torch.autograd.grad(got.pow(2).sum(), (y, lin.weight, lin.bias))
         assert torch.isnan(buf).all()
@@ -188,6 +189,10 @@ def test_linear_gelu_matches_reference_with_grads_and_buffer(backend):
     with torch.no_grad(), ops.use_backend(bias_gelu=backend):      # a buffer of the wrong shape is not used
         other = ops.linear_gelu(y, lin.weight, lin.bias, out=torch.empty(13, 40))
     torch.testing.assert_close(other, want.detach(), rtol=1e-5, atol=1e-6)
+    for gemm in ops.available_backends("linear", y.device):              # every GEMM backend under the fused op
+        with torch.no_grad(), ops.use_backend(bias_gelu=backend, linear=gemm):
+            torch.testing.assert_close(ops.linear_gelu(y, lin.weight, lin.bias, out=torch.empty(14, 40)),
+                                       want.detach(), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """omni2sound.ops: the single dispatch point for every fused op.
 
-Each op has backends ``reference`` (plain PyTorch), ``cpu`` (C++), ``cuda`` (CUDA), ``triton``; the
+Each op has backends ``reference`` (plain PyTorch), ``cpu`` (C++), ``cuda`` (CUDA), ``triton`` (``linear``: oneDNN's
+GEMM, ``onednn``); the
 default is picked by device and availability, ``OMNI2SOUND_BACKEND`` or ``use_backend(...)`` override
 it (see ``_dispatch``).
 """
@@ -8,13 +9,15 @@ from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
 from .adaln import Mod, adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
 from .cross_attention import cross_attention, cross_attention_reference, pack_condition_tokens
 from .gelu import bias_gelu, bias_gelu_reference, linear_gelu, linear_gelu_reference
+from .linear import linear, linear_reference, runs_on_onednn
 from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
     "BACKENDS", "available_backends", "select_backend", "use_backend",
     "cross_attention", "cross_attention_reference", "pack_condition_tokens",
-    "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference",
+    "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference", "linear", "linear_reference",
+    "runs_on_onednn",
     "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
     "qk_norm_rope", "qk_norm_rope_reference",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",

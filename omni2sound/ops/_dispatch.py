@@ -6,11 +6,14 @@ Backends, in the order the default picks them:
               ``TRITON_INTERPRET=1`` and asked for explicitly)
   cpu       - the C++ kernels of the native extension (tensor on the CPU)
   reference - plain PyTorch, shipped in the package, always available
+  onednn    - a library's kernel reached through torch (only ``linear``: oneDNN's GEMM on the CPU)
 
 Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
 variable (one backend for every op, or per op: ``OMNI2SOUND_BACKEND=qk_norm_rope=triton,snake=cuda``) >
 the per-device default. An override may name one backend for every op
-(``use_backend("triton")``) or per op (``use_backend(cross_attention="reference")``). Asking for a
+(``use_backend("triton")``) or per op (``use_backend(cross_attention="reference")``). A backend named for every
+op applies to the ops that have such a backend (``onednn`` exists only for ``linear``, ``cpu`` not for ``linear``);
+the others keep their default. Asking per op for a
 backend that cannot run the tensor at hand is an error, never a silent fallback: a test that asks for
 ``cpu`` must run the C++ kernel or fail.
 """
@@ -23,7 +26,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn")
 
 _local = threading.local()
 # op name -> backend name -> availability check(device) -> bool
@@ -82,7 +85,7 @@ def _forced(op: str) -> Optional[str]:
         for key, b in per_op.items():
             if key in (op, _FAMILY.get(op)):
                 return b
-        if backend is not None:
+        if backend is not None and backend in _REGISTRY[op]:
             return backend
     env = os.environ.get("OMNI2SOUND_BACKEND", "").strip()
     if not env:
@@ -90,7 +93,7 @@ def _forced(op: str) -> Optional[str]:
     if "=" not in env:
         if env not in BACKENDS:
             raise ValueError(f"OMNI2SOUND_BACKEND={env!r} is not one of {BACKENDS}")
-        return env
+        return env if env in _REGISTRY[op] else None
     # per op: "qk_norm_rope=triton,adaln=cuda" (op names or families; ops not named keep their default)
     for item in env.split(","):
         key, _, b = (part.strip() for part in item.partition("="))

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import autocast_dtype, autocast_inputs, register_op, select_backend, triton_available
+from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from .linear import linear
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch)
@@ -199,8 +200,9 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     """gelu_tanh(y W^T + b) for y [..., K], weight [N, K], bias [N]: an MLP's first layer and activation.
 
     Reference backend: exactly ``F.gelu(F.linear(y, W, b))``. Fused backends: the GEMM without its bias, then
-    ``bias_gelu`` (in place when no gradient is needed). ``out``: a contiguous [prod(y.shape[:-1]), N] buffer in
-    y's dtype that the result is written into when no gradient is needed (a serving loop reuses one such buffer per
+    ``bias_gelu`` (in place when no gradient is needed). The GEMM is ``ops.linear`` (its own backend: oneDNN on
+    the CPU by default). ``out``: a contiguous [prod(y.shape[:-1]), N] buffer in y's dtype that the result is
+    written into when no gradient is needed and the GEMM runs on aten (a serving loop reuses one such buffer per
     shape: no fresh [M, N] allocation, whose page faults cost the CPU ~0.5 ms per 6 MB); ignored otherwise."""
     backend = select_backend("bias_gelu", y.device)
     if backend == "reference":
@@ -208,10 +210,5 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     if _needs_grad(y, weight, bias):
         return bias_gelu(F.linear(y, weight), bias)
     lead, K, N = y.shape[:-1], y.shape[-1], weight.shape[0]
-    y2 = y.reshape(-1, K)                                                             # [M, K]
-    if (out is not None and autocast_dtype(y.device) is None and weight.dtype == y2.dtype == out.dtype
-            and tuple(out.shape) == (y2.shape[0], N) and out.is_contiguous()):
-        h = torch.mm(y2, weight.t(), out=out)                                         # [M, N], no bias
-    else:
-        h = F.linear(y2, weight)
+    h = linear(y.reshape(-1, K), weight, None, out=out)                               # [M, N], no bias
     return bias_gelu(h, bias, inplace=True).view(*lead, N)

@@ -1,0 +1,105 @@
+"""A dense layer's GEMM for the sampling loop on the CPU: aten (MKL) or oneDNN, picked by the dispatcher.
+
+    x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] = x W^T + b
+
+Why: at the DiT's wide projections (the qkv projection, K = D -> N = 3D, and the MLP's first layer, D -> 4D) on this
+2-core AVX2 box, aten's fp32 GEMM (MKL sgemm) scales badly from one thread to two: 1.6x, against oneDNN's 2.0x. Both
+run at the same rate on one thread (`python bench/bench_linear.py`, bench/RESULTS.md). oneDNN is the library that
+torch's Inductor (CPU freezing) and Intel's extension use for inference GEMMs; here it is reached through torch's own
+``mkldnn::_linear_pointwise`` op, no library of ours.
+
+Backends:
+  onednn    - torch's oneDNN linear (CPU, float32, no gradient needed, not under autocast or torch.compile); the
+              CPU default. Its output is always a fresh tensor (the op has no ``out=`` form).
+  reference - ``F.linear``, or ``addmm`` into a caller's ``out`` buffer when no gradient is needed (aten / MKL).
+Anything the oneDNN backend does not take (gradients, other dtypes, autocast, a compiled graph, a GEMM of fewer
+than ``ONEDNN_MIN_MACS`` multiply-adds) runs on the reference: the training step's calls, which autograd and
+Inductor own, and small GEMMs.
+
+Accuracy: both are fp32 GEMMs with fp32 accumulation, inside the fp32 forward-error bound K eps |x| |W| and under
+0.3 of the statistical scale sqrt(K) eps |x| |W|. oneDNN's error against an fp64 GEMM is larger than MKL's: 1.8-2.1x
+on average and up to 4x at the maximum (K = 768 to 3072; it accumulates in another order), ~3e-7 relative to the
+output. tests/test_linear.py holds it to the bound, to half the statistical scale, and to 2.5x / 6x MKL's mean / max
+error.
+
+Where it is used: ``Omni2SoundDiT`` calls it for the qkv projection and the MLP's first layer (through
+``ops.linear_gelu``) only. The D -> D and 4D -> D projections run at the same rate on both libraries here, so they
+stay on aten, which is the more accurate of the two.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._dispatch import autocast_dtype, register_op, select_backend
+
+
+def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x W^T + b: aten's ``F.linear``."""
+    return F.linear(x, weight, bias)
+
+
+def _onednn_op():
+    try:
+        return torch.ops.mkldnn._linear_pointwise.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _onednn_available(device: torch.device) -> bool:
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and _onednn_op() is not None
+
+
+register_op("linear", {"reference": lambda d: True, "onednn": _onednn_available},
+            default_order={"cpu": ("onednn", "reference"), "cuda": ("reference",)})
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# Below this many multiply-adds per call oneDNN's fixed cost loses to MKL on this box (`python bench/bench_linear.py
+# --sweep`: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from ~2.5e8 on, 1.15-1.3x at S's qkv
+# and fc1). Smaller GEMMs stay on aten.
+ONEDNN_MIN_MACS = 1 << 28
+
+
+def _onednn_takes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
+    fp32 = x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    return (fp32 and not _needs_grad(x, weight, bias) and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
+            and weight.numel() > 0 and autocast_dtype(x.device) is None)
+
+
+def runs_on_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
+    """Whether ``linear(x, weight, bias)`` would run oneDNN's GEMM here (then ``out`` goes unused)."""
+    return (not torch.compiler.is_compiling() and select_backend("linear", x.device) == "onednn"
+            and _onednn_takes(x, weight, bias))
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
+    """x [..., K] @ weight[N, K]^T + bias [N] -> [..., N].
+
+    out: a contiguous [prod(x.shape[:-1]), N] buffer of x's dtype that the reference backend writes into when no
+    gradient is needed and no autocast is active (a serving loop's reusable buffer: no fresh allocation and its page
+    faults); the oneDNN backend returns a new tensor. Either way the result is what is returned; do not rely on
+    ``out`` holding it."""
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)} [N, K]")
+    if torch.compiler.is_compiling():      # Inductor owns the GEMMs of a compiled graph
+        return F.linear(x, weight, bias)
+    lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
+    if runs_on_onednn(x, weight, bias):
+        y = _onednn_op()(x.reshape(-1, K), weight, None if bias is None else bias.contiguous(), "none", [], "")
+        return y.view(*lead, N)
+    if (out is None or _needs_grad(x, weight, bias) or autocast_dtype(x.device) is not None
+            or not (x.dtype == weight.dtype == out.dtype) or tuple(out.shape) != (math.prod(lead), N)
+            or not out.is_contiguous()
+            or (bias is not None and bias.dtype != x.dtype)):
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(-1, K)
+    y = torch.mm(x2, weight.t(), out=out) if bias is None else torch.addmm(bias, x2, weight.t(), out=out)
+    return y.view(*lead, N)
