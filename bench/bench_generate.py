@@ -148,8 +148,9 @@ def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
 ABLATIONS = {                                # name -> SamplingOptions changes (one item off at a time)
     "full": {},
     "no_fused_ops": {"fused_ops": False},
-    # the CPU's GEMM library for the qkv / MLP-fc1 projections: aten (MKL) instead of oneDNN (ops.linear); the
-    # workspace only serves aten's GEMMs (oneDNN's have no out=), so it is measured on that path
+    # the CPU's GEMM library for the large projections (qkv, MLP fc1, per-request AdaLN): aten (MKL) instead of
+    # oneDNN (ops.linear); the workspace's output buffers serve only aten's GEMMs (oneDNN's have no out=), so it is
+    # measured on that path too
     "aten_gemm": {"backends": {"linear": "reference"}},
     "aten_gemm_no_workspace": {"backends": {"linear": "reference"}, "cpu_workspace": False},
     "no_cross_skip": {"skip_empty_cross_rows": False},
@@ -175,7 +176,8 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
     T = int(round(args.duration * dit.config.latent_rate))
     x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
     cpu_only, gpu_only = {"aten_gemm", "aten_gemm_no_workspace", "no_cross_skip"}, {"no_cuda_graphs"}
-    names = [n for n in ABLATIONS if not (device.type == "cuda" and n in cpu_only)
+    wanted = ["full", *args.ablate_items.split(",")] if args.ablate_items else list(ABLATIONS)
+    names = [n for n in wanted if not (device.type == "cuda" and n in cpu_only)
              and not (device.type != "cuda" and n in gpu_only)]
     steps = args.ablate_steps
 
@@ -285,6 +287,7 @@ def main():
                     help="instead of whole requests, time the optimised path's per-step cost with each low-latency "
                          "item turned off on its own (batch 1), interleaved; reports paired ratios item-off / full")
     ap.add_argument("--ablate-rounds", type=int, default=5)
+    ap.add_argument("--ablate-items", default=None, help=f"comma-separated subset of {list(ABLATIONS)[1:]}")
     ap.add_argument("--ablate-steps", type=int, default=None, help="steps per timed sampling (default 3 CPU, 25 GPU)")
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing whole requests, profile one step of each path per preset (batch 1): "

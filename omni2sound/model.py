@@ -272,17 +272,17 @@ class PreparedConditions:
 # Blocks
 # ----------------------------------------------------------------------------------------------------
 def gemm_buffer(prep: Optional[PreparedConditions], name: str, y: Tensor, lin: nn.Linear) -> Optional[Tensor]:
-    """The workspace buffer [prod(y.shape[:-1]), N] for ``lin(y)``'s output, or None: no workspace, or the GEMM runs
-    on oneDNN (``ops.linear``'s CPU default for large GEMMs), which always writes a new tensor."""
-    if prep is None or ops.runs_on_onednn(y, lin.weight, lin.bias):
+    """The request's workspace buffer [prod(y.shape[:-1]), N] for ``lin(y)``'s output, y [..., K], or None: no
+    workspace, or the GEMM runs on oneDNN (``ops.linear``'s CPU default for large no-grad GEMMs), which always
+    writes a new tensor."""
+    if prep is None or prep.workspace is None or ops.runs_on_onednn(y, lin.weight, lin.bias):
         return None
     return prep.buffer(name, (y.numel() // y.shape[-1], lin.out_features), y)
 
 
-def linear_into(x: Tensor, lin: nn.Linear, out: Optional[Tensor]) -> Tensor:
-    """lin(x) for x [..., K] through ``ops.linear`` (on the CPU without grad: oneDNN's GEMM, or aten's written into
-    ``out`` [prod(...), N], a workspace buffer, when that backend is forced)."""
-    return ops.linear(x, lin.weight, lin.bias, out=out)
+def linear_into(x: Tensor, lin: nn.Linear, prep: Optional[PreparedConditions], name: str) -> Tensor:
+    """lin(x) for x [..., K] through ``ops.linear``, into the request's buffer ``name`` when there is one."""
+    return ops.linear(x, lin.weight, lin.bias, out=gemm_buffer(prep, name, x, lin))
 
 
 class SelfAttention(nn.Module):
@@ -293,11 +293,11 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, y: Tensor, rope: Tensor, out: Optional[Tensor] = None) -> Tensor:
-        """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]. out: a workspace buffer [B T, 3D] for the
-        qkv projection (no-grad sampling on the CPU; see PreparedConditions.workspace)."""
+    def forward(self, y: Tensor, rope: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
+        """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]. prep: the request's conditions, whose
+        workspace (no-grad sampling on the CPU) may hold a buffer for the qkv projection (``gemm_buffer``)."""
         B, T, D = y.shape
-        qkv = linear_into(y, self.qkv, out).view(B, T, 3, self.heads, D // self.heads)  # [B, T, 3, H, Dh]
+        qkv = linear_into(y, self.qkv, prep, "qkv").view(B, T, 3, self.heads, D // self.heads)  # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
         # RMSNorm (q's and k's weights) + RoPE rotation. split / unbind / squeeze, not indexing: in training each
         # index of a shared tensor makes autograd build a zero-filled gradient of the whole tensor and add them
@@ -362,7 +362,7 @@ class DiTBlock(nn.Module):
         pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
         (next block or final)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
-        h = self.attn(y, prep.rope, gemm_buffer(prep, "qkv", y, self.attn.qkv))  # [B, T, D]
+        h = self.attn(y, prep.rope, prep)                                               # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
         h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
@@ -463,8 +463,14 @@ class Omni2SoundDiT(nn.Module):
         has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
         sync = resample_sync(cond.sync, num_frames, cfg.sync_rate, cfg.latent_rate) * has_video  # [B, T, Ds]
         s = F.silu(self.sync_proj(sync))                                                # [B, T, D]
-        sync_mod = [blk.ada_sync(s).view(B, num_frames, 6, D) for blk in self.blocks]  # depth x [B, T, 6, D]
-        final_sync_mod = self.final_ada_sync(s).view(B, num_frames, 2, D)                # [B, T, 2, D]
+        # Sampling: a row without video has zero sync input, so the same s at every frame (the CFG batch's
+        # unconditional rows, every row of a T2A request): its modulations are computed on one frame and broadcast
+        # (exact; halves these GEMMs for V2A with CFG, and T2A needs 1 / T of them). Not in training, where the
+        # rows without video are scattered by dropout and a data-dependent split would recompile a compiled step.
+        no_video = (~cond.has_video.bool()).nonzero().flatten() if sampling else None   # host sync: prepare only
+        sync_mod = [self._per_token(blk.ada_sync, s, no_video).view(B, num_frames, 6, D)
+                    for blk in self.blocks]                                             # depth x [B, T, 6, D]
+        final_sync_mod = self._per_token(self.final_ada_sync, s, no_video).view(B, num_frames, 2, D)  # [B, T, 2, D]
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
@@ -473,6 +479,23 @@ class Omni2SoundDiT(nn.Module):
             batch_size=B, num_frames=num_frames,
             cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B,
             workspace={} if sampling and dev.type == "cpu" else None)
+
+    @staticmethod
+    def _per_token(lin: nn.Linear, s: Tensor, const_rows: Optional[Tensor]) -> Tensor:
+        """lin(s) for s [B, T, D] -> [B, T, N], where the rows ``const_rows`` (indices, or None) of s are known to be
+        the same at every frame: those are computed on frame 0 and broadcast. These are the largest GEMMs of a
+        request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without grad)."""
+        if const_rows is None or const_rows.numel() == 0:
+            return ops.linear(s, lin.weight, lin.bias)
+        B, T, _ = s.shape
+        out = s.new_empty(B, T, lin.out_features)
+        full = torch.ones(B, dtype=torch.bool, device=s.device)
+        full[const_rows] = False
+        full = full.nonzero().flatten()
+        if full.numel():
+            out[full] = ops.linear(s[full], lin.weight, lin.bias)
+        out[const_rows] = ops.linear(s[const_rows, :1], lin.weight, lin.bias)         # [n, 1, N] -> [n, T, N]
+        return out
 
     def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
         cfg = self.config

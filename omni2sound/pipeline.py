@@ -75,7 +75,7 @@ class SamplingOptions:
     cuda_graphs: bool = True                  # capture the per-step function on a GPU
     # single items of the optimised path, each on by default; off one at a time for the benchmark's ablation
     fused_ops: bool = True                    # omni2sound.ops' default backends (False: the reference backends)
-    cpu_workspace: bool = True                # CPU: reuse the qkv / MLP buffers (PreparedConditions.workspace)
+    cpu_workspace: bool = True                # CPU: reuse the qkv / MLP output buffers of aten's GEMMs
     skip_empty_cross_rows: bool = True        # CPU: unconditional CFG rows skip the cross-attention
     conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
     batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)

@@ -153,9 +153,12 @@ def test_sampling_workspace_is_reused_and_exact(monkeypatch):
         with torch.no_grad():
             prep = model.prepare_conditions(cond, 13, sampling=True)
             got = model.predict_velocity(x, t, prep)
-            want = model.predict_velocity(x, t, model.prepare_conditions(cond, 13))
-        assert prep.workspace == {}
+            got2 = model.predict_velocity(x, 1 - t, prep)
+            plain = model.prepare_conditions(cond, 13)
+            want, want2 = model.predict_velocity(x, t, plain), model.predict_velocity(x, 1 - t, plain)
+        assert prep.workspace == {}                                      # oneDNN writes new tensors: no buffers
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got2, want2, atol=1e-6, rtol=1e-6)
         monkeypatch.undo()
     with torch.no_grad(), ops.use_backend(linear="reference"):
         plain = model.prepare_conditions(cond, 13)
@@ -287,3 +290,25 @@ def test_presets_sizes():
     L = DIT_PRESETS["L"]
     assert (L.depth, L.hidden_dim, L.num_heads, L.head_dim) == (24, 1536, 24, 64)
     assert DIT_PRESETS["tiny"].num_frames(10.0) == 250 and math.isclose(DIT_PRESETS["tiny"].latent_rate, 25.0)
+
+
+@pytest.mark.parametrize("video_lens", [[9, 0, 9, 0], [0, 9, 0, 0], [0, 0, 0, 0], [9, 9, 9, 9]])
+def test_sampling_prepares_rows_without_video_on_one_frame(video_lens):
+    """Sampling computes the per-token AdaLN modulations of rows without video (zero sync input: the same at every
+    frame) on one frame and broadcasts them; they equal the full per-token computation, wherever those rows sit
+    in the batch and even when their sync tensor holds garbage (it is masked by has_video)."""
+    model = small_model()
+    cond = make_cond(video_lens=video_lens, text_lens=[5, 3, 0, 2])
+    cond.sync = torch.randn_like(cond.sync)                       # rows without video: ignored, not zero
+    x, t = torch.randn(4, 17, 4), torch.rand(4)
+    with torch.no_grad():
+        full = model.prepare_conditions(cond, 17)
+        fast = model.prepare_conditions(cond, 17, sampling=True)
+        for a, b in zip(full.sync_mod + [full.final_sync_mod], fast.sync_mod + [fast.final_sync_mod]):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-6)
+        for i, n in enumerate(video_lens):
+            if n == 0:                                            # broadcast rows: every frame the same
+                assert torch.equal(fast.sync_mod[0][i], fast.sync_mod[0][i, :1].expand_as(fast.sync_mod[0][i]))
+        torch.testing.assert_close(model.predict_velocity(x, t, fast), model.predict_velocity(x, t, full),
+                                   atol=1e-5, rtol=1e-5)

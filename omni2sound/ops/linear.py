@@ -68,16 +68,22 @@ def _needs_grad(*tensors) -> bool:
 ONEDNN_MIN_MACS = 1 << 28
 
 
-def _onednn_takes(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> bool:
-    fp32 = x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-    return (fp32 and not _needs_grad(x, weight, bias) and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS
-            and weight.numel() > 0 and autocast_dtype(x.device) is None)
+def onednn_takes(rows: int, weight: Tensor, bias: Optional[Tensor] = None,
+                 dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether a no-grad GEMM of ``rows`` rows in ``dtype`` (default: weight's) by ``weight`` [N, K] would run on
+    oneDNN here: the backend selected for weight's device, fp32, no autocast, at least ``ONEDNN_MIN_MACS``."""
+    dtype = weight.dtype if dtype is None else dtype
+    fp32 = dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+    return (fp32 and rows * weight.numel() >= ONEDNN_MIN_MACS and weight.numel() > 0
+            and autocast_dtype(weight.device) is None and not torch.compiler.is_compiling()
+            and select_backend("linear", weight.device) == "onednn")
 
 
 def runs_on_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether ``linear(x, weight, bias)`` would run oneDNN's GEMM here (then ``out`` goes unused)."""
-    return (not torch.compiler.is_compiling() and select_backend("linear", x.device) == "onednn"
-            and _onednn_takes(x, weight, bias))
+    if _needs_grad(x, weight, bias) or x.device != weight.device or x.shape[-1] == 0:
+        return False
+    return onednn_takes(x.numel() // x.shape[-1], weight, bias, x.dtype)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
