@@ -437,11 +437,12 @@ class Omni2SoundPipeline:
         if not opts.plain and not opts.fused_ops:          # the optimised path on the reference ops (ablation)
             with ops.use_backend("reference"):
                 return self._sample(cond, x0, replace(opts, fused_ops=True), timings)
-        if opts.plain:
+        if opts.plain:                      # conditions every step, one forward per CFG branch, the reference ops
             t0 = time.perf_counter()
-            fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
-            from .flow import integrate
-            x = integrate(fn, x0, opts.steps, opts.method)
+            with ops.use_backend("reference"):
+                fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
+                from .flow import integrate
+                x = integrate(fn, x0, opts.steps, opts.method)
             _sync(dev)
             timings["prepare"] = 0.0
             timings["sample"] = time.perf_counter() - t0
