@@ -75,6 +75,7 @@ def test_small_gemms_stay_on_aten_and_large_ones_go_to_onednn():
         assert not ops.runs_on_onednn(torch.randn(500, 128), w_small)          # the tiny preset's qkv: 2.5e7 MACs
         assert ops.runs_on_onednn(torch.randn(2, 250, 768), w_large)          # S's MLP fc1: 1.2e9 MACs
         assert not ops.runs_on_onednn(torch.randn(2, 250, 768).double(), w_large.double())
+        assert not ops.runs_on_onednn(torch.randn(2, 250, 768), w_large.t().contiguous().t())   # strided weight
         x = torch.randn(500, 128)
         assert torch.equal(ops.linear(x, w_small), F.linear(x, w_small))
     with torch.enable_grad():

@@ -3,7 +3,8 @@
     x [..., K], weight [N, K], bias [N] or None  ->  y [..., N] = x W^T + b
 
 Why: at the DiT's wide projections (the qkv projection, K = D -> N = 3D, and the MLP's first layer, D -> 4D) on this
-2-core AVX2 box, aten's fp32 GEMM (MKL sgemm) scales badly from one thread to two: 1.6x, against oneDNN's 2.0x. Both
+2-core AVX2 box (AMD EPYC, Zen 3), aten's fp32 GEMM (MKL sgemm) scales badly from one thread to two: 1.6x, against
+oneDNN's 2.0x. Both
 run at the same rate on one thread (`python bench/bench_linear.py`, bench/RESULTS.md). oneDNN is the library that
 torch's Inductor (CPU freezing) and Intel's extension use for inference GEMMs; here it is reached through torch's own
 ``mkldnn::_linear_pointwise`` op, no library of ours.
@@ -18,13 +19,13 @@ Inductor own, and small GEMMs.
 
 Accuracy: both are fp32 GEMMs with fp32 accumulation, inside the fp32 forward-error bound K eps |x| |W| and under
 0.3 of the statistical scale sqrt(K) eps |x| |W|. oneDNN's error against an fp64 GEMM is larger than MKL's: 1.8-2.1x
-on average and up to 4x at the maximum (K = 768 to 3072; it accumulates in another order), ~3e-7 relative to the
-output. tests/test_linear.py holds it to the bound, to half the statistical scale, and to 2.5x / 6x MKL's mean / max
-error.
+on average and up to 4x at the maximum (K = 768 to 3072; it accumulates in another order): at most ~1.5e-6 of the
+output's largest magnitude. tests/test_linear.py holds it to the bound, to half the statistical scale, and to
+2.5x / 6x MKL's mean / max error.
 
-Where it is used: ``Omni2SoundDiT`` calls it for the qkv projection and the MLP's first layer (through
-``ops.linear_gelu``) only. The D -> D and 4D -> D projections run at the same rate on both libraries here, so they
-stay on aten, which is the more accurate of the two.
+Where it is used: every projection of ``Omni2SoundDiT``'s sampling step (``model.dense``, the qkv projection, the
+MLP's first layer through ``ops.linear_gelu``) and the per-request per-token AdaLN projections. For S, oneDNN wins
+at qkv and fc1 (1.37x, 1.43x) and ties at the D -> D and 4D -> D ones; for L it wins at all four (1.17-1.28x).
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def onednn_takes(rows: int, weight: Tensor, bias: Optional[Tensor] = None,
     oneDNN here: the backend selected for weight's device, fp32, no autocast, at least ``ONEDNN_MIN_MACS``."""
     dtype = weight.dtype if dtype is None else dtype
     fp32 = dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-    return (fp32 and rows * weight.numel() >= ONEDNN_MIN_MACS and weight.numel() > 0
+    return (fp32 and rows * weight.numel() >= ONEDNN_MIN_MACS and weight.numel() > 0 and weight.is_contiguous()
             and autocast_dtype(weight.device) is None and not torch.compiler.is_compiling()
             and select_backend("linear", weight.device) == "onednn")
 
