@@ -19,7 +19,9 @@ only for the DiT itself (MMAudio's ``preprocess_conditions`` / ``predict_flow`` 
 The chain between the sublayers goes through the fused ops: ``gated_residual_adaln`` computes
 ``x + gate * h`` and the next LayerNorm + modulation in one pass, also across block boundaries.
 The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1. The MLP's
-first Linear + tanh-GELU is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU).
+first Linear + tanh-GELU is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU). Every
+projection's GEMM goes through ``ops.linear`` (``dense``): the module's own F.linear in training, oneDNN's GEMM for
+the large ones when sampling on the CPU.
 
 The network knows nothing of noise schedules: ``t`` in [0, 1] comes from ``omni2sound.flow``.
 """
