@@ -128,6 +128,11 @@ def select_backend(op: str, device: torch.device) -> str:
     return "reference"
 
 
+def needs_grad(*tensors) -> bool:
+    """Whether autograd will record an op on these tensors (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype while an autocast region is active for ``device``'s type, else None."""
     dev = torch.device(device).type

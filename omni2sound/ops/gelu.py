@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend, triton_available
 from .linear import linear
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,10 +171,6 @@ def _or_empty(bias: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if bias is None else bias
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
     """gelu_tanh(x + bias) over the last dim; ``inplace=True`` writes into x and returns it (only when no gradient
     is needed: the backward needs x)."""
@@ -182,7 +178,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -
     (x,) = autocast_inputs(x.device, x)      # bias stays as given: the kernels read it in fp32
     backend = select_backend("bias_gelu", x.device)
     if inplace:
-        if _needs_grad(x, bias):
+        if needs_grad(x, bias):
             raise RuntimeError("bias_gelu(inplace=True) cannot be used when a gradient is needed (the backward "
                                "reads x); call it under torch.no_grad() or with inplace=False")
         if not x.is_contiguous():
@@ -207,7 +203,7 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     backend = select_backend("bias_gelu", y.device)
     if backend == "reference":
         return linear_gelu_reference(y, weight, bias)
-    if _needs_grad(y, weight, bias):
+    if needs_grad(y, weight, bias):
         return bias_gelu(F.linear(y, weight), bias)
     lead, K, N = y.shape[:-1], y.shape[-1], weight.shape[0]
     h = linear(y.reshape(-1, K), weight, None, out=out)                               # [M, N], no bias

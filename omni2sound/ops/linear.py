@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import autocast_dtype, register_op, select_backend
+from ._dispatch import autocast_dtype, needs_grad, register_op, select_backend
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -59,10 +59,6 @@ register_op("linear", {"reference": lambda d: True, "onednn": _onednn_available}
             default_order={"cpu": ("onednn", "reference"), "cuda": ("reference",)})
 
 
-def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 # Below this many multiply-adds per call oneDNN's fixed cost loses to MKL on this box (`python bench/bench_linear.py
 # --sweep`: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from ~2.5e8 on, 1.15-1.3x at S's qkv
 # and fc1). Smaller GEMMs stay on aten.
@@ -82,7 +78,7 @@ def onednn_takes(rows: int, weight: Tensor, bias: Optional[Tensor] = None,
 
 def runs_on_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> bool:
     """Whether ``linear(x, weight, bias)`` would run oneDNN's GEMM here (then ``out`` goes unused)."""
-    if _needs_grad(x, weight, bias) or x.device != weight.device or x.shape[-1] == 0:
+    if needs_grad(x, weight, bias) or x.device != weight.device or x.shape[-1] == 0:
         return False
     return onednn_takes(x.numel() // x.shape[-1], weight, bias, x.dtype)
 
@@ -102,7 +98,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Option
     if runs_on_onednn(x, weight, bias):
         y = _onednn_op()(x.reshape(-1, K), weight, None if bias is None else bias.contiguous(), "none", [], "")
         return y.view(*lead, N)
-    if (out is None or _needs_grad(x, weight, bias) or autocast_dtype(x.device) is not None
+    if (out is None or needs_grad(x, weight, bias) or autocast_dtype(x.device) is not None
             or not (x.dtype == weight.dtype == out.dtype) or tuple(out.shape) != (math.prod(lead), N)
             or not out.is_contiguous()
             or (bias is not None and bias.dtype != x.dtype)):
