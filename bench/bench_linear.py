@@ -10,8 +10,10 @@ MLP fc1 D -> 4D, MLP fc2 4D -> D.
 
 Each row: median us per call of each backend, timed interleaved (round r runs aten, onednn, onednn with the weight
 pre-packed for this M, one call each, so a shared box's drift hits all alike), GFLOP/s, aten / onednn, and each
-backend's largest error against an fp64 GEMM relative to the output's largest magnitude. The model sends the qkv and
-fc1 projections through ``ops.linear`` (oneDNN by default) and leaves the others on aten: this table is why.
+backend's largest error against an fp64 GEMM relative to the output's largest magnitude. The model sends every
+projection through ``ops.linear``, which picks oneDNN for GEMMs of at least 2^28 multiply-adds (``--sweep``): this
+table and the sweep are why. ("onednn packed" is for information: weights pre-packed per request bought nothing for
+a whole step, bench/RESULTS.md.)
 """
 from __future__ import annotations
 
