@@ -475,10 +475,13 @@ class Omni2SoundDiT(nn.Module):
         # unconditional rows, every row of a T2A request): its modulations are computed on one frame and broadcast
         # (exact; halves these GEMMs for V2A with CFG, and T2A needs 1 / T of them). Not in training, where the
         # rows without video are scattered by dropout and a data-dependent split would recompile a compiled step.
-        no_video = (~cond.has_video.bool()).nonzero().flatten() if sampling else None   # host sync: prepare only
-        sync_mod = [self._per_token(blk.ada_sync, s, no_video).view(B, num_frames, 6, D)
+        rows = None
+        if sampling:                                                                    # host sync: prepare only
+            video = cond.has_video.bool()
+            rows = (video.nonzero().flatten(), (~video).nonzero().flatten())           # (per-token, one-frame)
+        sync_mod = [self._per_token(blk.ada_sync, s, rows).view(B, num_frames, 6, D)
                     for blk in self.blocks]                                             # depth x [B, T, 6, D]
-        final_sync_mod = self._per_token(self.final_ada_sync, s, no_video).view(B, num_frames, 2, D)  # [B, T, 2, D]
+        final_sync_mod = self._per_token(self.final_ada_sync, s, rows).view(B, num_frames, 2, D)  # [B, T, 2, D]
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
@@ -489,20 +492,18 @@ class Omni2SoundDiT(nn.Module):
             workspace={} if sampling and dev.type == "cpu" else None)
 
     @staticmethod
-    def _per_token(lin: nn.Linear, s: Tensor, const_rows: Optional[Tensor]) -> Tensor:
-        """lin(s) for s [B, T, D] -> [B, T, N], where the rows ``const_rows`` (indices, or None) of s are known to be
-        the same at every frame: those are computed on frame 0 and broadcast. These are the largest GEMMs of a
-        request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without grad)."""
-        if const_rows is None or const_rows.numel() == 0:
+    def _per_token(lin: nn.Linear, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+        """lin(s) for s [B, T, D] -> [B, T, N]. rows: None, or (full, const) row indices, where the ``const`` rows of s
+        are known to be the same at every frame: those are computed on frame 0 and broadcast. These are the largest
+        GEMMs of a request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without
+        grad)."""
+        if rows is None or rows[1].numel() == 0:
             return ops.linear(s, lin.weight, lin.bias)
-        B, T, _ = s.shape
-        out = s.new_empty(B, T, lin.out_features)
-        full = torch.ones(B, dtype=torch.bool, device=s.device)
-        full[const_rows] = False
-        full = full.nonzero().flatten()
+        full, const = rows
+        out = s.new_empty(*s.shape[:2], lin.out_features)
         if full.numel():
             out[full] = ops.linear(s[full], lin.weight, lin.bias)
-        out[const_rows] = ops.linear(s[const_rows, :1], lin.weight, lin.bias)         # [n, 1, N] -> [n, T, N]
+        out[const] = ops.linear(s[const, :1], lin.weight, lin.bias)                     # [n, 1, N] -> [n, T, N]
         return out
 
     def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
