@@ -65,6 +65,21 @@ def time_gpu(fn, repeats, inner, graphs=True):
     return statistics.median(samples), graphed
 
 
+def interleaved_rounds(measure: dict, rounds: int, warmup: int = 1, alternate: bool = True) -> dict:
+    """Call every ``measure[name]()`` (a variant's own measurement, e.g. seconds per step) ``warmup`` times, then
+    ``rounds`` rounds that run every variant once each, in reverse order every other round when ``alternate`` (a
+    shared box's drift hits every variant alike). Returns {name: [one result per round]}."""
+    names = list(measure)
+    for name in names:
+        for _ in range(warmup):
+            measure[name]()
+    results = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 or not alternate else names[::-1]):
+            results[name].append(measure[name]())
+    return results
+
+
 def op_bench_args(doc: str, quick_help: str, argv=None):
     """The command line every op benchmark shares (--device, --dtype, --quick, --no-compile, --threads, --out),
     parsed: dtype defaults to float32 on the CPU and bfloat16 on a GPU, and --threads is applied."""

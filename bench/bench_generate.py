@@ -31,6 +31,7 @@ import statistics
 import time
 
 import torch
+from _timing import interleaved_rounds  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
@@ -190,12 +191,8 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
             pipe._sample(cond, x0, opts, timings)
         return timings["sample"] / steps
 
-    for name in names:                       # warm-up (graph capture, first-touch of every buffer)
-        per_step(name)
-    times = {n: [] for n in names}
-    for r in range(args.ablate_rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            times[name].append(per_step(name))
+    # one warm-up each (graph capture, first-touch of every buffer), then the interleaved rounds
+    times = interleaved_rounds({n: (lambda n=n: per_step(n)) for n in names}, args.ablate_rounds)
     row = {"preset": preset, "batch": 1, "steps_per_round": steps, "rounds": args.ablate_rounds}
     for name in names:
         row[f"{name}_step_ms"] = round(statistics.median(times[name]) * 1e3, 2)

@@ -24,7 +24,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import hardware, print_table, write_rows  # bench/ is the script's folder, on sys.path
+from _timing import hardware, interleaved_rounds, print_table, write_rows  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -38,13 +38,16 @@ def interleaved(fns: dict, rounds: int, inner: int) -> dict:
     for fn in fns.values():
         fn()
         fn()
-    times = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
+
+    def timed(fn):
+        def measure():
             t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
-            times[k].append((time.perf_counter() - t0) / inner)
+            return (time.perf_counter() - t0) / inner
+        return measure
+
+    times = interleaved_rounds({k: timed(fn) for k, fn in fns.items()}, rounds, warmup=0, alternate=False)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

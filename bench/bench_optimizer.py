@@ -16,7 +16,7 @@ import statistics
 import time
 
 import torch
-from _timing import hardware, write_rows  # bench/ is the script's folder, on sys.path
+from _timing import hardware, interleaved_rounds, write_rows  # bench/ is the script's folder, on sys.path
 from bench_generate import random_conditions, random_dit
 
 from omni2sound.flow import FlowMatching
@@ -64,12 +64,8 @@ def main(argv=None):
         t2 = time.perf_counter()
         return t2 - t0, t2 - t1
 
-    for n in names:                       # warm-up: optimiser state allocation, first-touch
-        step(n)
-    res = {n: [] for n in names}
-    for r in range(a.rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            res[n].append(step(n))
+    # one warm-up each (optimiser state allocation, first-touch), then the interleaved rounds
+    res = interleaved_rounds({n: (lambda n=n: step(n)) for n in names}, a.rounds)
     rows = []
     print(f"\nAdamW in an {a.preset} training step (batch {a.batch} x {a.seconds:g} s, fp32), {hardware(a.device)}, "
           f"torch {torch.__version__}, {a.rounds} rounds\n")
