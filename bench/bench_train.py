@@ -7,6 +7,7 @@ Reports us per step, samples/s, latent tokens/s, and on GPU the model FLOP utili
 
     python bench/bench_train.py --quick                 # CPU: tiny and S at small batch
     python bench/bench_train.py --presets tiny S L --batch 32 --seconds 10 --out train.json   # GPU
+    python bench/bench_train.py --audit --presets L --batch 32     # bytes per op category of one L step (any CPU)
 """
 from __future__ import annotations
 
@@ -72,6 +73,68 @@ def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16:
     return (time.perf_counter() - t0) / steps
 
 
+def gpu_default_backends() -> dict:
+    """Per op, the CPU backend that moves the same bytes as the op's default on a GPU: the fused C++ kernel where the
+    GPU default is a fused kernel (CUDA or Triton), the reference where the GPU default is the reference."""
+    from omni2sound.ops import _dispatch
+    out = {}
+    for op in _dispatch.registered_ops():
+        first = _dispatch._DEFAULT_ORDER[op].get("cuda", ("reference",))[0]
+        out[op] = "cpu" if first != "reference" and "cpu" in _dispatch._REGISTRY[op] else "reference"
+    return out
+
+
+def audit_step(cfg, batch: int, seconds: float, backends: dict) -> dict:
+    """Traffic of one training step (bf16 autocast loss + backward + fused AdamW step) on the CPU, per category."""
+    from _traffic import TrafficCounter
+    torch.manual_seed(0)
+    model = Omni2SoundDiT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    x1, cond = random_batch(cfg, batch, seconds, "cpu", torch.Generator().manual_seed(1))
+    counter = TrafficCounter()
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = FlowMatching().loss(model, x1, cond, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    with ops.use_backend(**backends):
+        step()                      # the first step also creates AdamW's state (zeros_like of every parameter)
+        with counter:
+            step()
+    return dict(counter.rows)
+
+
+def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: float, flops_peak: float) -> list:
+    """Bytes moved per op category by one training step of each preset at (its depth, ``batch``), extrapolated from a
+    2 x 2 grid of CPU runs at depth 1-2 and batch 1-2 (exact: see _traffic.extrapolate)."""
+    from _traffic import extrapolate, summarize
+    backends = gpu_default_backends() if backends_name == "gpu" else {}
+    results = []
+    for name in presets:
+        cfg = dit_config(name)
+        grid = {(d, b): audit_step(dit_config(name, depth=d), b, seconds, backends) for d in (1, 2) for b in (1, 2)}
+        rows = summarize(extrapolate(grid, cfg.depth, batch), bandwidth, flops_peak)
+        non_gemm = sum(r["floor_ms"] for r in rows if r["category"] != "gemm")
+        gemm = sum(r["floor_ms"] for r in rows if r["category"] == "gemm")
+        print(f"\nTraffic of one training step, {name} (depth {cfg.depth}), batch {batch} x {seconds} s, "
+              f"bf16 autocast, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: {backends or 'defaults'}\n"
+              f"floors at {bandwidth / 1e12:.2f} TB/s and {flops_peak / 1e12:.0f} TFLOP/s: non-GEMM {non_gemm:.1f} ms, "
+              f"GEMM {gemm:.1f} ms\n")
+        print("| category | calls | read GB | written GB | GEMM TFLOP | floor ms |")
+        print("|---|---|---|---|---|---|")
+        for r in rows:
+            if r["read_GB"] + r["written_GB"] >= 0.05 or r["gemm_TFLOP"]:
+                print(f"| {r['category']} | {r['calls']:.0f} | {r['read_GB']:.2f} | {r['written_GB']:.2f} | "
+                      f"{r['gemm_TFLOP']:.1f} | {r['floor_ms']:.2f} |")
+        results.append({"preset": name, "batch": batch, "seconds": seconds, "backends": backends,
+                        "bandwidth": bandwidth, "flops_peak": flops_peak, "non_gemm_floor_ms": non_gemm,
+                        "gemm_floor_ms": gemm, "rows": rows})
+    return results
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="*", default=None)
@@ -84,7 +147,20 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out")
+    p.add_argument("--audit", action="store_true",
+                   help="count the bytes each op category moves in one bf16 step (CPU; no timing; bench/_traffic.py)")
+    p.add_argument("--audit-backends", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: each op on the CPU backend that moves the bytes its GPU default moves")
+    p.add_argument("--audit-bandwidth", type=float, default=3.35e12, help="bytes/s for the floor (H100 SXM HBM3)")
+    p.add_argument("--audit-flops", type=float, default=989e12, help="GEMM FLOP/s for the floor (H100 SXM bf16)")
     a = p.parse_args(argv)
+    if a.audit:
+        res = audit(a.presets or ["L"], a.batch or 32, a.seconds or 10.0, a.audit_backends, a.audit_bandwidth,
+                    a.audit_flops)
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"torch": torch.__version__, "audit": res}, f, indent=2)
+        return
     cuda = a.device.startswith("cuda")
     presets = a.presets or (["tiny", "S"] if a.quick or not cuda else ["tiny", "S", "L"])
     batch = a.batch or (4 if a.quick else (32 if cuda else 8))

@@ -102,6 +102,8 @@ void backward_rows(const AdaLNBwdParams& p) {
   const T* scale = static_cast<const T*>(p.scale);
   T* dxin = static_cast<T*>(p.dxin);
   T* dh = static_cast<T*>(p.dh);
+  T* dgate_tok = static_cast<T*>(p.dgate_tok);
+  T* dscale_tok = static_cast<T*>(p.dscale_tok);
 #pragma omp parallel
   {
     std::vector<float> buf(4 * D);
@@ -117,37 +119,37 @@ void backward_rows(const AdaLNBwdParams& p) {
       const T* dyr = dy + r * D;
       mod_row(scm, scale + b * p.scale_sb + l * p.scale_sl, row_or_null<T>(p.scale2, b, l, p.scale2_sb, p.scale2_sl),
               D);
-      float* dsc = p.dscale_tok + r * D;
       float sg = 0.f, sgx = 0.f;
 #pragma omp simd reduction(+ : sg, sgx)
       for (int64_t d = 0; d < D; ++d) {
-        const float dyv = to_float(dyr[d]);
         xhat[d] = (to_float(xr[d]) - mean) * rstd;
-        g[d] = dyv * (1.0f + scm[d]);
-        dsc[d] = dyv * xhat[d];
+        g[d] = to_float(dyr[d]) * (1.0f + scm[d]);
         sg += g[d];
         sgx += g[d] * xhat[d];
+      }
+      if (dscale_tok) {
+        T* dsc = dscale_tok + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dsc[d] = from_float<T>(to_float(dyr[d]) * xhat[d]);
       }
       const float mg = sg / float(D), mgx = sgx / float(D);
       T* dxr = dxin + r * D;
       const T* d2r = dx2_in ? dx2_in + r * D : nullptr;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) {
+        g[d] = rstd * (g[d] - mg - xhat[d] * mgx) + (d2r ? to_float(d2r[d]) : 0.f);   // g becomes dx (fp32)
+        dxr[d] = from_float<T>(g[d]);
+      }
       if (h) {
         const T* hr = h + r * D;
         mod_row(gm, gate + b * p.gate_sb + l * p.gate_sl, row_or_null<T>(p.gate2, b, l, p.gate2_sb, p.gate2_sl), D);
         T* dhr = dh + r * D;
-        float* dgt = p.dgate_tok + r * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          float dx = rstd * (g[d] - mg - xhat[d] * mgx) + (d2r ? to_float(d2r[d]) : 0.f);
-          dxr[d] = from_float<T>(dx);
-          dhr[d] = from_float<T>(gm[d] * dx);
-          dgt[d] = to_float(hr[d]) * dx;
-        }
-      } else {
+        for (int64_t d = 0; d < D; ++d) dhr[d] = from_float<T>(gm[d] * g[d]);
+        if (dgate_tok) {
+          T* dgt = dgate_tok + r * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) {
-          float dx = rstd * (g[d] - mg - xhat[d] * mgx) + (d2r ? to_float(d2r[d]) : 0.f);
-          dxr[d] = from_float<T>(dx);
+          for (int64_t d = 0; d < D; ++d) dgt[d] = from_float<T>(to_float(hr[d]) * g[d]);
         }
       }
     }
@@ -200,8 +202,9 @@ AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t
                         int64_t csl, const Mod2& m2, uintptr_t mean, uintptr_t rstd, uintptr_t dxin, uintptr_t dh,
                         uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype) {
   check_common(B, L, D, dtype);
-  check(dy && xin && scale && mean && rstd && dxin && dscale_tok, "adaln_backward: null pointer");
-  check(!h || (gate && dh && dgate_tok), "adaln_backward: gated form needs gate, dh and dgate_tok");
+  check(dy && xin && scale && mean && rstd && dxin, "adaln_backward: null pointer");
+  check(!h || (gate && dh), "adaln_backward: gated form needs gate and dh");
+  check(h || !dgate_tok, "adaln_backward: dgate_tok without the gated form");
   AdaLNBwdParams p;
   p.B = B; p.L = L; p.D = D;
   p.dy = reinterpret_cast<const void*>(dy);
@@ -219,8 +222,8 @@ AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t
   p.rstd = reinterpret_cast<const float*>(rstd);
   p.dxin = reinterpret_cast<void*>(dxin);
   p.dh = reinterpret_cast<void*>(dh);
-  p.dgate_tok = reinterpret_cast<float*>(dgate_tok);
-  p.dscale_tok = reinterpret_cast<float*>(dscale_tok);
+  p.dgate_tok = reinterpret_cast<void*>(dgate_tok);
+  p.dscale_tok = reinterpret_cast<void*>(dscale_tok);
   p.dtype = dtype;
   return p;
 }

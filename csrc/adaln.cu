@@ -45,17 +45,6 @@ __device__ __forceinline__ void store_vec(T* p, const float* in) {
   }
 }
 
-template <int VEC>
-__device__ __forceinline__ void store_f32(float* p, const float* in) {
-  if constexpr (VEC % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < VEC; i += 4) *reinterpret_cast<float4*>(p + i) = make_float4(in[i], in[i + 1], in[i + 2], in[i + 3]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < VEC; ++i) p[i] = in[i];
-  }
-}
-
 // Sum over the block (blockDim.x is a multiple of 32, at most 1024). smem holds 32 floats.
 __device__ __forceinline__ float block_sum(float v, float* smem) {
 #pragma unroll
@@ -170,7 +159,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
         sg += g[k][e];
         sgx += g[k][e] * xhat[k][e];
       }
-      store_f32<VEC>(p.dscale_tok + r * D + i * VEC, dsc);
+      if (p.dscale_tok) store_vec<T, VEC>(static_cast<T*>(p.dscale_tok) + r * D + i * VEC, dsc);
     }
   }
   const float mg = block_sum(sg, smem) / float(D);
@@ -191,16 +180,18 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
       }
       store_vec<T, VEC>(static_cast<T*>(p.dxin) + r * D + i * VEC, dx);
       if (gated) {
-        float hv[VEC], gv[VEC], dh[VEC], dg[VEC];
-        load_vec<T, VEC>(static_cast<const T*>(p.h) + r * D + i * VEC, hv);
+        float gv[VEC], dh[VEC];
         load_mod<T, VEC>(p.gate, p.gate_sb, p.gate_sl, p.gate2, p.gate2_sb, p.gate2_sl, b, l, i, gv);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          dh[e] = gv[e] * dx[e];
-          dg[e] = hv[e] * dx[e];
-        }
+        for (int e = 0; e < VEC; ++e) dh[e] = gv[e] * dx[e];
         store_vec<T, VEC>(static_cast<T*>(p.dh) + r * D + i * VEC, dh);
-        store_f32<VEC>(p.dgate_tok + r * D + i * VEC, dg);
+        if (p.dgate_tok) {                     // h is read only for its gradient (not needed for a constant gate)
+          float hv[VEC], dg[VEC];
+          load_vec<T, VEC>(static_cast<const T*>(p.h) + r * D + i * VEC, hv);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) dg[e] = hv[e] * dx[e];
+          store_vec<T, VEC>(static_cast<T*>(p.dgate_tok) + r * D + i * VEC, dg);
+        }
       }
     }
   }

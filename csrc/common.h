@@ -101,8 +101,11 @@ struct AdaLNParams {
 
 // Backward of the family. xin is the LayerNorm input (x2 for the gated op, x otherwise).
 // Outputs: dxin (gradient reaching the LayerNorm input plus dx2_in when given) in the input dtype;
-// dh (gated only) in the input dtype; dgate_tok and dscale_tok per token in fp32 (the caller sums them
-// over L for per-sample modulation). dshift is dy itself and is left to the caller.
+// dh (gated only) in the input dtype; dgate_tok and dscale_tok per token in the input dtype, each optional (null:
+// autograd does not need it, e.g. the DiT's constant ones / zeros). In the input dtype because the per-token
+// modulations they belong to are in it (under autocast: bf16 projections), so fp32 here only meant a cast
+// afterwards; the caller sums them over L (fp32 accumulation) for per-sample modulation. dshift is dy itself and is
+// left to the caller.
 struct AdaLNBwdParams {
   int64_t B = 0, L = 0, D = 0;
   const void* dy = nullptr;
@@ -119,8 +122,8 @@ struct AdaLNBwdParams {
   const float* rstd = nullptr;
   void* dxin = nullptr;
   void* dh = nullptr;
-  float* dgate_tok = nullptr;
-  float* dscale_tok = nullptr;
+  void* dgate_tok = nullptr;      // optional, gated only
+  void* dscale_tok = nullptr;     // optional
   int dtype = kFloat32;
 };
 

@@ -48,7 +48,7 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, ME
 def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, DXIN, DH, DGATE, DSCALE,
                       L, D, gsb, gsl, csb, csl, g2sb, g2sl, c2sb, c2sl,
                       HAS_H: tl.constexpr, HAS_DX2: tl.constexpr, HAS_G2: tl.constexpr, HAS_C2: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      HAS_DGATE: tl.constexpr, HAS_DSCALE: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -61,7 +61,8 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, D
     xhat = tl.where(m, xhat, 0.0)
     sc = _mod(SCALE, csb, csl, SCALE2, c2sb, c2sl, b, l, cols, m, HAS_C2)
     g = dy * (1.0 + sc)
-    tl.store(DSCALE + r * D + cols, dy * xhat, mask=m)
+    if HAS_DSCALE:
+        tl.store(DSCALE + r * D + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=m)
     mg = tl.sum(g, axis=0) / D
     mgx = tl.sum(g * xhat, axis=0) / D
     dx = rstd * (g - mg - xhat * mgx)
@@ -69,10 +70,11 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, D
         dx += tl.load(DX2 + r * D + cols, mask=m, other=0.0).to(tl.float32)
     tl.store(DXIN + r * D + cols, dx.to(DXIN.dtype.element_ty), mask=m)
     if HAS_H:
-        hv = tl.load(H + r * D + cols, mask=m, other=0.0).to(tl.float32)
         gv = _mod(GATE, gsb, gsl, GATE2, g2sb, g2sl, b, l, cols, m, HAS_G2)
         tl.store(DH + r * D + cols, (gv * dx).to(DH.dtype.element_ty), mask=m)
-        tl.store(DGATE + r * D + cols, hv * dx, mask=m)
+        if HAS_DGATE:
+            hv = tl.load(H + r * D + cols, mask=m, other=0.0).to(tl.float32)
+            tl.store(DGATE + r * D + cols, (hv * dx).to(DGATE.dtype.element_ty), mask=m)
 
 
 def _strides(t):
@@ -103,13 +105,16 @@ def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2=None, 
 
 def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2=None,
                    scale2=None):
+    """dgate_tok / dscale_tok: per-token outputs in the input dtype, or None where autograd does not need them."""
     B, L, D = xin.shape
     block = triton.next_power_of_2(D)
     has_h = h is not None
     _adaln_bwd_kernel[(B * L,)](
         dy, dx2 if dx2 is not None else dy, xin, h if has_h else xin, gate if has_h else xin, scale,
         gate2 if gate2 is not None else xin, scale2 if scale2 is not None else xin, mean, rstd,
-        dxin, dh if has_h else dxin, dgate_tok if has_h else dscale_tok, dscale_tok,
+        dxin, dh if has_h else dxin, dgate_tok if dgate_tok is not None else dxin,
+        dscale_tok if dscale_tok is not None else dxin,
         L, D, *_strides(gate), *_strides(scale), *_strides(gate2), *_strides(scale2),
         HAS_H=has_h, HAS_DX2=dx2 is not None, HAS_G2=gate2 is not None, HAS_C2=scale2 is not None,
+        HAS_DGATE=has_h and dgate_tok is not None, HAS_DSCALE=dscale_tok is not None,
         BLOCK_D=block, num_warps=_num_warps(block))

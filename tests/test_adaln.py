@@ -184,6 +184,51 @@ def test_pair_modulation_fp32_matches_float64(backend, B, L, D, gated, seed):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_constant_modulations_get_no_gradient_and_change_nothing(backend, dtype, monkeypatch):
+    # The DiT passes constant ones (gate) and zeros (shift, scale) to two of its three calls per block: the backward
+    # must not compute their per-token gradients (a full [B, L, D] write each) and must give every other input the
+    # gradient it gets when all of them require grad, bit for bit. Per-token gradients come in the input dtype.
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    B, L, D = 2, 5, 24
+    g = torch.Generator().manual_seed(3)
+    x, h, gate, shift, scale = (torch.randn(B, L, D, generator=g).to(dtype) for _ in range(5))
+    gate2 = torch.randn(B, 1, D, generator=g).to(dtype)
+    dy, dx2 = torch.randn(B, L, D, generator=g).to(dtype), torch.randn(B, L, D, generator=g).to(dtype)
+    seen = []
+    real = ops.adaln._backward_native
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(tuple(t is not None for t in out[2:]))
+        return out
+    monkeypatch.setattr(ops.adaln, "_backward_native", spy)
+
+    def grads(const):                       # const: names of the modulations passed as constants
+        leaves = {k: v.clone().requires_grad_(k not in const)
+                  for k, v in dict(x=x, h=h, gate=gate, gate2=gate2, shift=shift, scale=scale).items()}
+        with ops.use_backend(backend):
+            x2, y = ops.gated_residual_adaln(leaves["x"], leaves["h"], (leaves["gate"], leaves["gate2"]),
+                                             leaves["shift"], leaves["scale"])
+        torch.autograd.backward([x2, y], [dx2, dy])
+        return {k: v.grad for k, v in leaves.items()}
+
+    full = grads(())
+    assert full["gate"].dtype == full["scale"].dtype == dtype and full["gate2"].dtype == dtype
+    for const, flags in ((("gate", "gate2"), (False, True)), (("shift", "scale"), (True, False))):
+        seen.clear()
+        part = grads(const)
+        if backend != "reference":               # the reference is autograd itself: no backward op runs
+            assert seen == [flags], (const, seen)
+        for k, v in part.items():
+            if k in const:
+                assert v is None, k
+            else:
+                torch.testing.assert_close(v, full[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_pair_equals_presummed_and_strided_parts(backend):
     # The model passes strided views (t_mod[k] of a [6, B, 1, D] permute, sync_mod[i][k]): same result as the
     # materialised sum.
@@ -327,11 +372,13 @@ def test_opcheck(backend):
         torch.library.opcheck(mod._gated_residual_adaln_op, (*leaf(x, h, gate1, shift, scale, g2, s2, c2), 1e-6,
                                                              backend))
         _, _, mean, rstd = mod._gated_residual_adaln_op(x.detach(), h, gate1, shift, scale, g2, s2, c2, 1e-6, backend)
-        torch.library.opcheck(mod._gated_residual_adaln_backward_op,
-                              (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2, mean,
-                               rstd, backend))
-        torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
-                                                                rstd, backend))
+        for need_dgate, need_dscale in ((True, True), (False, True), (True, False)):
+            torch.library.opcheck(mod._gated_residual_adaln_backward_op,
+                                  (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2,
+                                   mean, rstd, need_dgate, need_dscale, backend))
+        for need_dscale in (True, False):
+            torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
+                                                                    rstd, need_dscale, backend))
 
 
 class TinyDiTBlock(torch.nn.Module):

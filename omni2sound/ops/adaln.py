@@ -17,6 +17,10 @@ Backward (xhat = (x2 - mean) * rstd, g = dy * (1 + scale)):
     dshift = dy,  dscale = dy * xhat          (summed over L for per-sample modulation)
     dx2    = rstd * (g - mean(g) - xhat * mean(g * xhat)) + dL/dx2(output)
     dx = dx2,  dh = gate * dx2,  dgate = h * dx2
+The per-token dgate / dscale are written in the input dtype (the per-token modulations are in it: under autocast,
+bf16 projections; fp32 here only bought a cast afterwards) and only when autograd needs them (the DiT passes
+constant ones / zeros to two of its three calls per block); a per-sample modulation's gradient is their sum over L
+with fp32 accumulation. `python bench/bench_train.py --audit` counts what this saves.
 
 File order (Liger's): reference, backend registration, custom ops (forward, backward, fake, autograd),
 public functions.
@@ -57,19 +61,20 @@ def _stats_reference(xin: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
     return mean.reshape(-1), rstd.reshape(-1)
 
 
-def _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd):
-    """Analytic backward in fp32 (the formulas at the top); returns per-token dgate/dscale in fp32."""
+def _backward_reference(dy, dx2_in, xin, h, gate, scale, mean, rstd, need_dgate=True, need_dscale=True):
+    """Analytic backward in fp32 (the formulas at the top); per-token dgate/dscale in the input dtype, or None where
+    not needed (as the kernels)."""
     B, L, D = xin.shape
     xhat = (xin.float() - mean.view(B, L, 1)) * rstd.view(B, L, 1)
     g = dy.float() * (1.0 + scale.float())
-    dscale_tok = dy.float() * xhat
+    dscale_tok = (dy.float() * xhat).to(xin.dtype) if need_dscale else None
     dxin = rstd.view(B, L, 1) * (g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True))
     if dx2_in is not None:
         dxin = dxin + dx2_in.float()
     dh = dgate_tok = None
     if h is not None:
         dh = (gate.float() * dxin).to(xin.dtype)
-        dgate_tok = h.float() * dxin
+        dgate_tok = (h.float() * dxin).to(xin.dtype) if need_dgate else None
     return dxin.to(xin.dtype), dh, dgate_tok, dscale_tok
 
 
@@ -136,14 +141,18 @@ def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=N
     return x2, y, mean, rstd
 
 
-def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2=None, scale2=None):
+def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2=None, scale2=None,
+                     need_dgate=True, need_dscale=True):
+    """(dxin, dh, dgate_tok, dscale_tok); the per-token modulation gradients in xin's dtype, None where not needed."""
     B, L, D = xin.shape
+    need_dgate = need_dgate and h is not None
     if backend == "reference":
-        return _backward_reference(dy, dx2_in, xin, h, _sum(gate, gate2), _sum(scale, scale2), mean, rstd)
+        return _backward_reference(dy, dx2_in, xin, h, _sum(gate, gate2), _sum(scale, scale2), mean, rstd,
+                                   need_dgate, need_dscale)
     dxin = torch.empty_like(xin)
     dh = torch.empty_like(xin) if h is not None else None
-    dgate_tok = torch.empty(B, L, D, device=xin.device, dtype=torch.float32) if h is not None else None
-    dscale_tok = torch.empty(B, L, D, device=xin.device, dtype=torch.float32)
+    dgate_tok = torch.empty_like(xin) if need_dgate else None
+    dscale_tok = torch.empty_like(xin) if need_dscale else None
     if B * L * D == 0:
         return dxin, dh, dgate_tok, dscale_tok
     if backend == "triton":
@@ -156,20 +165,29 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
     fn(B, L, D, dy.data_ptr(), _native.ptr(dx2_in), xin.data_ptr(), _native.ptr(h), _native.ptr(gate),
        scale.data_ptr(), *_mod_strides(gate), *_mod_strides(scale), _native.ptr(gate2), _native.ptr(scale2),
        *_mod_strides(gate2), *_mod_strides(scale2), mean.data_ptr(), rstd.data_ptr(),
-       dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), dscale_tok.data_ptr(),
+       dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), _native.ptr(dscale_tok),
        _native.dtype_code(xin), _native.stream_of(xin))
     return dxin, dh, dgate_tok, dscale_tok
 
 
-def _reduce_mod(grad_tok: Tensor, like: Optional[Tensor], needed: bool = True) -> Optional[Tensor]:
-    """Per-token gradient [B, L, D] -> the modulation's own shape and dtype (None: no such input, or autograd
-    does not need it, e.g. the constant ones / zeros the DiT passes). Per-sample: summed over L in fp32. Per-token
-    in its own dtype already (dshift = dy): returned as is, no copy."""
+def _reduce_mod(grad_tok: Optional[Tensor], like: Optional[Tensor], needed: bool = True) -> Optional[Tensor]:
+    """Per-token gradient [B, L, D] (in the op's dtype) -> the modulation's own shape and dtype (None: no such input,
+    or autograd does not need it, e.g. the constant ones / zeros the DiT passes). Per-sample: summed over L with fp32
+    accumulation. Per-token: returned as is, no copy."""
     if like is None or not needed:
         return None
     if like.shape[1] == 1 and grad_tok.shape[1] != 1:
         return grad_tok.sum(1, keepdim=True, dtype=torch.float32).to(like.dtype)
     return grad_tok.to(like.dtype)
+
+
+def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    # custom ops return tensors, never None: a gradient that was not computed travels as an empty tensor
+    return like.new_empty(0) if t is None else t
+
+
+def _none_if_empty(t: Tensor) -> Optional[Tensor]:
+    return None if t.numel() == 0 and t.dim() == 1 else t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -206,27 +224,31 @@ def _(x, h, gate, shift, scale, gate2, shift2, scale2, eps, backend):
 
 @torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=())
 def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, scale2: Optional[Tensor], mean: Tensor,
-                                rstd: Tensor, backend: str) -> Tuple[Tensor, Tensor]:
-    dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend, None, scale2)
-    return dx, dscale_tok
+                                rstd: Tensor, need_dscale: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend, None, scale2,
+                                            need_dgate=False, need_dscale=need_dscale)
+    return dx, _or_empty(dscale_tok, x)
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, scale, scale2, mean, rstd, backend):
-    return torch.empty_like(x), x.new_empty(x.shape, dtype=torch.float32)
+def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend):
+    return torch.empty_like(x), torch.empty_like(x) if need_dscale else x.new_empty(0)
 
 
 @torch.library.custom_op("omni2sound::gated_residual_adaln_backward", mutates_args=())
 def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Tensor, gate: Tensor, scale: Tensor,
                                       gate2: Optional[Tensor], scale2: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                                      backend: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend, gate2, scale2)
+                                      need_dgate: bool, need_dscale: bool, backend: str
+                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    dxin, dh, dgate_tok, dscale_tok = _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend, gate2,
+                                                       scale2, need_dgate, need_dscale)
+    return dxin, dh, _or_empty(dgate_tok, x2), _or_empty(dscale_tok, x2)
 
 
 @_gated_residual_adaln_backward_op.register_fake
-def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, backend):
-    return (torch.empty_like(x2), torch.empty_like(x2), x2.new_empty(x2.shape, dtype=torch.float32),
-            x2.new_empty(x2.shape, dtype=torch.float32))
+def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale, backend):
+    tok = lambda need: torch.empty_like(x2) if need else x2.new_empty(0)   # noqa: E731
+    return torch.empty_like(x2), torch.empty_like(x2), tok(need_dgate), tok(need_dscale)
 
 
 # The second addends are saved whole although backward needs only their shapes (to reduce the per-token
@@ -240,8 +262,10 @@ def _modulate_setup(ctx, inputs, output):
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, shift2, scale2, mean, rstd = ctx.saved_tensors
-    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd, ctx.backend)
     need = ctx.needs_input_grad
+    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd,
+                                                   bool(need[2] or need[4]), ctx.backend)
+    dscale_tok = _none_if_empty(dscale_tok)
     return (dxin, _reduce_mod(dy, shift, need[1]), _reduce_mod(dscale_tok, scale, need[2]),
             _reduce_mod(dy, shift2, need[3]), _reduce_mod(dscale_tok, scale2, need[4]), None, None)
 
@@ -258,9 +282,13 @@ def _gated_setup(ctx, inputs, output):
 
 def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
     x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd = ctx.saved_tensors
-    dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
-        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, ctx.backend)
     need = ctx.needs_input_grad
+    # the gate's and the scale's per-token gradients only where autograd asks (the DiT's cross-attention sublayer
+    # passes a constant gate of ones, its attention sublayer constant zeros as shift and scale)
+    dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
+        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, bool(need[2] or need[5]),
+        bool(need[4] or need[7]), ctx.backend)
+    dgate_tok, dscale_tok = _none_if_empty(dgate_tok), _none_if_empty(dscale_tok)
     return (dxin, dh, _reduce_mod(dgate_tok, gate, need[2]), _reduce_mod(dy, shift, need[3]),
             _reduce_mod(dscale_tok, scale, need[4]), _reduce_mod(dgate_tok, gate2, need[5]),
             _reduce_mod(dy, shift2, need[6]), _reduce_mod(dscale_tok, scale2, need[7]), None, None)
