@@ -120,7 +120,8 @@ def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: fl
         non_gemm = sum(r["floor_ms"] for r in rows if r["category"] != "gemm")
         gemm = sum(r["floor_ms"] for r in rows if r["category"] == "gemm")
         print(f"\nTraffic of one training step, {name} (depth {cfg.depth}), batch {batch} x {seconds} s, "
-              f"bf16 autocast, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: {backends or 'defaults'}\n"
+              f"bf16 autocast, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: "
+              f"{backends or 'defaults'}\n"
               f"floors at {bandwidth / 1e12:.2f} TB/s and {flops_peak / 1e12:.0f} TFLOP/s: non-GEMM {non_gemm:.1f} ms, "
               f"GEMM {gemm:.1f} ms\n")
         print("| category | calls | read GB | written GB | GEMM TFLOP | floor ms |")
