@@ -1,12 +1,13 @@
 // C++ CPU kernels of the fused q/k RMSNorm + RoPE (omni2sound/ops/qk_norm_rope.py has the math and the
 // reference). No CUDA launcher: on a GPU the Triton kernel runs this op.
 //
-//   per head row x [Dh] of q (j = 0) or k (j = 1) at frame t:
+//   per head row x [Dh] of group j (self-attention: q is j = 0, k is j = 1; the cross-attention's q or k alone:
+//   one group) at frame t:
 //     n = x * rstd * w[j],  rstd = 1 / sqrt(mean(x^2) + eps)
-//     y[2i] = n[2i] c - n[2i+1] s,  y[2i+1] = n[2i] s + n[2i+1] c,   (c, s) = cs[t, i]
+//     y[2i] = n[2i] c - n[2i+1] s,  y[2i+1] = n[2i] s + n[2i+1] c,   (c, s) = cs[t, i]   (no cs: y = n)
 //   backward: gn = R^T dy;  dw[j] += gn * xhat;  dx = rstd * (gn w - xhat * mean(gn w xhat))
 //
-// x is [B, T, 2, H, Dh] with any strides except a unit last stride (the model hands the q/k slice of its
+// x is [B, T, G, H, Dh] with any strides except a unit last stride (the model hands the q/k slice of its
 // fused qkv projection without a copy); y, dy, dx are contiguous. OpenMP splits tokens (b, t); the inner loops
 // are over Dh contiguous floats and vectorise.
 #include <cmath>
@@ -20,14 +21,14 @@ namespace o2s {
 namespace {
 
 struct QKParams {
-  int64_t B = 0, T = 0, H = 0, Dh = 0;
+  int64_t B = 0, T = 0, G = 2, H = 0, Dh = 0;
   int64_t sb = 0, st = 0, sj = 0, sh = 0;   // x strides in elements
   const void* x = nullptr;
-  const float* w = nullptr;                 // [2, Dh]
-  const float* cs = nullptr;                // [T, Dh / 2, 2]: (cos, sin)
+  const float* w = nullptr;                 // [G, Dh]
+  const float* cs = nullptr;                // [T, Dh / 2, 2]: (cos, sin); null: no rotation
   void* y = nullptr;                        // forward output, or backward dx
   const void* dy = nullptr;                 // backward only
-  float* dw_tok = nullptr;                  // backward only: [B * T, 2, Dh] fp32 partials
+  float* dw_tok = nullptr;                  // backward only: [B * T, G, Dh] fp32 partials
   float eps = 1e-6f;
   int dtype = kFloat32;
 };
@@ -47,7 +48,7 @@ inline float load_row(const T* xr, float* buf, int64_t Dh) {
 
 template <typename T>
 void forward_tokens(const QKParams& p) {
-  const int64_t Dh = p.Dh, H = p.H, tokens = p.B * p.T;
+  const int64_t Dh = p.Dh, H = p.H, G = p.G, tokens = p.B * p.T;
   const T* x = static_cast<const T*>(p.x);
   T* y = static_cast<T*>(p.y);
 #pragma omp parallel
@@ -56,13 +57,18 @@ void forward_tokens(const QKParams& p) {
 #pragma omp for schedule(static)
     for (int64_t tok = 0; tok < tokens; ++tok) {
       const int64_t b = tok / p.T, t = tok % p.T;
-      const float* cs = p.cs + t * Dh;
-      for (int64_t j = 0; j < 2; ++j) {
+      const float* cs = p.cs ? p.cs + t * Dh : nullptr;
+      for (int64_t j = 0; j < G; ++j) {
         const float* w = p.w + j * Dh;
         for (int64_t h = 0; h < H; ++h) {
           const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
-          T* yr = y + ((tok * 2 + j) * H + h) * Dh;
+          T* yr = y + ((tok * G + j) * H + h) * Dh;
           const float rstd = 1.0f / std::sqrt(load_row(xr, buf.data(), Dh) / float(Dh) + p.eps);
+          if (!cs) {
+#pragma omp simd
+            for (int64_t d = 0; d < Dh; ++d) yr[d] = from_float<T>(buf[d] * rstd * w[d]);
+            continue;
+          }
 #pragma omp simd
           for (int64_t i = 0; i < Dh / 2; ++i) {
             const float n0 = buf[2 * i] * rstd * w[2 * i], n1 = buf[2 * i + 1] * rstd * w[2 * i + 1];
@@ -78,7 +84,7 @@ void forward_tokens(const QKParams& p) {
 
 template <typename T>
 void backward_tokens(const QKParams& p) {
-  const int64_t Dh = p.Dh, H = p.H, tokens = p.B * p.T;
+  const int64_t Dh = p.Dh, H = p.H, G = p.G, tokens = p.B * p.T;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.dy);
   T* dx = static_cast<T*>(p.y);
@@ -88,29 +94,38 @@ void backward_tokens(const QKParams& p) {
 #pragma omp for schedule(static)
     for (int64_t tok = 0; tok < tokens; ++tok) {
       const int64_t b = tok / p.T, t = tok % p.T;
-      const float* cs = p.cs + t * Dh;
-      for (int64_t j = 0; j < 2; ++j) {
+      const float* cs = p.cs ? p.cs + t * Dh : nullptr;
+      for (int64_t j = 0; j < G; ++j) {
         const float* w = p.w + j * Dh;
-        float* dw = p.dw_tok + (tok * 2 + j) * Dh;
+        float* dw = p.dw_tok + (tok * G + j) * Dh;
         for (int64_t d = 0; d < Dh; ++d) dw[d] = 0.f;
         for (int64_t h = 0; h < H; ++h) {
           const T* xr = x + b * p.sb + t * p.st + j * p.sj + h * p.sh;
-          const T* gr = dy + ((tok * 2 + j) * H + h) * Dh;
-          T* dr = dx + ((tok * 2 + j) * H + h) * Dh;
+          const T* gr = dy + ((tok * G + j) * H + h) * Dh;
+          T* dr = dx + ((tok * G + j) * H + h) * Dh;
           const float rstd = 1.0f / std::sqrt(load_row(xr, xh.data(), Dh) / float(Dh) + p.eps);
           float proj = 0.f;
+          if (cs) {
 #pragma omp simd reduction(+ : proj)
-          for (int64_t i = 0; i < Dh / 2; ++i) {
-            // the rotation's transpose takes the gradient back to the normalised values n
-            const float g0 = to_float(gr[2 * i]), g1 = to_float(gr[2 * i + 1]);
-            const float c = cs[2 * i], s = cs[2 * i + 1];
-            const float n0 = g0 * c + g1 * s, n1 = -g0 * s + g1 * c;
-            const float x0 = xh[2 * i] * rstd, x1 = xh[2 * i + 1] * rstd;
-            gn[2 * i] = n0;
-            gn[2 * i + 1] = n1;
-            xh[2 * i] = x0;
-            xh[2 * i + 1] = x1;
-            proj += n0 * w[2 * i] * x0 + n1 * w[2 * i + 1] * x1;
+            for (int64_t i = 0; i < Dh / 2; ++i) {
+              // the rotation's transpose takes the gradient back to the normalised values n
+              const float g0 = to_float(gr[2 * i]), g1 = to_float(gr[2 * i + 1]);
+              const float c = cs[2 * i], s = cs[2 * i + 1];
+              const float n0 = g0 * c + g1 * s, n1 = -g0 * s + g1 * c;
+              const float x0 = xh[2 * i] * rstd, x1 = xh[2 * i + 1] * rstd;
+              gn[2 * i] = n0;
+              gn[2 * i + 1] = n1;
+              xh[2 * i] = x0;
+              xh[2 * i + 1] = x1;
+              proj += n0 * w[2 * i] * x0 + n1 * w[2 * i + 1] * x1;
+            }
+          } else {
+#pragma omp simd reduction(+ : proj)
+            for (int64_t d = 0; d < Dh; ++d) {
+              gn[d] = to_float(gr[d]);
+              xh[d] *= rstd;
+              proj += gn[d] * w[d] * xh[d];
+            }
           }
           proj /= float(Dh);
 #pragma omp simd
@@ -125,13 +140,14 @@ void backward_tokens(const QKParams& p) {
 }
 
 // The shared part of both entry points' parameters (out: y in the forward, dx in the backward), checked.
-QKParams make_params(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj, int64_t sh,
-                     std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t out, double eps,
+QKParams make_params(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
+                     int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t out, double eps,
                      int dtype) {
-  check(B >= 0 && T >= 0 && H > 0 && Dh > 0 && Dh % 2 == 0, "qk_norm_rope: bad shape (Dh must be even)");
+  check(B >= 0 && T >= 0 && (G == 1 || G == 2) && H > 0 && Dh > 0 && (Dh % 2 == 0 || !cs),
+        "qk_norm_rope: bad shape (G must be 1 or 2; Dh must be even for RoPE)");
   check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "qk_norm_rope: unknown dtype code");
   QKParams p;
-  p.B = B; p.T = T; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
+  p.B = B; p.T = T; p.G = G; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
   p.x = reinterpret_cast<const void*>(x);
   p.w = reinterpret_cast<const float*>(w);
   p.cs = reinterpret_cast<const float*>(cs);
@@ -141,19 +157,19 @@ QKParams make_params(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, in
   return p;
 }
 
-void qk_norm_rope_forward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
-                              int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t y,
-                              double eps, int dtype) {
-  const QKParams p = make_params(B, T, H, Dh, sb, st, sj, sh, x, w, cs, y, eps, dtype);
+void qk_norm_rope_forward_cpu(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st,
+                              int64_t sj, int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs,
+                              std::uintptr_t y, double eps, int dtype) {
+  const QKParams p = make_params(B, T, G, H, Dh, sb, st, sj, sh, x, w, cs, y, eps, dtype);
   if (B * T == 0) return;
   pybind11::gil_scoped_release nogil;
   by_dtype(p, forward_tokens<float>, forward_tokens<half_t>, forward_tokens<bf16_t>);
 }
 
-void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
-                               int64_t sh, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs,
-                               std::uintptr_t dx, std::uintptr_t dw_tok, double eps, int dtype) {
-  QKParams p = make_params(B, T, H, Dh, sb, st, sj, sh, x, w, cs, dx, eps, dtype);
+void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st,
+                               int64_t sj, int64_t sh, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w,
+                               std::uintptr_t cs, std::uintptr_t dx, std::uintptr_t dw_tok, double eps, int dtype) {
+  QKParams p = make_params(B, T, G, H, Dh, sb, st, sj, sh, x, w, cs, dx, eps, dtype);
   p.dy = reinterpret_cast<const void*>(dy);
   p.dw_tok = reinterpret_cast<float*>(dw_tok);
   if (B * T == 0) return;
@@ -165,7 +181,7 @@ void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t H, int64_t Dh, int6
 
 static Registrar reg_qk_norm_rope([](pybind11::module_& m) {
   m.def("qk_norm_rope_forward_cpu", &qk_norm_rope_forward_cpu,
-        "fused q/k RMSNorm + RoPE, forward (C++ CPU)");
+        "fused q/k RMSNorm [+ RoPE], forward (C++ CPU); G = 1 or 2 head groups, cs = 0: no rotation");
   m.def("qk_norm_rope_backward_cpu", &qk_norm_rope_backward_cpu,
         "fused q/k RMSNorm + RoPE, backward (C++ CPU): dx and per-token weight-gradient partials");
 });

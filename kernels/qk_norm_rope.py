@@ -1,14 +1,14 @@
-"""Triton kernels for the fused q/k RMSNorm + RoPE of self-attention (math and reference in
-omni2sound/ops/qk_norm_rope.py).
+"""Triton kernels for the fused q/k RMSNorm + RoPE (math and reference in omni2sound/ops/qk_norm_rope.py).
 
-Grid: one program per token (b, t). It loads the token's 2 * H head rows of Dh (q heads then k heads) as one
-[2H, Dh] tile, normalises each row in fp32, scales by the q or k weight, rotates the (even, odd) pairs by the
-frame's angle and writes the tile once. The rotation partner of column d is column d ^ 1, so the kernel loads
-the tile a second time with the pair-swapped column index (a gather inside the same cache lines) instead of
-splitting even and odd halves, which Triton cannot interleave back without a shuffle.
+Grid: one program per token (b, t). It loads the token's G * H head rows of Dh (G = 2: q heads then k heads;
+G = 1: the cross-attention's q or k alone) as one [G H, Dh] tile, normalises each row in fp32, scales by its
+group's weight, rotates the (even, odd) pairs by the frame's angle (without a RoPE table: no rotation) and writes
+the tile once. The rotation partner of column d is column d ^ 1, so the kernel loads the tile a second time with the
+pair-swapped column index (a gather inside the same cache lines) instead of splitting even and odd halves, which
+Triton cannot interleave back without a shuffle.
 
 Backward, per token: recompute rstd, rotate the gradient back (transpose of the rotation), then the RMSNorm
-backward; the weight gradient is written as one fp32 partial [2, Dh] per token (no atomics: deterministic),
+backward; the weight gradient is written as one fp32 partial [G, Dh] per token (no atomics: deterministic),
 which the launcher sums.
 """
 import torch
@@ -43,75 +43,79 @@ def _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R: tl.constexpr, BLOC
 
 @triton.jit
 def _qk_norm_rope_fwd_kernel(X, W, CS, Y, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                             HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     tok, t, r, d, dm, m, j, row = _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R, BLOCK_D)
     x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
-    xs = tl.load(row[:, None] + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)  # pair partner
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)                           # [BLOCK_R]
     w = tl.load(W + j[:, None] * DH + d[None, :], mask=m, other=0.0).to(tl.float32)
-    ws = tl.load(W + j[:, None] * DH + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
-    n = x * rstd[:, None] * w
-    ns = xs * rstd[:, None] * ws
-    half = d // 2
-    c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)                          # [BLOCK_D]
-    s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
-    even = (d % 2 == 0)[None, :]
-    y = _rotate_pair(n, ns, c[None, :], s[None, :], even, inverse=False)
+    y = x * rstd[:, None] * w
+    if HAS_ROPE:
+        xs = tl.load(row[:, None] + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)  # pair partner
+        ws = tl.load(W + j[:, None] * DH + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
+        ns = xs * rstd[:, None] * ws
+        half = d // 2
+        c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)                      # [BLOCK_D]
+        s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
+        even = (d % 2 == 0)[None, :]
+        y = _rotate_pair(y, ns, c[None, :], s[None, :], even, inverse=False)
     tl.store(Y + tok * H2 * DH + r[:, None] * DH + d[None, :], y.to(Y.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _qk_norm_rope_bwd_kernel(DY, X, W, CS, DX, DW, T, H2, DH, sxb, sxt, sxj, sxh, H, eps,
-                             BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                             G: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     tok, t, r, d, dm, m, j, row = _token_tile(X, T, H2, DH, sxb, sxt, sxj, sxh, H, BLOCK_R, BLOCK_D)
     x = tl.load(row[:, None] + d[None, :], mask=m, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / DH + eps)
     xhat = x * rstd[:, None]
     dbase = DY + tok * H2 * DH + r[:, None] * DH
-    g = tl.load(dbase + d[None, :], mask=m, other=0.0).to(tl.float32)
-    gs = tl.load(dbase + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
-    half = d // 2
-    c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)
-    s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
-    even = (d % 2 == 0)[None, :]
-    gn = _rotate_pair(g, gs, c[None, :], s[None, :], even, inverse=True)            # dL/dn
+    gn = tl.load(dbase + d[None, :], mask=m, other=0.0).to(tl.float32)              # dL/dn without RoPE
+    if HAS_ROPE:
+        gs = tl.load(dbase + (d ^ 1)[None, :], mask=m, other=0.0).to(tl.float32)
+        half = d // 2
+        c = tl.load(CS + t * DH + 2 * half, mask=dm, other=1.0)
+        s = tl.load(CS + t * DH + 2 * half + 1, mask=dm, other=0.0)
+        even = (d % 2 == 0)[None, :]
+        gn = _rotate_pair(gn, gs, c[None, :], s[None, :], even, inverse=True)
     w = tl.load(W + j[:, None] * DH + d[None, :], mask=m, other=0.0).to(tl.float32)
     gx_hat = gn * w
     proj = tl.sum(gx_hat * xhat, axis=1) / DH
     dx = rstd[:, None] * (gx_hat - xhat * proj[:, None])
     tl.store(DX + tok * H2 * DH + r[:, None] * DH + d[None, :], dx.to(DX.dtype.element_ty), mask=m)
-    # weight partials of this token: rows 0..H-1 are q, H..2H-1 are k
+    # weight partials of this token, one row per group: rows 0..H-1 are group 0 (q), H..2H-1 group 1 (k)
     prod = gn * xhat
-    is_q = (j == 0)[:, None]
-    dwq = tl.sum(tl.where(is_q, prod, 0.0), axis=0)
-    dwk = tl.sum(tl.where(is_q, 0.0, prod), axis=0)
-    tl.store(DW + tok * 2 * DH + d, dwq, mask=dm)
-    tl.store(DW + tok * 2 * DH + DH + d, dwk, mask=dm)
+    if G == 1:
+        tl.store(DW + tok * DH + d, tl.sum(prod, axis=0), mask=dm)
+    else:
+        is_q = (j == 0)[:, None]
+        tl.store(DW + tok * 2 * DH + d, tl.sum(tl.where(is_q, prod, 0.0), axis=0), mask=dm)
+        tl.store(DW + tok * 2 * DH + DH + d, tl.sum(tl.where(is_q, 0.0, prod), axis=0), mask=dm)
 
 
 def _meta(x):
-    B, T, two, H, Dh = x.shape
-    assert two == 2 and x.stride(4) == 1
-    block_r, block_d = triton.next_power_of_2(2 * H), triton.next_power_of_2(Dh)
+    B, T, G, H, Dh = x.shape
+    assert G in (1, 2) and x.stride(4) == 1
+    block_r, block_d = triton.next_power_of_2(G * H), triton.next_power_of_2(Dh)
     # 8 elements of the tile per thread (the AdaLN kernels' ratio): with the default 4 warps the L preset's
     # [64, 64] tile took 254 registers a thread on sm_90a (a quarter of the occupancy), with 16 warps 62 (forward)
     # and 96 (backward); `python tools/triton_sm90.py --only qk`.
     warps = max(4, min(16, block_r * block_d // 256))
-    return B, T, H, Dh, dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
+    return B, T, G, H, Dh, dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
 
 
 def qk_norm_rope_forward(x, w, cs, y, eps):
-    """x [B, T, 2, H, Dh] (last dim unit stride), w fp32 [2, Dh], cs fp32 [T, Dh/2, 2] contiguous,
-    y contiguous [B, T, 2, H, Dh]."""
-    B, T, H, Dh, blocks = _meta(x)
-    _qk_norm_rope_fwd_kernel[(B * T,)](x, w, cs, y, T, 2 * H, Dh, x.stride(0), x.stride(1), x.stride(2),
-                                       x.stride(3), H, float(eps), **blocks)
+    """x [B, T, G, H, Dh] (last dim unit stride), w fp32 [G, Dh], cs fp32 [T, Dh/2, 2] contiguous or None (no
+    rotation), y contiguous [B, T, G, H, Dh]."""
+    B, T, G, H, Dh, blocks = _meta(x)
+    _qk_norm_rope_fwd_kernel[(B * T,)](x, w, cs if cs is not None else w, y, T, G * H, Dh, x.stride(0), x.stride(1),
+                                       x.stride(2), x.stride(3), H, float(eps), HAS_ROPE=cs is not None, **blocks)
 
 
 def qk_norm_rope_backward(dy, x, w, cs, dx, eps):
-    """dy, dx contiguous [B, T, 2, H, Dh]; returns dw fp32 [2, Dh]."""
-    B, T, H, Dh, blocks = _meta(x)
-    dw = torch.empty(B * T, 2, Dh, device=x.device, dtype=torch.float32)
-    _qk_norm_rope_bwd_kernel[(B * T,)](dy, x, w, cs, dx, dw, T, 2 * H, Dh, x.stride(0), x.stride(1), x.stride(2),
-                                       x.stride(3), H, float(eps), **blocks)
+    """dy, dx contiguous [B, T, G, H, Dh]; returns dw fp32 [G, Dh]."""
+    B, T, G, H, Dh, blocks = _meta(x)
+    dw = torch.empty(B * T, G, Dh, device=x.device, dtype=torch.float32)
+    _qk_norm_rope_bwd_kernel[(B * T,)](dy, x, w, cs if cs is not None else w, dx, dw, T, G * H, Dh, x.stride(0),
+                                       x.stride(1), x.stride(2), x.stride(3), H, float(eps), G=G,
+                                       HAS_ROPE=cs is not None, **blocks)
     return dw.sum(0)

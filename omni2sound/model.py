@@ -18,8 +18,10 @@ only for the DiT itself (MMAudio's ``preprocess_conditions`` / ``predict_flow`` 
 
 The chain between the sublayers goes through the fused ops: ``gated_residual_adaln`` computes
 ``x + gate * h`` and the next LayerNorm + modulation in one pass, also across block boundaries.
-The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1. The MLP's
-first Linear + tanh-GELU is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU). Every
+The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1.
+The per-head RMSNorms are fused too: ``ops.qk_norm_rope`` (self-attention q and k, then RoPE) and
+``ops.head_rms_norm`` (the cross-attention's q, and its condition tokens' k). The MLP's first Linear + tanh-GELU
+is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU). Every
 projection's GEMM goes through ``ops.linear`` (``dense``): the module's own F.linear in training, oneDNN's GEMM for
 the large ones when sampling on the CPU.
 
@@ -333,7 +335,7 @@ class CrossAttention(nn.Module):
         """tokens [total_k, D] -> k, v [total_k, H, Dh] (once per request)."""
         n, D = tokens.shape
         k, v = self.kv_proj(tokens).view(n, 2, self.heads, D // self.heads).unbind(1)
-        return self.k_norm(k).contiguous(), v.contiguous()
+        return ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps), v.contiguous()
 
     def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
                 rows: Optional[int] = None) -> Tensor:
@@ -343,8 +345,10 @@ class CrossAttention(nn.Module):
         if n == 0:                                                                       # nothing to attend to
             return self.proj.bias.to(y.dtype).expand(B, T, D).contiguous()
         yc = y[:n]                                                                       # a view: rows lead
-        q = self.q_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads))      # [n, T, H, Dh]
-        o = ops.cross_attention(q.contiguous(), k, v, cu_seqlens_k[:n + 1], max_seqlen_k)  # [n, T, H, Dh]
+        # the q norm through the fused op (one group, no rotation): one read of the projection, one contiguous write
+        q = ops.head_rms_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads), self.q_norm.weight,
+                              self.q_norm.eps)                                           # [n, T, H, Dh]
+        o = ops.cross_attention(q, k, v, cu_seqlens_k[:n + 1], max_seqlen_k)            # [n, T, H, Dh]
         h = dense(self.proj, o.reshape(n, T, D))                                         # [n, T, D]
         if n == B:
             return h

@@ -141,6 +141,72 @@ def test_empty(backend):
 
 
 # --------------------------------------------------------------------------------------------------
+# one group, no rotation: the cross-attention's q / k norm (head_rms_norm)
+# --------------------------------------------------------------------------------------------------
+
+def norm_formula(x, w, eps):
+    """RMSNorm per head row in x's own precision (float64: the reference; low precision: the 2x rule's baseline)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def run_norm(fn, x, w, eps=1e-6):
+    x_leaf, w_leaf = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y = fn(x_leaf, w_leaf, eps)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
+    (y.double() * dy.double()).sum().backward()
+    return y, [x_leaf.grad, w_leaf.grad]
+
+
+def head_norm_with(backend):
+    def fn(x, w, eps):
+        with ops.use_backend(qk_norm_rope=backend):
+            return ops.head_rms_norm(x, w, eps)
+    return fn
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 7, 3, 5), (3, 13, 2, 64), (1, 250, 12, 64)])
+def test_head_rms_norm_fp32_matches_float64(backend, shape):
+    # odd head dims are fine without RoPE; the input is a strided head view as the model's k (one of [k | v])
+    N, T, H, Dh = shape
+    x = torch.randn(N, T, 2, H, Dh)[:, :, 0]
+    w = 1.0 + 0.3 * torch.randn(Dh)
+    y, grads = run_norm(head_norm_with(backend), x, w)
+    yr, gref = run_norm(norm_formula, x.double(), w.double())
+    assert y.shape == x.shape and y.is_contiguous() and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), gref[0], rtol=1e-4, atol=1e-5)
+    assert err(grads[1], gref[1]) <= 1e-5 * (1 + gref[1].abs().max().item()) * (N * T * H) ** 0.5
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_head_rms_norm_three_dims_and_empty(backend):
+    x, w = torch.randn(9, 4, 6), 1.0 + 0.3 * torch.randn(6)
+    y, grads = run_norm(head_norm_with(backend), x, w)          # [N, H, Dh]: the condition tokens' k
+    yr, gref = run_norm(norm_formula, x.double(), w.double())
+    assert y.shape == x.shape
+    torch.testing.assert_close(y.double(), yr, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[0].double(), gref[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1].double(), gref[1], rtol=1e-4, atol=1e-4)
+    e, ge = run_norm(head_norm_with(backend), torch.randn(0, 4, 6), w)   # no condition tokens at all
+    assert e.shape == (0, 4, 6) and ge[0].shape == (0, 4, 6) and (ge[1] == 0).all()
+
+
+@pytest.mark.parametrize("backend,dtype", [(b, dt) for b in NATIVE for dt in (torch.float16, torch.bfloat16)
+                                           if not (b == "triton" and dt == torch.bfloat16)])
+def test_head_rms_norm_low_precision_2x_rule(backend, dtype):
+    x = (3.0 * torch.randn(2, 17, 3, 64)).to(dtype)
+    w = (1.0 + 0.3 * torch.randn(64)).to(dtype)
+    y, grads = run_norm(head_norm_with(backend), x, w)
+    yp, gplain = run_norm(norm_formula, x, w)
+    yr, gref = run_norm(norm_formula, x.double(), w.double())
+    assert y.dtype == dtype and grads[0].dtype == dtype and grads[1].dtype == dtype
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + 1e-6
+    for name, g, gp, gr in zip(("x", "weight"), grads, gplain, gref):
+        assert err(g, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + 1e-6 * (1 + gr.abs().max().item()), name
+
+
+# --------------------------------------------------------------------------------------------------
 # low precision: flash-attn's 2x rule against the unfused chain in the same precision
 # --------------------------------------------------------------------------------------------------
 
@@ -167,12 +233,16 @@ def test_low_precision_2x_rule(backend, dtype):
 
 def test_bad_inputs_give_clear_errors():
     qk, w, cs = make_inputs(2, 5, 2, 8)
-    with pytest.raises(ValueError, match=r"qk must be \[B, T, 2, H, Dh\]"):
-        ops.qk_norm_rope(qk[:, :, :1], w, cs)
+    with pytest.raises(ValueError, match=r"qk must be \[B, T, G, H, Dh\] with G = 1 or 2"):
+        ops.qk_norm_rope(torch.randn(2, 5, 3, 2, 8), torch.ones(3, 8), cs)
     with pytest.raises(ValueError, match="head dim must be even"):
         ops.qk_norm_rope(torch.randn(2, 5, 2, 2, 7), torch.ones(2, 7), torch.zeros(5, 3, 2))
-    with pytest.raises(ValueError, match=r"weight must be \[2, Dh=8\]"):
+    with pytest.raises(ValueError, match=r"weight must be \[G=2, Dh=8\]"):
         ops.qk_norm_rope(qk, w[:1], cs)
+    with pytest.raises(ValueError, match=r"weight must be \[G=1, Dh=8\]"):
+        ops.qk_norm_rope(qk[:, :, :1], w, None)
+    with pytest.raises(ValueError, match=r"head_rms_norm: x must be"):
+        ops.head_rms_norm(torch.randn(8), torch.ones(8))
     with pytest.raises(ValueError, match=r"cs must be float32 \[T=5"):
         ops.qk_norm_rope(qk, w, cs[:4])
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
@@ -201,6 +271,10 @@ def test_opcheck(backend):
     qk, w, cs = make_inputs(2, 5, 3, 8, strided=False)
     torch.library.opcheck(mod._qk_norm_rope_op, (qk.requires_grad_(), w.requires_grad_(), cs, 1e-6, backend))
     torch.library.opcheck(mod._qk_norm_rope_backward_op, (torch.randn_like(qk), qk.detach(), w.detach(), cs, 1e-6,
+                                                          backend))
+    q1, w1 = qk[:, :, :1].detach().contiguous(), w[:1].detach()                # one group, no rotation
+    torch.library.opcheck(mod._qk_norm_rope_op, (q1.requires_grad_(), w1.requires_grad_(), None, 1e-6, backend))
+    torch.library.opcheck(mod._qk_norm_rope_backward_op, (torch.randn_like(q1), q1.detach(), w1.detach(), None, 1e-6,
                                                           backend))
 
 
@@ -280,3 +354,23 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y.double(), ref64(qk, w, cs, 1e-6), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_triton_head_rms_norm(dtype):
+    # the cross-attention's q at L's training shape: one group, no rotation
+    x = (3.0 * torch.randn(4, 250, 24, 64)).to(dtype)
+    w = (1.0 + 0.3 * torch.randn(64)).to(dtype)
+    y, grads = run_norm(head_norm_with("triton"), x.cuda(), w.cuda())
+    yr, gref = run_norm(norm_formula, x.double(), w.double())
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double().cpu(), yr, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(grads[0].double().cpu(), gref[0], rtol=1e-4, atol=1e-5)
+        assert err(grads[1].cpu(), gref[1]) <= 1e-5 * (1 + gref[1].abs().max().item()) * (4 * 250 * 24) ** 0.5
+        return
+    yp, gplain = run_norm(norm_formula, x, w)
+    assert err(y.cpu(), yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + 1e-6
+    for name, g, gp, gr in zip(("x", "weight"), grads, gplain, gref):
+        assert err(g.cpu(), gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + 1e-6 * (1 + gr.abs().max().item()), name

@@ -142,12 +142,11 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
 
     def adaln_bwd_gated():
         ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D),
-                          t(B * T, dt=f32), t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D, dt=f32),
-                          t(B, T, D, dt=f32))
+                          t(B * T, dt=f32), t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D))
 
     def adaln_bwd_plain():
         ka.adaln_backward(t(B, T, D), None, t(B, T, D), None, None, t(B, T, D), t(B * T, dt=f32),
-                          t(B * T, dt=f32), t(B, T, D), None, None, t(B, T, D, dt=f32))
+                          t(B * T, dt=f32), t(B, T, D), None, None, t(B, T, D))
 
     def adaln_fwd_pairs():                           # the DiT's form: per-token sync part + per-step timestep part
         x, h = t(B, T, D), t(B, T, D)
@@ -158,8 +157,11 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
     def adaln_bwd_pairs():
         tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]
         ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), tok[2], tok[1], t(B * T, dt=f32),
-                          t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D, dt=f32), t(B, T, D, dt=f32),
-                          per[2], per[1])
+                          t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), per[2], per[1])
+
+    def adaln_bwd_constant_gate():                   # the cross-attention sublayer's call: gate = ones, no dgate
+        ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), t(B, 1, D), t(B, T, D), t(B * T, dt=f32),
+                          t(B * T, dt=f32), t(B, T, D), t(B, T, D), None, t(B, T, D))
 
     def cross_fwd():                                  # 80 video + 16 text tokens in row 0, none in row 1
         q, kv = t(B, T, H, Dh), t(96, 2, H, Dh)
@@ -180,6 +182,13 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
         qkv = t(B, T, 3, H, Dh)
         kq.qk_norm_rope_backward(t(B, T, 2, H, Dh), qkv[:, :, :2], t(2, Dh, dt=f32), t(T, Dh // 2, 2, dt=f32),
                                  t(B, T, 2, H, Dh), 1e-6)
+
+    def qk_head_norm_fwd():                           # the cross-attention's q: one group, no rotation
+        kq.qk_norm_rope_forward(t(B, T, 1, H, Dh), t(1, Dh, dt=f32), None, t(B, T, 1, H, Dh), 1e-6)
+
+    def qk_head_norm_bwd():
+        kq.qk_norm_rope_backward(t(B, T, 1, H, Dh), t(B, T, 1, H, Dh), t(1, Dh, dt=f32), None, t(B, T, 1, H, Dh),
+                                 1e-6)
 
     C, N = 128, 4000                                  # a paper-VAE decoder stage
     alpha, beta = t(C, dt=f32), t(C, dt=f32)

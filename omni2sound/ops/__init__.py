@@ -10,7 +10,7 @@ from .adaln import Mod, adaln_modulate, adaln_modulate_reference, gated_residual
 from .cross_attention import cross_attention, cross_attention_reference, pack_condition_tokens
 from .gelu import bias_gelu, bias_gelu_reference, linear_gelu, linear_gelu_reference
 from .linear import linear, linear_reference, onednn_takes, runs_on_onednn
-from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from .qk_norm_rope import head_rms_norm, qk_norm_rope, qk_norm_rope_reference
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
@@ -19,6 +19,6 @@ __all__ = [
     "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference", "linear", "linear_reference",
     "onednn_takes", "runs_on_onednn",
     "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
-    "qk_norm_rope", "qk_norm_rope_reference",
+    "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",
 ]
