@@ -27,6 +27,8 @@ GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_addmm_activation"}
 LAYOUT_OPS = {"cat", "stack", "clone", "copy", "index", "index_put", "slice_backward", "select_backward",
               "new_zeros", "zeros", "zeros_like", "fill", "constant_pad_nd", "_unsafe_view", "index_select"}
 REDUCTION_OPS = {"sum", "mean", "amax", "max", "min", "norm", "var", "std", "var_mean", "_foreach_norm"}
+# views whose schema does not say so (they return a fresh TensorImpl over the same storage)
+ALIASING_OPS = {"aten::_unsafe_view", "aten::alias", "aten::lift_fresh"}
 Row = List[float]                # [calls, bytes read, bytes written, GEMM FLOPs]
 
 
@@ -78,7 +80,7 @@ class TrafficCounter(TorchDispatchMode):
         schema = func._schema
         written_args = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         new_returns = [r.alias_info is None for r in schema.returns]
-        if not written_args and not any(new_returns):
+        if (not written_args and not any(new_returns)) or schema.name in ALIASING_OPS:
             return out                                                        # a view: no traffic
         flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = out if isinstance(out, (tuple, list)) else (out,)

@@ -1,0 +1,41 @@
+"""bench/_traffic.py: the byte counter behind `bench_train.py --audit` counts what ops move, and its extrapolation
+from a small depth x batch grid to a large model is exact (it is how the L preset's step is counted on a CPU)."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench_train  # noqa: E402
+from _traffic import TrafficCounter, extent_bytes, extrapolate  # noqa: E402
+
+from omni2sound.model import dit_config  # noqa: E402
+
+
+def test_counter_counts_reads_writes_views_and_broadcasts():
+    a, b = torch.randn(64, 32), torch.randn(32, 16)
+    with TrafficCounter() as c:
+        a.t()                                      # a view: nothing
+        a.to(torch.bfloat16)                       # a cast: read 4 B, write 2 B per element
+        a.mul_(2.0)                                # in place: read and write the tensor
+        a @ b                                      # a GEMM: 2 M N K FLOPs
+        a + torch.randn(1, 32).expand(64, 32)      # a broadcast input reads its real extent
+    rows = c.rows
+    assert rows["cast"][:3] == [1, 64 * 32 * 4, 64 * 32 * 2]
+    assert rows["elementwise:mul"][1:3] == [64 * 32 * 4, 64 * 32 * 4]
+    assert rows["gemm"][3] == 2 * 64 * 32 * 16
+    assert rows["elementwise:add"][1] == 64 * 32 * 4 + 32 * 4
+    assert "elementwise:t" not in rows and "layout" not in rows
+    assert extent_bytes(torch.randn(3, 1).expand(3, 5)) == 3 * 4
+
+
+def test_grid_extrapolation_is_exact():
+    # every count of a training step is bilinear in (depth, batch): a 2 x 2 grid predicts a third point exactly
+    grid = {(d, b): bench_train.audit_step(dit_config("tiny", depth=d), b, 1.0, {}) for d in (1, 2) for b in (2, 3)}
+    want = bench_train.audit_step(dit_config("tiny", depth=4), 5, 1.0, {})
+    got = extrapolate(grid, 4, 5)
+    assert set(want) <= set(got)
+    for k, row in want.items():
+        assert got[k] == pytest.approx(row, rel=1e-9, abs=1e-6), k
+    assert sum(v for k, v in got.items() if k not in want for v in v) == pytest.approx(0, abs=1e-6)
