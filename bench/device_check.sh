@@ -13,7 +13,9 @@
 #            session 5 added the Snake op bench (the CUDA forward's coalesced indexing; the Triton qk_norm_rope and
 #            channels-last Snake launches with 16 warps, chosen from their sm_90a register counts offline); session 6
 #            the Triton bias + GELU (bench_gelu: against eager and, per row, the whole first MLP layer) and the L
-#            ablation (each low-latency item off on its own, 25-step samplings, paired ratios)
+#            ablation (each low-latency item off on its own, 25-step samplings, paired ratios); session 8 runs the
+#            generate / train candidates with both Triton ops (q/k norm + RoPE, now also the cross-attention's head
+#            norms; bias + GELU) and profiles that training step
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
@@ -107,12 +109,15 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
   # CUDA Snake forward's indexing, the fp32 cross-attention tiles and the Triton launch widths)
   step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
     --out "$RES/generate_L.json"
-  step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_generate.py --presets L \
-    --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_qk.json"
+  # the candidates together (the op benches below time each alone): with both, an L training step moves 45.6 ms of
+  # non-GEMM bytes at HBM speed instead of 89.5 (`python bench/bench_train.py --audit`, session 8)
+  step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY bench/bench_generate.py \
+    --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_qk.json"
   step train_L 60 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
     --variants fused --out "$RES/train_L.json"
-  step train_L_qk 60 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_train.py --presets L --batch 32 \
-    --seconds 10 --steps 6 --device cuda --variants fused --out "$RES/train_L_qk.json"
+  step train_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY bench/bench_train.py \
+    --presets L --batch 32 --seconds 10 --steps 6 --device cuda --variants fused --profile \
+    --out "$RES/train_L_qk.json"
   step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --out "$RES/vae.json"
   step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"
