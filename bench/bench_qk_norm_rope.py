@@ -6,9 +6,11 @@ the same chain), measured in the same run.
 Shapes: the self-attention input of 10 s (250 latent frames) at the sizes that sample (CFG batch 2) and train
 (batch 32): S (12 heads x 64) and L (24 x 64). The input is the strided q/k slice of a [B, T, 3, H, Dh]
 projection, as in the model. The unfused chain is what the model ran before this op: F.rms_norm in the input
-dtype, the q/k weights, RoPE as a complex multiply in fp32 and a cast back. Reports us per call and GB/s of the
-bytes the op must move (read q/k, write q/k; fwd+bwd also reads dy and q/k again and writes dq/dk); forward alone
-and forward + backward.
+dtype, the q/k weights, RoPE as a complex multiply in fp32 and a cast back. Second row per shape ("head norm"): the
+same op with one group and no RoPE (``ops.head_rms_norm``, the cross-attention's q norm) on [B, T, H, Dh], against
+F.rms_norm with the weight, which the model ran before. Reports us per call and GB/s of the bytes the op must move
+(read the input, write the output; fwd+bwd also reads dy and the input again and writes the input's gradient);
+forward alone and forward + backward.
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ def unfused(qk, w, cis, eps=1e-6):
     return torch.view_as_real(xc * cis[None, :, None, None]).flatten(-2).to(qk.dtype)
 
 
+def unfused_head_norm(x, w, eps=1e-6):
+    """The cross-attention's q norm before the fused op: torch's rms_norm with the weight in x's dtype."""
+    return F.rms_norm(x, (x.shape[-1],), w.to(x.dtype), eps)
+
+
 def main(argv=None):
     args = op_bench_args(__doc__, "inference shapes only, no torch.compile", argv)
     dev, dtype = args.device, getattr(torch, args.dtype)
@@ -55,38 +62,41 @@ def main(argv=None):
         w = (1 + 0.1 * torch.randn(2, Dh, device=dev)).to(dtype)
         cis = rope_table(T, Dh, 10000.0, dev)
         cs = torch.view_as_real(cis).contiguous()
-        comp = torch.compile(unfused) if use_compile else None
-        for mode in ("fwd", "fwd+bwd"):
-            grad = mode == "fwd+bwd"
-            leaf = qkv.clone().requires_grad_(grad)
-            wl = w.clone().requires_grad_(grad)
-            dy = torch.randn(B, T, 2, H, Dh, device=dev, dtype=dtype)
+        cases = [  # (label, input [from the projection], weight, unfused chain, fused op, elements moved per pass)
+            ("q/k + RoPE", lambda leaf: leaf[:, :, :2], w, lambda q, ww: unfused(q, ww, cis),
+             lambda q, ww: ops.qk_norm_rope(q, ww, cs), B * T * 2 * H * Dh),
+            ("head norm", lambda leaf: leaf[:, :, 0], w[0], unfused_head_norm, ops.head_rms_norm, B * T * H * Dh),
+        ]
+        for label, take, wc, chain, op, numel in cases:
+            comp = torch.compile(chain) if use_compile else None
+            for mode in ("fwd", "fwd+bwd"):
+                grad = mode == "fwd+bwd"
+                leaf = qkv.clone().requires_grad_(grad)
+                wl = wc.clone().requires_grad_(grad)
+                dy = torch.randn(take(qkv).shape, device=dev, dtype=dtype)
 
-            def call(fn):
-                def go():
-                    y = fn(leaf[:, :, :2], wl)
-                    if grad:
-                        torch.autograd.grad(y, (leaf, wl), dy)
-                return go
+                def call(fn):
+                    def go():
+                        y = fn(take(leaf), wl)
+                        if grad:
+                            torch.autograd.grad(y, (leaf, wl), dy)
+                    return go
 
-            if not grad:
-                ctx = torch.no_grad()
-                ctx.__enter__()
-            t_eager = timer(call(lambda q, ww: unfused(q, ww, cis)))
-            t_comp = timer(call(lambda q, ww: comp(q, ww, cis))) if comp else float("nan")
-            nbytes = (2 if not grad else 6) * B * T * 2 * H * Dh * qkv.element_size()
-            for backend in backends:
-                def fused(q, ww, backend=backend):
-                    with ops.use_backend(qk_norm_rope=backend):
-                        return ops.qk_norm_rope(q, ww, cs)
-                t = timer(call(fused))
-                r = dict(shape=f"{name} [{B},{T},2,{H},{Dh}]", mode=mode, dtype=args.dtype, backend=backend,
-                         eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
-                         speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t)
-                rows.append(r)
-                print_op_row(r)
-            if not grad:
-                ctx.__exit__(None, None, None)
+                with torch.set_grad_enabled(grad):
+                    t_eager = timer(call(chain))
+                    t_comp = timer(call(comp)) if comp else float("nan")
+                    nbytes = (2 if not grad else 6) * numel * qkv.element_size()
+                    for backend in backends:
+                        def fused(q, ww, backend=backend):
+                            with ops.use_backend(qk_norm_rope=backend):
+                                return op(q, ww)
+                        t = timer(call(fused))
+                        r = dict(shape=f"{name} {label} {list(take(qkv).shape)}", mode=mode, dtype=args.dtype,
+                                 backend=backend, eager_us=t_eager, compile_us=t_comp, fused_us=t,
+                                 fused_gbps=nbytes / t / 1e3, speedup_vs_eager=t_eager / t,
+                                 speedup_vs_compile=t_comp / t)
+                        rows.append(r)
+                        print_op_row(r)
     write_rows(args.out, dev, rows)
     return rows
 
