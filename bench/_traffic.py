@@ -41,7 +41,7 @@ def extent_bytes(t: torch.Tensor) -> int:
     return n * t.element_size() if t.numel() else 0
 
 
-def _gemm_flops(base: str, ins: List[torch.Tensor]) -> float:
+def _gemm_flops(ins: List[torch.Tensor]) -> float:
     a, b = ins[-2], ins[-1]                      # mm(a, b), addmm(bias, a, b), bmm(a, b), baddbmm(c, a, b)
     return 2.0 * a.numel() * b.shape[-1]
 
@@ -95,7 +95,7 @@ class TrafficCounter(TorchDispatchMode):
         read = sum(extent_bytes(t) for t in flat_in)
         written = sum(extent_bytes(t) for t in created + mutated)
         cat = category(schema.name, flat_in, created + mutated)
-        flops = _gemm_flops(cat, flat_in) if cat == "gemm" else 0.0
+        flops = _gemm_flops(flat_in) if cat == "gemm" else 0.0
         for row in (self.rows[cat], self.ops[name]):
             row[0] += 1
             row[1] += read
