@@ -18,8 +18,8 @@ def _hand_over_top_level_name() -> None:
     import importlib.machinery
     import importlib.util
 
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    others = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    here = os.path.realpath(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    others = [p for p in sys.path if os.path.realpath(p or os.curdir) != here]
     spec = importlib.machinery.PathFinder.find_spec("kernels", others)
     if spec is None or spec.loader is None:
         raise ImportError("no module named 'kernels' (the repository's kernels/ folder is omni2sound.kernels)",
