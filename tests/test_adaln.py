@@ -183,19 +183,20 @@ def test_pair_modulation_fp32_matches_float64(backend, B, L, D, gated, seed):
         assert (g.abs().max() == 0) if gr.abs().max() == 0 else rel_err(g, gr) < 5e-5, f"{backend} grad {i}"
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("device,backend", [("cpu", b) for b in CPU_BACKENDS]
+                         + [pytest.param("cuda", b, marks=pytest.mark.cuda) for b in ("cuda", "triton")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_constant_modulations_get_no_gradient_and_change_nothing(backend, dtype, monkeypatch):
+def test_constant_modulations_get_no_gradient_and_change_nothing(device, backend, dtype, monkeypatch):
     # The DiT passes constant ones (gate) and zeros (shift, scale) to two of its three calls per block: the backward
     # must not compute their per-token gradients (a full [B, L, D] write each) and must give every other input the
     # gradient it gets when all of them require grad, bit for bit. Per-token gradients come in the input dtype.
-    if backend == "triton" and dtype == torch.bfloat16:
+    if device == "cpu" and backend == "triton" and dtype == torch.bfloat16:
         pytest.skip("the Triton interpreter has no bf16 arithmetic")
     B, L, D = 2, 5, 24
     g = torch.Generator().manual_seed(3)
-    x, h, gate, shift, scale = (torch.randn(B, L, D, generator=g).to(dtype) for _ in range(5))
-    gate2 = torch.randn(B, 1, D, generator=g).to(dtype)
-    dy, dx2 = torch.randn(B, L, D, generator=g).to(dtype), torch.randn(B, L, D, generator=g).to(dtype)
+    x, h, gate, shift, scale = (torch.randn(B, L, D, generator=g).to(device, dtype) for _ in range(5))
+    gate2 = torch.randn(B, 1, D, generator=g).to(device, dtype)
+    dy, dx2 = (torch.randn(B, L, D, generator=g).to(device, dtype) for _ in range(2))
     seen = []
     real = ops.adaln._backward_native
 
