@@ -65,6 +65,16 @@ def time_gpu(fn, repeats, inner, graphs=True):
     return statistics.median(samples), graphed
 
 
+def fwd_or_fwd_bwd(fn, make_args, wrt, dy, backward: bool):
+    """A zero-argument call for the timers: ``fn(*make_args())``, then, when ``backward``, the gradients of its output
+    with respect to ``wrt`` for the upstream gradient ``dy`` (the op benches' "fwd" and "fwd+bwd" modes)."""
+    def go():
+        y = fn(*make_args())
+        if backward:
+            torch.autograd.grad(y, wrt, dy)
+    return go
+
+
 def interleaved_rounds(measure: dict, rounds: int, warmup: int = 1, alternate: bool = True) -> dict:
     """Call every ``measure[name]()`` (a variant's own measurement, e.g. seconds per step) ``warmup`` times, then
     ``rounds`` rounds that run every variant once each, in reverse order every other round when ``alternate`` (a

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (  # bench/ is the script's folder, on sys.path
     OP_ROW_HEADER,
+    fwd_or_fwd_bwd,
     hardware,
     op_bench_args,
     print_op_row,
@@ -65,11 +66,7 @@ def main(argv=None):
             dy = torch.randn_like(x)
 
             def call(fn):
-                def go():
-                    y = fn(xl, bl)
-                    if grad:
-                        torch.autograd.grad(y, (xl, bl), dy)
-                return go
+                return fwd_or_fwd_bwd(fn, lambda: (xl, bl), (xl, bl), dy, grad)
 
             with torch.set_grad_enabled(grad):
                 t_eager = timer(call(unfused))

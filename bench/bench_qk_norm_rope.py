@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (  # bench/ is the script's folder, on sys.path
     OP_ROW_HEADER,
+    fwd_or_fwd_bwd,
     hardware,
     op_bench_args,
     print_op_row,
@@ -75,12 +76,8 @@ def main(argv=None):
                 wl = wc.clone().requires_grad_(grad)
                 dy = torch.randn(take(qkv).shape, device=dev, dtype=dtype)
 
-                def call(fn):
-                    def go():
-                        y = fn(take(leaf), wl)
-                        if grad:
-                            torch.autograd.grad(y, (leaf, wl), dy)
-                    return go
+                def call(fn):   # the input is a view of the projection leaf, taken inside the timed call
+                    return fwd_or_fwd_bwd(fn, lambda: (take(leaf), wl), (leaf, wl), dy, grad)
 
                 with torch.set_grad_enabled(grad):
                     t_eager = timer(call(chain))
