@@ -147,23 +147,17 @@ class ScalarEmbedder(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """Per-head RMSNorm of attention q / k rows, [N, T, H, Dh] or [N, H, Dh], through the fused kernel
+    (``ops.head_rms_norm``). The self-attention passes its q and k weights to ``ops.qk_norm_rope`` instead, which
+    also applies RoPE."""
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
-
-
-def rms_norm(x: Tensor, weight: Optional[Tensor], eps: float) -> Tensor:
-    """RMS norm over the last dim with fp32 statistics (one fused kernel where torch has F.rms_norm)."""
-    if hasattr(F, "rms_norm"):
-        # weight in x's dtype: under autocast (bf16 x, fp32 weight) torch falls back to a slow unfused path
-        return F.rms_norm(x, (x.shape[-1],), None if weight is None else weight.to(x.dtype), eps)
-    xf = x.float()
-    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return y if weight is None else y * weight
+        return ops.head_rms_norm(x, self.weight, self.eps)
 
 
 def rope_table(num_frames: int, head_dim: int, base: float, device) -> Tensor:
@@ -335,7 +329,7 @@ class CrossAttention(nn.Module):
         """tokens [total_k, D] -> k, v [total_k, H, Dh] (once per request)."""
         n, D = tokens.shape
         k, v = self.kv_proj(tokens).view(n, 2, self.heads, D // self.heads).unbind(1)
-        return ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps), v.contiguous()
+        return self.k_norm(k), v.contiguous()
 
     def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
                 rows: Optional[int] = None) -> Tensor:
@@ -345,9 +339,8 @@ class CrossAttention(nn.Module):
         if n == 0:                                                                       # nothing to attend to
             return self.proj.bias.to(y.dtype).expand(B, T, D).contiguous()
         yc = y[:n]                                                                       # a view: rows lead
-        # the q norm through the fused op (one group, no rotation): one read of the projection, one contiguous write
-        q = ops.head_rms_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads), self.q_norm.weight,
-                              self.q_norm.eps)                                           # [n, T, H, Dh]
+        # the q norm is fused (one read of the projection, one contiguous write: what cross_attention takes)
+        q = self.q_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads))      # [n, T, H, Dh]
         o = ops.cross_attention(q, k, v, cu_seqlens_k[:n + 1], max_seqlen_k)            # [n, T, H, Dh]
         h = dense(self.proj, o.reshape(n, T, D))                                         # [n, T, D]
         if n == B:
