@@ -74,7 +74,10 @@ step() {  # name, limit seconds, command...: run with min(limit, time left - 10)
 }
 
 if [ -z "${SKIP_TESTS:-}" ]; then
-  step tests 130 $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10
+  # several workers when pytest-xdist is there: the Triton kernels' first compiles are CPU-bound; a hung test is cut
+  # at 90 s and reported instead of eating the call
+  XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
+  step tests ${TESTS_LIMIT:-130} $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10 --timeout 90 $XDIST
 fi
 if [ "$WHAT" = part1 ] || [ "$WHAT" = all ]; then
   step generate_L 150 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --compile \
@@ -107,17 +110,18 @@ fi
 if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or not); the bars' benches first
   # (every GPU test ran above, unless SKIP_TESTS: session 5 changed the CUDA AdaLN kernels (pair modulations), the
   # CUDA Snake forward's indexing, the fp32 cross-attention tiles and the Triton launch widths)
-  step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
-    --out "$RES/generate_L.json"
+  # the training pair first (issue 6's bar is the furthest off), then sampling, then the VAE decode
   # the candidates together (the op benches below time each alone): with both, an L training step moves 45.6 ms of
   # non-GEMM bytes at HBM speed instead of 89.5 (`python bench/bench_train.py --audit`, session 8)
-  step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY bench/bench_generate.py \
-    --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_qk.json"
   step train_L 60 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
     --variants fused --out "$RES/train_L.json"
   step train_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY bench/bench_train.py \
     --presets L --batch 32 --seconds 10 --steps 6 --device cuda --variants fused --profile \
     --out "$RES/train_L_qk.json"
+  step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --no-plain \
+    --out "$RES/generate_L.json"
+  step generate_L_qk 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY bench/bench_generate.py \
+    --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_qk.json"
   step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --out "$RES/vae.json"
   step bench_qk 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk.json"

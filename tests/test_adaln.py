@@ -80,10 +80,12 @@ def run_ref64(x, h, gate, shift, scale, eps, plain=False):
               for t in (x, h, gate, shift, scale)]
     x2, y = (plain_lowp if plain else ref64)(*leaves, eps)
     g = torch.Generator().manual_seed(7)
-    dy = torch.randn(y.shape, generator=g).to(y)
+    # the upstream grads rounded to the inputs' precision, as run() hands them to a kernel: the float64 reference
+    # then differentiates exactly what the kernel did, and the plain ops see the same grads
+    dy = torch.randn(y.shape, generator=g).to(x.dtype).to(y)
     loss = (y.double() * dy.double()).sum()
     if h is not None:
-        dx2 = torch.randn(x2.shape, generator=g).to(x2)
+        dx2 = torch.randn(x2.shape, generator=g).to(x.dtype).to(x2)
         loss = loss + (x2.double() * dx2.double()).sum()
     loss.backward()
     return (x2 if h is not None else None, y), [None if t is None else t.grad for t in leaves]
@@ -158,9 +160,11 @@ def run_pairs(backend, x, h, gate, shift, scale, eps, double=False):
             else:
                 x2, y = ops.gated_residual_adaln(X, Hh, G, S, C, eps)
     gen = torch.Generator().manual_seed(7)
-    loss = (y.double() * torch.randn(y.shape, generator=gen).to(y.device).double()).sum()
+    # upstream grads rounded to the inputs' precision, which is what autograd hands a kernel (see run_ref64)
+    updy = lambda shape: torch.randn(shape, generator=gen).to(x.dtype).to(y.device).double()  # noqa: E731
+    loss = (y.double() * updy(y.shape)).sum()
     if x2 is not None:
-        loss = loss + (x2.double() * torch.randn(x2.shape, generator=gen).to(y.device).double()).sum()
+        loss = loss + (x2.double() * updy(x2.shape)).sum()
     loss.backward()
     leaves = [X, Hh] + [t for m in (G, S, C) if m is not None for t in m]
     return (x2, y), [t.grad for t in leaves if t is not None]

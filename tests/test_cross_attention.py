@@ -202,7 +202,7 @@ def test_triton_kernels_many_tiles(dtype):
 
     q, k, v, cu, max_k = make_inputs([0, 1, 17, 50, 33], 41, 2, 32, dtype=dtype, magnitude=1.5)
     scale = 1.0 / math.sqrt(32)
-    dout = torch.randn(q.shape, dtype=torch.float64)
+    dout = torch.randn(q.shape).to(dtype).double()   # rounded as the kernel gets it
     want_out, want_grads = truth(q, k, v, cu, max_k, dout)
     out, lse = cross_attention_fwd(q, k, v, cu, max_k, scale, block_m=16, block_n=16)
     grads = cross_attention_bwd(dout.to(dtype), q, k, v, out, lse, cu, max_k, scale, block_m=16, block_n=16)
@@ -224,7 +224,7 @@ if "triton" in CPU_BACKENDS:
 @pytest.mark.parametrize("backend,dtype", LOWP_CPU)
 def test_low_precision_2x_rule(backend, dtype):
     q, k, v, cu, max_k = make_inputs(MIXED_LENS, 37, 2, 64, dtype=dtype)
-    dout = torch.randn(q.shape, dtype=torch.float64)
+    dout = torch.randn(q.shape).to(dtype).double()   # the truth differentiates the dout the kernels get
     want = truth(q, k, v, cu, max_k, dout)
     scale = 1.0 / math.sqrt(64)
     plain = run(lambda q, k, v, cu, m: per_sample_attention(q, k, v, cu, scale), q, k, v, cu, max_k, dout, plain=True)
@@ -387,7 +387,7 @@ def test_gpu_fp32(backend, D):
 def test_gpu_low_precision_2x_rule(backend, dtype, D):
     gpu_backend_or_skip(backend)
     q, k, v, cu, max_k = make_inputs(GPU_LENS, 250, 3, D, dtype=dtype, device="cuda")
-    dout = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    dout = torch.randn(q.shape, device="cuda").to(dtype).double()   # as the kernels get it
     want = truth(q, k, v, cu, max_k, dout)
     scale = 1.0 / math.sqrt(D)
     plain = run(lambda q, k, v, cu, m: per_sample_attention(q, k, v, cu, scale), q, k, v, cu, max_k, dout, plain=True)
@@ -411,7 +411,7 @@ def test_gpu_all_empty_and_unaligned(backend):
     buf = torch.randn(int(cu[-1]), H, D + 1, device="cuda", dtype=torch.float16)
     k, v = buf[..., 1:], buf[..., :-1]
     q = torch.randn(3, 70, H, D, device="cuda", dtype=torch.float16)
-    dout = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+    dout = torch.randn(q.shape, device="cuda").to(torch.float16).double()
     want = truth(q, k, v, cu, 70, dout)
     plain = run(lambda q, k, v, cu, m: per_sample_attention(q, k, v, cu, 1 / 8), q, k, v, cu, 70, dout, plain=True)
     got = run(with_backend(backend), q, k, v, cu, 70, dout, plain=True)
