@@ -551,6 +551,12 @@ class AudioVAE(nn.Module):
         graph.replay()
         return self.decoder._head(out.clone())
 
+    def __getstate__(self):
+        """deepcopy leaves the decode graphs behind (a CUDAGraph cannot be copied; a copy captures its own)."""
+        state = dict(super().__getstate__())
+        state.pop("_decode_graphs", None)
+        return state
+
     def forward(self, wav: Tensor, generator: Optional[torch.Generator] = None, return_frames: bool = False):
         """Training pass: wav [B, 1, N] -> (reconstruction [B, 1, ceil(N/hop)*hop], posterior), plus the decoder's
         pre-synthesis output (``Decoder.frames``) when ``return_frames`` (the stft head's frame loss reads it)."""

@@ -331,3 +331,17 @@ def test_graphed_decode_is_decode_off_gpu(tiny):
     with torch.no_grad():
         z = torch.randn(2, tiny.config.latent_dim, 7)
         torch.testing.assert_close(tiny.decode_graphed(z), tiny.decode(z))
+
+
+def test_deepcopy_leaves_the_decode_graphs_behind(tiny):
+    # bench_vae deep-copies a VAE after its first graphed decode; a CUDAGraph cannot be copied (an H200 run failed
+    # there), so the cache is left behind and the copy captures its own
+    import copy
+    import threading
+
+    vae = copy.deepcopy(tiny)
+    vae._decode_graphs = {"key": threading.Lock()}          # stands in for a (CUDAGraph, ...) entry: not copyable
+    twin = copy.deepcopy(vae)
+    assert "_decode_graphs" not in twin.__dict__
+    assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), vae.state_dict().values()))
+    assert "key" in vae._decode_graphs                       # the original keeps its cache
