@@ -22,6 +22,7 @@ import torch
 from omni2sound import ops
 from omni2sound.conditions import Conditions
 from omni2sound.flow import FlowMatching
+from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
 from omni2sound.trainer import fused_adamw_ok, peak_flops
 
@@ -36,19 +37,27 @@ def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:
     return r(batch, T, cfg.latent_dim), cond
 
 
-def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool, profile: bool = False
-               ) -> float:
+def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool, profile: bool = False,
+               graph: bool = False) -> float:
+    """Seconds per training step. graph: the step replayed from a CUDA graph (GraphedTrainStep: its draws and
+    input copies, made outside the graph, are timed with it); the first call captures it."""
     flow = FlowMatching()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") \
         else contextlib.nullcontext()
     g = torch.Generator(device=device).manual_seed(0) if device.startswith("cuda") else torch.Generator()
 
-    def step():
-        with autocast:
-            loss, _ = flow.loss(model, x1, cond, generator=g)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    if graph:
+        graphed = GraphedTrainStep(model, opt, flow, autocast_dtype=torch.bfloat16 if bf16 else None)
+
+        def step():
+            graphed(x1, cond, generator=g)
+    else:
+        def step():
+            with autocast:
+                loss, _ = flow.loss(model, x1, cond, generator=g)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     for _ in range(warmup):
         step()
@@ -144,7 +153,10 @@ def main(argv=None) -> None:
     p.add_argument("--seconds", type=float, default=None, help="clip length (latent frames = 25 / s)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model")
-    p.add_argument("--variants", help="comma list of reference,fused,fused+compile to run (default: all asked for)")
+    p.add_argument("--graph", action="store_true",
+                   help="also time the fused step replayed from a CUDA graph (omni2sound.graphed_step; GPU)")
+    p.add_argument("--variants",
+                   help="comma list of reference,fused,fused+compile,fused+graph to run (default: all asked for)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 2 steps (not the reference)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -174,22 +186,26 @@ def main(argv=None) -> None:
     rows = []
     for name in presets:
         cfg = dit_config(name)
-        variants = [("reference", "reference", False), ("fused", None, False)]
+        variants = [("reference", "reference", None), ("fused", None, None)]
         if a.compile:
-            variants.append(("fused+compile", None, True))
+            variants.append(("fused+compile", None, "compile"))
+        if a.graph:
+            variants.append(("fused+graph", None, "graph"))
         if a.variants:
             variants = [v for v in variants if v[0] in a.variants.split(",")]
-        for label, backend, comp in variants:
+        for label, backend, mode in variants:
             torch.manual_seed(0)
             with torch.device(a.device):                 # init on the device: seconds, not a minute, for L
                 model = Omni2SoundDiT(cfg)
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device))   # as the trainer
+            # as the trainer; a graph replays the optimiser's step too, so its state (the step count) lives on the GPU
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device),
+                                    **({"capturable": True} if mode == "graph" and cuda else {}))
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
-            run_model = torch.compile(model) if comp else model
+            run_model = torch.compile(model) if mode == "compile" else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
             with ctx:
-                dt = time_steps(run_model, opt, x1, cond, steps, 1 if not comp else 3, a.device, True,
-                                profile=a.profile and label != "reference")
+                dt = time_steps(run_model, opt, x1, cond, steps, 3 if mode == "compile" else 1, a.device, True,
+                                profile=a.profile and label != "reference", graph=mode == "graph")
             tokens = batch * x1.shape[1]
             params = model.num_params()
             row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,

@@ -7,6 +7,8 @@
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
 #     all    both
 #     final  a short re-check: train L, VAE decode, the VAE/pipeline GPU tests, adaln, snake, generate L
+#     graph  session 9: the CUDA-graph training step (L, default backends and the Triton candidates) and the
+#            generate L split of the two Triton candidates, the VAE decode
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
@@ -129,6 +131,22 @@ if [ "$WHAT" = candidates ]; then  # the evidence to change the GPU defaults (or
   step bench_gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
   step ablate_L 60 $PY bench/bench_generate.py --ablate --presets L --device cuda --ablate-rounds 3 \
     --out "$RES/ablate_L.json"
+fi
+if [ "$WHAT" = graph ]; then    # session 9: the CUDA-graph training step, and the GPU defaults of the two Triton ops
+  # session 9's H200 profile: an L step's kernels ran 149 ms of its 225 ms; the host's launches were the bound
+  step train_L_graph 90 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+    --graph --variants fused,fused+graph --out "$RES/train_L_graph.json"
+  step train_L_graph_qk 60 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_train.py --presets L \
+    --batch 32 --seconds 10 --steps 6 --device cuda --graph --variants fused+graph --out "$RES/train_L_graph_qk.json"
+  step train_L_graph_qk_gelu 60 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY \
+    bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda --graph --variants fused+graph \
+    --profile --out "$RES/train_L_graph_qk_gelu.json"
+  step generate_L_qk 40 env OMNI2SOUND_BACKEND=qk_norm_rope=triton $PY bench/bench_generate.py \
+    --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_qk.json"
+  step generate_L_gelu 40 env OMNI2SOUND_BACKEND=bias_gelu=triton $PY bench/bench_generate.py \
+    --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_gelu.json"
+  step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --out "$RES/vae.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

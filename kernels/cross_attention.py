@@ -202,8 +202,9 @@ def cross_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k: int
     B, Lq, H, D = q.shape
     _check_last_dim(dout, q, k, v)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # zeros, not empty: key rows past cu_seqlens_k[-1] (a static packing's padding) belong to no program
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0:
         return dq, dk.zero_(), dv.zero_()
     # delta[b, h, m] = sum_d dO * O (fp32): the softmax-Jacobian term of dS.

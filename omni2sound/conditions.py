@@ -90,19 +90,25 @@ class Conditions:
             duration=torch.cat([c.duration for c in items]),
         )
 
-    def validate(self) -> None:
-        """Clear errors for malformed conditions (shape mismatch, NaN, lengths out of range)."""
+    def validate_shapes(self) -> None:
+        """The shape checks of validate(), which read no device value (no host sync)."""
         B = self.batch_size
         for name in ("text_tokens", "video_tokens", "sync"):
             t = getattr(self, name)
             if t.dim() != 3 or t.shape[0] != B:
                 raise ValueError(f"Conditions.{name} must be [B={B}, L, D], got {tuple(t.shape)}")
-            if not torch.isfinite(t).all():
+        for name in ("text_lens", "video_lens", "duration"):
+            if getattr(self, name).shape != (B,):
+                raise ValueError(f"Conditions.{name} must be [B={B}], got {tuple(getattr(self, name).shape)}")
+
+    def validate(self) -> None:
+        """Clear errors for malformed conditions (shape mismatch, NaN, lengths out of range)."""
+        self.validate_shapes()
+        for name in ("text_tokens", "video_tokens", "sync"):
+            if not torch.isfinite(getattr(self, name)).all():
                 raise ValueError(f"Conditions.{name} holds NaN or inf")
         for name, tokens in (("text_lens", self.text_tokens), ("video_lens", self.video_tokens)):
             lens = getattr(self, name)
-            if lens.shape != (B,):
-                raise ValueError(f"Conditions.{name} must be [B={B}], got {tuple(lens.shape)}")
             if (lens < 0).any() or (lens > tokens.shape[1]).any():
                 raise ValueError(f"Conditions.{name} out of range [0, {tokens.shape[1]}]: {lens.tolist()}")
         if (self.duration <= 0).any() or not torch.isfinite(self.duration).all():

@@ -117,17 +117,24 @@ class FlowMatching:
         n = torch.randn(batch, generator=generator, device=gdev)
         return torch.sigmoid(self.config.logit_mean + self.config.logit_std * n).to(device)
 
+    def draw(self, x1: Tensor, generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+        """The step's random draws: noise x0 [B, T, C] like x1 and times t [B] (logit-normal), on x1's device."""
+        gdev = generator.device if generator is not None else x1.device
+        x0 = torch.randn(x1.shape, generator=generator, device=gdev, dtype=x1.dtype).to(x1.device)
+        return x0, self.sample_t(x1.shape[0], x1.device, generator).to(x1.dtype)
+
     def loss(self, model, x1: Tensor, cond: Conditions, generator: Optional[torch.Generator] = None,
-             frame_mask: Optional[Tensor] = None) -> Tuple[Tensor, Dict[str, Tensor]]:
+             frame_mask: Optional[Tensor] = None, draws: Optional[Tuple[Tensor, Tensor]] = None
+             ) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Mean squared velocity error; x1 [B, T, C] clean latents, frame_mask [B, T] (True = real frame).
+        draws: (x0, t) from draw(), made by the caller (a CUDA-graph replay draws outside the graph); None: drawn
+        here from ``generator``.
 
         Returns (loss, logs): logs hold detached 0-d tensors (no host sync here): ``loss`` and
         ``loss_bin{i}`` per time bin i of [i/n, (i+1)/n) (NaN for an empty bin).
         """
         B = x1.shape[0]
-        gdev = generator.device if generator is not None else x1.device
-        x0 = torch.randn(x1.shape, generator=generator, device=gdev, dtype=x1.dtype).to(x1.device)
-        t = self.sample_t(B, x1.device, generator).to(x1.dtype)                      # [B]
+        x0, t = draws if draws is not None else self.draw(x1, generator)              # [B, T, C], [B]
         tb = t.view(B, 1, 1)
         x_t = (1 - tb) * x0 + tb * x1
         v = model(x_t, t, cond)                                                          # [B, T, C]

@@ -443,7 +443,8 @@ class Omni2SoundDiT(nn.Module):
         return self.x_embed.weight.device
 
     # -- once per request ----------------------------------------------------------------------------
-    def prepare_conditions(self, cond: Conditions, num_frames: int, sampling: bool = False) -> PreparedConditions:
+    def prepare_conditions(self, cond: Conditions, num_frames: int, sampling: bool = False,
+                           static: bool = False) -> PreparedConditions:
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
@@ -452,16 +453,24 @@ class Omni2SoundDiT(nn.Module):
         cross-attention (exact; see PreparedConditions.cross_rows: 7% of an S step's GEMM FLOPs; not on a GPU,
         where at batch 1 both row counts fit in one wave of GEMM tiles, so halving M saves no time and the
         concatenation adds a kernel per layer; unmeasured there). Off for training, where it costs more than it
-        saves: the dropped rows are scattered, and a data-dependent row count would recompile a compiled step."""
+        saves: the dropped rows are scattered, and a data-dependent row count would recompile a compiled step.
+
+        static: no host synchronisation and shapes fixed by the padded token counts, not the lengths (a CUDA-graph
+        capture of a training step, see graphed_step.py): the condition tokens are packed with their padding (see
+        ops.pack_condition_tokens(static=True)) and only the shapes are checked here; the values (NaN, lengths
+        in range) are the caller's to check, once, outside the capture (Conditions.validate)."""
         cfg, D = self.config, self.config.hidden_dim
         dt, dev = self.dtype, self.device
+        if static and sampling:
+            raise ValueError("prepare_conditions: static is for training steps; sampling prepares once per request")
         cond = cond.to(dev, dt)
-        self._check_conditions(cond, num_frames)
+        self._check_conditions(cond, num_frames, values=not static)
         B = cond.batch_size
         Lv = cond.video_tokens.shape[1]
         video = self.video_proj(cond.video_tokens) + self.video_pos[:Lv]                # [B, Lv, D]
         text = self.text_proj(cond.text_tokens)                                         # [B, Lt, D]
-        packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens)  # [total, D]
+        packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens,
+                                                      static=static)                    # [total, D]
         packed = self.cond_norm(packed)
         kv = [blk.cross.kv(packed) for blk in self.blocks]                              # per layer [total, H, Dh]
 
@@ -503,16 +512,24 @@ class Omni2SoundDiT(nn.Module):
         out[const] = ops.linear(s[const, :1], lin.weight, lin.bias)                     # [n, 1, N] -> [n, T, N]
         return out
 
-    def _check_conditions(self, cond: Conditions, num_frames: int) -> None:
+    def _check_conditions(self, cond: Conditions, num_frames: int, values: bool = True) -> None:
+        """Shapes always; values (NaN, lengths; host syncs) unless ``values`` is False."""
         cfg = self.config
-        cond.validate()
+        if values:
+            cond.validate()
+        else:
+            cond.validate_shapes()
         for name, t, want in (("text_tokens", cond.text_tokens, cfg.text_dim),
                               ("video_tokens", cond.video_tokens, cfg.video_dim),
                               ("sync", cond.sync, cfg.sync_dim)):
             if t.shape[2] != want:
                 raise ValueError(f"Conditions.{name} has {t.shape[2]} channels but the model expects {want} "
                                  f"(DiTConfig.{name.split('_')[0]}_dim)")
-        if cond.batch_size and int(cond.text_lens.max()) > cfg.max_text_tokens:
+        if not values:
+            if cond.text_tokens.shape[1] > cfg.max_text_tokens:
+                raise ValueError(f"text is padded to {cond.text_tokens.shape[1]} tokens; the model takes at most "
+                                 f"{cfg.max_text_tokens} (DiTConfig.max_text_tokens)")
+        elif cond.batch_size and int(cond.text_lens.max()) > cfg.max_text_tokens:
             raise ValueError(f"text has {int(cond.text_lens.max())} tokens; the model takes at most "
                              f"{cfg.max_text_tokens} (DiTConfig.max_text_tokens)")
         if cond.video_tokens.shape[1] > cfg.max_video_tokens:

@@ -1,4 +1,5 @@
 """adaln_modulate and gated_residual_adaln: every backend on this machine against a float64 reference."""
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -89,6 +90,14 @@ def run_ref64(x, h, gate, shift, scale, eps, plain=False):
         loss = loss + (x2.double() * dx2.double()).sum()
     loss.backward()
     return (x2 if h is not None else None, y), [None if t is None else t.grad for t in leaves]
+
+
+def half_ulp(ref, dtype):
+    """Half a unit in the last place of ``dtype`` at ref's largest magnitude: the error of merely storing the exact
+    answer in that dtype. The 2x rule gets it as slack: where the plain op's error is at that floor by chance (its
+    largest element happened to round well), twice its error is below what any kernel can promise."""
+    m = ref.abs().max().item() if ref.numel() else 0.0
+    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(m))
 
 
 def rel_err(a, b):
@@ -317,11 +326,11 @@ def test_low_precision_2x_rule(backend, dtype, per_token):
     (x2r, yr), gref = run_ref64(*inputs, eps)
     err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
     slack = 1e-6
-    assert err(y, yr) <= 2 * err(yp, yr) + slack
-    assert err(x2, x2r) <= 2 * err(x2p, x2r) + slack
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + slack
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + half_ulp(x2r, dtype) + slack
     for name, g, gp, gr in zip(("x", "h", "gate", "shift", "scale"), grads, gplain, gref):
         assert g.dtype == dtype
-        assert err(g, gr) <= 2 * err(gp, gr) + slack * gr.abs().max().item(), name
+        assert err(g, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + slack * gr.abs().max().item(), name
 
 
 # --------------------------------------------------------------------------------------------------
@@ -466,10 +475,10 @@ def test_gpu_low_precision_2x_rule(backend, dtype, per_token):
     (x2p, yp), gplain = run_ref64(*cpu, 1e-6, plain=True)
     (x2r, yr), gref = run_ref64(*cpu, 1e-6)
     err = lambda a, b: (a.cpu().double() - b.double()).abs().max().item()  # noqa: E731
-    assert err(y, yr) <= 2 * err(yp, yr) + 1e-6
-    assert err(x2, x2r) <= 2 * err(x2p, x2r) + 1e-6
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + 1e-6
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + half_ulp(x2r, dtype) + 1e-6
     for g, gp, gr in zip(grads, gplain, gref):
-        assert err(g, gr) <= 2 * err(gp, gr) + 1e-6 * gr.abs().max().item()
+        assert err(g, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + 1e-6 * gr.abs().max().item()
 
 
 @pytest.mark.cuda
@@ -515,10 +524,10 @@ def test_pair_low_precision_2x_rule(backend, dtype):
     (x2p, yp), gplain = run_pairs("plain", *inputs, 1e-6)
     (x2r, yr), gref = run_pairs(None, *inputs, 1e-6, double=True)
     err = lambda a, b: (a.double() - b.double()).abs().max().item()  # noqa: E731
-    assert err(y, yr) <= 2 * err(yp, yr) + 1e-6
-    assert err(x2, x2r) <= 2 * err(x2p, x2r) + 1e-6
+    assert err(y, yr) <= 2 * err(yp, yr) + half_ulp(yr, dtype) + 1e-6
+    assert err(x2, x2r) <= 2 * err(x2p, x2r) + half_ulp(x2r, dtype) + 1e-6
     for gg, gp, gr in zip(grads, gplain, gref):
-        assert err(gg, gr) <= 2 * err(gp, gr) + 1e-6 * gr.abs().max().item()
+        assert err(gg, gr) <= 2 * err(gp, gr) + half_ulp(gr, dtype) + 1e-6 * gr.abs().max().item()
 
 
 @pytest.mark.cuda

@@ -138,6 +138,63 @@ def test_pack_condition_tokens(case):
     assert max_k == max(lens)
 
 
+@pytest.mark.parametrize("case", ["both", "video_only", "text_only", "no_lens", "all_empty"])
+def test_pack_static_is_the_packing_plus_padding_rows(case):
+    # static=True (a CUDA-graph capture's packing): B * (Lv + Lt) rows whatever the lengths, the first cu[-1] of
+    # them exactly the dynamic packing, the rest the padding tokens; max_seqlen_k the padded count; a gradient
+    # through the real rows reaches exactly the real tokens
+    B, Lv, Lt, C = 5, 7, 6, 12
+    video, text = torch.randn(B, Lv, C, dtype=torch.float64), torch.randn(B, Lt, C, dtype=torch.float64)
+    vl, tl = torch.tensor([7, 0, 3, 0, 1]), torch.tensor([0, 0, 6, 2, 5])
+    if case == "video_only":
+        text, tl = None, None
+    elif case == "text_only":
+        video, vl = None, None
+    elif case == "no_lens":
+        vl, tl = None, None
+    elif case == "all_empty":
+        vl, tl = torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    leaves = [None if t is None else t.clone().requires_grad_() for t in (video, text)]
+    packed, cu, max_k = ops.pack_condition_tokens(leaves[0], vl, leaves[1], tl, static=True)
+    want, want_cu, _ = ops.pack_condition_tokens(video, vl, text, tl)
+    L = (0 if video is None else Lv) + (0 if text is None else Lt)
+    assert packed.shape == (B * L, C) and max_k == L and torch.equal(cu, want_cu)
+    total = int(cu[-1])
+    assert torch.equal(packed[:total].detach(), want)
+    # the padding rows are the remaining tokens, each once
+    every = torch.cat([t for t in (video, text) if t is not None], 1).reshape(B * L, C)
+    assert sorted(map(tuple, packed.detach().tolist())) == sorted(map(tuple, every.tolist()))
+    w = torch.randn(B * L, C, dtype=torch.float64)
+    (packed[:total] * w[:total]).sum().backward()
+    for leaf, lens, Lm in ((leaves[0], vl, Lv), (leaves[1], tl, Lt)):
+        if leaf is None:
+            continue
+        real = torch.arange(Lm)[None] < (torch.full((B,), Lm) if lens is None else lens)[:, None]
+        assert (leaf.grad[~real] == 0).all() and (leaf.grad[real] != 0).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_attention_over_a_static_packing_ignores_its_padding_rows(backend):
+    # the kernels read only rows below cu[-1]: padding rows (here random) change nothing, and get zero gradient
+    Lq, H, D = 9, 2, 16
+    lens = [5, 0, 7, 2]
+    q, k, v, cu, max_k = make_inputs(lens, Lq, H, D)
+    pad = 11
+    kp = torch.cat([k, torch.randn(pad, H, D)]).requires_grad_()
+    vp = torch.cat([v, torch.randn(pad, H, D)]).requires_grad_()
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    want_out, want_grads = run(with_backend(backend), q, k, v, cu, max_k, dout, plain=True)
+    qs = q.detach().clone().requires_grad_()
+    with ops.use_backend(cross_attention=backend):
+        out = ops.cross_attention(qs, kp, vp, cu, max_k + 3)     # an upper bound, as the static packing gives
+    dq, dk, dv = torch.autograd.grad(out, (qs, kp, vp), dout.to(out.dtype))
+    total = sum(lens)
+    torch.testing.assert_close(out, want_out, rtol=1e-5, atol=1e-6)
+    for got, want in ((dq, want_grads[0]), (dk[:total], want_grads[1]), (dv[:total], want_grads[2])):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert (dk[total:] == 0).all() and (dv[total:] == 0).all()
+
+
 def test_pack_then_attend_matches_padded_attention():
     """The packed layout feeds cross_attention: same result as masked attention over padded tokens."""
     B, Lv, Lt, H, D, Lq = 4, 5, 4, 2, 8, 9

@@ -38,7 +38,7 @@ CUDA_HEAD_DIMS = (32, 64, 128)  # the CUDA kernel is compiled for these
 # ----------------------------------------------------------------------------------------------------
 # Packing the condition tokens (once per request)
 # ----------------------------------------------------------------------------------------------------
-def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str) -> torch.Tensor:
+def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str, check: bool = True) -> torch.Tensor:
     B, L = x.shape[0], x.shape[1]
     if lens is None:
         return torch.full((B,), L, dtype=torch.int64, device=x.device)
@@ -47,14 +47,14 @@ def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str) -> t
     if lens.dtype.is_floating_point or lens.dtype == torch.bool:
         raise TypeError(f"pack_condition_tokens: {name}_lens must be an integer tensor, got {lens.dtype}")
     lens = lens.to(device=x.device, dtype=torch.int64)
-    if bool(((lens < 0) | (lens > L)).any()):  # one host sync, once per request
+    if check and bool(((lens < 0) | (lens > L)).any()):  # one host sync, once per request
         raise ValueError(f"pack_condition_tokens: {name}_lens must be in [0, {L}] (at most the padded length "
                          f"of {name}), got {lens.tolist()}")
     return lens
 
 
 def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[torch.Tensor],
-                          text: Optional[torch.Tensor], text_lens: Optional[torch.Tensor]
+                          text: Optional[torch.Tensor], text_lens: Optional[torch.Tensor], static: bool = False
                           ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Pack each sample's real ``[video tokens | text tokens]`` into the varlen key layout.
 
@@ -66,6 +66,11 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
     Returns (packed [total, C], cu_seqlens_k int32 [B + 1], max_seqlen_k int). One vectorised
     gather, no loop over the batch; max_seqlen_k costs one host sync, which is why the model calls this
     once per request and not once per step.
+
+    static: no host sync and shapes that do not depend on the lengths (what a CUDA-graph capture of a training
+    step needs): packed has all B * (Lv + Lt) rows, the real tokens first in the same order as above and the
+    padding tokens after row cu_seqlens_k[-1], where no kernel reads them (their gradient is zero);
+    max_seqlen_k = Lv + Lt, an upper bound. The lengths are not range-checked (that check reads them on the host).
     """
     ref = video if video is not None else text
     if ref is not None:                       # under autocast both modalities in the autocast dtype
@@ -73,12 +78,12 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
     parts, masks = [], []
     for x, lens, name in ((video, video_lens, "video"), (text, text_lens, "text")):
         if x is None:
-            if lens is not None and bool((lens != 0).any()):
+            if lens is not None and not static and bool((lens != 0).any()):
                 raise ValueError(f"pack_condition_tokens: {name} is None but {name}_lens has nonzero entries")
             continue
         if x.dim() != 3:
             raise ValueError(f"pack_condition_tokens: {name} must be [B, L, C], got shape {tuple(x.shape)}")
-        lens = _lens_or_full(x, lens, name)
+        lens = _lens_or_full(x, lens, name, check=not static)
         pos = torch.arange(x.shape[1], device=x.device)
         parts.append(x)
         masks.append(pos[None, :] < lens[:, None])  # [B, L] True on real tokens
@@ -95,10 +100,17 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
                              f"{t.device}) must share dtype and device")
     tokens = torch.cat(parts, dim=1) if len(parts) == 2 else parts[0]     # [B, Lv + Lt, C]
     real = torch.cat(masks, dim=1) if len(masks) == 2 else masks[0]       # [B, Lv + Lt]
-    # Row-major boolean indexing keeps, per sample, its video tokens then its text tokens.
-    packed = tokens[real]                                                 # [total, C]
     seqlens = real.sum(dim=1)                                             # [B]
     cu_seqlens_k = F.pad(torch.cumsum(seqlens, 0), (1, 0)).to(torch.int32)
+    if static:
+        # One stable order of every token: the real ones in row-major order (as the boolean index below), then the
+        # padding ones. The sort keys are unique, so the order is a permutation and the gather's backward exact.
+        B, L = real.shape
+        n = torch.arange(B * L, device=real.device)
+        order = torch.argsort((~real).reshape(-1).to(torch.int64) * (B * L) + n)
+        return tokens.reshape(B * L, -1).index_select(0, order), cu_seqlens_k, L    # [B * L, C]
+    # Row-major boolean indexing keeps, per sample, its video tokens then its text tokens.
+    packed = tokens[real]                                                 # [total, C]
     max_seqlen_k = int(seqlens.max()) if seqlens.numel() else 0
     return packed, cu_seqlens_k, max_seqlen_k
 
@@ -158,7 +170,8 @@ def _reference_per_sample(q, k, v, cu_seqlens_k, scale):
     lens = [e - s for s, e in zip(bounds[:-1], bounds[1:])]
     # split, not slicing: the backward of split is one cat, where B slices would each scatter into a
     # full-size zero gradient (O(B^2) memory traffic).
-    qs, ks, vs = q.split(1), k.split(lens), v.split(lens)
+    # rows past cu_seqlens_k[-1] (pack_condition_tokens(static=True)'s padding) belong to no sample
+    qs, ks, vs = q.split(1), k[:bounds[-1]].split(lens), v[:bounds[-1]].split(lens)
     outs = []
     for qb, kb, vb in zip(qs, ks, vs):
         if kb.shape[0] == 0:
@@ -197,18 +210,20 @@ def _backward_math(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k, scale):
     dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * scale
     dkp = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale                         # [B, Lk, H, D]
     dvp = torch.einsum("bhqk,bqhd->bkhd", p, df)
-    idx = _packed_rows(cu_seqlens_k, kp.shape[1], k.shape[0])
-    dk = dkp.reshape(-1, *dkp.shape[2:])[idx]
-    dv = dvp.reshape(-1, *dvp.shape[2:])[idx]
+    idx = _packed_rows(cu_seqlens_k, kp.shape[1], k.shape[0])                      # past the end: the zero row
+    dk = F.pad(dkp.reshape(-1, *dkp.shape[2:]), (0, 0, 0, 0, 0, 1))[idx]
+    dv = F.pad(dvp.reshape(-1, *dvp.shape[2:]), (0, 0, 0, 0, 0, 1))[idx]
     return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
 
 
 def _packed_rows(cu_seqlens_k: torch.Tensor, Lk: int, total_k: int) -> torch.Tensor:
-    """For each packed key row, its row in the flattened padded [B * Lk] layout."""
+    """For each packed key row, its row in the flattened padded [B * Lk] layout; B * Lk (one past the end) for a
+    row past cu_seqlens_k[-1], which belongs to no sample (pack_condition_tokens(static=True)'s padding)."""
     cu = cu_seqlens_k.to(torch.int64)
+    B = cu.shape[0] - 1
     r = torch.arange(total_k, device=cu.device)
-    b = torch.searchsorted(cu[1:], r, right=True)                                 # sample of row r
-    return b * Lk + (r - cu[b])
+    b = torch.searchsorted(cu[1:], r, right=True).clamp(max=max(B - 1, 0))       # sample of row r
+    return torch.where(r < cu[-1], b * Lk + (r - cu[b]), B * Lk)
 
 
 # ----------------------------------------------------------------------------------------------------
