@@ -9,6 +9,7 @@
 #     final  a short re-check: train L, VAE decode, the VAE/pipeline GPU tests, adaln, snake, generate L
 #     graph  session 9: the CUDA-graph training step (L, default backends and the Triton candidates) and the
 #            generate L split of the two Triton candidates, the VAE decode
+#     final9 session 9's re-check of the committed defaults: train L (eager and graphed), generate L (with plain)
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
@@ -147,6 +148,12 @@ if [ "$WHAT" = graph ]; then    # session 9: the CUDA-graph training step, and t
     --presets L --batches 1 --repeats 3 --device cuda --no-plain --out "$RES/generate_L_gelu.json"
   step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --out "$RES/vae.json"
+fi
+if [ "$WHAT" = final9 ]; then   # session 9's re-check of the committed defaults (qk_norm_rope: Triton on a GPU)
+  step train_L 70 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+    --graph --variants fused,fused+graph --out "$RES/train_L.json"
+  step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda \
+    --out "$RES/generate_L.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

@@ -29,6 +29,7 @@ import contextlib
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .conditions import Conditions
@@ -46,12 +47,16 @@ class GraphedTrainStep:
 
     def __init__(self, model: torch.nn.Module, opt: torch.optim.Optimizer, flow: Optional[FlowMatching] = None,
                  autocast_dtype: Optional[torch.dtype] = torch.bfloat16, warmup: int = 2, max_graphs: int = 2,
-                 before_step: Optional[Callable[[], None]] = None, graphs: bool = True):
+                 before_step: Optional[Callable[[], None]] = None, graphs: bool = True,
+                 pad_text_to: Optional[int] = None):
         self.model, self.opt, self.flow = model, opt, flow or FlowMatching()
         self.autocast_dtype, self.warmup, self.max_graphs = autocast_dtype, warmup, max_graphs
         self.before_step = before_step              # e.g. gradient clipping: runs (and is captured) before opt.step
         self.device = next(model.parameters()).device
         self.use_graphs = graphs and self.device.type == "cuda"
+        # Text padded to a fixed count keeps one graph for batches whose longest caption differs (the lengths stay
+        # exact: padding tokens are never attended); the cost is the K/V projections of the padding rows.
+        self.pad_text_to = pad_text_to
         self.graphs: Dict[tuple, tuple] = {}
         if self.use_graphs:
             for group in opt.param_groups:
@@ -87,6 +92,10 @@ class GraphedTrainStep:
         x1 = x1.to(self.device)
         cond = cond.to(self.device)
         cond.validate()                                             # the checks the capture leaves out, once here
+        Lt = cond.text_tokens.shape[1]
+        if self.pad_text_to is not None and Lt < self.pad_text_to:
+            cond = Conditions(**{**{f: getattr(cond, f) for f in _COND_FIELDS},
+                                 "text_tokens": F.pad(cond.text_tokens, (0, 0, 0, self.pad_text_to - Lt))})
         if draws is None:
             draws = self.flow.draw(x1, generator)
         if not self.use_graphs:                                     # the same step, eagerly

@@ -87,6 +87,7 @@ class TrainConfig:
     bf16: bool = True
     grad_checkpointing: bool = False
     compile: bool = False
+    cuda_graph: bool = False          # DiT stages on one GPU: replay each step from a CUDA graph (graphed_step.py)
     parallel: str = "ddp"
     # the report
     sample_steps: int = 25
@@ -293,7 +294,8 @@ def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: 
     stage_id = STAGES.index(stage)
     gb = micro * (accum or cfg.accum) * info.world
 
-    def loss_fn(module, step, chunk):
+    def batch_fn(step, chunk):
+        """(x1, cond, generator, logs) of micro-batch ``chunk``: the generator then draws the flow's noise and t."""
         task = draw_task(cfg, stage, seeded(cfg.seed, stage_id, step, 7))       # the same on every rank
         idx = step_indices(len(table), step, gb, cfg.seed, stage_id)[chunk * micro:(chunk + 1) * micro]
         g = seeded(cfg.seed, stage_id, step, 1000 + chunk)                      # this micro-batch's draws
@@ -304,10 +306,15 @@ def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: 
         cond = cond.for_task(task)
         keep = torch.rand(x1.shape[0], generator=g) >= cfg.p_null                # CFG null condition
         cond = cond.drop(keep_text=keep, keep_video=keep)
-        loss, logs = flow.loss(module, x1.to(info.device), cond.to(info.device), generator=g)
-        return loss, {"loss": logs["loss"], "task": task, "samples": x1.shape[0],
-                      "tokens": x1.shape[0] * x1.shape[1], "offscreen_mixed": n_off, "text_dropped": n_drop}
+        return x1, cond, g, {"task": task, "samples": x1.shape[0], "tokens": x1.shape[0] * x1.shape[1],
+                             "offscreen_mixed": n_off, "text_dropped": n_drop}
 
+    def loss_fn(module, step, chunk):
+        x1, cond, g, logs = batch_fn(step, chunk)
+        loss, flow_logs = flow.loss(module, x1.to(info.device), cond.to(info.device), generator=g)
+        return loss, {"loss": flow_logs["loss"], **logs}
+
+    loss_fn.batch, loss_fn.flow = batch_fn, flow        # the CUDA-graph step calls these (Trainer, cuda_graph)
     return loss_fn
 
 
@@ -375,7 +382,8 @@ def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
     return LoopConfig(steps=cfg.stage_steps(stage), micro_batch=micro, accum=cfg.accum, log_every=cfg.log_every,
                       ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, bf16=cfg.bf16,
                       grad_checkpointing=cfg.grad_checkpointing and stage != "vae",
-                      compile=cfg.compile, parallel=cfg.parallel, progress=cfg.progress)
+                      compile=cfg.compile, cuda_graph=cfg.cuda_graph and stage != "vae", parallel=cfg.parallel,
+                      progress=cfg.progress)
 
 
 def _optim(cfg: TrainConfig) -> OptimConfig:

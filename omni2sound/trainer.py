@@ -206,6 +206,10 @@ class LoopConfig:
     bf16: bool = True                 # autocast on GPU only
     grad_checkpointing: bool = False
     compile: bool = False
+    # Replay each step from a CUDA graph (omni2sound/graphed_step.py; an L step on an H200: 245 -> 180 ms, the host's
+    # launches were the bound). One process, accum 1, a loss_fn with .batch / .flow (make_dit_loss); off a GPU the
+    # same static step runs eagerly.
+    cuda_graph: bool = False
     parallel: str = "ddp"             # "ddp" | "fsdp" (when WORLD_SIZE > 1)
     progress: bool = True
 
@@ -243,12 +247,27 @@ class Trainer:
         self.step_module = torch.compile(self.module) if loop.compile else self.module
         decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
+        graph_gpu = loop.cuda_graph and self.info.device.startswith("cuda")
+        if loop.cuda_graph:
+            self._check_graph_setup(loss_fn)
+        # A replayed optimiser step reads its learning rate and step count from the GPU: a tensor lr (the
+        # scheduler fills it in place) and capturable state.
+        lr = torch.tensor(optim.lr, device=self.info.device) if graph_gpu else optim.lr
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}],
-                                     lr=optim.lr, betas=tuple(optim.betas),
-                                     fused=fused_adamw_ok(self.info.device))
+                                     lr=lr, betas=tuple(optim.betas),
+                                     fused=fused_adamw_ok(self.info.device),
+                                     **({"capturable": True} if graph_gpu else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lr_lambda(optim.warmup, loop.steps, optim.min_lr_ratio))
+        self.graphed = None
+        if loop.cuda_graph:
+            from .graphed_step import GraphedTrainStep
+            self._gnorm = torch.zeros((), device=self.info.device)
+            self.graphed = GraphedTrainStep(
+                model, self.opt, loss_fn.flow, autocast_dtype=torch.bfloat16 if loop.bf16 else None,
+                before_step=self._clip if optim.grad_clip > 0 else None,
+                pad_text_to=getattr(getattr(model, "config", None), "max_text_tokens", None))   # one graph
         self.step = 0
         self.history: list = []
 
@@ -300,8 +319,39 @@ class Trainer:
     def global_batch(self) -> int:
         return self.info.world * self.loop.accum * self.loop.micro_batch
 
+    def _check_graph_setup(self, loss_fn) -> None:
+        why = [w for bad, w in ((self.info.world > 1, "one process (DDP / FSDP hooks are not captured)"),
+                                (self.loop.accum != 1, "accum 1"), (self.loop.compile, "compile off"),
+                                (self.loop.grad_checkpointing, "grad_checkpointing off"),
+                                (not hasattr(loss_fn, "batch") or not hasattr(loss_fn, "flow"),
+                                 "a loss_fn with .batch and .flow (train.make_dit_loss)")) if bad]
+        if why:
+            raise ValueError("LoopConfig.cuda_graph needs " + ", ".join(why))
+
+    def _clip(self) -> None:
+        """Gradient clipping inside the captured step: the norm stays a device tensor (no host read)."""
+        self._gnorm.copy_(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+
+    def _graphed_train_step(self) -> tuple:
+        x1, cond, g, logs = self.loss_fn.batch(self.step, self.info.rank)
+        loss, _ = self.graphed(x1, cond, generator=g)
+        return float(loss), logs, (self._gnorm if self.optim_cfg.grad_clip > 0 else torch.zeros(()))
+
     # -- one optimiser step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
+        if self.graphed is not None:
+            loss, logs, gnorm = self._graphed_train_step()
+            lr = self.sched.get_last_lr()[0]
+            self.sched.step()
+            self.ema.update(self.model)
+            self.step += 1
+            out = {"step": self.step, "lr": float(lr), "grad_norm": float(gnorm), "loss": loss}
+            if "task" in logs:
+                out["task"] = logs["task"]
+                out[f"loss_{logs['task']}"] = loss
+            out.update({k: v for k, v in logs.items() if k not in ("task", "samples", "tokens")})
+            out["samples"], out["tokens"] = logs["samples"], logs["tokens"]
+            return out
         self.module.train()
         accum, step = self.loop.accum, self.step
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)

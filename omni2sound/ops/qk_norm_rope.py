@@ -63,10 +63,10 @@ _AVAILABLE = {
     "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("qk_norm_rope_forward_cpu"),
     "triton": lambda d: triton_available(d.type),
 }
-# On a GPU the default stays the reference until the Triton kernel has been run and timed on one (it has been
-# checked against the reference only under TRITON_INTERPRET=1 so far); use_backend(qk_norm_rope="triton") or
-# OMNI2SOUND_BACKEND picks it explicitly.
-register_op("qk_norm_rope", _AVAILABLE, default_order={"cuda": ("reference",), "cpu": ("cpu", "reference")})
+# GPU default: Triton, measured on an H200 (session 9, bench/RESULTS.md): L sampling 99.5 -> 77.6 ms (25 steps),
+# the graphed L training step 179.5 -> 152.6 ms; fwd+bwd 2.1-2.8x eager at the training shapes. The reference is
+# the fallback where Triton is missing.
+register_op("qk_norm_rope", _AVAILABLE, default_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
 
 
 def _strides(qk: Tensor) -> tuple:
