@@ -309,6 +309,10 @@ class Trainer:
         else:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
+        if self.graphed is not None and self.info.device.startswith("cuda"):
+            # the replayed optimiser step reads lr from a GPU tensor; a loaded state may hold a float or a CPU tensor
+            for g in self.opt.param_groups:
+                g["lr"] = torch.tensor(float(g["lr"]), device=self.info.device)
         self.ema.load_state_dict(ck["ema"])
         self.sched.load_state_dict(ck["scheduler"])
         self.step = ck["step"]

@@ -118,10 +118,12 @@ def packed_by_loop(video, vl, text, tl):
     return torch.cat(rows), lens
 
 
-@pytest.mark.parametrize("case", ["both", "video_only", "text_only", "no_lens", "all_empty"])
-def test_pack_condition_tokens(case):
-    B, Lv, Lt, C = 5, 7, 6, 12
-    video, text = torch.randn(B, Lv, C), torch.randn(B, Lt, C)
+PACK_CASES = ["both", "video_only", "text_only", "no_lens", "all_empty"]
+
+
+def pack_case(case, B=5, Lv=7, Lt=6, C=12, dtype=torch.float32):
+    """(video, video_lens, text, text_lens) of one packing case: empty samples, a missing modality, no lengths."""
+    video, text = torch.randn(B, Lv, C, dtype=dtype), torch.randn(B, Lt, C, dtype=dtype)
     vl, tl = torch.tensor([7, 0, 3, 0, 1]), torch.tensor([0, 0, 6, 2, 5])
     if case == "video_only":
         text, tl = None, None
@@ -131,6 +133,12 @@ def test_pack_condition_tokens(case):
         vl, tl = None, None
     elif case == "all_empty":
         vl, tl = torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    return video, vl, text, tl
+
+
+@pytest.mark.parametrize("case", PACK_CASES)
+def test_pack_condition_tokens(case):
+    video, vl, text, tl = pack_case(case)
     packed, cu, max_k = ops.pack_condition_tokens(video, vl, text, tl)
     want, lens = packed_by_loop(video, vl, text, tl)
     assert torch.equal(packed, want)
@@ -138,22 +146,13 @@ def test_pack_condition_tokens(case):
     assert max_k == max(lens)
 
 
-@pytest.mark.parametrize("case", ["both", "video_only", "text_only", "no_lens", "all_empty"])
+@pytest.mark.parametrize("case", PACK_CASES)
 def test_pack_static_is_the_packing_plus_padding_rows(case):
     # static=True (a CUDA-graph capture's packing): B * (Lv + Lt) rows whatever the lengths, the first cu[-1] of
     # them exactly the dynamic packing, the rest the padding tokens; max_seqlen_k the padded count; a gradient
     # through the real rows reaches exactly the real tokens
     B, Lv, Lt, C = 5, 7, 6, 12
-    video, text = torch.randn(B, Lv, C, dtype=torch.float64), torch.randn(B, Lt, C, dtype=torch.float64)
-    vl, tl = torch.tensor([7, 0, 3, 0, 1]), torch.tensor([0, 0, 6, 2, 5])
-    if case == "video_only":
-        text, tl = None, None
-    elif case == "text_only":
-        video, vl = None, None
-    elif case == "no_lens":
-        vl, tl = None, None
-    elif case == "all_empty":
-        vl, tl = torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    video, vl, text, tl = pack_case(case, B, Lv, Lt, C, dtype=torch.float64)
     leaves = [None if t is None else t.clone().requires_grad_() for t in (video, text)]
     packed, cu, max_k = ops.pack_condition_tokens(leaves[0], vl, leaves[1], tl, static=True)
     want, want_cu, _ = ops.pack_condition_tokens(video, vl, text, tl)
