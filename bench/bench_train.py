@@ -38,7 +38,7 @@ def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:
 
 
 def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16: bool, profile: bool = False,
-               graph: bool = False) -> float:
+               graph: bool = False, pad_text_to=None) -> float:
     """Seconds per training step. graph: the step replayed from a CUDA graph (GraphedTrainStep: its draws and
     input copies, made outside the graph, are timed with it); the first call captures it."""
     flow = FlowMatching()
@@ -47,7 +47,8 @@ def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16:
     g = torch.Generator(device=device).manual_seed(0) if device.startswith("cuda") else torch.Generator()
 
     if graph:
-        graphed = GraphedTrainStep(model, opt, flow, autocast_dtype=torch.bfloat16 if bf16 else None)
+        graphed = GraphedTrainStep(model, opt, flow, autocast_dtype=torch.bfloat16 if bf16 else None,
+                                   pad_text_to=pad_text_to)
 
         def step():
             graphed(x1, cond, generator=g)
@@ -155,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile of the fused model")
     p.add_argument("--graph", action="store_true",
                    help="also time the fused step replayed from a CUDA graph (omni2sound.graphed_step; GPU)")
+    p.add_argument("--pad-text", type=int, default=None,
+                   help="graph variant: pad the captions to this many tokens (the trainer pads to max_text_tokens)")
     p.add_argument("--variants",
                    help="comma list of reference,fused,fused+compile,fused+graph to run (default: all asked for)")
     p.add_argument("--profile", action="store_true", help="print the top kernels of 2 steps (not the reference)")
@@ -205,7 +208,8 @@ def main(argv=None) -> None:
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
             with ctx:
                 dt = time_steps(run_model, opt, x1, cond, steps, 3 if mode == "compile" else 1, a.device, True,
-                                profile=a.profile and label != "reference", graph=mode == "graph")
+                                profile=a.profile and label != "reference", graph=mode == "graph",
+                                pad_text_to=a.pad_text)
             tokens = batch * x1.shape[1]
             params = model.num_params()
             row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,

@@ -40,6 +40,25 @@ def best_time(fn, repeats, device):
     return best
 
 
+def profile_decode(name: str, fn, calls: int = 3) -> None:
+    """Print the top CUDA kernels of ``calls`` decodes (times per decode)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    dev_us = lambda e: getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)  # noqa: E731
+    rows = sorted((e for e in prof.key_averages() if dev_us(e) > 0), key=lambda e: -dev_us(e))
+    total = sum(dev_us(e) for e in rows) / calls
+    print(f"\n### {name}: {total / 1e3:.2f} ms of kernels per decode\n")
+    print("| kernel | us per decode | calls per decode |")
+    print("|---|---|---|")
+    for e in rows[:14]:
+        print(f"| {e.key[:90]} | {dev_us(e) / calls:.0f} | {e.count / calls:g} |")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", choices=sorted(VAE_PRESETS))
@@ -53,6 +72,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="2 s of audio, 2 repeats, no torch.compile")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--out", default=None, help="write the results as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="GPU: print the top kernels of the eager fp32, graphed fused and channels-last decodes")
     args = p.parse_args(argv)
     dev = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
@@ -115,6 +136,13 @@ def main(argv=None):
                 err_cl = (channels_last().float() - ref.float()).abs().max().item()
                 results["fused_channels_last_triton_graph"] = time_gpu(channels_last, repeats, 1)[0] * 1e-6
                 print(f"(channels-last decode: max |out - eager| = {err_cl:.2e})")
+            else:
+                channels_last = None
+            if args.profile:     # where a decode's time goes, per kernel (graph replays are traced kernel by kernel)
+                paths = {"eager": eager, "fused_graph": lambda: vae.decode_graphed(z), "channels_last": channels_last}
+                for name, fn in paths.items():
+                    if fn is not None:
+                        profile_decode(name, fn)
         default = ops.select_backend("snake_residual", torch.device(dev))
         for b in ops.available_backends("snake_residual", torch.device(dev)):
             if b not in ("reference", default):                 # the other fused backends (GPU: triton / cuda)

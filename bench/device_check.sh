@@ -10,6 +10,7 @@
 #     graph  session 9: the CUDA-graph training step (L, default backends and the Triton candidates) and the
 #            generate L split of the two Triton candidates, the VAE decode
 #     final9 session 9's re-check of the committed defaults: train L (eager and graphed), generate L (with plain)
+#     probe9 the graph paths' GPU tests (trainer resume), the VAE decode's kernels, L with captions padded to 128
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
@@ -154,6 +155,14 @@ if [ "$WHAT" = final9 ]; then   # session 9's re-check of the committed defaults
     --graph --variants fused,fused+graph --out "$RES/train_L.json"
   step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda \
     --out "$RES/generate_L.json"
+fi
+if [ "$WHAT" = probe9 ]; then   # session 9's last call: the graph paths' GPU tests, the decode's kernels, padding
+  step tests_graph 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py tests/test_graphed_step.py \
+    tests/test_vae.py -rf --timeout 60
+  step vae_profile 70 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --profile --out "$RES/vae.json"
+  step train_L_pad 60 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda --graph \
+    --variants fused+graph --pad-text 128 --out "$RES/train_L_pad128.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

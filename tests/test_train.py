@@ -372,3 +372,11 @@ def test_gpu_cuda_graph_loop_trains_like_the_plain_loop(tmp_path):
     assert [r["lr"] for r in logs[1]] == pytest.approx([r["lr"] for r in logs[0]], rel=1e-5)
     for (k, a), b in zip(plain.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3, msg=k)
+    # killed after 2 steps and resumed in a fresh trainer: the loaded optimiser's lr goes back on the GPU as a
+    # tensor, a new graph is captured, and the run ends where the uninterrupted one did
+    part = _trainer(str(tmp_path / "c"), table, 5, info=info, cuda_graph=True)
+    part.fit(stop_after=2)
+    resumed = _trainer(str(tmp_path / "c"), table, 5, info=info, model=small_dit(seed=99), cuda_graph=True)
+    h_res = resumed.fit(resume=True)
+    assert all(torch.is_tensor(g["lr"]) and g["lr"].is_cuda for g in resumed.opt.param_groups)
+    assert [h["loss"] for h in h_res] == pytest.approx([h["loss"] for h in h_graph], rel=1e-5)
