@@ -113,6 +113,12 @@ def main(argv=None):
         if dev == "cuda":                                        # the pipeline's decode: one CUDA graph replay
             vae.decode_graphed(z)
             results["fused_graph"] = best_time(lambda: vae.decode_graphed(z), repeats, dev)
+            # the same with the last conv (one output channel) left to cuDNN instead of the GEMM form (session 9)
+            cudnn_out = copy.deepcopy(vae)
+            cudnn_out.decoder.out_conv_as_gemm = False
+            cudnn_out.decode_graphed(z)
+            results["fused_graph_cudnn_out_conv"] = best_time(lambda: cudnn_out.decode_graphed(z), repeats, dev)
+            del cudnn_out
         if dev == "cuda":
             # cuDNN picks conv algorithms by heuristics unless asked to time them; bf16 conv1d at batch 1 was slower
             # than fp32 (session 3), so measure both the baseline and the graphed decode with autotuned algorithms

@@ -204,6 +204,24 @@ def _wn(conv: nn.Module, gain: float = 1.0) -> nn.Module:
     return weight_norm(conv)
 
 
+def conv1d_as_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, dilation: int = 1) -> Tensor:
+    """A stride-1 conv1d with few output channels as one GEMM and K shifted adds (any memory layout of x).
+
+    x [B, Cin, T], weight [Cout, Cin, K] -> [B, Cout, T + 2 padding - dilation (K - 1)]:
+    P[b, o, k, t] = sum_c weight[o, c, k] x[b, c, t] (the GEMM reads x once), then
+    out[b, o, t] = sum_k P[b, o, k, t + k dilation - padding] (zero outside [0, T)).
+    """
+    Cout, _, K = weight.shape
+    B, _, T = x.shape
+    p = torch.matmul(weight.permute(0, 2, 1).reshape(Cout * K, -1).to(x.dtype), x)      # [B, Cout * K, T]
+    p = F.pad(p, (padding, padding)).view(B, Cout, K, T + 2 * padding)
+    T_out = T + 2 * padding - dilation * (K - 1)
+    out = p[:, :, 0, :T_out].clone()
+    for k in range(1, K):
+        out += p[:, :, k, k * dilation:k * dilation + T_out]
+    return out if bias is None else out + bias.to(out.dtype)[None, :, None]
+
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1, bias: bool = True,
           gain: float = 1.0) -> nn.Module:
     pad = (dilation * (k - 1)) // 2 if stride == 1 else math.ceil(stride / 2)
@@ -349,6 +367,11 @@ class Decoder(nn.Module):
         else:
             self.conv_out = _conv(widths[-1], 1, cfg.kernel_size, bias=False, gain=0.2)   # start near audio level
             self.synth = None
+        # The waveform head's last conv (64 -> 1 channel, k 7, at the sample rate) as one GEMM and K shifted adds:
+        # None = on CUDA only. cuDNN has no tensor-core kernel for one output channel: in an H200 profile of the
+        # graphed bf16 decode (session 9) it ran a legacy implicit-GEMM kernel for 1.40 of the 3.53 ms (and a
+        # channels-last grouped direct kernel for 56 ms), for a conv that reads 20 MB.
+        self.out_conv_as_gemm: Optional[bool] = None
 
     def _snakes_after_adds(self):
         """For each residual unit in order, the Snake that directly follows its residual add."""
@@ -381,7 +404,17 @@ class Decoder(nn.Module):
             for unit in block.res:
                 nxt = next(after)
                 h, y = ops.snake_residual(unit.branch(y), *nxt.alpha_beta(), h, nxt.eps)
-        return self.conv_out(y)                              # [B, 1, T * hop] or [B, 2 n_bins, frames]
+        return self._conv_out(y)                             # [B, 1, T * hop] or [B, 2 n_bins, frames]
+
+    def _conv_out(self, y: Tensor) -> Tensor:
+        m = self.conv_out
+        gemm = self.out_conv_as_gemm if self.out_conv_as_gemm is not None else y.is_cuda
+        if gemm and m.out_channels <= 4 and m.stride[0] == 1 and m.groups == 1 and m.padding_mode == "zeros":
+            return conv1d_as_gemm(y, m.weight, m.bias, m.padding[0], m.dilation[0])
+        if y.dim() == 3 and y.stride(1) == 1 and y.shape[1] > 1:  # channels-last storage: the 2-D conv of that layout
+            return F.conv2d(y.unsqueeze(2), m.weight.unsqueeze(2), m.bias, padding=(0, m.padding[0]),
+                            dilation=(1, m.dilation[0])).squeeze(2).contiguous()
+        return m(y)
 
     def _head(self, out: Tensor) -> Tensor:
         """The last conv's output -> waveform: itself (waveform head) or its inverse STFT (stft head)."""
@@ -413,7 +446,7 @@ class Decoder(nn.Module):
                 nxt = next(after)
                 branch = conv(unit.conv2, unit.snake2(conv(unit.conv1, y)))
                 h, y = ops.snake_residual(branch, *nxt.alpha_beta(), h, nxt.eps)
-        return conv(self.conv_out, y).contiguous()             # [B, 1, T * hop] or [B, 2 n_bins, frames]
+        return self._conv_out(y)                                # [B, 1, T * hop] or [B, 2 n_bins, frames]
 
     def receptive_radius_frames(self, cfg: VAEConfig) -> float:
         """How many latent frames on each side one output sample depends on.

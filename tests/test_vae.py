@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omni2sound import ops
 from omni2sound.vae import VAE_PRESETS, AudioVAE, VAEConfig, build_vae
@@ -345,3 +346,40 @@ def test_deepcopy_leaves_the_decode_graphs_behind(tiny):
     assert "_decode_graphs" not in twin.__dict__
     assert all(torch.equal(a, b) for a, b in zip(twin.state_dict().values(), vae.state_dict().values()))
     assert "key" in vae._decode_graphs                       # the original keeps its cache
+
+
+@pytest.mark.parametrize("cout,k,dilation,bias", [(1, 7, 1, False), (2, 3, 2, True), (3, 1, 1, True), (1, 7, 3, True)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv1d_as_gemm_equals_conv1d(cout, k, dilation, bias, channels_last):
+    # the decoder's last conv on a GPU (one output channel: cuDNN has no tensor-core kernel for it): forward and
+    # every gradient against F.conv1d in float64, an odd length, both memory layouts of the input
+    from omni2sound.vae import conv1d_as_gemm
+    x = torch.randn(2, 5, 37, dtype=torch.float64)
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)          # [B, C, T] with the channels innermost
+    w = torch.randn(cout, 5, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(cout, dtype=torch.float64, requires_grad=True) if bias else None
+    pad = dilation * (k - 1) // 2
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    got = conv1d_as_gemm(xs[0], w, b, pad, dilation)
+    want = F.conv1d(xs[1], w, b, padding=pad, dilation=dilation)
+    torch.testing.assert_close(got, want)
+    dy = torch.randn_like(want)
+    g1 = torch.autograd.grad(got, [xs[0], w] + ([b] if bias else []), dy)
+    g2 = torch.autograd.grad(want, [xs[1], w] + ([b] if bias else []), dy)
+    for a, c in zip(g1, g2):
+        torch.testing.assert_close(a, c)
+
+
+def test_decoder_with_the_gemm_out_conv_decodes_the_same(tiny):
+    # both layouts (the CPU inference path is channels-last), with and without the GEMM form of the last conv
+    dec = tiny.decoder
+    z = torch.randn(2, tiny.config.latent_dim, 9)
+    with torch.no_grad():
+        outs = {}
+        for gemm in (False, True):
+            dec.out_conv_as_gemm = gemm
+            outs[gemm] = (dec.frames(z), dec._forward_channels_last(z))
+        dec.out_conv_as_gemm = None
+    for a, b in zip(outs[False], outs[True]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
