@@ -91,10 +91,16 @@ def main(argv=None):
     audio_s = args.batch * frames * vae.hop_length / vae.sample_rate
 
     def decode_on(backend, model, latents):
-        """A decode of ``latents`` by ``model`` with every Snake op on ``backend``."""
+        """A decode of ``latents`` by ``model`` with every Snake op on ``backend``; the reference backend is the plain
+        decoder, whose last conv is nn.Conv1d (not the GEMM form the fused path uses on a GPU)."""
         def run():
-            with ops.use_backend(snake=backend):
-                return model.decode(latents)
+            flag = model.decoder.out_conv_as_gemm
+            model.decoder.out_conv_as_gemm = False if backend == "reference" else flag
+            try:
+                with ops.use_backend(snake=backend):
+                    return model.decode(latents)
+            finally:
+                model.decoder.out_conv_as_gemm = flag
         return run
 
     eager = decode_on("reference", base, z_base)
