@@ -222,6 +222,12 @@ def conv1d_as_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: i
     return out if bias is None else out + bias.to(out.dtype)[None, :, None]
 
 
+def _conv_channels_last(m: nn.Module, x: Tensor) -> Tensor:
+    """Conv1d module m on x [B, Cin, T] stored channels-last, as the 2-D conv of that layout -> [B, Cout, T']."""
+    return F.conv2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
+                    padding=(0, m.padding[0]), dilation=(1, m.dilation[0])).squeeze(2)
+
+
 def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1, bias: bool = True,
           gain: float = 1.0) -> nn.Module:
     pad = (dilation * (k - 1)) // 2 if stride == 1 else math.ceil(stride / 2)
@@ -411,9 +417,8 @@ class Decoder(nn.Module):
         gemm = self.out_conv_as_gemm if self.out_conv_as_gemm is not None else y.is_cuda
         if gemm and m.out_channels <= 4 and m.stride[0] == 1 and m.groups == 1 and m.padding_mode == "zeros":
             return conv1d_as_gemm(y, m.weight, m.bias, m.padding[0], m.dilation[0])
-        if y.dim() == 3 and y.stride(1) == 1 and y.shape[1] > 1:  # channels-last storage: the 2-D conv of that layout
-            return F.conv2d(y.unsqueeze(2), m.weight.unsqueeze(2), m.bias, padding=(0, m.padding[0]),
-                            dilation=(1, m.dilation[0])).squeeze(2).contiguous()
+        if y.stride(1) == 1 and y.shape[1] > 1:              # channels-last storage: the 2-D conv of that layout
+            return _conv_channels_last(m, y).contiguous()
         return m(y)
 
     def _head(self, out: Tensor) -> Tensor:
@@ -427,10 +432,7 @@ class Decoder(nn.Module):
         on this project's CPU box: no layout reorder around every call); the C++ Snake kernels read and write that
         layout directly. Same weights and math as ``forward``: only the memory layout differs.
         """
-        def conv(m: nn.Module, x: Tensor) -> Tensor:             # x [B, Cin, T] channels-last -> [B, Cout, T']
-            return F.conv2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
-                            padding=(0, m.padding[0]), dilation=(1, m.dilation[0])).squeeze(2)
-
+        conv = _conv_channels_last
         def up(m: nn.Module, x: Tensor) -> Tensor:
             return F.conv_transpose2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
                                       padding=(0, m.padding[0])).squeeze(2)
