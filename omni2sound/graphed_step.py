@@ -26,6 +26,7 @@ Single process only: DDP's gradient all-reduce hooks are not captured here.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import replace
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -94,28 +95,27 @@ class GraphedTrainStep:
         cond.validate()                                             # the checks the capture leaves out, once here
         Lt = cond.text_tokens.shape[1]
         if self.pad_text_to is not None and Lt < self.pad_text_to:
-            cond = Conditions(**{**{f: getattr(cond, f) for f in _COND_FIELDS},
-                                 "text_tokens": F.pad(cond.text_tokens, (0, 0, 0, self.pad_text_to - Lt))})
+            cond = replace(cond, text_tokens=F.pad(cond.text_tokens, (0, 0, 0, self.pad_text_to - Lt)))
         if draws is None:
             draws = self.flow.draw(x1, generator)
         if not self.use_graphs:                                     # the same step, eagerly
             self.opt.zero_grad(set_to_none=True)
             return self._step(x1, cond, draws)
-        key = (tuple(x1.shape), x1.dtype) + tuple((tuple(getattr(cond, f).shape), getattr(cond, f).dtype)
-                                                  for f in _COND_FIELDS)
+        inputs = _graph_inputs(x1, draws, cond)
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._capture(key, x1, cond, draws)
+            entry = self._capture(key, inputs)
         graph, static_in, out = entry
-        for dst, src in zip(static_in, (x1, *draws, *(getattr(cond, f) for f in _COND_FIELDS))):
+        for dst, src in zip(static_in, inputs):
             dst.copy_(src, non_blocking=True)
         graph.replay()
         return out
 
-    def _capture(self, key, x1: Tensor, cond: Conditions, draws: Tuple[Tensor, Tensor]) -> tuple:
+    def _capture(self, key, inputs: list) -> tuple:
         if len(self.graphs) >= self.max_graphs:
             self.graphs.pop(next(iter(self.graphs)))
-        static_in = [t.detach().clone() for t in (x1, *draws, *(getattr(cond, f) for f in _COND_FIELDS))]
+        static_in = [t.detach().clone() for t in inputs]
         sx1, sx0, st = static_in[:3]
         scond = Conditions(**dict(zip(_COND_FIELDS, static_in[3:])))
         side = torch.cuda.Stream()
@@ -131,6 +131,11 @@ class GraphedTrainStep:
             out = self._step(sx1, scond, (sx0, st))
         self.graphs[key] = (graph, static_in, out)
         return self.graphs[key]
+
+
+def _graph_inputs(x1: Tensor, draws: Tuple[Tensor, Tensor], cond: Conditions) -> list:
+    """Every tensor the captured step reads, in the order _capture rebuilds them: x1, x0, t, then the conditions."""
+    return [x1, *draws, *(getattr(cond, f) for f in _COND_FIELDS)]
 
 
 @contextlib.contextmanager

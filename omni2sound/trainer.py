@@ -336,26 +336,28 @@ class Trainer:
         """Gradient clipping inside the captured step: the norm stays a device tensor (no host read)."""
         self._gnorm.copy_(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
 
-    def _graphed_train_step(self) -> tuple:
+    def _graphed_micro_step(self) -> tuple:
+        """The one micro-batch of a graphed step (accum 1): (logs_all, samples, tokens, grad norm), as the loop."""
         x1, cond, g, logs = self.loss_fn.batch(self.step, self.info.rank)
         loss, _ = self.graphed(x1, cond, generator=g)
-        return float(loss), logs, (self._gnorm if self.optim_cfg.grad_clip > 0 else torch.zeros(()))
+        gnorm = self._gnorm if self.optim_cfg.grad_clip > 0 else torch.zeros(())
+        return [{"loss": loss, **logs}], int(logs.get("samples", 0)), int(logs.get("tokens", 0)), gnorm
 
     # -- one optimiser step ---------------------------------------------------------------------------
     def train_step(self) -> dict:
         if self.graphed is not None:
-            loss, logs, gnorm = self._graphed_train_step()
-            lr = self.sched.get_last_lr()[0]
-            self.sched.step()
-            self.ema.update(self.model)
-            self.step += 1
-            out = {"step": self.step, "lr": float(lr), "grad_norm": float(gnorm), "loss": loss}
-            if "task" in logs:
-                out["task"] = logs["task"]
-                out[f"loss_{logs['task']}"] = loss
-            out.update({k: v for k, v in logs.items() if k not in ("task", "samples", "tokens")})
-            out["samples"], out["tokens"] = logs["samples"], logs["tokens"]
-            return out
+            logs_all, samples, tokens, gnorm = self._graphed_micro_step()
+        else:
+            logs_all, samples, tokens, gnorm = self._eager_micro_steps()
+        lr = self.sched.get_last_lr()[0]
+        self.sched.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return self._step_logs(logs_all, samples, tokens, float(gnorm), float(lr))
+
+    def _eager_micro_steps(self) -> tuple:
+        """loop.accum micro-batches (loss, backward), clipping and the optimiser step: (logs_all, samples, tokens,
+        grad norm)."""
         self.module.train()
         accum, step = self.loop.accum, self.step
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
@@ -382,11 +384,12 @@ class Trainer:
             gnorm = torch.zeros(())
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        lr = self.sched.get_last_lr()[0]
-        self.sched.step()
-        self.ema.update(self.model)
-        self.step += 1
-        out = {"step": self.step, "lr": lr, "grad_norm": float(gnorm)}
+        return logs_all, samples, tokens, gnorm
+
+    def _step_logs(self, logs_all: list, samples: int, tokens: int, gnorm: float, lr: float) -> dict:
+        """The step's log line: losses averaged over the micro-batches (and ranks), the task, samples and tokens."""
+        accum = len(logs_all)
+        out = {"step": self.step, "lr": lr, "grad_norm": gnorm}
         loss = sum(float(d["loss"]) for d in logs_all) / accum
         if self.info.world > 1:
             t = torch.tensor([loss, samples, tokens], dtype=torch.float64, device=self.info.device)
