@@ -1,5 +1,4 @@
 """adaln_modulate and gated_residual_adaln: every backend on this machine against a float64 reference."""
-import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -7,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lowp import half_ulp
 
 from omni2sound import _native, ops
 from omni2sound.ops import _dispatch
@@ -91,13 +91,6 @@ def run_ref64(x, h, gate, shift, scale, eps, plain=False):
     loss.backward()
     return (x2 if h is not None else None, y), [None if t is None else t.grad for t in leaves]
 
-
-def half_ulp(ref, dtype):
-    """Half a unit in the last place of ``dtype`` at ref's largest magnitude: the error of merely storing the exact
-    answer in that dtype. The 2x rule gets it as slack: where the plain op's error is at that floor by chance (its
-    largest element happened to round well), twice its error is below what any kernel can promise."""
-    m = ref.abs().max().item() if ref.numel() else 0.0
-    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(m))
 
 
 def rel_err(a, b):

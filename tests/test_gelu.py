@@ -2,11 +2,11 @@
 and without bias, odd shapes, empty, large magnitudes, NaN, in place, the 2x rule, determinism, opcheck, compile,
 the model's MLP."""
 import importlib
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from lowp import half_ulp
 
 from omni2sound import ops
 
@@ -46,11 +46,6 @@ def run(fn, x, bias, dy_dtype=None):
 def err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
-
-def half_ulp(ref, dtype):
-    """Half a unit in the last place of ``dtype`` at ref's largest magnitude (the 2x rule's slack: see test_adaln)."""
-    m = ref.abs().max().item() if ref.numel() else 0.0
-    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** math.floor(math.log2(m))
 
 
 # --------------------------------------------------------------------------------------------------

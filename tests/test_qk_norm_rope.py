@@ -4,6 +4,7 @@ import importlib
 
 import pytest
 import torch
+from lowp import half_ulp
 
 from omni2sound import ops
 from omni2sound.model import rope_table
@@ -79,10 +80,6 @@ def run_strided(fn, qk, w, cs, eps=1e-6):
 def err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
-
-def half_ulp(ref, dtype):
-    m = ref.abs().max().item()
-    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** torch.tensor(m).log2().floor().item()
 
 
 # --------------------------------------------------------------------------------------------------

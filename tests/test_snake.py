@@ -3,6 +3,7 @@ import importlib
 
 import pytest
 import torch
+from lowp import half_ulp
 
 from omni2sound import ops
 
@@ -65,11 +66,6 @@ def ref64(x, alpha, beta, res, eps):
 def err(a, b):
     return (a.double() - b.double()).abs().max().item()
 
-
-def half_ulp(ref, dtype):
-    """Half an ulp of dtype at the reference's largest value: the final rounding no kernel can avoid."""
-    m = ref.abs().max().item()
-    return 0.0 if m == 0 else 0.5 * torch.finfo(dtype).eps * 2.0 ** torch.tensor(m).log2().floor().item()
 
 
 # --------------------------------------------------------------------------------------------------
