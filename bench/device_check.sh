@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
-#   bash bench/device_check.sh [part1|part2|all|final|candidates] [SECONDS]
+#   bash bench/device_check.sh [part1|part2|all|final|candidates|graph|final9|probe9|bars] [SECONDS]
 #     part1  generate L (+ its compiled step), train L (+ its top kernels), VAE decode, a profile of one L step
 #     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
@@ -11,6 +11,8 @@
 #            generate L split of the two Triton candidates, the VAE decode
 #     final9 session 9's re-check of the committed defaults: train L (eager and graphed), generate L (with plain)
 #     probe9 the graph paths' GPU tests (trainer resume), the VAE decode's kernels, L with captions padded to 128
+#     bars   the three GPU bars in one call: VAE decode (issue 4, with its profile), generate L with the plain path
+#            (issue 5), train L eager and graphed (issue 6); e.g. `bash bench/device_check.sh bars 420`
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
@@ -163,6 +165,15 @@ if [ "$WHAT" = probe9 ]; then   # session 9's last call: the graph paths' GPU te
     --no-compile --profile --out "$RES/vae.json"
   step train_L_pad 60 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda --graph \
     --variants fused+graph --pad-text 128 --out "$RES/train_L_pad128.json"
+fi
+if [ "$WHAT" = bars ]; then     # the three GPU bars in one short call: issue 4 first (its conv_out GEMM, session 9,
+  # has never run on a GPU: compare the rows fused_graph and fused_graph_cudnn_out_conv), then issues 5 and 6
+  step vae 80 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --profile --out "$RES/vae.json"
+  step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda \
+    --out "$RES/generate_L.json"
+  step train_L 70 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
+    --graph --variants fused,fused+graph --out "$RES/train_L.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

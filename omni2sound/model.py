@@ -289,6 +289,21 @@ def linear_into(x: Tensor, lin: nn.Linear, prep: Optional[PreparedConditions], n
     return ops.linear(x, lin.weight, lin.bias, out=gemm_buffer(prep, name, x, lin))
 
 
+def per_token_linear(lin: nn.Linear, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
+    """lin(s) for s [B, T, D] -> [B, T, N]. rows: None, or (full, const) row indices, where the ``const`` rows of s
+    are known to be the same at every frame: those are computed on frame 0 and broadcast. These are the largest
+    GEMMs of a request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without
+    grad)."""
+    if rows is None or rows[1].numel() == 0:
+        return ops.linear(s, lin.weight, lin.bias)
+    full, const = rows
+    out = s.new_empty(*s.shape[:2], lin.out_features)
+    if full.numel():
+        out[full] = ops.linear(s[full], lin.weight, lin.bias)
+    out[const] = ops.linear(s[const, :1], lin.weight, lin.bias)                     # [n, 1, N] -> [n, T, N]
+    return out
+
+
 class SelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float):
         super().__init__()
@@ -373,6 +388,14 @@ class DiTBlock(nn.Module):
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
         h = self.mlp_forward(y, prep)                                                    # [B, T, D]
         return ops.gated_residual_adaln(x, h, gate_mlp, next_shift, next_scale, self.eps)
+
+    def condition(self, packed: Tensor, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]] = None
+                  ) -> Tuple[Tuple[Tensor, Tensor], Tensor]:
+        """This block's once-per-request work: the cross-attention K/V of the packed condition tokens [total_k, D]
+        -> 2 x [total_k, H, Dh], and the per-token half of its AdaLN modulation, ada_sync(s) for s [B, T, D] ->
+        [B, T, 6D] (rows: see per_token_linear). One method, so that a sharded block (FSDP2, trainer.shard_model)
+        gathers its weights for it as it does for forward."""
+        return self.cross.kv(packed), per_token_linear(self.ada_sync, s, rows)
 
     def mlp_forward(self, y: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
         """self.mlp(y) for y [B, T, D] -> [B, T, D]; the first Linear + GELU through ``ops.linear_gelu`` (fused bias +
@@ -472,7 +495,6 @@ class Omni2SoundDiT(nn.Module):
         packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens,
                                                       static=static)                    # [total, D]
         packed = self.cond_norm(packed)
-        kv = [blk.cross.kv(packed) for blk in self.blocks]                              # per layer [total, H, Dh]
 
         has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
         sync = resample_sync(cond.sync, num_frames, cfg.sync_rate, cfg.latent_rate) * has_video  # [B, T, Ds]
@@ -485,9 +507,10 @@ class Omni2SoundDiT(nn.Module):
         if sampling:                                                                    # host sync: prepare only
             video = cond.has_video.bool()
             rows = (video.nonzero().flatten(), (~video).nonzero().flatten())           # (per-token, one-frame)
-        sync_mod = [self._per_token(blk.ada_sync, s, rows).view(B, num_frames, 6, D)
-                    for blk in self.blocks]                                             # depth x [B, T, 6, D]
-        final_sync_mod = self._per_token(self.final_ada_sync, s, rows).view(B, num_frames, 2, D)  # [B, T, 2, D]
+        per_block = [blk.condition(packed, s, rows) for blk in self.blocks]
+        kv = [k_v for k_v, _ in per_block]                                              # depth x [total, H, Dh] x 2
+        sync_mod = [m.view(B, num_frames, 6, D) for _, m in per_block]                  # depth x [B, T, 6, D]
+        final_sync_mod = per_token_linear(self.final_ada_sync, s, rows).view(B, num_frames, 2, D)  # [B, T, 2, D]
         return PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
@@ -496,21 +519,6 @@ class Omni2SoundDiT(nn.Module):
             batch_size=B, num_frames=num_frames,
             cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B,
             workspace={} if sampling and dev.type == "cpu" else None)
-
-    @staticmethod
-    def _per_token(lin: nn.Linear, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
-        """lin(s) for s [B, T, D] -> [B, T, N]. rows: None, or (full, const) row indices, where the ``const`` rows of s
-        are known to be the same at every frame: those are computed on frame 0 and broadcast. These are the largest
-        GEMMs of a request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without
-        grad)."""
-        if rows is None or rows[1].numel() == 0:
-            return ops.linear(s, lin.weight, lin.bias)
-        full, const = rows
-        out = s.new_empty(*s.shape[:2], lin.out_features)
-        if full.numel():
-            out[full] = ops.linear(s[full], lin.weight, lin.bias)
-        out[const] = ops.linear(s[const, :1], lin.weight, lin.bias)                     # [n, 1, N] -> [n, T, N]
-        return out
 
     def _check_conditions(self, cond: Conditions, num_frames: int, values: bool = True) -> None:
         """Shapes always; values (NaN, lengths; host syncs) unless ``values`` is False."""

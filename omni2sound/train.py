@@ -88,7 +88,7 @@ class TrainConfig:
     grad_checkpointing: bool = False
     compile: bool = False
     cuda_graph: bool = False          # DiT stages on one GPU: replay each step from a CUDA graph (graphed_step.py)
-    parallel: str = "ddp"
+    parallel: str = "ddp"             # with torchrun: "ddp" or "fsdp" (FSDP2, DiT stages; the VAE stage runs DDP)
     # the report
     sample_steps: int = 25
     cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
@@ -358,13 +358,22 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
                       meta={"stage": stage, "config": asdict(cfg)})
     if init_from and not (resume and trainer.checkpoints()):
         ema_src = os.path.join(init_from, "dit")
-        if os.path.isdir(ema_src) and src != ema_src:   # continue the previous stage's EMA too
-            trainer.ema = type(trainer.ema)(Omni2SoundDiT.from_pretrained(ema_src), cfg.ema_decay, False)
+        if os.path.isdir(ema_src) and src != ema_src:   # continue the previous stage's EMA too (no warm-up)
+            prev = Omni2SoundDiT.from_pretrained(ema_src).state_dict()
+            trainer.ema.load_state_dict({"decay": cfg.ema_decay, "updates": 0, "warmup": False,
+                                         "shadow": {k: prev[k] for k in trainer.ema.shadow}})
     t0 = time.time()
     history = trainer.fit(resume=resume)
+    raw, ema = trainer.export_weights()                 # under FSDP every rank gathers
     if info.main:
+        if trainer.sharded:                             # the model holds shards: save from an unsharded copy
+            model = type(model)(model.config)
+            model.load_state_dict(raw)
         model.save_pretrained(os.path.join(out, "dit_raw"))
-        trainer.ema.copy_to(model)
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                if k in ema:
+                    p.copy_(ema[k])
         model.save_pretrained(os.path.join(out, "dit"))
         atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
         write_pipeline_config(out, run_dir(cfg, "vae"), latent_stats)
@@ -382,7 +391,10 @@ def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
     return LoopConfig(steps=cfg.stage_steps(stage), micro_batch=micro, accum=cfg.accum, log_every=cfg.log_every,
                       ckpt_every=cfg.ckpt_every, keep_last=cfg.keep_last, bf16=cfg.bf16,
                       grad_checkpointing=cfg.grad_checkpointing and stage != "vae",
-                      compile=cfg.compile, cuda_graph=cfg.cuda_graph and stage != "vae", parallel=cfg.parallel,
+                      compile=cfg.compile, cuda_graph=cfg.cuda_graph and stage != "vae",
+                      # the VAE (tens of M parameters) fits every GPU; its loss calls encode / decode, not forward,
+                      # which FSDP2's hooks would not see
+                      parallel=cfg.parallel if stage != "vae" else "ddp",
                       progress=cfg.progress)
 
 
@@ -556,11 +568,19 @@ def parse_args(argv=None) -> tuple:
         with open(a.config) as f:
             cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
     over = {}
+    types = {f.name: f.type for f in fields(TrainConfig)}
     for kv in a.set:
         k, _, v = kv.partition("=")
-        if k not in {f.name for f in fields(TrainConfig)}:
+        if k not in types:
             raise SystemExit(f"--set {kv}: unknown TrainConfig field {k!r}")
-        over[k] = json.loads(v) if v[:1] in "[{0123456789-tf" and v not in ("toy",) else v
+        if types[k] in ("str", "Optional[str]"):        # taken as written: parallel=fsdp, data=features, name=123
+            over[k] = v
+            continue
+        try:                                            # numbers, true / false, lists, {"json": objects}
+            over[k] = json.loads(v)
+        except json.JSONDecodeError:
+            raise SystemExit(f"--set {kv}: TrainConfig.{k} ({types[k]}) takes a JSON value, e.g. 3, 0.5, true, "
+                             f"[0.5, 0.2, 0.3] or '{{\"key\": 1}}'") from None
         if isinstance(over[k], list):
             over[k] = tuple(over[k])
     for k, v in (("schedule", a.schedule), ("name", a.name), ("runs_dir", a.runs_dir), ("device", a.device)):

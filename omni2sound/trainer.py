@@ -11,7 +11,10 @@ resumed from a checkpoint (model, EMA, optimiser, scheduler, RNG states, data po
 losses of an uninterrupted run exactly, and 2 ranks x 1 micro-batch make the same update as 1 rank x 2.
 
 Distributed: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the environment);
-NCCL on GPUs, gloo on the CPU; DDP or FSDP (full-state checkpoints). bf16 autocast on GPU.
+NCCL on GPUs, gloo on the CPU; DDP, or FSDP2 (``fully_shard``: each DiT block its own unit, then the root; parameters,
+gradients, optimiser and EMA state sharded across ranks), on GPUs and on the CPU. bf16 autocast on GPU.
+Checkpoints have one format whatever the mode: full (unsharded) model, EMA and optimiser state, the optimiser's
+keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import os
 import random
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -106,8 +110,22 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:             # a torch without DTensor: nothing is sharded
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded parameter / state (a collective: every rank must call it), else t."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
 class EMA:
-    """Exponential moving average of the trainable parameters (fp32 shadow copies)."""
+    """Exponential moving average of the trainable parameters (fp32 shadow copies). Under FSDP2 each shadow is
+    sharded as its parameter (a DTensor): the update is local; state_dict gathers (every rank must call it)."""
 
     def __init__(self, module: nn.Module, decay: float, warmup: bool = True):
         self.decay, self.warmup, self.updates = decay, warmup, 0
@@ -132,14 +150,26 @@ class EMA:
                 p.copy_(self.shadow[k].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}
+        """Full (unsharded) shadows; a collective under FSDP2."""
+        return {"decay": self.decay, "updates": self.updates, "warmup": self.warmup,
+                "shadow": {k: _full(v) for k, v in self.shadow.items()}}
 
     def load_state_dict(self, s: dict) -> None:
+        """From full shadows (any world size); each is sharded as the current shadow of that name is."""
         self.decay, self.updates = s["decay"], s["updates"]
+        self.warmup = s.get("warmup", self.warmup)       # absent in checkpoints written before it was saved
         missing = set(self.shadow) - set(s["shadow"])
         if missing:
             raise ValueError(f"EMA state is missing {sorted(missing)[:5]}")
-        self.shadow = {k: v.float().clone() for k, v in s["shadow"].items()}
+        self.shadow = {k: _like(self.shadow.get(k), v) for k, v in s["shadow"].items()}
+
+
+def _like(ref: Optional[torch.Tensor], full: torch.Tensor) -> torch.Tensor:
+    """An fp32 copy of the full tensor, sharded (and placed) as ref when ref is a DTensor."""
+    if _is_dtensor(ref):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.detach().float().to(ref.device), ref.device_mesh, ref.placements)
+    return full.detach().float().clone().to(ref.device if ref is not None else full.device)
 
 
 def rng_state() -> dict:
@@ -210,7 +240,7 @@ class LoopConfig:
     # launches were the bound). One process, accum 1, a loss_fn with .batch / .flow (make_dit_loss); off a GPU the
     # same static step runs eagerly.
     cuda_graph: bool = False
-    parallel: str = "ddp"             # "ddp" | "fsdp" (when WORLD_SIZE > 1)
+    parallel: str = "ddp"             # "ddp" | "fsdp" (FSDP2, when WORLD_SIZE > 1)
     progress: bool = True
 
 
@@ -230,20 +260,23 @@ class Trainer:
         self.out_dir, self.flops_per_token, self.meta = out_dir, flops_per_token, meta or {}
         self.ckpt_dir = os.path.join(out_dir, "checkpoints")
         os.makedirs(self.ckpt_dir, exist_ok=True)
+        if loop.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"LoopConfig.parallel must be 'ddp' or 'fsdp', got {loop.parallel!r}")
         model.to(self.info.device)
         if loop.grad_checkpointing:
             enable_grad_checkpointing(model)
-        self.ema = EMA(model, optim.ema_decay, optim.ema_warmup)
         self.module = model
-        if self.info.world > 1:
-            if loop.parallel == "fsdp":
-                if not self.info.device.startswith("cuda"):
-                    raise ValueError("parallel='fsdp' needs GPUs (torch's FSDP has no CPU path); use 'ddp' on CPU")
-                from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-                self.module = FSDP(model, use_orig_params=True, device_id=torch.device(self.info.device))
-            else:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-                self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
+        self.sharded = self.info.world > 1 and loop.parallel == "fsdp"
+        if self.sharded:
+            shard_model(model, self.info)               # in place: parameters become DTensors
+        elif self.info.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
+        self.ema = EMA(model, optim.ema_decay, optim.ema_warmup)       # after sharding: sharded as the parameters
+        # the optimiser's parameter order, by name: checkpoints key its state by index (torch's own format) in every
+        # mode; FSDP2's state-dict API keys it by name
+        self._opt_names = [[n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2],
+                           [n for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]]
         self.step_module = torch.compile(self.module) if loop.compile else self.module
         decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() >= 2]
         no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
@@ -275,21 +308,48 @@ class Trainer:
     def checkpoints(self) -> list:
         return sorted(f for f in os.listdir(self.ckpt_dir) if f.startswith("step-") and f.endswith(".pt"))
 
-    def _full_state(self) -> dict:
-        if self.info.world > 1 and self.loop.parallel == "fsdp":
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            with FSDP.state_dict_type(self.module, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=True)):
-                return self.module.state_dict(), FSDP.optim_state_dict(self.module, self.opt)
-        return self.model.state_dict(), self.opt.state_dict()
+    def _full_state(self) -> tuple:
+        """(model, optimiser, EMA) state, full and in the one checkpoint format; under FSDP2 a collective whose
+        result only the main rank holds."""
+        ema = self.ema.state_dict()
+        if self.sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model = get_model_state_dict(self.model, options=opts)
+            opt = get_optimizer_state_dict(self.model, self.opt, options=opts)
+            return model, (self._opt_by_index(opt) if self.info.main else None), ema
+        return self.model.state_dict(), self.opt.state_dict(), ema
+
+    def _opt_by_index(self, named: dict) -> dict:
+        """FSDP2's optimiser state (keyed by parameter name) -> torch's format (keyed by index in group order)."""
+        index = {n: i for i, n in enumerate(n for group in self._opt_names for n in group)}
+        return {"state": {index[n]: v for n, v in named["state"].items()},
+                "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+
+    def _opt_by_name(self, indexed: dict) -> dict:
+        names = [n for group in self._opt_names for n in group]
+        if len(indexed["param_groups"]) != len(self._opt_names) or any(
+                len(g["params"]) != len(mine) for g, mine in zip(indexed["param_groups"], self._opt_names)):
+            raise ValueError("checkpoint optimiser state does not match this model's parameter groups")
+        return {"state": {names[i]: v for i, v in indexed["state"].items()},
+                "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in indexed["param_groups"]]}
+
+    def export_weights(self) -> tuple:
+        """(trained weights, EMA shadows) as full state dicts: what a stage saves at its end. A collective under
+        FSDP2 (every rank must call it; only the main rank's result holds the weights)."""
+        model, _, ema = self._full_state() if self.sharded else (self.model.state_dict(), None, self.ema.state_dict())
+        return model, ema["shadow"]
 
     def save_checkpoint(self) -> Optional[str]:
-        model_state, opt_state = self._full_state()
+        model_state, opt_state, ema_state = self._full_state()
         if not self.info.main:
             return None
         path = os.path.join(self.ckpt_dir, f"step-{self.step:07d}.pt")
-        atomic_torch_save({"model": model_state, "ema": self.ema.state_dict(), "optimizer": opt_state,
+        atomic_torch_save({"model": model_state, "ema": ema_state, "optimizer": opt_state,
                            "scheduler": self.sched.state_dict(), "step": self.step,
                            "data_position": self.step * self.global_batch, "rng": rng_state(),
                            "meta": self.meta, "history": self.history}, path)
@@ -299,13 +359,15 @@ class Trainer:
 
     def load_checkpoint(self, path: str) -> None:
         ck = torch.load(path, map_location="cpu", weights_only=False)
-        if self.info.world > 1 and self.loop.parallel == "fsdp":
-            from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-            with FSDP.state_dict_type(self.module, StateDictType.FULL_STATE_DICT,
-                                      FullStateDictConfig(offload_to_cpu=True, rank0_only=False)):
-                self.module.load_state_dict(ck["model"])
-                self.opt.load_state_dict(FSDP.optim_state_dict_to_load(self.module, self.opt, ck["optimizer"]))
+        if self.sharded:                 # every rank reads the full state and keeps its shards
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, ck["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.opt, self._opt_by_name(ck["optimizer"]), options=opts)
         else:
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
@@ -366,8 +428,8 @@ class Trainer:
         for m in range(accum):
             chunk = self.info.rank * accum + m
             sync = contextlib.nullcontext()
-            if self.info.world > 1 and m < accum - 1 and hasattr(self.module, "no_sync"):
-                sync = self.module.no_sync()
+            if self.info.world > 1 and m < accum - 1:       # reduce the gradients once, on the last micro-batch
+                sync = self.module.no_sync() if hasattr(self.module, "no_sync") else _no_grad_sync(self.module)
             with sync:
                 with autocast:
                     loss, logs = self.loss_fn(self.step_module, step, chunk)
@@ -375,11 +437,8 @@ class Trainer:
             logs_all.append(logs)
             samples += int(logs.get("samples", 0))
             tokens += int(logs.get("tokens", 0))
-        if self.optim_cfg.grad_clip > 0:
-            if hasattr(self.module, "clip_grad_norm_"):          # FSDP: the norm of the full gradient
-                gnorm = self.module.clip_grad_norm_(self.optim_cfg.grad_clip)
-            else:
-                gnorm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip)
+        if self.optim_cfg.grad_clip > 0:          # FSDP2: sharded grads, the norm of the whole gradient (a DTensor)
+            gnorm = _full(torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.optim_cfg.grad_clip))
         else:
             gnorm = torch.zeros(())
         self.opt.step()
@@ -453,6 +512,40 @@ class Trainer:
         if tb is not None:
             tb.close()
         return self.history
+
+
+@contextlib.contextmanager
+def _no_grad_sync(module: nn.Module):
+    """FSDP2's no_sync: keep this micro-batch's gradients unreduced (they accumulate unsharded)."""
+    if not hasattr(module, "set_requires_gradient_sync"):
+        yield
+        return
+    module.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        module.set_requires_gradient_sync(True)
+
+
+def shard_model(model: nn.Module, info: DistInfo) -> None:
+    """FSDP2 in place over all ranks: each of ``model.blocks`` its own unit (its weights are gathered for its
+    forward and freed after, so peak memory holds one block's full weights, not the model's), then the root (the
+    rest). A block's other entry points that use its weights outside forward (``DiTBlock.condition``, called by the
+    DiT's prepare_conditions) are registered as forward methods, so that they gather too."""
+    from torch.distributed.device_mesh import init_device_mesh
+    try:
+        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    except ImportError:                                            # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
+    mesh = init_device_mesh(torch.device(info.device).type, (info.world,))
+    # FSDP2 warns when a sharded module returns a view (an in-place op on it would skip its backward hook); the
+    # DiT's velocity is one, and the losses here use it out of place (flow.loss)
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    for blk in getattr(model, "blocks", []):
+        fully_shard(blk, mesh=mesh)
+        if hasattr(blk, "condition"):
+            register_fsdp_forward_method(blk, "condition")
+    fully_shard(model, mesh=mesh)
 
 
 def _tensorboard(out_dir: str):

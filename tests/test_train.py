@@ -28,9 +28,9 @@ def synthetic_table(n=12, T=10, seed=0, text_offset=0.0):
     return FeatureTable.from_items(items)
 
 
-def small_dit(seed=0):
+def small_dit(seed=0, depth=1):
     torch.manual_seed(seed)
-    return Omni2SoundDiT(dit_config("tiny", latent_dim=C, hidden_dim=32, depth=1, num_heads=2, text_dim=DT,
+    return Omni2SoundDiT(dit_config("tiny", latent_dim=C, hidden_dim=32, depth=depth, num_heads=2, text_dim=DT,
                                     video_dim=DV, sync_dim=DS))
 
 
@@ -127,11 +127,11 @@ def test_lr_schedule():
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and 0.1 < f(55) < 1.0
 
 
-def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cuda_graph=False):
+def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cuda_graph=False, parallel="ddp"):
     cfg = replace(TrainConfig(), p_null=0.2, seed=3)
     info = info or DistInfo()
     loop = LoopConfig(steps=steps, micro_batch=micro, accum=accum, log_every=1, ckpt_every=1, keep_last=2,
-                      progress=False, cuda_graph=cuda_graph)
+                      progress=False, cuda_graph=cuda_graph, parallel=parallel)
     opt = OptimConfig(lr=1e-3, warmup=2, ema_decay=0.9)
     return Trainer(model or small_dit(), make_dit_loss(cfg, "stage2", table, None, micro, info, accum), loop, opt,
                    out_dir, info)
@@ -162,6 +162,23 @@ def test_ema_update_matches_the_formula():
     eb.update(mb)
     assert eb.shadow["weight"].dtype == torch.float32
     torch.testing.assert_close(eb.shadow["weight"], 0.5 * sb["weight"] + 0.5 * mb.weight.float())
+
+
+def test_ema_state_round_trip_keeps_its_warmup_rule():
+    # a stage that continues the previous stage's EMA runs it without warm-up; a resumed run (whose trainer builds
+    # its EMA with the default warm-up) must take that rule back from the checkpoint, or its EMA drifts
+    from omni2sound.trainer import EMA
+    m = torch.nn.Linear(3, 2)
+    src = EMA(m, decay=0.99, warmup=False)
+    src.update(m)
+    dst = EMA(m, decay=0.5, warmup=True)
+    dst.load_state_dict(src.state_dict())
+    assert (dst.warmup, dst.decay, dst.updates) == (False, 0.99, 1)
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    src.update(m)
+    dst.update(m)
+    torch.testing.assert_close(dst.shadow["weight"], src.shadow["weight"], rtol=0, atol=0)
 
 
 def test_resume_after_kill_repeats_the_same_losses(tmp_path):
@@ -211,7 +228,7 @@ def test_cuda_graph_loop_refuses_what_it_cannot_capture(tmp_path):
         _trainer(str(tmp_path / "a"), synthetic_table(4), 2, accum=2, cuda_graph=True)
 
 
-def _ddp_worker(rank, world, port, out_dir, result):
+def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp"):
     # loopback only: gloo otherwise picks the interface the hostname resolves to, which on some sandboxes is not
     # reachable and hangs the pair connection instead of failing
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
@@ -220,10 +237,28 @@ def _ddp_worker(rank, world, port, out_dir, result):
     info = init_distributed("cpu", timeout_s=60)
     torch.distributed.barrier()
     open(f"{result}.rendezvous{rank}", "w").close()
-    tr = _trainer(out_dir, synthetic_table(10), 2, info=info, accum=1, micro=4)
-    hist = tr.fit()
-    if rank == 0:
-        torch.save({"state": tr.model.state_dict(), "losses": [h["loss"] for h in hist]}, result)
+    if parallel == "ddp":
+        tr = _trainer(out_dir, synthetic_table(10), 2, info=info, accum=1, micro=4)
+        hist = tr.fit()
+        if rank == 0:
+            torch.save({"state": tr.model.state_dict(), "losses": [h["loss"] for h in hist]}, result)
+    else:
+        # FSDP2 over 2 DiT blocks, 2 micro-batches a step (the first one's gradients kept unreduced): 2 steps,
+        # "killed", then a fresh sharded trainer (other init) resumes step 3
+        part = _trainer(out_dir, synthetic_table(10), 3, info=info, accum=2, micro=2, model=small_dit(depth=2),
+                        parallel=parallel)
+        assert part.sharded and type(part.model.blocks[0].attn.qkv.weight).__name__ == "DTensor"
+        part.fit(stop_after=2)
+        del part
+        gc.collect()
+        tr = _trainer(out_dir, synthetic_table(10), 3, info=info, accum=2, micro=2, model=small_dit(seed=99, depth=2),
+                      parallel=parallel)
+        hist = tr.fit(resume=True)
+        raw, ema = tr.export_weights()                      # a collective: both ranks
+        if rank == 0:
+            torch.save({"state": raw, "ema": ema, "losses": [h["loss"] for h in hist],
+                        "local_numel": sum(p.to_local().numel() for p in tr.model.parameters()),
+                        "numel": sum(p.numel() for p in tr.model.parameters())}, result)
     # Tear down in order, as omni2sound.train.main does (the trainers die inside run()): the DDP reducer, while
     # the process group still exists, then the group, with both ranks past the save. Destroying the group under
     # a live DDP module left its destructor for interpreter exit, where it hung intermittently (2 of 3 runs here,
@@ -235,11 +270,11 @@ def _ddp_worker(rank, world, port, out_dir, result):
     open(f"{result}.done{rank}", "w").close()           # every line of ours ran; what follows is interpreter exit
 
 
-def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_s=30.0):
+def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_s=30.0, parallel="ddp"):
     """mp.spawn with a deadline: a hung rendezvous or collective kills the workers instead of the CI job. Workers
     that finished all their work (done markers) but have not exited ``exit_grace_s`` later are killed with a
     warning, not a failure: that hang is in torch's / Python's teardown, after everything this test checks."""
-    ctx = mp.start_processes(_ddp_worker, args=(world, port, out_dir, result), nprocs=world, join=False,
+    ctx = mp.start_processes(_ddp_worker, args=(world, port, out_dir, result, parallel), nprocs=world, join=False,
                              start_method="spawn")
     t0, all_done = time.monotonic(), None
     try:
@@ -258,13 +293,14 @@ def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_
                 p.join()
 
 
-def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
+def _spawn_two(tmp_path, name, parallel="ddp"):
+    """Two gloo workers on this machine; skips only when the machine cannot connect them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = str(tmp_path / "ddp.pt")
+    result = str(tmp_path / f"{name}.pt")
     try:
-        _run_ddp_workers(2, port, str(tmp_path / "ddp"), result)
+        _run_ddp_workers(2, port, str(tmp_path / name), result, parallel=parallel)
     except Exception as e:
         met = all(os.path.exists(f"{result}.rendezvous{r}") for r in range(2))
         network = isinstance(e, TimeoutError) or any(
@@ -273,7 +309,11 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
             # the one failure that is the machine's, not ours: two local processes could not reach each other
             pytest.skip(f"gloo could not rendezvous two processes on 127.0.0.1/lo here: {str(e)[-300:]}")
         raise
-    ddp = torch.load(result, weights_only=False)
+    return torch.load(result, weights_only=False)
+
+
+def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
+    ddp = _spawn_two(tmp_path, "ddp")
     single = _trainer(str(tmp_path / "one"), synthetic_table(10), 2, accum=2, micro=4)   # 1 x 2 x 4 = 2 x 1 x 4
     hist = single.fit()
     assert len(ddp["losses"]) == len(hist) == 2
@@ -281,6 +321,30 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
         assert a == pytest.approx(b, rel=1e-5)
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(ddp["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_fsdp_two_processes_equal_one_process_and_resume_across_modes(tmp_path):
+    """FSDP2 (trainer.shard_model) on 2 CPU processes: sharded weights, killed after 2 of 3 steps and resumed by a
+    fresh sharded trainer; losses, weights and EMA equal one process with the same global batch (2 ranks x 2
+    micro-batches x 2 = 1 x 4 x 2). Its step-2 checkpoint (one format in every mode) resumes in one process to the
+    same end."""
+    import shutil
+    fsdp = _spawn_two(tmp_path, "fsdp", parallel="fsdp")
+    assert fsdp["local_numel"] < 0.6 * fsdp["numel"]          # rank 0 holds about half of every parameter
+    single = _trainer(str(tmp_path / "one"), synthetic_table(10), 3, accum=4, micro=2, model=small_dit(depth=2))
+    hist = single.fit()
+    assert fsdp["losses"] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(fsdp["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    assert set(fsdp["ema"]) == set(single.ema.shadow)
+    for k, v in single.ema.shadow.items():
+        torch.testing.assert_close(fsdp["ema"][k], v, rtol=1e-5, atol=1e-6, msg=k)
+    os.makedirs(tmp_path / "cross" / "checkpoints")
+    shutil.copy(tmp_path / "fsdp" / "checkpoints" / "step-0000002.pt", tmp_path / "cross" / "checkpoints")
+    cross = _trainer(str(tmp_path / "cross"), synthetic_table(10), 3, accum=4, micro=2, model=small_dit(7, depth=2))
+    assert [h["loss"] for h in cross.fit(resume=True)] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(cross.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_every_stage_runs_and_hands_off(tmp_path):
@@ -380,3 +444,15 @@ def test_gpu_cuda_graph_loop_trains_like_the_plain_loop(tmp_path):
     h_res = resumed.fit(resume=True)
     assert all(torch.is_tensor(g["lr"]) and g["lr"].is_cuda for g in resumed.opt.param_groups)
     assert [h["loss"] for h in h_res] == pytest.approx([h["loss"] for h in h_graph], rel=1e-5)
+
+
+def test_cli_set_parses_by_field_type():
+    from omni2sound.train import parse_args
+    cfg, _ = parse_args(["--set", "parallel=fsdp", "data=features", "name=123", "bf16=false", "lr=1e-4",
+                         "task_probs=[0.5, 0.2, 0.3]", 'vae_config={"adv_weight": 0.1}'])
+    assert (cfg.parallel, cfg.data, cfg.name, cfg.bf16, cfg.lr) == ("fsdp", "features", "123", False, 1e-4)
+    assert cfg.task_probs == (0.5, 0.2, 0.3) and cfg.vae_config == {"adv_weight": 0.1}
+    with pytest.raises(SystemExit, match="takes a JSON value"):
+        parse_args(["--set", "lr=fast"])
+    with pytest.raises(SystemExit, match="unknown TrainConfig field"):
+        parse_args(["--set", "lrate=1"])
