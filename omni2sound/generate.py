@@ -57,9 +57,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="output .wav or .flac")
     args = p.parse_args(argv)
 
-    from .audio import save_audio
-    from .pipeline import Omni2SoundPipeline
-
     if args.duration is not None and args.duration <= 0:
         p.error(f"--duration must be positive, got {args.duration}")
     if not args.out.lower().endswith((".wav", ".flac")):
@@ -67,6 +64,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     for path in (args.video or []) + [args.clip_features, args.sync_features]:
         if path is not None and not os.path.isfile(path):
             p.error(f"no such file: {path}")
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:    # a corrupt video / audio, a bad model folder, bad features
+        p.exit(2, f"{p.prog}: error: {e}\n")       # the reason, not a traceback
+
+
+def _run(args) -> int:
+    from .audio import save_audio
+    from .pipeline import Omni2SoundPipeline
+
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     pipe = Omni2SoundPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
     duration = args.duration

@@ -190,6 +190,17 @@ def test_cli(saved, tmp_path, capsys):
         generate_main(["--model", str(saved / "model"), "--text", "a", "--duration", "0", "--out", str(out)])
     with pytest.raises(SystemExit):
         generate_main(["--model", str(saved / "model"), "--video", str(tmp_path / "nope.mp4"), "--out", str(out)])
+    # a corrupt video or a folder that is not a model: exit status 2 and the reason, no traceback
+    capsys.readouterr()
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    for argv, why in ((["--video", str(tmp_path / "bad.mp4")], "cannot decode"),
+                      (["--text", "a"], "no dit/ folder")):
+        model = str(saved / "model") if why == "cannot decode" else str(tmp_path)
+        with pytest.raises(SystemExit) as e:
+            generate_main(["--model", model, *argv, "--steps", "1", "--out", str(out)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert why in err and "Traceback" not in err, err
 
 
 @pytest.mark.cuda
