@@ -232,9 +232,12 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
                      world: int = 1, text_encoder: Optional[str] = None, frame_size: int = 64,
                      split: Optional[str] = None, enc: Optional[Encoders] = None,
                      stop_after: Optional[int] = None, progress: bool = True, device: str = "cpu") -> dict:
-    from .data.manifest import read_manifest
+    from .data.manifest import ManifestValidationError, read_manifest
     from .vae import AudioVAE
     records, report = read_manifest(manifest, split=split)
+    if not records:                 # nothing to extract: say why (every bad line) instead of writing an empty index
+        raise ManifestValidationError(f"no usable records{f' in split {split!r}' if split else ''}: "
+                                      f"{report.summary()}")
     if report.skipped and rank == 0:
         print(report.summary(), file=sys.stderr)
     vae = AudioVAE.from_pretrained(vae_dir, device=device).eval()
@@ -273,8 +276,11 @@ def main(argv=None) -> None:
         torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
         if a.device.startswith("cuda"):
             a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, a.text_encoder, a.frame_size,
-                           a.split, device=a.device)
+    try:
+        res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, a.text_encoder, a.frame_size,
+                               a.split, device=a.device)
+    except (ValueError, FileNotFoundError) as e:    # an unusable manifest, a missing VAE folder: the reason
+        p.exit(2, f"{p.prog}: error: {e}\n")
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:

@@ -227,3 +227,15 @@ def test_extract_manifest_skips_bad_clips(tmp_path, vae_dir, capsys):
     err = capsys.readouterr().err
     assert "gone.wav" in err and "broken" in err
     assert np.isfinite(ds[2]["latent_mean"].numpy()).all()
+
+
+def test_extract_cli_refuses_a_manifest_with_no_usable_record(tmp_path, vae_dir, capsys):
+    # every line bad: exit status 2 with each line's reason, and no empty feature folder left behind
+    from omni2sound.extract import main as extract_main
+    (tmp_path / "m.jsonl").write_text('{"clip_id": "a", "audio_path": "a.wav"}\nnot json\n')
+    with pytest.raises(SystemExit) as e:
+        extract_main(["--manifest", str(tmp_path / "m.jsonl"), "--vae", vae_dir, "--out", str(tmp_path / "feat")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no usable records" in err and "m.jsonl:1: unknown field" in err and "m.jsonl:2: invalid JSON" in err
+    assert not (tmp_path / "feat").exists()
