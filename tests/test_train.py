@@ -127,11 +127,12 @@ def test_lr_schedule():
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and 0.1 < f(55) < 1.0
 
 
-def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cuda_graph=False, parallel="ddp"):
+def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cuda_graph=False, parallel="ddp",
+             grad_checkpointing=False):
     cfg = replace(TrainConfig(), p_null=0.2, seed=3)
     info = info or DistInfo()
     loop = LoopConfig(steps=steps, micro_batch=micro, accum=accum, log_every=1, ckpt_every=1, keep_last=2,
-                      progress=False, cuda_graph=cuda_graph, parallel=parallel)
+                      progress=False, cuda_graph=cuda_graph, parallel=parallel, grad_checkpointing=grad_checkpointing)
     opt = OptimConfig(lr=1e-3, warmup=2, ema_decay=0.9)
     return Trainer(model or small_dit(), make_dit_loss(cfg, "stage2", table, None, micro, info, accum), loop, opt,
                    out_dir, info)
@@ -244,7 +245,7 @@ def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp"):
             torch.save({"state": tr.model.state_dict(), "losses": [h["loss"] for h in hist]}, result)
     else:
         # FSDP2 over 2 DiT blocks, 2 micro-batches a step (the first one's gradients kept unreduced): 2 steps,
-        # "killed", then a fresh sharded trainer (other init) resumes step 3
+        # "killed", then a fresh sharded trainer (other init, activation checkpointing on) resumes step 3
         part = _trainer(out_dir, synthetic_table(10), 3, info=info, accum=2, micro=2, model=small_dit(depth=2),
                         parallel=parallel)
         assert part.sharded and type(part.model.blocks[0].attn.qkv.weight).__name__ == "DTensor"
@@ -252,7 +253,7 @@ def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp"):
         del part
         gc.collect()
         tr = _trainer(out_dir, synthetic_table(10), 3, info=info, accum=2, micro=2, model=small_dit(seed=99, depth=2),
-                      parallel=parallel)
+                      parallel=parallel, grad_checkpointing=True)
         hist = tr.fit(resume=True)
         raw, ema = tr.export_weights()                      # a collective: both ranks
         if rank == 0:
