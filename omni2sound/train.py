@@ -564,9 +564,14 @@ def parse_args(argv=None) -> tuple:
     p.add_argument("--no-report", action="store_true")
     a = p.parse_args(argv)
     cfg = TRAIN_PRESETS[a.preset]
+    if a.init_from and not os.path.isdir(a.init_from):
+        p.error(f"--init-from {a.init_from}: no such folder (a stage or vae folder of an earlier run)")
     if a.config:
-        with open(a.config) as f:
-            cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
+        try:
+            with open(a.config) as f:
+                cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
+        except (OSError, ValueError) as e:          # missing, not JSON, unknown fields
+            p.error(f"--config {a.config}: {e}")
     over = {}
     types = {f.name: f.type for f in fields(TrainConfig)}
     for kv in a.set:

@@ -457,3 +457,14 @@ def test_cli_set_parses_by_field_type():
         parse_args(["--set", "lr=fast"])
     with pytest.raises(SystemExit, match="unknown TrainConfig field"):
         parse_args(["--set", "lrate=1"])
+
+
+def test_cli_refuses_a_bad_config_or_init_folder(tmp_path, capsys):
+    from omni2sound.train import parse_args
+    (tmp_path / "c.json").write_text('{"lrr": 1}')
+    for argv, why in ((["--config", str(tmp_path / "none.json")], "No such file"),
+                      (["--config", str(tmp_path / "c.json")], "unknown TrainConfig fields"),
+                      (["--init-from", str(tmp_path / "nope")], "no such folder")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(argv)
+        assert e.value.code == 2 and why in capsys.readouterr().err
