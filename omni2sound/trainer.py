@@ -14,7 +14,10 @@ Distributed: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 NCCL on GPUs, gloo on the CPU; DDP, or FSDP2 (``fully_shard``: each DiT block its own unit, then the root; parameters,
 gradients, optimiser and EMA state sharded across ranks), on GPUs and on the CPU. bf16 autocast on GPU.
 Checkpoints have one format whatever the mode: full (unsharded) model, EMA and optimiser state, the optimiser's
-keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode.
+keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. The cost at
+scale: under FSDP2 rank 0 gathers the full state into host memory to write it, and on resume every rank reads the
+whole file (L with AdamW and EMA: ~21 GB of host memory per rank). Sharded (torch.distributed.checkpoint) files
+would avoid both; not done.
 """
 from __future__ import annotations
 
