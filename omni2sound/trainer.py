@@ -153,9 +153,10 @@ class EMA:
                 p.copy_(self.shadow[k].to(p.dtype))
 
     def state_dict(self) -> dict:
-        """Full (unsharded) shadows; a collective under FSDP2."""
+        """Full (unsharded) shadows; a collective under FSDP2, whose gathered tensors go to host memory one by one
+        (a device would otherwise hold the whole EMA on every rank)."""
         return {"decay": self.decay, "updates": self.updates, "warmup": self.warmup,
-                "shadow": {k: _full(v) for k, v in self.shadow.items()}}
+                "shadow": {k: _full(v).cpu() if _is_dtensor(v) else v for k, v in self.shadow.items()}}
 
     def load_state_dict(self, s: dict) -> None:
         """From full shadows (any world size); each is sharded as the current shadow of that name is."""
@@ -532,7 +533,7 @@ def _no_grad_sync(module: nn.Module):
 
 def shard_model(model: nn.Module, info: DistInfo) -> None:
     """FSDP2 in place over all ranks: each of ``model.blocks`` its own unit (its weights are gathered for its
-    forward and freed after, so peak memory holds one block's full weights, not the model's), then the root (the
+    forward and freed after, so peak memory holds a block or two of full weights, not the model), then the root (the
     rest). A block's other entry points that use its weights outside forward (``DiTBlock.condition``, called by the
     DiT's prepare_conditions) are registered as forward methods, so that they gather too."""
     from torch.distributed.device_mesh import init_device_mesh
