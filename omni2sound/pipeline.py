@@ -367,6 +367,9 @@ class Omni2SoundPipeline:
     def _batch(video, text) -> Tuple[list, list]:
         video = [video] if video is None or isinstance(video, (str, os.PathLike)) else list(video)
         text = [text] if text is None or isinstance(text, str) else list(text)
+        if not video or not text:
+            raise ValueError(f"empty batch: {'video' if not video else 'text'} is an empty list; give at least one "
+                             "request (None for a missing modality)")
         if len(video) == 1 and len(text) > 1:
             video = video * len(text)
         if len(text) == 1 and len(video) > 1:

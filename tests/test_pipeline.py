@@ -170,6 +170,8 @@ def test_conditions_from_features_and_errors(saved, pipe):
         pipe.generate(video=str(saved / "corrupt.mp4"), duration=0.4, steps=1)
     with pytest.raises(ValueError, match="2 videos and 3 prompts"):
         pipe.generate(video=["a.mp4", "b.mp4"], text=["x", "y", "z"], duration=0.4)
+    with pytest.raises(ValueError, match="empty batch: text is an empty list"):
+        pipe.generate(text=[], duration=0.4)
 
 
 def test_cli(saved, tmp_path, capsys):
