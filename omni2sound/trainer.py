@@ -15,9 +15,9 @@ NCCL on GPUs, gloo on the CPU; DDP, or FSDP2 (``fully_shard``: each DiT block it
 gradients, optimiser and EMA state sharded across ranks), on GPUs and on the CPU. bf16 autocast on GPU.
 Checkpoints have one format whatever the mode: full (unsharded) model, EMA and optimiser state, the optimiser's
 keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. The cost at
-scale: under FSDP2 rank 0 gathers the full state into host memory to write it, and on resume every rank reads the
-whole file (L with AdamW and EMA: ~21 GB of host memory per rank). Sharded (torch.distributed.checkpoint) files
-would avoid both; not done.
+scale: under FSDP2 rank 0 gathers the full state into its host memory to write it, and reads it back alone on resume,
+broadcasting it (L with AdamW and EMA: ~21 GB of host memory on rank 0). Sharded (torch.distributed.checkpoint)
+files would avoid the gather; not done.
 """
 from __future__ import annotations
 
@@ -362,17 +362,10 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str) -> None:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        if self.sharded:                 # every rank reads the full state and keeps its shards
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                set_model_state_dict,
-                set_optimizer_state_dict,
-            )
-            opts = StateDictOptions(full_state_dict=True)
-            set_model_state_dict(self.model, ck["model"], options=opts)
-            set_optimizer_state_dict(self.model, self.opt, self._opt_by_name(ck["optimizer"]), options=opts)
+        if self.sharded:
+            ck = self._load_sharded(path)
         else:
+            ck = torch.load(path, map_location="cpu", weights_only=False)
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
         if self.graphed is not None and self.info.device.startswith("cuda"):
@@ -384,6 +377,34 @@ class Trainer:
         self.step = ck["step"]
         self.history = ck.get("history", [])
         set_rng_state(ck["rng"])
+
+    def _load_sharded(self, path: str) -> dict:
+        """FSDP2 resume: only the main rank reads the file (host memory for one copy, not one per rank); the model
+        and optimiser state are broadcast from it tensor by tensor and each rank keeps its shards
+        (``broadcast_from_rank0``), the EMA shadows are scattered the same way, the small rest is broadcast as an
+        object. Returns the checkpoint dict with the EMA state each rank should load."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+        ck = torch.load(path, map_location="cpu", weights_only=False) if self.info.main else None
+        rest = [None]
+        if ck is not None:
+            rest[0] = {**{k: v for k, v in ck.items() if k not in ("model", "optimizer", "ema")},
+                       "ema_meta": {k: v for k, v in ck["ema"].items() if k != "shadow"},
+                       "ema_shapes": {k: tuple(v.shape) for k, v in ck["ema"]["shadow"].items()}}
+        dist.broadcast_object_list(rest, src=0)
+        rest = rest[0]
+        opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.model, ck["model"] if ck is not None else {}, options=opts)
+        set_optimizer_state_dict(self.model, self.opt, self._opt_by_name(ck["optimizer"]) if ck is not None else {},
+                                 options=opts)
+        # the other ranks pass placeholders of the main rank's shapes: distribute_tensor sends the main rank's data
+        shadow = ck["ema"]["shadow"] if ck is not None else {k: torch.empty(v) for k, v in rest["ema_shapes"].items()}
+        rest["ema"] = {**rest.pop("ema_meta"), "shadow": shadow}
+        del rest["ema_shapes"]
+        return rest
 
     @property
     def global_batch(self) -> int:
