@@ -284,7 +284,8 @@ def main(argv=None) -> None:
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        idx = write_index(a.out, {"manifest": os.path.abspath(a.manifest)})
+        # the VAE that made these latents: a training run on this folder names it in its stages' pipeline.json
+        idx = write_index(a.out, {"manifest": os.path.abspath(a.manifest), "vae": os.path.abspath(a.vae)})
         print(json.dumps({**res, "num_clips": idx["num_clips"], "written": len(res["written"])}))
     if world > 1:
         torch.distributed.destroy_process_group()

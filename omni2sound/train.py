@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, Optional, Union
@@ -339,8 +340,9 @@ def write_pipeline_config(stage_out: str, vae_dir: str, latent_stats: dict) -> N
 
 def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: FeatureTable,
                     offscreen: Optional[FeatureTable], latent_stats: dict, resume: bool,
-                    init_from: Optional[str]) -> str:
-    """One DiT stage: init from `init_from` (a stage folder: dit_raw/ or dit/) or from scratch."""
+                    init_from: Optional[str], vae_dir: Optional[str] = None) -> str:
+    """One DiT stage: init from `init_from` (a stage folder: dit_raw/ or dit/) or from scratch. vae_dir: the VAE
+    whose latents the features hold, named in the stage's pipeline.json (default: the run's vae/)."""
     from .model import Omni2SoundDiT
     out = stage_dir(cfg, stage)
     if init_from:
@@ -376,7 +378,7 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
                     p.copy_(ema[k])
         model.save_pretrained(os.path.join(out, "dit"))
         atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
-        write_pipeline_config(out, run_dir(cfg, "vae"), latent_stats)
+        write_pipeline_config(out, vae_dir or run_dir(cfg, "vae"), latent_stats)
         per_task = {t: [h["loss"] for h in history if h.get("task") == t] for t in TASKS}
         write_meta(out, {"stage": stage, "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
                          "init_from": init_from, "params": model.num_params(),
@@ -449,7 +451,7 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None)
                              split="train", enc=encoders, progress=cfg.progress)
             _barrier(info)
             if info.main:
-                write_index(train_dir, {"manifest": os.path.abspath(cfg.data)})
+                write_index(train_dir, {"manifest": os.path.abspath(cfg.data), "vae": os.path.abspath(vae_dir)})
                 write_meta(feat_dir, {"key": key, "complete": True})
         _barrier(info)
     else:
@@ -503,6 +505,7 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
                                                                            or cfg.data.endswith(".jsonl")):
                 raise FileNotFoundError(f"{vae_dir}/meta.json: run stage vae first (the toy features need it)")
             table, offscreen, stats = load_features(cfg, vae_dir, info, encoders)
+            vae_dir = features_vae(cfg, vae_dir, info)
         src = prev
         if src is None and not (stage == "stage1" or (stage == "stage2" and cfg.schedule == "stage2-only")):
             before = DIT_STAGES[DIT_STAGES.index(stage) - 1]
@@ -510,12 +513,32 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
             if not os.path.isfile(os.path.join(src, "meta.json")):
                 raise FileNotFoundError(f"{stage} starts from {src}, which is not a finished stage: run {before} "
                                         f"first or pass --init-from")
-        outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src)
+        outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src, vae_dir)
         prev = outs[stage]
     if report and info.main and cfg.data == "toy" and any(s in DIT_STAGES for s in todo):
         from .oracle import write_report
         outs["report"] = write_report(cfg, prev, enc=encoders)
     return outs
+
+
+def features_vae(cfg: TrainConfig, run_vae: str, info: DistInfo) -> str:
+    """The VAE whose latents the training features hold, for the stages' pipeline.json: the run's own for the toy
+    world and manifests (extracted here with it); for a folder of extracted features, the VAE that
+    ``python -m omni2sound.extract`` recorded in its train/index.json (a run on such a folder trains no VAE)."""
+    if cfg.data == "toy" or cfg.data.endswith(".jsonl") or os.path.isfile(os.path.join(run_vae, "meta.json")):
+        return run_vae
+    try:
+        with open(os.path.join(cfg.data, "train", "index.json")) as f:
+            made_by = json.load(f).get("vae")
+    except (OSError, ValueError):
+        made_by = None
+    if made_by and os.path.isdir(made_by):
+        return made_by
+    if info.main:
+        print(f"[train] warning: {cfg.data}/train/index.json names no VAE folder that exists here "
+              f"({made_by!r}); the stages' pipeline.json point at {run_vae}: put the VAE that extracted these "
+              "features there, or edit vae_dir in pipeline.json", file=sys.stderr)
+    return run_vae
 
 
 def _train_audio(cfg: TrainConfig) -> torch.Tensor:

@@ -239,3 +239,30 @@ def test_extract_cli_refuses_a_manifest_with_no_usable_record(tmp_path, vae_dir,
     err = capsys.readouterr().err
     assert "no usable records" in err and "m.jsonl:1: unknown field" in err and "m.jsonl:2: invalid JSON" in err
     assert not (tmp_path / "feat").exists()
+
+
+def test_extracted_folder_trains_and_its_stage_loads_with_the_extraction_vae(tmp_path, vae_dir):
+    # python -m omni2sound.extract records its VAE in index.json; a run on that folder trains no VAE of its own,
+    # so its stages' pipeline.json must name the extraction's (it named the run's vae/, which does not exist)
+    from dataclasses import replace
+
+    from omni2sound.extract import main as extract_main
+    from omni2sound.pipeline import Omni2SoundPipeline
+    from omni2sound.train import TRAIN_PRESETS, run
+    world = ToyWorld(ToyConfig(duration=0.5))
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for i in range(4):
+            sf.write(tmp_path / f"c{i}.wav", world.clip(i).audio, 16000)
+            f.write(json.dumps({"clip_id": f"c{i}", "audio": f"c{i}.wav", "duration": 0.5,
+                                "caption": world.clip(i).caption}) + "\n")
+    feat = tmp_path / "feat"
+    extract_main(["--manifest", str(tmp_path / "m.jsonl"), "--vae", vae_dir, "--out", str(feat / "train"),
+                  "--shard-size", "2"])
+    assert json.load(open(feat / "train" / "index.json"))["vae"] == os.path.abspath(vae_dir)
+    cfg = replace(TRAIN_PRESETS["smoke"], runs_dir=str(tmp_path / "runs"), data=str(feat), stage1_steps=1,
+                  batch_size=2)
+    out = run(cfg, stages=["stage1"], report=False)["stage1"]
+    pc = json.load(open(os.path.join(out, "pipeline.json")))
+    assert os.path.samefile(os.path.join(out, pc["vae_dir"]), vae_dir)
+    pipe = Omni2SoundPipeline.from_pretrained(out)
+    assert pipe.generate(text="a bell", duration=0.4, steps=1).audio.shape == (1, 6400)
