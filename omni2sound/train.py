@@ -372,10 +372,7 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
             model = type(model)(model.config)
             model.load_state_dict(raw)
         model.save_pretrained(os.path.join(out, "dit_raw"))
-        with torch.no_grad():
-            for k, p in model.named_parameters():
-                if k in ema:
-                    p.copy_(ema[k])
+        trainer.ema.copy_to(model, ema)
         model.save_pretrained(os.path.join(out, "dit"))
         atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
         write_pipeline_config(out, vae_dir or run_dir(cfg, "vae"), latent_stats)

@@ -147,16 +147,19 @@ class EMA:
                 s.lerp_(p.float().to(s.device), 1 - d)
 
     @torch.no_grad()
-    def copy_to(self, module: nn.Module) -> None:
+    def copy_to(self, module: nn.Module, shadow: Optional[dict] = None) -> None:
+        """Write the averages into module's parameters; shadow: full shadows to use instead of this EMA's own (e.g.
+        ``state_dict()["shadow"]`` gathered under FSDP2, for an unsharded copy of the model)."""
+        shadow = self.shadow if shadow is None else shadow
         for k, p in module.named_parameters():
-            if k in self.shadow:
-                p.copy_(self.shadow[k].to(p.dtype))
+            if k in shadow:
+                p.copy_(shadow[k].to(p.dtype))
 
     def state_dict(self) -> dict:
         """Full (unsharded) shadows; a collective under FSDP2, whose gathered tensors go to host memory one by one
         (a device would otherwise hold the whole EMA on every rank)."""
         return {"decay": self.decay, "updates": self.updates, "warmup": self.warmup,
-                "shadow": {k: _full(v).cpu() if _is_dtensor(v) else v for k, v in self.shadow.items()}}
+                "shadow": {k: v.full_tensor().cpu() if _is_dtensor(v) else v for k, v in self.shadow.items()}}
 
     def load_state_dict(self, s: dict) -> None:
         """From full shadows (any world size); each is sharded as the current shadow of that name is."""
@@ -277,13 +280,13 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
         self.ema = EMA(model, optim.ema_decay, optim.ema_warmup)       # after sharding: sharded as the parameters
-        # the optimiser's parameter order, by name: checkpoints key its state by index (torch's own format) in every
-        # mode; FSDP2's state-dict API keys it by name
-        self._opt_names = [[n for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2],
-                           [n for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]]
         self.step_module = torch.compile(self.module) if loop.compile else self.module
-        decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() >= 2]
-        no_decay = [p for p in self.module.parameters() if p.requires_grad and p.dim() < 2]
+        # AdamW's two groups (weight decay on matrices only), built once with their names: checkpoints key the
+        # optimiser state by index (torch's own format) in every mode, FSDP2's state-dict API keys it by name
+        trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = [[(n, p) for n, p in trained if p.dim() >= 2], [(n, p) for n, p in trained if p.dim() < 2]]
+        self._opt_names = [[n for n, _ in g] for g in groups]
+        decay, no_decay = ([p for _, p in g] for g in groups)
         graph_gpu = loop.cuda_graph and self.info.device.startswith("cuda")
         if loop.cuda_graph:
             self._check_graph_setup(loss_fn)
