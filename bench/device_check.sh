@@ -170,7 +170,7 @@ if [ "$WHAT" = bars ]; then     # the three GPU bars in one short call: issue 4 
   # has never run on a GPU: compare the rows fused_graph and fused_graph_cudnn_out_conv), then issues 5 and 6
   step vae 80 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --profile --out "$RES/vae.json"
-  step generate_L 70 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda \
+  step generate_L 110 $PY bench/bench_generate.py --presets L --batches 1,8 --repeats 3 --device cuda \
     --out "$RES/generate_L.json"
   step train_L 70 $PY bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda \
     --graph --variants fused,fused+graph --out "$RES/train_L.json"

@@ -273,7 +273,10 @@ class Trainer:
         if loop.grad_checkpointing:
             enable_grad_checkpointing(model)
         self.module = model
-        self.sharded = self.info.world > 1 and loop.parallel == "fsdp"
+        # FSDP2 over every rank; also over a 1-rank group that the caller initialised (a one-GPU check of the
+        # sharded path: NCCL refuses two ranks on one device)
+        group = dist.is_available() and dist.is_initialized()
+        self.sharded = loop.parallel == "fsdp" and (self.info.world > 1 or group)
         if self.sharded:
             shard_model(model, self.info)               # in place: parameters become DTensors
         elif self.info.world > 1:

@@ -229,13 +229,17 @@ def test_cuda_graph_loop_refuses_what_it_cannot_capture(tmp_path):
         _trainer(str(tmp_path / "a"), synthetic_table(4), 2, accum=2, cuda_graph=True)
 
 
-def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp"):
+def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp", device="cpu"):
     # loopback only: gloo otherwise picks the interface the hostname resolves to, which on some sandboxes is not
     # reachable and hangs the pair connection instead of failing
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
-    info = init_distributed("cpu", timeout_s=60)
+    info = init_distributed(device, timeout_s=60)
+    if world == 1:      # init_distributed makes no group for one process; the 1-rank FSDP2 check needs one
+        import datetime
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo", rank=0, world_size=1,
+                                             timeout=datetime.timedelta(seconds=60))
     torch.distributed.barrier()
     open(f"{result}.rendezvous{rank}", "w").close()
     if parallel == "ddp":
@@ -271,11 +275,13 @@ def _ddp_worker(rank, world, port, out_dir, result, parallel="ddp"):
     open(f"{result}.done{rank}", "w").close()           # every line of ours ran; what follows is interpreter exit
 
 
-def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_s=30.0, parallel="ddp"):
+def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_s=30.0, parallel="ddp",
+                     device="cpu"):
     """mp.spawn with a deadline: a hung rendezvous or collective kills the workers instead of the CI job. Workers
     that finished all their work (done markers) but have not exited ``exit_grace_s`` later are killed with a
     warning, not a failure: that hang is in torch's / Python's teardown, after everything this test checks."""
-    ctx = mp.start_processes(_ddp_worker, args=(world, port, out_dir, result, parallel), nprocs=world, join=False,
+    ctx = mp.start_processes(_ddp_worker, args=(world, port, out_dir, result, parallel, device), nprocs=world,
+                             join=False,
                              start_method="spawn")
     t0, all_done = time.monotonic(), None
     try:
@@ -294,16 +300,17 @@ def _run_ddp_workers(world, port, out_dir, result, deadline_s=240.0, exit_grace_
                 p.join()
 
 
-def _spawn_two(tmp_path, name, parallel="ddp"):
-    """Two gloo workers on this machine; skips only when the machine cannot connect them."""
+def _spawn_two(tmp_path, name, parallel="ddp", world=2, device="cpu"):
+    """Two gloo workers on this machine (or ``world`` workers on ``device``); skips only when the machine cannot
+    connect them."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = str(tmp_path / f"{name}.pt")
     try:
-        _run_ddp_workers(2, port, str(tmp_path / name), result, parallel=parallel)
+        _run_ddp_workers(world, port, str(tmp_path / name), result, parallel=parallel, device=device)
     except Exception as e:
-        met = all(os.path.exists(f"{result}.rendezvous{r}") for r in range(2))
+        met = all(os.path.exists(f"{result}.rendezvous{r}") for r in range(world))
         network = isinstance(e, TimeoutError) or any(
             m in str(e) for m in ("DistStoreError", "Timed out", "timed out", "Connection refused", "Gloo", "gloo"))
         if not met and network:
@@ -346,6 +353,24 @@ def test_fsdp_two_processes_equal_one_process_and_resume_across_modes(tmp_path):
     assert [h["loss"] for h in cross.fit(resume=True)] == pytest.approx([h["loss"] for h in hist], rel=1e-5)
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(cross.model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_fsdp_one_rank_group_trains_like_the_plain_loop(tmp_path, device):
+    """The sharded path on one device (NCCL refuses two ranks on one GPU, so this is the one-GPU check of FSDP2's
+    CUDA path: DTensor parameters and EMA on the GPU, bf16 autocast through the FSDP hooks, the sharded clip,
+    checkpoint and rank-0 resume): killed after 2 of 3 steps, resumed; ends where the plain loop does."""
+    run1 = _spawn_two(tmp_path, "fsdp1", parallel="fsdp", world=1, device=device)
+    single = _trainer(str(tmp_path / "one"), synthetic_table(10), 3, info=DistInfo(device=device), accum=2, micro=2,
+                      model=small_dit(depth=2))
+    hist = single.fit()
+    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=2e-2, atol=2e-3)   # bf16 autocast on GPU
+    assert run1["losses"] == pytest.approx([h["loss"] for h in hist], rel=tol["rtol"])
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(run1["state"][k].to(v.device), v, **tol, msg=k)
+    for k, v in single.ema.shadow.items():
+        torch.testing.assert_close(run1["ema"][k].to(v.device), v, **tol, msg=k)
 
 
 def test_every_stage_runs_and_hands_off(tmp_path):
