@@ -59,6 +59,40 @@ def profile_decode(name: str, fn, calls: int = 3) -> None:
         print(f"| {e.key[:90]} | {dev_us(e) / calls:.0f} | {e.count / calls:g} |")
 
 
+def conv_table(vae, z) -> None:
+    """GPU: every conv of one decode, timed alone in its own CUDA graph of 20 calls (us per call): cuDNN's form and
+    the decoder's alternatives (dilated: space to batch; one output channel: GEMM + shifted adds)."""
+    from omni2sound.vae import conv1d_as_gemm, conv1d_dilated_as_batch
+    dec, seen = vae.decoder, []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.append((n, m, a[0].clone())))
+             for n, m in dec.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
+    flags = dec.dilated_as_batch, dec.out_conv_as_gemm
+    dec.dilated_as_batch = dec.out_conv_as_gemm = False          # every conv through its module: the hooks see it
+    try:
+        dec.frames(z)
+    finally:
+        dec.dilated_as_batch, dec.out_conv_as_gemm = flags
+        for h in hooks:
+            h.remove()
+    print("\n| conv | Cin -> Cout | k | dilation | T in | cuDNN us | space-to-batch us | GEMM us |")
+    print("|---|---|---|---|---|---|---|---|")
+    total = {"cudnn": 0.0, "best": 0.0}
+    for name, m, x in seen:
+        native = time_gpu(lambda: m(x), 10, 20)[0]
+        alt = {}
+        if isinstance(m, torch.nn.Conv1d) and m.dilation[0] > 1 and m.padding[0] % m.dilation[0] == 0:
+            alt["batch"] = time_gpu(lambda: conv1d_dilated_as_batch(x, m.weight, m.bias, m.padding[0],
+                                                                    m.dilation[0]), 10, 20)[0]
+        if isinstance(m, torch.nn.Conv1d) and m.out_channels <= 4:
+            alt["gemm"] = time_gpu(lambda: conv1d_as_gemm(x, m.weight, m.bias, m.padding[0], m.dilation[0]), 10, 20)[0]
+        total["cudnn"] += native
+        total["best"] += min([native, *alt.values()])
+        fmt = lambda k: f"{alt[k]:.1f}" if k in alt else "-"      # noqa: E731
+        print(f"| {name} | {m.in_channels} -> {m.out_channels} | {m.kernel_size[0]} | {m.dilation[0]} | "
+              f"{x.shape[-1]} | {native:.1f} | {fmt('batch')} | {fmt('gemm')} |")
+    print(f"\n(sum of the convs: cuDNN {total['cudnn']:.0f} us, the best form of each {total['best']:.0f} us)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", choices=sorted(VAE_PRESETS))
@@ -74,6 +108,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write the results as JSON")
     p.add_argument("--profile", action="store_true",
                    help="GPU: print the top kernels of the eager fp32, graphed fused and channels-last decodes")
+    p.add_argument("--conv-table", action="store_true",
+                   help="GPU: time every conv of the decoder alone, cuDNN against the decoder's alternative forms")
     args = p.parse_args(argv)
     dev = args.device
     dtype = getattr(torch, args.dtype or ("bfloat16" if dev == "cuda" else "float32"))
@@ -92,15 +128,18 @@ def main(argv=None):
 
     def decode_on(backend, model, latents):
         """A decode of ``latents`` by ``model`` with every Snake op on ``backend``; the reference backend is the plain
-        decoder, whose last conv is nn.Conv1d (not the GEMM form the fused path uses on a GPU)."""
+        decoder, whose convs are all nn.Conv1d's (not the GEMM and space-to-batch forms the fused path uses on a
+        GPU)."""
         def run():
-            flag = model.decoder.out_conv_as_gemm
-            model.decoder.out_conv_as_gemm = False if backend == "reference" else flag
+            dec = model.decoder
+            flags = dec.out_conv_as_gemm, dec.dilated_as_batch
+            if backend == "reference":
+                dec.out_conv_as_gemm = dec.dilated_as_batch = False
             try:
                 with ops.use_backend(snake=backend):
                     return model.decode(latents)
             finally:
-                model.decoder.out_conv_as_gemm = flag
+                dec.out_conv_as_gemm, dec.dilated_as_batch = flags
         return run
 
     eager = decode_on("reference", base, z_base)
@@ -125,6 +164,14 @@ def main(argv=None):
             cudnn_out.decode_graphed(z)
             results["fused_graph_cudnn_out_conv"] = best_time(lambda: cudnn_out.decode_graphed(z), repeats, dev)
             del cudnn_out
+            # the same with the residual units' dilated convs left to cuDNN (session 11: space to batch)
+            cudnn_dil = copy.deepcopy(vae)
+            cudnn_dil.decoder.dilated_as_batch = False
+            cudnn_dil.decode_graphed(z)
+            results["fused_graph_cudnn_dilated"] = best_time(lambda: cudnn_dil.decode_graphed(z), repeats, dev)
+            del cudnn_dil
+            if args.conv_table:
+                conv_table(vae, z)
         if dev == "cuda":
             # cuDNN picks conv algorithms by heuristics unless asked to time them; bf16 conv1d at batch 1 was slower
             # than fp32 (session 3), so measure both the baseline and the graphed decode with autotuned algorithms

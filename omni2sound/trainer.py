@@ -71,6 +71,8 @@ def init_distributed(device: Optional[str] = None, timeout_s: Optional[float] = 
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+    elif device == "cuda":          # `--device cuda`: each rank its own GPU (set_device needs an index)
+        device = f"cuda:{local}"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():

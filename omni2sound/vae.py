@@ -222,6 +222,34 @@ def conv1d_as_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: i
     return out if bias is None else out + bias.to(out.dtype)[None, :, None]
 
 
+def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
+                            dilation: int) -> Tensor:
+    """A stride-1 dilated conv1d as an undilated one over ``dilation`` interleaved sub-sequences (space to batch).
+
+    x [B, Cin, T], weight [Cout, Cin, K], padding a multiple of the dilation d -> [B, Cout, T + 2 padding - d (K - 1)].
+    With x zero-padded to T' = d J and s_r[j] = x[j d + r] (r < d): out[j d + r] = conv(s_r, weight, padding / d)[j],
+    since the taps of a dilated conv at t are t + (k - K // 2) d, all in t's residue class. The zeros appended past T
+    are the conv's own zero padding, so the result is exact. Why: in an H200 profile of the graphed bf16 decode
+    (session 11) a legacy cuDNN kernel (``implicit_convolve_sgemm``, 2 launches) took 1.4 of 3.5 ms, and stayed when
+    the last conv left cuDNN; undilated k-7 convs there run on tensor-core kernels. The two transposes here move
+    about 2 x 20 MB at the waveform rate.
+    """
+    d = dilation
+    if padding % d:
+        raise ValueError(f"conv1d_dilated_as_batch: padding {padding} must be a multiple of the dilation {d}")
+    B, C, T = x.shape
+    K = weight.shape[-1]
+    J = -(-T // d)
+    if J * d != T:
+        x = F.pad(x, (0, J * d - T))
+    s = x.reshape(B, C, J, d).permute(0, 3, 1, 2).reshape(B * d, C, J)        # [B d, Cin, J]: s_r for each r
+    o = F.conv1d(s, weight, bias, padding=padding // d)                      # [B d, Cout, J_out]
+    J_out = o.shape[-1]
+    T_out = T + 2 * padding - d * (K - 1)
+    out = o.reshape(B, d, -1, J_out).permute(0, 2, 3, 1).reshape(B, -1, J_out * d)     # [B, Cout, d J_out]
+    return out[:, :, :T_out].contiguous()                  # a copy only where the reshape gave a view
+
+
 def _conv_channels_last(m: nn.Module, x: Tensor) -> Tensor:
     """Conv1d module m on x [B, Cin, T] stored channels-last, as the 2-D conv of that layout -> [B, Cout, T']."""
     return F.conv2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
@@ -378,6 +406,10 @@ class Decoder(nn.Module):
         # graphed bf16 decode (session 9) it ran a legacy implicit-GEMM kernel for 1.40 of the 3.53 ms (and a
         # channels-last grouped direct kernel for 56 ms), for a conv that reads 20 MB.
         self.out_conv_as_gemm: Optional[bool] = None
+        # The residual units' dilated convs as undilated convs over interleaved sub-sequences (exact; None = on CUDA
+        # only): cuDNN's bf16 kernels for dilation 3 and 9 at 64 channels x 160 000 samples are legacy ones
+        # (``conv1d_dilated_as_batch``).
+        self.dilated_as_batch: Optional[bool] = None
 
     def _snakes_after_adds(self):
         """For each residual unit in order, the Snake that directly follows its residual add."""
@@ -409,8 +441,16 @@ class Decoder(nn.Module):
             y = block.res[0].snake1(h)
             for unit in block.res:
                 nxt = next(after)
-                h, y = ops.snake_residual(unit.branch(y), *nxt.alpha_beta(), h, nxt.eps)
+                h, y = ops.snake_residual(self._branch(unit, y), *nxt.alpha_beta(), h, nxt.eps)
         return self._conv_out(y)                             # [B, 1, T * hop] or [B, 2 n_bins, frames]
+
+    def _branch(self, unit: "ResidualUnit", y: Tensor) -> Tensor:
+        """``unit.branch(y)``, its dilated conv as ``conv1d_dilated_as_batch`` where that is on."""
+        m = unit.conv1
+        on = self.dilated_as_batch if self.dilated_as_batch is not None else y.is_cuda
+        if not (on and m.dilation[0] > 1 and m.padding[0] % m.dilation[0] == 0 and m.padding_mode == "zeros"):
+            return unit.branch(y)
+        return unit.conv2(unit.snake2(conv1d_dilated_as_batch(y, m.weight, m.bias, m.padding[0], m.dilation[0])))
 
     def _conv_out(self, y: Tensor) -> Tensor:
         m = self.conv_out

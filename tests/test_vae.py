@@ -371,6 +371,44 @@ def test_conv1d_as_gemm_equals_conv1d(cout, k, dilation, bias, channels_last):
         torch.testing.assert_close(a, c)
 
 
+@pytest.mark.parametrize("T", [1, 2, 9, 37, 36])
+@pytest.mark.parametrize("k,dilation,pad", [(7, 3, 9), (7, 9, 27), (3, 2, 2), (5, 4, 4), (7, 3, 3), (1, 5, 0)])
+def test_conv1d_dilated_as_batch_equals_conv1d(T, k, dilation, pad):
+    # the decoder's dilated convs on a GPU: forward and every gradient against F.conv1d in float64, lengths that the
+    # dilation divides and ones it does not (down to one sample), same-length and shorter/longer outputs
+    from omni2sound.vae import conv1d_dilated_as_batch
+    if T + 2 * pad - dilation * (k - 1) < 1:
+        pytest.skip("no output")
+    x = torch.randn(2, 5, T, dtype=torch.float64)
+    w = torch.randn(4, 5, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    got = conv1d_dilated_as_batch(xs[0], w, b, pad, dilation)
+    want = F.conv1d(xs[1], w, b, padding=pad, dilation=dilation)
+    assert got.shape == want.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want)
+    dy = torch.randn_like(want)
+    for a, c in zip(torch.autograd.grad(got, [xs[0], w, b], dy), torch.autograd.grad(want, [xs[1], w, b], dy)):
+        torch.testing.assert_close(a, c)
+    with pytest.raises(ValueError, match="multiple of the dilation"):
+        conv1d_dilated_as_batch(x, w.detach(), None, dilation + 1, dilation)
+
+
+def test_decoder_with_the_dilated_convs_as_batch_decodes_the_same(tiny):
+    # the GPU default (dilated convs as undilated ones over sub-sequences) against nn.Conv1d's, lengths 9 and 10
+    dec = tiny.decoder
+    for T in (9, 10):
+        z = torch.randn(2, tiny.config.latent_dim, T)
+        outs = []
+        for on in (False, True):
+            dec.dilated_as_batch = on
+            with torch.no_grad():
+                outs.append(dec.frames(z))
+        dec.dilated_as_batch = None
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
+    assert any(u.conv1.dilation[0] > 1 for b in dec.blocks for u in b.res)       # the test reaches the new path
+
+
 def test_decoder_with_the_gemm_out_conv_decodes_the_same(tiny):
     # both layouts (the CPU inference path is channels-last), with and without the GEMM form of the last conv
     dec = tiny.decoder
