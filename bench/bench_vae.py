@@ -164,12 +164,17 @@ def main(argv=None):
             cudnn_out.decode_graphed(z)
             results["fused_graph_cudnn_out_conv"] = best_time(lambda: cudnn_out.decode_graphed(z), repeats, dev)
             del cudnn_out
-            # the same with the residual units' dilated convs left to cuDNN (session 11: space to batch)
-            cudnn_dil = copy.deepcopy(vae)
-            cudnn_dil.decoder.dilated_as_batch = False
-            cudnn_dil.decode_graphed(z)
-            results["fused_graph_cudnn_dilated"] = best_time(lambda: cudnn_dil.decode_graphed(z), repeats, dev)
-            del cudnn_dil
+            # the residual units' dilated convs: the default picks cuDNN's form or space to batch per shape by
+            # timing both (session 11); here every one left to cuDNN, and every one as space to batch
+            from omni2sound.vae import _DILATED_PAYS
+            print("(dilated convs, space to batch chosen: " + ", ".join(
+                f"{k[2][1]}x{k[2][-1]} d{k[4]}: {v}" for k, v in _DILATED_PAYS.items()) + ")")
+            for name, flag in (("fused_graph_cudnn_dilated", False), ("fused_graph_all_dilated_as_batch", True)):
+                other = copy.deepcopy(vae)
+                other.decoder.dilated_as_batch = flag
+                other.decode_graphed(z)
+                results[name] = best_time(lambda: other.decode_graphed(z), repeats, dev)
+                del other
             if args.conv_table:
                 conv_table(vae, z)
         if dev == "cuda":

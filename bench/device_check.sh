@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
-#   bash bench/device_check.sh [part1|part2|all|final|candidates|graph|final9|probe9|bars|vae11] [SECONDS]
+#   bash bench/device_check.sh [part1|part2|all|final|candidates|graph|final9|probe9|bars|vae11|vae11b] [SECONDS]
 #     part1  generate L (+ its compiled step), train L (+ its top kernels), VAE decode, a profile of one L step
 #     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
@@ -14,7 +14,7 @@
 #     bars   the three GPU bars in one call: VAE decode (issue 4, with its profile), generate L with the plain path
 #            (issue 5), train L eager and graphed (issue 6); e.g. `bash bench/device_check.sh bars 420`
 #     vae11  session 11: the VAE decode with every conv timed alone (--conv-table), the VAE and trainer GPU tests
-#            (run with SKIP_TESTS=1)
+#            (run with SKIP_TESTS=1); vae11b: the per-shape timed choice, its tests, the VAE and generate L benches
 #     candidates  what session 4 prepared without a GPU: the Triton q/k RMSNorm + RoPE (its GPU tests, its bench,
 #            generate L and train L with OMNI2SOUND_BACKEND=qk_norm_rope=triton against the default in the same
 #            call) and the VAE decode candidates (cudnn.benchmark; channels-last convs with the Triton Snake);
@@ -183,6 +183,15 @@ if [ "$WHAT" = vae11 ]; then    # session 11: the dilated convs as space-to-batc
     --timeout 80
   step vae 90 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
     --no-compile --profile --conv-table --out "$RES/vae.json"
+fi
+if [ "$WHAT" = vae11b ]; then   # session 11, last call: the per-shape choice of the dilated convs' form (timed),
+  # its GPU tests and the pipeline's, the VAE decode, and generate L with the committed code
+  step tests_vae_pipe 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_vae.py tests/test_pipeline.py -rf \
+    --timeout 80
+  step vae 60 $PY bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32 \
+    --no-compile --profile --out "$RES/vae.json"
+  step generate_L 60 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda \
+    --out "$RES/generate_L.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"

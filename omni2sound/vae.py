@@ -229,10 +229,10 @@ def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], p
     x [B, Cin, T], weight [Cout, Cin, K], padding a multiple of the dilation d -> [B, Cout, T + 2 padding - d (K - 1)].
     With x zero-padded to T' = d J and s_r[j] = x[j d + r] (r < d): out[j d + r] = conv(s_r, weight, padding / d)[j],
     since the taps of a dilated conv at t are t + (k - K // 2) d, all in t's residue class. The zeros appended past T
-    are the conv's own zero padding, so the result is exact. Why: in an H200 profile of the graphed bf16 decode
-    (session 11) a legacy cuDNN kernel (``implicit_convolve_sgemm``, 2 launches) took 1.4 of 3.5 ms, and stayed when
-    the last conv left cuDNN; undilated k-7 convs there run on tensor-core kernels. The two transposes here move
-    about 2 x 20 MB at the waveform rate.
+    are the conv's own zero padding, so the result is exact. Why: cuDNN (9.x, H200, bf16, session 11) runs dilation 9
+    at 512 x 2 500 and 256 x 20 000 with a legacy kernel (605 and 800 us) where this form takes 65 and 121 us; for
+    dilation 3, and 9 at longer rates, its own kernels win (~2x). The decoder picks per shape by timing both
+    (``Decoder._dilated_pays``).
     """
     d = dilation
     if padding % d:
@@ -248,6 +248,47 @@ def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], p
     T_out = T + 2 * padding - d * (K - 1)
     out = o.reshape(B, d, -1, J_out).permute(0, 2, 3, 1).reshape(B, -1, J_out * d)     # [B, Cout, d J_out]
     return out[:, :, :T_out].contiguous()                  # a copy only where the reshape gave a view
+
+
+# (device, dtype, input shape, conv shape) -> whether conv1d_dilated_as_batch beat cuDNN's form (timed once)
+_DILATED_PAYS: Dict[tuple, bool] = {}
+
+
+def _graph_us(fn, calls: int = 4) -> float:
+    """GPU time of ``calls`` calls of fn, replayed from one CUDA graph (launch gaps excluded, as in a graphed
+    decode), best of 3 replays, in microseconds."""
+    fn()                                             # lazy init (cuDNN handles, plans) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    best = float("inf")
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e3 / calls)
+    return best
+
+
+def _dilated_pays(m: nn.Conv1d, y: Tensor) -> bool:
+    """Whether ``conv1d_dilated_as_batch`` runs conv m on y faster than cuDNN's own form: timed once per device,
+    dtype and shape (a few ms; ``AudioVAE.decode_graphed`` warms up, and so times, before it captures). Inside a
+    capture that nobody warmed up, cuDNN's form (nothing can be timed there)."""
+    key = (y.device, y.dtype, tuple(y.shape), tuple(m.weight.shape), m.dilation[0], m.padding[0])
+    got = _DILATED_PAYS.get(key)
+    if got is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        x = y.detach().clone()
+        w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+        batch_us = _graph_us(lambda: conv1d_dilated_as_batch(x, w, b, m.padding[0], m.dilation[0]))
+        cudnn_us = _graph_us(lambda: F.conv1d(x, w, b, padding=m.padding[0], dilation=m.dilation[0]))
+        got = _DILATED_PAYS[key] = batch_us < cudnn_us
+    return got
 
 
 def _conv_channels_last(m: nn.Module, x: Tensor) -> Tensor:
@@ -406,9 +447,9 @@ class Decoder(nn.Module):
         # graphed bf16 decode (session 9) it ran a legacy implicit-GEMM kernel for 1.40 of the 3.53 ms (and a
         # channels-last grouped direct kernel for 56 ms), for a conv that reads 20 MB.
         self.out_conv_as_gemm: Optional[bool] = None
-        # The residual units' dilated convs as undilated convs over interleaved sub-sequences (exact; None = on CUDA
-        # only): cuDNN's bf16 kernels for dilation 3 and 9 at 64 channels x 160 000 samples are legacy ones
-        # (``conv1d_dilated_as_batch``).
+        # The residual units' dilated convs as undilated convs over interleaved sub-sequences
+        # (``conv1d_dilated_as_batch``, exact): True / False for every dilated conv; None = CUDA inference picks per
+        # conv and input shape whichever form a timing of both found faster (once per shape and process), else off.
         self.dilated_as_batch: Optional[bool] = None
 
     def _snakes_after_adds(self):
@@ -445,10 +486,14 @@ class Decoder(nn.Module):
         return self._conv_out(y)                             # [B, 1, T * hop] or [B, 2 n_bins, frames]
 
     def _branch(self, unit: "ResidualUnit", y: Tensor) -> Tensor:
-        """``unit.branch(y)``, its dilated conv as ``conv1d_dilated_as_batch`` where that is on."""
+        """``unit.branch(y)``, its dilated conv as ``conv1d_dilated_as_batch`` where that is on (or pays)."""
         m = unit.conv1
-        on = self.dilated_as_batch if self.dilated_as_batch is not None else y.is_cuda
-        if not (on and m.dilation[0] > 1 and m.padding[0] % m.dilation[0] == 0 and m.padding_mode == "zeros"):
+        if not (m.dilation[0] > 1 and m.padding[0] % m.dilation[0] == 0 and m.padding_mode == "zeros"):
+            return unit.branch(y)
+        on = self.dilated_as_batch
+        if on is None:
+            on = y.is_cuda and not torch.is_grad_enabled() and _dilated_pays(m, y)
+        if not on:
             return unit.branch(y)
         return unit.conv2(unit.snake2(conv1d_dilated_as_batch(y, m.weight, m.bias, m.padding[0], m.dilation[0])))
 

@@ -328,6 +328,31 @@ def test_gpu_graphed_decode_equals_decode(preset):
     assert len(vae._decode_graphs) == 2
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_dilated_convs_pick_a_form_per_shape_and_decode_the_same(dtype):
+    # the GPU default times cuDNN's form and space to batch once per dilated conv shape (before any capture) and
+    # keeps the faster; every choice decodes what nn.Conv1d's form does, graphed too
+    from omni2sound.vae import _DILATED_PAYS
+    _DILATED_PAYS.clear()
+    torch.manual_seed(0)
+    vae = AudioVAE(VAE_PRESETS["paper"]).fold_weight_norm().eval().to("cuda", dtype)
+    dec = vae.decoder
+    z = torch.randn(1, vae.config.latent_dim, 30, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        graphed = vae.decode_graphed(z)
+        assert len(_DILATED_PAYS) == sum(u.conv1.dilation[0] > 1 for b in dec.blocks for u in b.res) == 8
+        auto = vae.decode(z)
+        dec.dilated_as_batch = False
+        cudnn = vae.decode(z)
+        dec.dilated_as_batch = True
+        batch = vae.decode(z)
+        dec.dilated_as_batch = None
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=5e-2, atol=5e-2)
+    for got in (graphed, auto, batch):
+        torch.testing.assert_close(got.float(), cudnn.float(), **tol)
+
+
 def test_graphed_decode_is_decode_off_gpu(tiny):
     with torch.no_grad():
         z = torch.randn(2, tiny.config.latent_dim, 7)
