@@ -24,6 +24,7 @@
 #            ablation (each low-latency item off on its own, 25-step samplings, paired ratios); session 8 runs the
 #            generate / train candidates with both Triton ops (q/k norm + RoPE, now also the cross-attention's head
 #            norms; bias + GELU) and profiles that training step
+#     any other word (e.g. tests_only): the GPU tests alone
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
