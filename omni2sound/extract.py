@@ -273,9 +273,10 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-        if a.device.startswith("cuda"):
+        if a.device.startswith("cuda"):     # each rank its own GPU, set before NCCL starts (its barrier uses it)
             a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(torch.device(a.device))
+        torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     try:
         res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, a.text_encoder, a.frame_size,
                                a.split, device=a.device)

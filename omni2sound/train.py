@@ -90,6 +90,7 @@ class TrainConfig:
     compile: bool = False
     cuda_graph: bool = False          # DiT stages on one GPU: replay each step from a CUDA graph (graphed_step.py)
     parallel: str = "ddp"             # with torchrun: "ddp" or "fsdp" (FSDP2, DiT stages; the VAE stage runs DDP)
+    fsdp_bf16_params: bool = True     # FSDP2 with bf16 on GPU: weights gathered in bf16, gradients reduced in fp32
     # the report
     sample_steps: int = 25
     cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
@@ -393,7 +394,7 @@ def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
                       compile=cfg.compile, cuda_graph=cfg.cuda_graph and stage != "vae",
                       # the VAE (tens of M parameters) fits every GPU; its loss calls encode / decode, not forward,
                       # which FSDP2's hooks would not see
-                      parallel=cfg.parallel if stage != "vae" else "ddp",
+                      parallel=cfg.parallel if stage != "vae" else "ddp", fsdp_bf16_params=cfg.fsdp_bf16_params,
                       progress=cfg.progress)
 
 

@@ -250,6 +250,10 @@ class LoopConfig:
     # same static step runs eagerly.
     cuda_graph: bool = False
     parallel: str = "ddp"             # "ddp" | "fsdp" (FSDP2, when WORLD_SIZE > 1)
+    # FSDP2 on GPU with bf16: gather the weights in bf16 (half the all-gather bytes and the unsharded copies) and
+    # reduce the gradients in fp32; the sharded master weights, AdamW and the EMA stay fp32. Inputs are not cast
+    # (the timestep must keep its fp32 resolution); autocast runs as without it.
+    fsdp_bf16_params: bool = True
     progress: bool = True
 
 
@@ -280,7 +284,8 @@ class Trainer:
         group = dist.is_available() and dist.is_initialized()
         self.sharded = loop.parallel == "fsdp" and (self.info.world > 1 or group)
         if self.sharded:
-            shard_model(model, self.info)               # in place: parameters become DTensors
+            mp = loop.bf16 and loop.fsdp_bf16_params and self.info.device.startswith("cuda")
+            shard_model(model, self.info, bf16_params=mp)   # in place: parameters become DTensors
         elif self.info.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.module = DDP(model, device_ids=[self.info.local_rank] if self.info.device != "cpu" else None)
@@ -560,25 +565,30 @@ def _no_grad_sync(module: nn.Module):
         module.set_requires_gradient_sync(True)
 
 
-def shard_model(model: nn.Module, info: DistInfo) -> None:
+def shard_model(model: nn.Module, info: DistInfo, bf16_params: bool = False) -> None:
     """FSDP2 in place over all ranks: each of ``model.blocks`` its own unit (its weights are gathered for its
     forward and freed after, so peak memory holds a block or two of full weights, not the model), then the root (the
     rest). A block's other entry points that use its weights outside forward (``DiTBlock.condition``, called by the
-    DiT's prepare_conditions) are registered as forward methods, so that they gather too."""
+    DiT's prepare_conditions) are registered as forward methods, so that they gather too. ``bf16_params``: the
+    gathered weights in bf16, gradients reduced in fp32 (``LoopConfig.fsdp_bf16_params``)."""
     from torch.distributed.device_mesh import init_device_mesh
     try:
-        from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     except ImportError:                                            # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard, register_fsdp_forward_method
+        from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     mesh = init_device_mesh(torch.device(info.device).type, (info.world,))
+    kw = {"mesh": mesh}
+    if bf16_params:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                               cast_forward_inputs=False)
     # FSDP2 warns when a sharded module returns a view (an in-place op on it would skip its backward hook); the
     # DiT's velocity is one, and the losses here use it out of place (flow.loss)
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     for blk in getattr(model, "blocks", []):
-        fully_shard(blk, mesh=mesh)
+        fully_shard(blk, **kw)
         if hasattr(blk, "condition"):
             register_fsdp_forward_method(blk, "condition")
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, **kw)
 
 
 def _tensorboard(out_dir: str):
