@@ -232,7 +232,7 @@ def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], p
     are the conv's own zero padding, so the result is exact. Why: cuDNN (9.x, H200, bf16, session 11) runs dilation 9
     at 512 x 2 500 and 256 x 20 000 with a legacy kernel (605 and 800 us) where this form takes 65 and 121 us; for
     dilation 3, and 9 at longer rates, its own kernels win (~2x). The decoder picks per shape by timing both
-    (``Decoder._dilated_pays``).
+    (``_dilated_pays``).
     """
     d = dilation
     if padding % d:
@@ -443,9 +443,9 @@ class Decoder(nn.Module):
             self.conv_out = _conv(widths[-1], 1, cfg.kernel_size, bias=False, gain=0.2)   # start near audio level
             self.synth = None
         # The waveform head's last conv (64 -> 1 channel, k 7, at the sample rate) as one GEMM and K shifted adds:
-        # None = on CUDA only. cuDNN has no tensor-core kernel for one output channel: in an H200 profile of the
-        # graphed bf16 decode (session 9) it ran a legacy implicit-GEMM kernel for 1.40 of the 3.53 ms (and a
-        # channels-last grouped direct kernel for 56 ms), for a conv that reads 20 MB.
+        # None = on CUDA only. Timed alone on an H200 (bf16, 160 000 samples, session 11): 39.7 us against cuDNN's
+        # 70.9. (Session 9 blamed this conv for a legacy cuDNN kernel; session 11 found that kernel in two dilated
+        # convs instead, see conv1d_dilated_as_batch.)
         self.out_conv_as_gemm: Optional[bool] = None
         # The residual units' dilated convs as undilated convs over interleaved sub-sequences
         # (``conv1d_dilated_as_batch``, exact): True / False for every dilated conv; None = CUDA inference picks per
