@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build the extension for the card, run the GPU tests and the benchmarks, write everything
 # under $OUT. Usage (repo root, on the GPU machine):
-#   bash bench/device_check.sh [part1|part2|all|final|candidates|graph|final9|probe9|bars|vae11|vae11b|train11] [SECONDS]
+#   bash bench/device_check.sh [part1|part2|all|final|candidates|graph|final9|probe9|bars|vae11|vae11b|train11|prof11] [SECONDS]
 #     part1  generate L (+ its compiled step), train L (+ its top kernels), VAE decode, a profile of one L step
 #     part2  the op benchmarks (adaln, snake), generate L batch 8, train L compiled
 # Every part first builds (unless carried) and runs the GPU tests (unless SKIP_TESTS=1).
@@ -25,6 +25,7 @@
 #            generate / train candidates with both Triton ops (q/k norm + RoPE, now also the cross-attention's head
 #            norms; bias + GELU) and profiles that training step
 #     train11 session 11: the trainer's GPU tests (FSDP2 with bf16 gathered weights); run with SKIP_TESTS=1
+#     prof11 session 11: a profile of an L sampling step, and generate L with the compiled step (SKIP_TESTS=1)
 #     any other word (e.g. tests_only): the GPU tests alone
 # SECONDS is this run's budget: each benchmark gets min(its limit, what is left) and one that would start with
 # less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
@@ -197,6 +198,12 @@ if [ "$WHAT" = vae11b ]; then   # session 11, last call: the per-shape choice of
 fi
 if [ "$WHAT" = train11 ]; then   # session 11: FSDP2 with bf16 gathered weights (MixedPrecisionPolicy) on one GPU
   step tests_train 90 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py -rf --timeout 80
+fi
+if [ "$WHAT" = prof11 ]; then    # session 11: where an L sampling step's kernel time goes now (for the next
+  # session's work on sampling), and whether the compiled step still pays on top of the graphs (session 3, H100: yes)
+  step profile_L 70 $PY bench/bench_generate.py --profile --presets L --device cuda --out "$RES/profile_L.json"
+  step generate_L_compile 150 $PY bench/bench_generate.py --presets L --batches 1 --repeats 3 --device cuda --compile \
+    --no-plain --out "$RES/generate_L_compile.json"
 fi
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"
