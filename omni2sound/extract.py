@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
+from .device import device_arg
 
 
 class Encoders:
@@ -269,7 +270,7 @@ def main(argv=None) -> None:
     p.add_argument("--split", choices=("train", "val", "test"))
     p.add_argument("--text-encoder", help="local text encoder folder (default: the packaged MiniLM)")
     p.add_argument("--frame-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     a = p.parse_args(argv)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

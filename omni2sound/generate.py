@@ -20,6 +20,8 @@ from typing import List, Optional
 
 import torch
 
+from .device import device_arg
+
 
 def _guidance(s: str):
     if s.lower() in ("none", "off", "0"):
@@ -51,7 +53,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--plain", action="store_true", help="turn every latency optimisation off")
     p.add_argument("--out", required=True, help="output .wav or .flac")

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
+from .device import resolve_device
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -218,7 +219,7 @@ class Omni2SoundPipeline:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: no {what}/ folder at {path} (expected "
                                         "DIR/dit and DIR/vae, or pipeline.json's vae_dir; see omni2sound/pipeline.py)")
-        device = torch.device(device)
+        device = resolve_device(device)                # a clear ValueError for a GPU that is not there
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = Omni2SoundDiT.from_pretrained(os.path.join(directory, "dit"), device=device, dtype=dtype)

@@ -38,6 +38,7 @@ import torch
 
 from .conditions import TASKS
 from .data.shards import FeatureTable
+from .device import device_arg, resolve_device
 from .trainer import DistInfo, LoopConfig, OptimConfig, Trainer, atomic_json, init_distributed, seeded
 
 STAGES = ("vae", "stage1", "stage2", "stage3")
@@ -580,7 +581,7 @@ def parse_args(argv=None) -> tuple:
     p.add_argument("--init-from", help="folder to start the first stage run from (a stage or vae folder)")
     p.add_argument("--name", help="run name (runs/<name>)")
     p.add_argument("--runs-dir")
-    p.add_argument("--device")
+    p.add_argument("--device", type=device_arg)
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainConfig fields")
     p.add_argument("--no-report", action="store_true")
     a = p.parse_args(argv)
@@ -613,6 +614,11 @@ def parse_args(argv=None) -> tuple:
         if v is not None:
             over[k] = v
     cfg = replace(cfg, **over)
+    if cfg.device is not None:                          # from --config or --set too: the reason, not a traceback
+        try:
+            resolve_device(cfg.device)
+        except ValueError as e:
+            p.error(f"TrainConfig.device: {e}")
     return cfg, a
 
 

@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .device import resolve_device
+
 # ----------------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------------
@@ -73,6 +75,7 @@ def init_distributed(device: Optional[str] = None, timeout_s: Optional[float] = 
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda":          # `--device cuda`: each rank its own GPU (set_device needs an index)
         device = f"cuda:{local}"
+    resolve_device(device)          # a clear error for a GPU that is not there
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
     if world > 1 and not dist.is_initialized():

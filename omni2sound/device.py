@@ -1,0 +1,35 @@
+"""One check of a device the user names (``--device``, ``from_pretrained(device=...)``), before anything is loaded."""
+from __future__ import annotations
+
+import argparse
+from typing import Union
+
+import torch
+
+
+def resolve_device(device: Union[str, torch.device]) -> torch.device:
+    """torch.device(device), or a ValueError that says why it cannot be used here: a malformed name, a CUDA device
+    with a torch built without CUDA or no GPU visible, an index past the visible GPUs. (torch itself fails later and
+    less clearly: an AssertionError or an AttributeError from deep inside the first CUDA call.)"""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device {device!r} is not a device name ({e})") from None
+    if d.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) was built without CUDA; "
+                             "use cpu")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible (CUDA_VISIBLE_DEVICES / driver); use cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA GPU(s) are visible")
+    return d
+
+
+def device_arg(text: str) -> str:
+    """argparse ``type=`` for --device: the name as given, or an argument error (exit 2) with the reason."""
+    try:
+        resolve_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
