@@ -158,20 +158,18 @@ def main(argv=None):
         if dev == "cuda":                                        # the pipeline's decode: one CUDA graph replay
             vae.decode_graphed(z)
             results["fused_graph"] = best_time(lambda: vae.decode_graphed(z), repeats, dev)
-            # the same with the last conv (one output channel) left to cuDNN instead of the GEMM form (session 9)
-            cudnn_out = copy.deepcopy(vae)
-            cudnn_out.decoder.out_conv_as_gemm = False
-            cudnn_out.decode_graphed(z)
-            results["fused_graph_cudnn_out_conv"] = best_time(lambda: cudnn_out.decode_graphed(z), repeats, dev)
-            del cudnn_out
-            # the residual units' dilated convs: the default picks cuDNN's form or space to batch per shape by
-            # timing both (session 11); here every one left to cuDNN, and every one as space to batch
+            # the default's conv forms against the others, each a copy with its own graph: the last conv (one output
+            # channel) left to cuDNN instead of the GEMM form (session 9); the residual units' dilated convs, which
+            # the default gives cuDNN or space to batch per shape by timing both (session 11), all to cuDNN, and all
+            # as space to batch
             from omni2sound.vae import _DILATED_PAYS
             print("(dilated convs, space to batch chosen: " + ", ".join(
                 f"{k[2][1]}x{k[2][-1]} d{k[4]}: {v}" for k, v in _DILATED_PAYS.items()) + ")")
-            for name, flag in (("fused_graph_cudnn_dilated", False), ("fused_graph_all_dilated_as_batch", True)):
+            for name, attr, flag in (("fused_graph_cudnn_out_conv", "out_conv_as_gemm", False),
+                                     ("fused_graph_cudnn_dilated", "dilated_as_batch", False),
+                                     ("fused_graph_all_dilated_as_batch", "dilated_as_batch", True)):
                 other = copy.deepcopy(vae)
-                other.decoder.dilated_as_batch = flag
+                setattr(other.decoder, attr, flag)
                 other.decode_graphed(z)
                 results[name] = best_time(lambda: other.decode_graphed(z), repeats, dev)
                 del other

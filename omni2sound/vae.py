@@ -654,7 +654,9 @@ class AudioVAE(nn.Module):
         if z.device.type != "cuda" or torch.is_grad_enabled():      # graphs are for inference only
             return self.decode(z)
         graphs = self.__dict__.setdefault("_decode_graphs", {})          # not a module attribute: no state_dict
-        key = (tuple(z.shape), z.dtype, z.device, ops.select_backend("snake_residual", z.device))
+        dec = self.decoder          # the conv forms are part of what a graph captured: a changed flag captures anew
+        key = (tuple(z.shape), z.dtype, z.device, ops.select_backend("snake_residual", z.device),
+               dec.out_conv_as_gemm, dec.dilated_as_batch)
         entry = graphs.get(key)
         if entry is None:
             from .pipeline import warm_up_on_side_stream
