@@ -427,7 +427,8 @@ class Trainer:
         return self.info.world * self.loop.accum * self.loop.micro_batch
 
     def _check_graph_setup(self, loss_fn) -> None:
-        why = [w for bad, w in ((self.info.world > 1, "one process (DDP / FSDP hooks are not captured)"),
+        why = [w for bad, w in ((self.info.world > 1 or self.sharded, "one process, no FSDP (DDP / FSDP hooks are "
+                                 "not captured)"),
                                 (self.loop.accum != 1, "accum 1"), (self.loop.compile, "compile off"),
                                 (self.loop.grad_checkpointing, "grad_checkpointing off"),
                                 (not hasattr(loss_fn, "batch") or not hasattr(loss_fn, "flow"),
