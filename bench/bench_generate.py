@@ -155,6 +155,8 @@ ABLATIONS = {                                # name -> SamplingOptions changes (
     "aten_gemm": {"backends": {"linear": "reference"}},
     "aten_gemm_no_workspace": {"backends": {"linear": "reference"}, "cpu_workspace": False},
     "no_cross_skip": {"skip_empty_cross_rows": False},
+    "no_packed_weights": {"cpu_packed_weights": False},
+    "sdpa_attention": {"backends": {"attention": "reference"}},
     "no_cuda_graphs": {"cuda_graphs": False},
     "conditions_per_step": {"conditions_once": False},
     "sequential_cfg": {"batched_cfg": False},
@@ -176,7 +178,8 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
     cond = random_conditions(dit.config, 1, args.duration, args.text_tokens).to(device)
     T = int(round(args.duration * dit.config.latent_rate))
     x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
-    cpu_only, gpu_only = {"aten_gemm", "aten_gemm_no_workspace", "no_cross_skip"}, {"no_cuda_graphs"}
+    cpu_only = {"aten_gemm", "aten_gemm_no_workspace", "no_cross_skip", "no_packed_weights", "sdpa_attention"}
+    gpu_only = {"no_cuda_graphs"}
     wanted = ["full", *args.ablate_items.split(",")] if args.ablate_items else list(ABLATIONS)
     names = [n for n in wanted if not (device.type == "cuda" and n in cpu_only)
              and not (device.type != "cuda" and n in gpu_only)]

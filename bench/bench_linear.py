@@ -6,14 +6,14 @@ grad, as the sampling loop runs them, at 1 thread and at the machine's thread co
 
 Shapes, 10 s of audio (250 latent frames) at the CFG sampling batch (2 x 250 rows; ``--batch 8``: 16 x 250):
 per preset (S: D = 768, L: D = 1536) the four projections of a block, qkv D -> 3D, attention out D -> D,
-MLP fc1 D -> 4D, MLP fc2 4D -> D.
+MLP fc1 D -> 4D, MLP fc2 4D -> D, and the cross-attention's q (its output projection has the same shape), which runs
+on the conditioned rows only (batch x 250).
 
 Each row: median us per call of each backend, timed interleaved (round r runs aten, onednn, onednn with the weight
 pre-packed for this M, one call each, so a shared box's drift hits all alike), GFLOP/s, aten / onednn, and each
 backend's largest error against an fp64 GEMM relative to the output's largest magnitude. The model sends every
-projection through ``ops.linear``, which picks oneDNN for GEMMs of at least 2^28 multiply-adds (``--sweep``): this
-table and the sweep are why. ("onednn packed" is for information: weights pre-packed per request bought nothing for
-a whole step, bench/RESULTS.md.)
+projection through ``ops.linear``, which picks oneDNN for GEMMs of at least 2^27 multiply-adds (``--sweep``): this
+table and the sweep are why. The sampling loop runs oneDNN on pre-packed weights (``ops.packed_weights``).
 """
 from __future__ import annotations
 
@@ -104,23 +104,24 @@ def main(argv=None):
     with torch.no_grad():
         for preset in presets:
             D = PRESET_DIMS[preset]
-            for name, K, N in (("qkv", D, 3 * D), ("attn out", D, D), ("mlp fc1", D, 4 * D), ("mlp fc2", 4 * D, D)):
-                x = torch.randn(M, K)
+            for name, K, N, m in (("qkv", D, 3 * D, M), ("attn out", D, D, M), ("mlp fc1", D, 4 * D, M),
+                                  ("mlp fc2", 4 * D, D, M), ("cross q", D, D, M // 2)):
+                x = torch.randn(m, K)
                 w = torch.randn(N, K) / K ** 0.5
                 b = torch.randn(N) * 0.1
-                packed = pack(w, M)
+                packed = pack(w, m)
                 ref = F.linear(x.double(), w.double(), b.double())
                 scale = ref.abs().max().item()
                 fns = {"aten": lambda: F.linear(x, w, b),
                        "onednn": lambda: onednn(x, w, b, "none", [], ""),
                        "onednn packed": lambda: onednn(x, packed, b, "none", [], "")}
                 err = {k: (fn().double() - ref).abs().max().item() / scale for k, fn in fns.items()}
-                flop = 2 * M * K * N
+                flop = 2 * m * K * N
                 for n_threads in threads:
                     torch.set_num_threads(n_threads)
                     inner = max(1, int(2e9 / flop))
                     t = interleaved(fns, rounds, inner)
-                    row = {"preset": preset, "gemm": name, "M,K,N": f"{M},{K},{N}", "threads": n_threads}
+                    row = {"preset": preset, "gemm": name, "M,K,N": f"{m},{K},{N}", "threads": n_threads}
                     for k in fns:
                         row[f"{k} us"] = round(t[k] * 1e6, 1)
                         row[f"{k} GFLOP/s"] = round(flop / t[k] / 1e9, 1)

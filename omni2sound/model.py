@@ -325,8 +325,8 @@ class SelfAttention(nn.Module):
         qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
         q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
         v = v.squeeze(2)
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # [B,H,T,Dh]
-        return dense(self.proj, o.transpose(1, 2).reshape(B, T, D))                     # [B, T, D]
+        o = ops.attention(q, k, v)                      # [B, T, H, Dh]; the CPU kernel's is contiguous (no copy)
+        return dense(self.proj, o.reshape(B, T, D))                                      # [B, T, D]
 
 
 class CrossAttention(nn.Module):

@@ -80,6 +80,7 @@ class SamplingOptions:
     skip_empty_cross_rows: bool = True        # CPU: unconditional CFG rows skip the cross-attention
     conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
     batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)
+    cpu_packed_weights: bool = True           # CPU: the step's oneDNN GEMMs use weights reordered once (ops.linear)
 
 
 @dataclass
@@ -459,7 +460,8 @@ class Omni2SoundPipeline:
         groups = [(cond if k == 1 else Conditions.cat(branches), k)] if opts.batched_cfg else [(c, 1) for c in branches]
 
         def prepare(c: Conditions) -> PreparedConditions:
-            p = self.dit.prepare_conditions(c, T, sampling=True)
+            with ops.packed_weights(False):           # once-per-request GEMMs: packing would cost, not save
+                p = self.dit.prepare_conditions(c, T, sampling=True)
             if not opts.cpu_workspace:
                 p.workspace = None
             if not opts.skip_empty_cross_rows:
@@ -482,7 +484,8 @@ class Omni2SoundPipeline:
                     prep = preps[i] if preps is not None else prepare(c)       # ablation: once per step
                     vs.append(predict(x.repeat(n, 1, 1) if n > 1 else x, t.repeat(n) if n > 1 else t, prep))
                 return combine_guidance(torch.cat(vs) if len(vs) > 1 else vs[0], k, scales)
-            x = integrate(velocity, x0, opts.steps, opts.method)
+            with ops.packed_weights(opts.cpu_packed_weights and dev.type == "cpu"):
+                x = integrate(velocity, x0, opts.steps, opts.method)
         _sync(dev)
         timings["sample"] = time.perf_counter() - t1
         return x

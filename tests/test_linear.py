@@ -197,3 +197,78 @@ def test_compiled_graph_runs_aten():
 
     with torch.no_grad():
         torch.testing.assert_close(f(x, w, b), 2 * F.linear(x, w, b))
+
+
+@needs_onednn
+def test_packed_weights_give_the_same_bits_and_follow_weight_changes(monkeypatch):
+    """Inside packed_weights(): one reorder per weight (cached), the same result as the plain oneDNN call at any row
+    count, a repack after an in-place update of the weight or a new weight, and nothing cached or packed outside."""
+    monkeypatch.setattr(lin_mod, "ONEDNN_MIN_MACS", 0)
+    lin_mod.clear_packed_weights()
+    reorders = []
+    real = lin_mod._reorder
+    monkeypatch.setattr(lin_mod, "_reorder", lambda w, rows: reorders.append(rows) or real(w, rows))
+    lin = torch.nn.Linear(64, 96)
+    x, x_odd = torch.randn(40, 64), torch.randn(3, 7, 64)
+    with torch.no_grad():
+        plain, plain_odd = ops.linear(x, lin.weight, lin.bias), ops.linear(x_odd, lin.weight, lin.bias)
+        assert reorders == [] and not lin_mod._PACKED                          # off outside the context
+        with ops.packed_weights():
+            assert torch.equal(ops.linear(x, lin.weight, lin.bias), plain)
+            assert torch.equal(ops.linear(x_odd, lin.weight, lin.bias), plain_odd)   # other rows, same packing
+            assert reorders == [40]
+            with ops.packed_weights(False):                                      # nested off
+                assert torch.equal(ops.linear(x, lin.weight, lin.bias), plain)
+            assert reorders == [40]
+            for change in ("in place", "new tensor"):
+                if change == "in place":                                         # the version counter moves
+                    lin.weight.mul_(2.0)
+                else:
+                    lin.weight = torch.nn.Parameter(torch.randn(96, 64))
+                got = ops.linear(x, lin.weight, lin.bias)
+                with ops.packed_weights(False):
+                    assert torch.equal(got, ops.linear(x, lin.weight, lin.bias))
+            assert reorders == [40, 40, 40]
+    del lin
+    import gc
+    gc.collect()
+    assert not lin_mod._PACKED                                                   # freed with their weights
+
+
+@needs_onednn
+def test_sampling_packs_only_the_step_weights():
+    """The pipeline's step runs inside packed_weights(), its once-per-request conditions outside: the packed weights
+    are exactly the step's oneDNN projections, and the latents equal those of the unpacked path."""
+    from test_model import make_cond
+
+    from omni2sound.model import Omni2SoundDiT, dit_config
+    from omni2sound.pipeline import Omni2SoundPipeline, SamplingOptions
+    from omni2sound.vae import build_vae
+
+    torch.manual_seed(0)
+    cfg = dit_config("tiny", hidden_dim=64, depth=2, num_heads=2, latent_dim=4, video_dim=8, sync_dim=6, text_dim=12,
+                     max_text_tokens=16, max_duration=4.0)
+    dit = Omni2SoundDiT(cfg).eval()
+    for p in dit.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    pipe = Omni2SoundPipeline(dit, build_vae("tiny", latent_dim=4))
+    cond = make_cond(B=1, text_lens=[5], video_lens=[9], cfg=cfg)
+    x0 = torch.randn(1, 20, 4)
+    lin_mod.clear_packed_weights()
+    old = lin_mod.ONEDNN_MIN_MACS
+    lin_mod.ONEDNN_MIN_MACS = 0
+    try:
+        with torch.no_grad():
+            out = {}
+            for packed in (False, True):
+                out[packed] = pipe._sample(cond, x0, SamplingOptions(steps=3, cpu_packed_weights=packed), {})
+                if not packed:
+                    assert not lin_mod._PACKED
+        step = {id(blk.attn.qkv.weight) for blk in dit.blocks} | {id(blk.mlp[2].weight) for blk in dit.blocks}
+        per_request = {id(blk.ada_sync.weight) for blk in dit.blocks} | {id(blk.cross.kv_proj.weight)
+                                                                         for blk in dit.blocks}
+        assert step <= set(lin_mod._PACKED) and not per_request & set(lin_mod._PACKED)
+        assert torch.equal(out[True], out[False])
+    finally:
+        lin_mod.ONEDNN_MIN_MACS = old
+        lin_mod.clear_packed_weights()

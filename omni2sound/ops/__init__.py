@@ -7,17 +7,18 @@ it (see ``_dispatch``).
 """
 from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
 from .adaln import Mod, adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
+from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference, pack_condition_tokens
 from .gelu import bias_gelu, bias_gelu_reference, linear_gelu, linear_gelu_reference
-from .linear import linear, linear_reference, onednn_takes, runs_on_onednn
+from .linear import clear_packed_weights, linear, linear_reference, onednn_takes, packed_weights, runs_on_onednn
 from .qk_norm_rope import head_rms_norm, qk_norm_rope, qk_norm_rope_reference
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
     "BACKENDS", "available_backends", "select_backend", "use_backend",
-    "cross_attention", "cross_attention_reference", "pack_condition_tokens",
+    "attention", "attention_reference", "cross_attention", "cross_attention_reference", "pack_condition_tokens",
     "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference", "linear", "linear_reference",
-    "onednn_takes", "runs_on_onednn",
+    "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
     "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
     "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",

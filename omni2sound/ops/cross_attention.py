@@ -14,10 +14,11 @@ the key count; unpadding the queries with the key mask is a known bug of this se
 A sample with no key gives zeros and zero gradients (never NaN): there is nothing to attend to, and
 the residual stream simply skips the cross-attention for that sample.
 
-Backends: ``reference`` (SDPA in PyTorch, the CPU default), ``triton`` (flash-style online softmax,
-forward and backward; the GPU default), ``cuda`` (forward kernel in ``csrc/cross_attention.cu``; there
-is no CUDA backward: it uses the Triton backward when Triton can run, else the padded PyTorch math
-below). Softmax statistics and all accumulation are fp32 for every input dtype.
+Backends: ``reference`` (SDPA in PyTorch), ``cpu`` (the C++ attention forward of ``csrc/attention.cpp`` in its
+varlen form, shared with ``ops.attention``; no gradient: a call that needs one runs the reference; the CPU default),
+``triton`` (flash-style online softmax, forward and backward; the GPU default), ``cuda`` (forward kernel in
+``csrc/cross_attention.cu``; there is no CUDA backward: it uses the Triton backward when Triton can run, else the
+padded PyTorch math below). Softmax statistics and all accumulation are fp32 for every input dtype.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 
 from .. import _native
 from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from .attention import attention_cpu, cpu_available, cpu_kernel_takes
 
 OP = "cross_attention"
 MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
@@ -237,12 +239,13 @@ def _cuda_available(device: torch.device) -> bool:
     return device.type == "cuda" and _native.has_cuda() and _native.has_symbol("cross_attention_fwd_cuda")
 
 
-# CPU: the SDPA reference is the fast path (no C++ kernel), so it is the CPU default. GPU: Triton first,
+# CPU: the C++ forward when no gradient is needed (sampling), else SDPA. GPU: Triton first,
 # measured (H200, bf16, CUDA graphs): inference q [2, 250, 24, 64] 5.4 us Triton vs 17.5 us for the
 # WMMA CUDA kernel and 14.5 us for padded SDPA; the CUDA kernel stays selectable (use_backend) and is
 # the fallback where Triton is missing.
-register_op(OP, {"reference": lambda d: True, "triton": _triton_available, "cuda": _cuda_available},
-            default_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("reference",)}, family="attention")
+register_op(OP, {"reference": lambda d: True, "cpu": cpu_available, "triton": _triton_available,
+                 "cuda": _cuda_available},
+            default_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}, family="attention")
 
 
 def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
@@ -251,7 +254,11 @@ def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
         return cross_attention_fwd(q, k, v, cu, max_seqlen_k, scale)
     if backend == "cuda":
         return _cuda_forward(q, k, v, cu, max_seqlen_k, scale)
-    if backend == "reference":
+    if backend == "cpu" and q.dtype in _native.DTYPE_CODES:
+        # the C++ forward (out, lse); training through the custom op differentiates with the padded math below
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        return attention_cpu(q, k, v, scale, cu_seqlens_k=cu, with_lse=True)
+    if backend in ("reference", "cpu"):
         out = _reference_padded(q, k, v, cu, max_seqlen_k, scale)
         return out.contiguous(), _lse_reference(q, k, cu, max_seqlen_k, scale)
     raise ValueError(f"cross_attention: unknown backend {backend!r}")
@@ -362,7 +369,9 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     backend = select_backend(OP, q.device)
-    if backend == "reference" or q.dtype == torch.float64:
+    if backend == "cpu" and cpu_kernel_takes(q, k, v):
+        return attention_cpu(q, k, v, scale, cu_seqlens_k=cu_seqlens_k)[0]
+    if backend in ("reference", "cpu") or q.dtype == torch.float64:
         return cross_attention_reference(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
     if q.shape[-1] > MAX_HEAD_DIM or (backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS):
         allowed = CUDA_HEAD_DIMS if backend == "cuda" else f"up to {MAX_HEAD_DIM}"

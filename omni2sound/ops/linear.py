@@ -23,14 +23,26 @@ on average and up to 4x at the maximum (K = 768 to 3072; it accumulates in anoth
 output's largest magnitude. tests/test_linear.py holds it to the bound, to half the statistical scale, and to
 2.5x / 6x MKL's mean / max error.
 
+Pre-packed weights (``packed_weights()``, on in the CPU sampling loop): oneDNN reorders a plain [N, K] weight into its
+blocked layout on every call (a read and a write of the weight: 7-9 MB for S's qkv and MLP weights). Inside
+``packed_weights()`` each weight is reordered once (``mkldnn::_reorder_linear_weight``, what Inductor's CPU freezing
+does) and the packed copy is reused while the weight is unchanged (same storage, same version counter: an in-place
+update such as ``load_state_dict`` or an optimiser step repacks). The results are the same bits
+(tests/test_linear.py); S's step GEMMs ran 3-7% faster a call (`python bench/bench_linear.py`, column "onednn
+packed"). The cost is memory: a second copy of every weight the step multiplies on oneDNN (S: 0.40 GB, L: 3.2 GB),
+held while the weight lives (``clear_packed_weights()`` frees them).
+
 Where it is used: every projection of ``Omni2SoundDiT``'s sampling step (``model.dense``, the qkv projection, the
 MLP's first layer through ``ops.linear_gelu``) and the per-request per-token AdaLN projections. For S, oneDNN wins
 at qkv and fc1 (1.37x, 1.43x) and ties at the D -> D and 4D -> D ones; for L it wins at all four (1.17-1.28x).
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+import threading
+import weakref
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +73,53 @@ register_op("linear", {"reference": lambda d: True, "onednn": _onednn_available}
 
 # Below this many multiply-adds per call oneDNN's fixed cost loses to MKL on this box (`python bench/bench_linear.py
 # --sweep`: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from ~2.5e8 on, 1.15-1.3x at S's qkv
-# and fc1). Smaller GEMMs stay on aten.
-ONEDNN_MIN_MACS = 1 << 28
+# and fc1; session 12, the Zen 4 box: 1.17x at S's cross-attention q / output projections, 250 x 768 x 768 = 1.5e8).
+# Smaller GEMMs stay on aten.
+ONEDNN_MIN_MACS = 1 << 27
+
+_packing = threading.local()
+# id(weight) -> (weakref to the weight, its version counter, its data pointer, the packed weight)
+_PACKED: Dict[int, Tuple[weakref.ref, int, int, Tensor]] = {}
+
+
+@contextlib.contextmanager
+def packed_weights(enabled: bool = True) -> Iterator[None]:
+    """Within this context (this thread), oneDNN GEMMs use weights reordered once and cached (module docstring).
+    ``packed_weights(False)`` turns it off inside an enclosing context (e.g. once-per-request work)."""
+    prev = getattr(_packing, "on", False)
+    _packing.on = bool(enabled)
+    try:
+        yield
+    finally:
+        _packing.on = prev
+
+
+def clear_packed_weights() -> None:
+    """Free every cached packed weight."""
+    _PACKED.clear()
+
+
+def _forget(key: int, ref: weakref.ref) -> None:
+    entry = _PACKED.get(key)
+    if entry is not None and entry[0] is ref:
+        del _PACKED[key]
+
+
+def _reorder(weight: Tensor, rows: int) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+def _packed(weight: Tensor, rows: int) -> Tensor:
+    """weight in oneDNN's blocked layout for ``rows``-row GEMMs, reordered on first use and after any change."""
+    key = id(weight)
+    entry = _PACKED.get(key)
+    if (entry is not None and entry[0]() is weight and entry[1] == weight._version
+            and entry[2] == weight.data_ptr()):
+        return entry[3]
+    packed = _reorder(weight.detach(), rows)
+    ref = weakref.ref(weight, lambda r, k=key: _forget(k, r))
+    _PACKED[key] = (ref, weight._version, weight.data_ptr(), packed)
+    return packed
 
 
 def onednn_takes(rows: int, weight: Tensor, bias: Optional[Tensor] = None,
@@ -96,7 +153,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Option
         return F.linear(x, weight, bias)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
     if runs_on_onednn(x, weight, bias):
-        y = _onednn_op()(x.reshape(-1, K), weight, None if bias is None else bias.contiguous(), "none", [], "")
+        rows = math.prod(lead)
+        w = _packed(weight, rows) if getattr(_packing, "on", False) and rows > 0 else weight
+        y = _onednn_op()(x.reshape(-1, K), w, None if bias is None else bias.contiguous(), "none", [], "")
         return y.view(*lead, N)
     if (out is None or needs_grad(x, weight, bias) or autocast_dtype(x.device) is not None
             or not (x.dtype == weight.dtype == out.dtype) or tuple(out.shape) != (math.prod(lead), N)
