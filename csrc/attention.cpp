@@ -30,6 +30,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "cpu_math.h"
@@ -43,21 +46,36 @@ constexpr int VW = 16;          // floats per vector register
 constexpr int QK_R = 6;         // S tile: 6 query rows x 4 vectors of keys = 24 accumulators of the 32 registers
 constexpr int QK_NJ = 4;
 constexpr int PV_ACC = 24;      // O tile: accumulators budget (rows x Dh / VW)
-#else
+#elif defined(__AVX__)
 constexpr int VW = 8;
 constexpr int QK_R = 4;         // 4 x 3 = 12 accumulators of the 16 ymm registers
+constexpr int QK_NJ = 3;
+constexpr int PV_ACC = 12;
+#else                           // baseline x86-64 (SSE) or another ISA: 128-bit vectors
+constexpr int VW = 4;
+constexpr int QK_R = 4;
 constexpr int QK_NJ = 3;
 constexpr int PV_ACC = 12;
 #endif
 constexpr int PW = QK_NJ * VW;  // keys per packed K^T panel
 constexpr int BQ = 48;          // query rows per block (a multiple of every row tile used below)
-constexpr int kMaxNV = 16;      // head dims up to 16 vectors (256 floats at AVX-512, 128 at AVX2)
+constexpr int kMaxNV = 16;      // head dims up to 16 vectors: 256 floats (AVX-512), 128 (AVX2), 64 (SSE)
 
 typedef float vec __attribute__((vector_size(VW * sizeof(float)), aligned(VW * sizeof(float))));
 
 inline vec vload(const float* p) { return *reinterpret_cast<const vec*>(p); }           // p is VW-aligned
 inline void vstore(float* p, vec v) { *reinterpret_cast<vec*>(p) = v; }
-inline vec vbroadcast(float x) { return vec{} + x; }
+// One vbroadcastss from memory. (vec{} + x compiles to an add and a broadcast; an element-wise fill to a full-width
+// load and a broadcast.)
+inline vec vbroadcast(const float* x) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vec>(_mm512_set1_ps(*x));
+#elif defined(__AVX__)
+  return reinterpret_cast<vec>(_mm256_set1_ps(*x));
+#else
+  return vec{} + *x;
+#endif
+}
 
 struct AttnParams {
   int64_t B = 0, Tq = 0, Tk = 0, H = 0, Dh = 0;
@@ -106,7 +124,7 @@ inline void qk_tile(const float* Qp, int64_t Dp, const float* Kt, float* S, int6
     vec kv[QK_NJ];
     for (int n = 0; n < QK_NJ; ++n) kv[n] = vload(Kt + d * PW + n * VW);
     for (int r = 0; r < R; ++r) {
-      const vec qb = vbroadcast(Qp[r * Dp + d]);
+      const vec qb = vbroadcast(Qp + r * Dp + d);
       for (int n = 0; n < QK_NJ; ++n) acc[r][n] += qb * kv[n];
     }
   }
@@ -125,12 +143,12 @@ inline void pv_tile(const float* P, int64_t ldS, const float* Vp, int64_t Tk, co
     vec vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = vload(Vp + j * Dp + n * VW);
     for (int r = 0; r < R; ++r) {
-      const vec pb = vbroadcast(P[r * ldS + j]);
+      const vec pb = vbroadcast(P + r * ldS + j);
       for (int n = 0; n < NV; ++n) acc[r][n] += pb * vv[n];
     }
   }
   for (int r = 0; r < R; ++r) {
-    const vec s = vbroadcast(inv_l[r]);
+    const vec s = vbroadcast(inv_l + r);
     for (int n = 0; n < NV; ++n) vstore(O + r * Dp + n * VW, acc[r][n] * s);
   }
 }
@@ -294,6 +312,8 @@ void attention_fwd_cpu(int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Dh,
 }  // namespace
 
 static Registrar reg_attention([](pybind11::module_& m) {
+  m.def("attention_cpu_max_head_dim", []() { return int64_t(kMaxNV) * VW; },
+        "the largest head dim the C++ attention forward takes in this build (its register tiles)");
   m.def("attention_fwd_cpu", &attention_fwd_cpu,
         "attention forward (C++ CPU, no gradient): dense keys (cu = 0) or packed varlen keys (cu: int32 [B + 1]); "
         "out contiguous [B, Tq, H, Dh], optional fp32 lse [B, H, Tq]");

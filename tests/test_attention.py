@@ -173,3 +173,11 @@ def test_model_self_attention_runs_the_kernel_when_sampling():
         with ops.use_backend(attention="reference"):
             want = model(x, t, cond)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
+def test_head_dims_past_the_kernels_tiles_run_the_reference():
+    D = attn_mod.cpu_max_head_dim() + 8
+    q, k, v = torch.randn(1, 5, 1, D), torch.randn(1, 6, 1, D), torch.randn(1, 6, 1, D)
+    assert not attn_mod.cpu_kernel_takes(q, k, v)
+    torch.testing.assert_close(kernel(q, k, v), truth(q, k, v).float(), atol=2e-6, rtol=1e-5)

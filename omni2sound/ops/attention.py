@@ -10,9 +10,9 @@ Backends:
               CPU, FlashAttention / cuDNN on a GPU); its output is returned as the transposed view SDPA leaves.
               Everything that needs a gradient, torch.compile, float64, and every GPU call runs here.
   cpu       - the C++ kernel of ``csrc/attention.cpp``: forward only (no gradient), fp32 / fp16 / bf16, head dims up
-              to 128, a contiguous output (the layout the output projection reads: no copy after). The CPU default
-              for calls that need no gradient (sampling); a call that does (training) runs the reference, as
-              ``ops.linear``'s oneDNN GEMM does.
+              to 128 (256 on AVX-512 builds, 64 on baseline-SSE ones), a contiguous output (the layout the output
+              projection reads: no copy after). The CPU default for calls that need no gradient (sampling); a call
+              that does (training) runs the reference, as ``ops.linear``'s oneDNN GEMM does.
 Why a kernel of ours on the CPU: at the sampling shapes (S: [2, 250, 12, 64]) aten's CPU SDPA ran at 70-120
 GFLOP/s on this 2-core box, about half its GEMMs' rate, and attention was 13% of an S sampling step
 (``python bench/bench_attention.py``; bench/RESULTS.md). ``ops.cross_attention`` runs its CPU forward on the same
@@ -31,7 +31,12 @@ from .. import _native
 from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend
 
 OP = "attention"
-CPU_MAX_HEAD_DIM = 128
+
+
+@torch.compiler.assume_constant_result
+def cpu_max_head_dim() -> int:
+    """The largest head dim the C++ forward takes in this build (its register tiles; 0 without the extension)."""
+    return int(_native.lib().attention_cpu_max_head_dim()) if _native.has_symbol("attention_cpu_max_head_dim") else 0
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tensor:
@@ -50,10 +55,10 @@ register_op(OP, {"reference": lambda d: True, "cpu": cpu_available},
 
 def cpu_kernel_takes(*tensors: Tensor) -> bool:
     """Whether the C++ forward can run these tensors: no gradient needed, not traced by torch.compile, a kernel
-    dtype, unit last strides, head dim <= CPU_MAX_HEAD_DIM."""
+    dtype, unit last strides, a head dim the build's tiles take (``cpu_max_head_dim``)."""
     q = tensors[0]
     return (not needs_grad(*tensors) and not torch.compiler.is_compiling() and q.dtype in _native.DTYPE_CODES
-            and 0 < q.shape[-1] <= CPU_MAX_HEAD_DIM and all(t.stride(-1) == 1 for t in tensors))
+            and 0 < q.shape[-1] <= cpu_max_head_dim() and all(t.stride(-1) == 1 for t in tensors))
 
 
 def attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens_k: Optional[Tensor] = None,
