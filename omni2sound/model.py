@@ -20,7 +20,9 @@ The chain between the sublayers goes through the fused ops: ``gated_residual_ada
 ``x + gate * h`` and the next LayerNorm + modulation in one pass, also across block boundaries.
 The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1.
 The per-head RMSNorms are fused too: ``ops.qk_norm_rope`` (self-attention q and k, then RoPE) and
-``ops.head_rms_norm`` (the cross-attention's q, and its condition tokens' k). The MLP's first Linear + tanh-GELU
+``ops.head_rms_norm`` (the cross-attention's q, and its condition tokens' k). Both attentions go through ``ops``
+(``ops.attention``: SDPA, or when sampling on the CPU our C++ forward; ``ops.cross_attention``). The MLP's first
+Linear + tanh-GELU
 is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU). Every
 projection's GEMM goes through ``ops.linear`` (``dense``): the module's own F.linear in training, oneDNN's GEMM for
 the large ones when sampling on the CPU.
