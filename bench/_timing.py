@@ -90,6 +90,25 @@ def interleaved_rounds(measure: dict, rounds: int, warmup: int = 1, alternate: b
     return results
 
 
+def interleaved_medians(fns: dict, rounds: int, inner: int) -> dict:
+    """Median seconds per call of each zero-argument fn: two warm-up calls each, then ``rounds`` rounds that time
+    ``inner`` calls of every fn in turn (``interleaved_rounds``, same order every round)."""
+    for fn in fns.values():
+        fn()
+        fn()
+
+    def timed(fn):
+        def measure():
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            return (time.perf_counter() - t0) / inner
+        return measure
+
+    times = interleaved_rounds({k: timed(fn) for k, fn in fns.items()}, rounds, warmup=0, alternate=False)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def op_bench_args(doc: str, quick_help: str, argv=None):
     """The command line every op benchmark shares (--device, --dtype, --quick, --no-compile, --threads, --out),
     parsed: dtype defaults to float32 on the CPU and bfloat16 on a GPU, and --threads is applied."""

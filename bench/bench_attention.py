@@ -15,11 +15,9 @@ softmax is printed beside SDPA's.
 from __future__ import annotations
 
 import math
-import statistics
-import time
 
 import torch
-from _timing import hardware, interleaved_rounds, op_bench_args, print_table, write_rows
+from _timing import hardware, interleaved_medians, op_bench_args, print_table, write_rows
 
 from omni2sound import ops
 
@@ -69,18 +67,11 @@ def main(argv=None):
                 fns["compile"] = torch.compile(sdpa_call)
             errs = {n: (fns[n]().double().view(B, T, H, 64) - want).abs().max().item() for n in ("kernel", "sdpa")}
 
-            def timed(fn, inner=10):
-                def measure():
-                    t0 = time.perf_counter()
-                    for _ in range(inner):
-                        fn()
-                    return (time.perf_counter() - t0) / inner
-                return measure
-            times = interleaved_rounds({n: timed(f) for n, f in fns.items()}, 3 if args.quick else 7)
+            med = interleaved_medians(fns, 3 if args.quick else 7, inner=10)
             flop = 4 * B * H * T * Tk * 64
             row = {"case": name, "shape": f"[{B}, {T}, {H}, 64] x {Tk} keys"}
             for n in fns:
-                us = statistics.median(times[n]) * 1e6
+                us = med[n] * 1e6
                 row[f"{n} us"] = round(us, 1)
                 row[f"{n} GFLOP/s"] = round(flop / us / 1e3, 1)
             row["sdpa / kernel"] = round(row["sdpa us"] / row["kernel us"], 2)

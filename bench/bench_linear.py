@@ -19,36 +19,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
-from _timing import hardware, interleaved_rounds, print_table, write_rows  # bench/ is the script's folder, on sys.path
+from _timing import hardware, interleaved_medians, print_table, write_rows  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
 ONEDNN_MIN_MACS = importlib.import_module("omni2sound.ops.linear").ONEDNN_MIN_MACS
 
 PRESET_DIMS = {"S": 768, "L": 1536}
-
-
-def interleaved(fns: dict, rounds: int, inner: int) -> dict:
-    """Median seconds per call of each fn, timed round-robin."""
-    for fn in fns.values():
-        fn()
-        fn()
-
-    def timed(fn):
-        def measure():
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            return (time.perf_counter() - t0) / inner
-        return measure
-
-    times = interleaved_rounds({k: timed(fn) for k, fn in fns.items()}, rounds, warmup=0, alternate=False)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def sweep(args):
@@ -63,7 +43,7 @@ def sweep(args):
                     K, N = D, mult * D
                     x, w, b = torch.randn(M, K), torch.randn(N, K) / K ** 0.5, torch.randn(N)
                     inner = max(1, int(3e8 / (2 * M * K * N)))
-                    t = interleaved({"aten": lambda: F.linear(x, w, b),
+                    t = interleaved_medians({"aten": lambda: F.linear(x, w, b),
                                      "onednn": lambda: onednn(x, w, b, "none", [], "")}, args.rounds, inner)
                     rows.append({"M,K,N": f"{M},{K},{N}", "MACs": f"{M * K * N:.2e}",
                                  "aten us": round(t["aten"] * 1e6, 1), "onednn us": round(t["onednn"] * 1e6, 1),
@@ -120,7 +100,7 @@ def main(argv=None):
                 for n_threads in threads:
                     torch.set_num_threads(n_threads)
                     inner = max(1, int(2e9 / flop))
-                    t = interleaved(fns, rounds, inner)
+                    t = interleaved_medians(fns, rounds, inner)
                     row = {"preset": preset, "gemm": name, "M,K,N": f"{m},{K},{N}", "threads": n_threads}
                     for k in fns:
                         row[f"{k} us"] = round(t[k] * 1e6, 1)
