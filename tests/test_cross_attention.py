@@ -316,13 +316,25 @@ def test_non_contiguous_inputs_and_custom_scale(backend):
 
 
 def test_large_scores_stay_finite():
-    """Scores of a few hundred: the online max must keep exp() in range (fp32 and the reference)."""
+    """Scores of a few hundred: the online max must keep exp() in range (fp32 and the reference). Seeded, and each
+    tensor held to 1e-4 of its own largest magnitude: fp32 rounding of scores this large makes errors that scale with
+    the gradients (SDPA's dq: up to 3.5e-5 of max|dq| = 2.7e-4 absolute over 40 seeds; a fixed atol of 1e-4 failed on
+    some draws of the unseeded version)."""
+    torch.manual_seed(0)
     q, k, v, cu, max_k = make_inputs(MIXED_LENS, 13, 2, 32, magnitude=6.0)
     dout = torch.randn(q.shape, dtype=torch.float64)
     want = truth(q, k, v, cu, max_k, dout)
     for backend in CPU_BACKENDS:
         got = run(with_backend(backend), q, k, v, cu, max_k, dout, plain=True)
-        assert_close_all(got, want, atol=1e-4, rtol=1e-4, what=f"{backend} large scores")
+        for name, a, b in zip(("out", "dq", "dk", "dv"), (got[0], *got[1]), (want[0], *want[1])):
+            assert torch.isfinite(a).all(), f"{backend} large scores {name}: non-finite values"
+            scale = b.abs().max().item()
+            torch.testing.assert_close(a.double(), b, atol=1e-4 * scale, rtol=0,
+                                       msg=lambda m: f"{backend} large scores {name}: {m}")
+    with torch.no_grad():                      # the gradient-free forward (the C++ kernel on the cpu backend)
+        for backend in CPU_BACKENDS:
+            out = with_backend(backend)(q, k, v, cu, max_k)
+            torch.testing.assert_close(out.double(), want[0], atol=1e-4 * want[0].abs().max().item(), rtol=0)
 
 
 # --------------------------------------------------------------------------------------------------
