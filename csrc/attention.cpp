@@ -17,8 +17,8 @@
 // rows: S = Q K^T with a register tile of R rows x PW keys (one broadcast of q and PW / VW vector loads of K^T per
 // FMA group), an exact softmax over the whole row (no online rescaling: a row of S is at most Tk floats, L1/L2
 // resident at these lengths), and O = P V with a register tile of rows x Dh. The exp is the vectorised polynomial
-// of cpu_math.h. GCC vector extensions, not intrinsics: the same code compiles to AVX-512 (16 floats a register)
-// or to AVX2 (8), with the tile sizes below chosen to fit the register file.
+// of cpu_math.h. GCC vector extensions (intrinsics only for the broadcast): the same code compiles to AVX-512 (16
+// floats a register), AVX2 (8) or SSE (4), with the tile sizes below chosen to fit the register file.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,7 +26,6 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
-#include <vector>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -92,7 +91,7 @@ struct AttnParams {
   int dtype = kFloat32;
 };
 
-// A 64-byte aligned fp32 scratch buffer (one per thread; grown, never shrunk).
+// A 64-byte aligned fp32 scratch buffer (grown, never shrunk).
 struct Scratch {
   float* p = nullptr;
   size_t n = 0;
@@ -108,6 +107,11 @@ struct Scratch {
   ~Scratch() { std::free(p); }
 };
 
+// One thread's buffers: K^T panels, V rows, a block of Q rows, its scores, its output rows (+ 1 / row sums).
+struct Workspace {
+  Scratch kt, v, q, s, o;
+};
+
 template <typename T>
 inline void load_scaled(const T* src, float* dst, int64_t n, int64_t npad, float mul) {
   for (int64_t d = 0; d < n; ++d) dst[d] = to_float(src[d]) * mul;
@@ -117,9 +121,7 @@ inline void load_scaled(const T* src, float* dst, int64_t n, int64_t npad, float
 // S[r, j0 : j0 + PW] for R query rows: Qp rows [R][Dp], Kt one panel [Dp][PW].
 template <int R>
 inline void qk_tile(const float* Qp, int64_t Dp, const float* Kt, float* S, int64_t ldS) {
-  vec acc[R][QK_NJ];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < QK_NJ; ++n) acc[r][n] = vec{};
+  vec acc[R][QK_NJ] = {};
   for (int64_t d = 0; d < Dp; ++d) {
     vec kv[QK_NJ];
     for (int n = 0; n < QK_NJ; ++n) kv[n] = vload(Kt + d * PW + n * VW);
@@ -136,9 +138,7 @@ inline void qk_tile(const float* Qp, int64_t Dp, const float* Kt, float* S, int6
 template <int NV, int R>
 inline void pv_tile(const float* P, int64_t ldS, const float* Vp, int64_t Tk, const float* inv_l, float* O) {
   constexpr int Dp = NV * VW;
-  vec acc[R][NV];
-  for (int r = 0; r < R; ++r)
-    for (int n = 0; n < NV; ++n) acc[r][n] = vec{};
+  vec acc[R][NV] = {};
   for (int64_t j = 0; j < Tk; ++j) {
     vec vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = vload(Vp + j * Dp + n * VW);
@@ -155,8 +155,7 @@ inline void pv_tile(const float* P, int64_t ldS, const float* Vp, int64_t Tk, co
 
 // One (sample, head) and a range of its query rows.
 template <typename T, int NV>
-void attend(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1, Scratch& sk, Scratch& sv,
-            Scratch& sq, Scratch& ss, Scratch& so) {
+void attend(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1, Workspace& ws) {
   constexpr int64_t Dp = NV * VW;
   constexpr int PV_R = PV_ACC / NV > 0 ? PV_ACC / NV : 1;    // rows per O tile; divides BQ for every NV <= 16
   constexpr int ROW_STEP = std::lcm(QK_R, PV_R);              // a block's rows are padded to whole tiles of both
@@ -186,19 +185,19 @@ void attend(const AttnParams& p, int64_t b, int64_t h, int64_t i0, int64_t i1, S
 
   // K^T panels [panels][Dp][PW] and V rows [Tk][Dp], fp32, zero-padded (padded keys score 0 but are never read
   // past Tk by the softmax and P V; padded head dims add 0 to every dot product).
-  float* Kt = sk.get(size_t(panels) * Dp * PW);
-  float* Vp = sv.get(size_t(Tk) * Dp);
+  float* Kt = ws.kt.get(size_t(panels) * Dp * PW);
+  float* Vp = ws.v.get(size_t(Tk) * Dp);
   std::memset(Kt, 0, sizeof(float) * size_t(panels) * Dp * PW);
-  std::vector<float> row(Dp);
+  float row[Dp];
   for (int64_t j = 0; j < Tk; ++j) {
-    load_scaled(kb + j * p.k_st, row.data(), Dh, Dp, 1.0f);
+    load_scaled(kb + j * p.k_st, row, Dh, Dp, 1.0f);
     float* dst = Kt + (j / PW) * Dp * PW + (j % PW);
     for (int64_t d = 0; d < Dh; ++d) dst[d * PW] = row[d];
     load_scaled(vb + j * p.v_st, Vp + j * Dp, Dh, Dp, 1.0f);
   }
-  float* Qp = sq.get(size_t(BQ) * Dp);
-  float* S = ss.get(size_t(BQ) * ldS);
-  float* O = so.get(size_t(BQ) * Dp + BQ);
+  float* Qp = ws.q.get(size_t(BQ) * Dp);
+  float* S = ws.s.get(size_t(BQ) * ldS);
+  float* O = ws.o.get(size_t(BQ) * Dp + BQ);
   float* inv_l = O + size_t(BQ) * Dp;
 
   for (int64_t q0 = i0; q0 < i1; q0 += BQ) {
@@ -250,12 +249,12 @@ void run(const AttnParams& p) {
   const int64_t tasks = pairs * slices;
 #pragma omp parallel
   {
-    Scratch sk, sv, sq, ss, so;
+    Workspace ws;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t pair = t / slices, s = t % slices;
       const int64_t i0 = s * rows_per, i1 = std::min(p.Tq, i0 + rows_per);
-      if (i0 < i1) attend<T, NV>(p, pair / p.H, pair % p.H, i0, i1, sk, sv, sq, ss, so);
+      if (i0 < i1) attend<T, NV>(p, pair / p.H, pair % p.H, i0, i1, ws);
     }
   }
 }
