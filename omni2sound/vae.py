@@ -35,7 +35,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -313,9 +313,10 @@ class ResidualUnit(nn.Module):
         self.snake2 = Snake(dim, eps)
         self.conv2 = _conv(dim, dim, 1, gain=RESIDUAL_GAIN)
 
-    def branch(self, y: Tensor) -> Tensor:
-        """The residual branch after its first Snake (the decoder fuses that Snake with the previous add)."""
-        return self.conv2(self.snake2(self.conv1(y)))
+    def branch(self, y: Tensor, conv1: Optional[Callable[[Tensor], Tensor]] = None) -> Tensor:
+        """The residual branch after its first Snake (the decoder fuses that Snake with the previous add). conv1:
+        another form of the dilated conv to run instead of the module's own (the decoder's conv1d_dilated_as_batch)."""
+        return self.conv2(self.snake2((conv1 or self.conv1)(y)))
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.branch(self.snake1(x))
@@ -495,7 +496,7 @@ class Decoder(nn.Module):
             on = y.is_cuda and not torch.is_grad_enabled() and _dilated_pays(m, y)
         if not on:
             return unit.branch(y)
-        return unit.conv2(unit.snake2(conv1d_dilated_as_batch(y, m.weight, m.bias, m.padding[0], m.dilation[0])))
+        return unit.branch(y, lambda t: conv1d_dilated_as_batch(t, m.weight, m.bias, m.padding[0], m.dilation[0]))
 
     def _conv_out(self, y: Tensor) -> Tensor:
         m = self.conv_out
