@@ -328,9 +328,9 @@ class Trainer:
     def checkpoints(self) -> list:
         return sorted(f for f in os.listdir(self.ckpt_dir) if f.startswith("step-") and f.endswith(".pt"))
 
-    def _full_state(self) -> tuple:
+    def _full_state(self, optimizer: bool = True) -> tuple:
         """(model, optimiser, EMA) state, full and in the one checkpoint format; under FSDP2 a collective whose
-        result only the main rank holds."""
+        result only the main rank holds. optimizer=False: None in its place (nothing gathered for it)."""
         ema = self.ema.state_dict()
         if self.sharded:
             from torch.distributed.checkpoint.state_dict import (
@@ -340,9 +340,11 @@ class Trainer:
             )
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             model = get_model_state_dict(self.model, options=opts)
+            if not optimizer:
+                return model, None, ema
             opt = get_optimizer_state_dict(self.model, self.opt, options=opts)
             return model, (self._opt_by_index(opt) if self.info.main else None), ema
-        return self.model.state_dict(), self.opt.state_dict(), ema
+        return self.model.state_dict(), self.opt.state_dict() if optimizer else None, ema
 
     def _opt_by_index(self, named: dict) -> dict:
         """FSDP2's optimiser state (keyed by parameter name) -> torch's format (keyed by index in group order)."""
@@ -361,7 +363,7 @@ class Trainer:
     def export_weights(self) -> tuple:
         """(trained weights, EMA shadows) as full state dicts: what a stage saves at its end. A collective under
         FSDP2 (every rank must call it; only the main rank's result holds the weights)."""
-        model, _, ema = self._full_state() if self.sharded else (self.model.state_dict(), None, self.ema.state_dict())
+        model, _, ema = self._full_state(optimizer=False)     # AdamW's state (2x the model) is not gathered
         return model, ema["shadow"]
 
     def save_checkpoint(self) -> Optional[str]:
