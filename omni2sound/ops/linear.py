@@ -28,9 +28,10 @@ blocked layout on every call (a read and a write of the weight: 7-9 MB for S's q
 ``packed_weights()`` each weight is reordered once (``mkldnn::_reorder_linear_weight``, what Inductor's CPU freezing
 does) and the packed copy is reused while the weight is unchanged (same storage, same version counter: an in-place
 update such as ``load_state_dict`` or an optimiser step repacks). The results are the same bits
-(tests/test_linear.py); S's step GEMMs ran 3-7% faster a call (`python bench/bench_linear.py`, column "onednn
-packed"). The cost is memory: a second copy of every weight the step multiplies on oneDNN (S: 0.40 GB, L: 3.2 GB),
-held while the weight lives (``clear_packed_weights()`` frees them).
+(tests/test_linear.py); S's step GEMMs ran 3-6% faster a call at 500 rows and 4-18% at the cross-attention's 250
+(`python bench/bench_linear.py`, column "onednn packed", two runs, session 12). The cost is memory: a second copy of
+every weight the step multiplies on oneDNN (from the weights' sizes: S 0.40 GB, L 3.2 GB; the S bar's peak RSS rose
+by 0.43-0.47 GB), held while the weight lives (``clear_packed_weights()`` frees them).
 
 Where it is used: every projection of ``Omni2SoundDiT``'s sampling step (``model.dense``, the qkv projection, the
 MLP's first layer through ``ops.linear_gelu``) and the per-request per-token AdaLN projections. For S, oneDNN wins
