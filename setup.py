@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_namespace_packages, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -48,9 +48,15 @@ class CMakeBuild(build_ext):
         subprocess.check_call(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir)
 
 
+# Packages are found, never listed: a subpackage added later ships without anyone editing this file. The Triton
+# kernels live in kernels/ at the top of the repository and install as omni2sound.kernels.
+KERNEL_SUBPACKAGES = find_namespace_packages("kernels", exclude=["__pycache__*"])
+PACKAGES = find_packages(include=["omni2sound", "omni2sound.*"]) + [
+    "omni2sound.kernels" + ("." + p if p else "") for p in ["", *KERNEL_SUBPACKAGES]
+]
+
 setup(
-    packages=["omni2sound", "omni2sound.ops", "omni2sound.kernels"],
-    # The Triton kernels live in kernels/ at the top of the repository and install as omni2sound.kernels.
+    packages=PACKAGES,
     package_dir={"omni2sound": "omni2sound", "omni2sound.kernels": "kernels"},
     ext_modules=[CMakeExtension("omni2sound._C")],
     cmdclass={"build_ext": CMakeBuild},
