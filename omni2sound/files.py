@@ -281,6 +281,87 @@ def read_json(path: PathLike, kind: type = dict, what: str = "") -> Any:
     return obj
 
 
+def read_config(path: PathLike, cls: type, what: str = "") -> Any:
+    """A typed config dataclass from its JSON file: ``cls.from_dict(obj)`` (or ``cls(**obj)``) after checking that
+    the file holds an object whose values have the fields' types. Every problem (the file's, an unknown field, a
+    value of the wrong type, a value the config itself rejects) is one BadFileError line naming the file."""
+    import dataclasses
+
+    obj = read_json(path, dict, what or f"a {cls.__name__}")
+    if dataclasses.is_dataclass(cls):
+        problems = _field_type_problems(cls, obj)
+        if problems:
+            raise BadFileError(path, f"not a valid {cls.__name__}: " + "; ".join(problems))
+    make = getattr(cls, "from_dict", None) or (lambda d: cls(**d))
+    try:
+        return make(obj)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise BadFileError(path, f"not a valid {cls.__name__}: {msg}") from None
+
+
+def _field_type_problems(cls: type, obj: dict) -> list:
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:           # an annotation this Python cannot resolve: leave the checking to the class
+        return []
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    unknown = sorted(k for k in obj if k not in known)
+    if unknown:
+        out.append(f"unknown fields {unknown}")
+    for k, v in obj.items():
+        if k in hints and not _matches(v, hints[k]):
+            out.append(f"{k} = {json.dumps(v)[:60]} is not {_type_name(hints[k])}")
+    return out
+
+
+def _matches(v: Any, t: Any) -> bool:
+    import typing
+
+    if t is Any:
+        return True
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return any(_matches(v, a) for a in args)
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str)
+    if origin in (tuple, list) or t in (tuple, list):
+        if not isinstance(v, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(v) == len(args) and all(_matches(x, a) for x, a in zip(v, args))
+        return not args or all(_matches(x, args[0]) for x in v)
+    if origin is dict or t is dict:
+        return isinstance(v, dict)
+    return True                 # a type JSON does not carry (an enum, a class): the config checks it
+
+
+def _type_name(t: Any) -> str:
+    import typing
+
+    if t in (int, float, str, bool):
+        return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (tuple, list) or t in (tuple, list):
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return "a list" + (f" of {plural[args[0]]}" if args and args[0] in plural else "")
+    return getattr(t, "__name__", str(t))
+
+
 def _json_kind(obj: Any) -> str:
     if isinstance(obj, dict):
         return "a JSON object"
@@ -376,5 +457,5 @@ def content_hash(path: PathLike, chunk: int = 1 << 20) -> str:
 
 
 __all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "content_hash", "is_temp_name",
-           "load_safetensors", "load_torch", "open_safetensors", "read_json", "remove_stale_temps",
+           "load_safetensors", "load_torch", "open_safetensors", "read_config", "read_json", "remove_stale_temps",
            "safetensors_metadata", "temp_path_for", "write_json"]

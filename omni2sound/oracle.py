@@ -168,8 +168,8 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     vae = AudioVAE.from_pretrained(vae_dir).eval()
     model = Omni2SoundDiT.from_pretrained(os.path.join(stage_dir, "dit")).eval()
-    with open(os.path.join(stage_dir, "latent_stats.json")) as f:
-        stats = json.load(f)
+    from .files import read_json
+    stats = read_json(os.path.join(stage_dir, "latent_stats.json"))
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     enc = enc or Encoders()
     oracle, flow = Oracle(), FlowMatching()

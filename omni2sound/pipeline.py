@@ -25,7 +25,6 @@ whole text, and the windows' latents are crossfaded linearly across each overlap
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -39,7 +38,7 @@ from torch import Tensor
 from . import ops
 from .conditions import Conditions
 from .device import resolve_device
-from .files import write_json
+from .files import read_config, write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -212,8 +211,7 @@ class Omni2SoundPipeline:
         cfg_path = os.path.join(directory, PIPELINE_CONFIG)
         config = PipelineConfig()
         if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                config = PipelineConfig.from_dict(json.load(f))
+            config = read_config(cfg_path, PipelineConfig)
         vae_dir = os.path.join(directory, "vae")
         if not os.path.isdir(vae_dir) and config.vae_dir:
             vae_dir = os.path.normpath(os.path.join(directory, config.vae_dir))

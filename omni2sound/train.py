@@ -39,6 +39,7 @@ import torch
 from .conditions import TASKS
 from .data.shards import FeatureTable
 from .device import device_arg, resolve_device
+from .files import BadFileError, read_json
 from .trainer import DistInfo, LoopConfig, OptimConfig, Trainer, atomic_json, init_distributed, seeded
 
 STAGES = ("vae", "stage1", "stage2", "stage3")
@@ -167,8 +168,7 @@ def read_meta(directory: str) -> Optional[dict]:
     p = os.path.join(directory, "meta.json")
     if not os.path.isfile(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    return read_json(p, dict, "a stage's meta.json")
 
 
 def write_meta(directory: str, meta: dict) -> None:
@@ -446,8 +446,15 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None)
                 for k in done_shards(train_dir):
                     os.remove(os.path.join(train_dir, shard_name(k)))
             _barrier(info)
-            extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
-                             split="train", enc=encoders, progress=cfg.progress)
+            from .extract import ExtractionMismatch
+            try:
+                extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+                                 split="train", enc=encoders, progress=cfg.progress)
+            except ExtractionMismatch as e:      # the run's own cache of features: out of date, so made again
+                if info.main:
+                    print(f"[train] features out of date, extracting again: {e}", file=sys.stderr)
+                extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+                                 split="train", enc=encoders, progress=cfg.progress, rebuild=True)
             _barrier(info)
             if info.main:
                 write_index(train_dir, {"manifest": os.path.abspath(cfg.data), "vae": os.path.abspath(vae_dir)})
@@ -590,10 +597,9 @@ def parse_args(argv=None) -> tuple:
         p.error(f"--init-from {a.init_from}: no such folder (a stage or vae folder of an earlier run)")
     if a.config:
         try:
-            with open(a.config) as f:
-                cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
+            cfg = TrainConfig.from_dict({**asdict(cfg), **read_json(a.config, dict, "TrainConfig fields")})
         except (OSError, ValueError) as e:          # missing, not JSON, unknown fields
-            p.error(f"--config {a.config}: {e}")
+            p.error(f"--config: {e}" if isinstance(e, BadFileError) else f"--config {a.config}: {e}")
     over = {}
     types = {f.name: f.type for f in fields(TrainConfig)}
     for kv in a.set:
