@@ -89,6 +89,10 @@ def _create_temp(path: str) -> str:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        except OSError as e:            # name the file the caller asked for, not our temporary one
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(path) from None
+            raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
         os.close(fd)
         return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")
@@ -184,6 +188,27 @@ def atomic_write(path: PathLike, content: Union[str, bytes, Callable[[str], Any]
     return Path(path)
 
 
+def check_writable(path: PathLike) -> None:
+    """Raise OSError naming ``path`` if a file cannot be written there (its folder is missing and cannot be made,
+    is not a folder, is read-only, or ``path`` is a folder), by creating and removing a temporary file of our
+    pattern beside it: a check before long work whose result would otherwise be lost at the end."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(path)
+    probe = folder
+    while not os.path.exists(probe):            # the nearest folder that exists must let us make the rest
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {probe} is a file, not a folder")
+    if probe != folder:
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"cannot write {path}: cannot create folders in {probe}")
+        return
+    tmp = _create_temp(path)
+    os.remove(tmp)
+
+
 def write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
     """``obj`` as JSON at ``path``, atomically (values JSON cannot hold are written as their str())."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
@@ -272,7 +297,8 @@ def read_json(path: PathLike, kind: type = dict, what: str = "") -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        end = "truncated JSON" if e.pos >= len(text.rstrip()) else "not valid JSON"
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        end = "truncated or not valid JSON" if cut else "not valid JSON"
         raise BadFileError(path, f"{end} (line {e.lineno} column {e.colno}: {e.msg})") from None
     if not isinstance(obj, kind):
         want = {dict: "a JSON object {...}", list: "a JSON array [...]"}.get(kind, kind.__name__)
@@ -433,6 +459,10 @@ def load_torch(path: PathLike, map_location="cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = " ".join(str(e).split())
+        inner = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", reason)
+        inner = inner.group(1) if inner else reason
+        if "global" not in inner.lower():
+            raise BadFileError(path, f"truncated or not a torch checkpoint ({inner[:160]})") from None
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason) or re.search(r"GLOBAL ([\w.]+)", reason)
         what = f" ({m.group(1)})" if m else ""
         raise BadFileError(path, f"refused: holds a pickled object{what} beyond tensors and plain containers; "
@@ -456,6 +486,6 @@ def content_hash(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-__all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "content_hash", "is_temp_name",
-           "load_safetensors", "load_torch", "open_safetensors", "read_config", "read_json", "remove_stale_temps",
-           "safetensors_metadata", "temp_path_for", "write_json"]
+__all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "check_writable", "content_hash",
+           "is_temp_name", "load_safetensors", "load_torch", "open_safetensors", "read_config", "read_json",
+           "remove_stale_temps", "safetensors_metadata", "temp_path_for", "write_json"]

@@ -21,6 +21,8 @@ from typing import List, Optional
 import torch
 
 from .device import device_arg
+from .files import check_writable, remove_stale_temps
+from .pipeline import MAX_DURATION_S
 
 
 def _guidance(s: str):
@@ -48,7 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--text", action="append", default=None, help="text prompt (repeat for a batch)")
     p.add_argument("--clip-features", default=None, help="precomputed semantic video features (.npy/.safetensors)")
     p.add_argument("--sync-features", default=None, help="precomputed sync features (.npy/.safetensors)")
-    p.add_argument("--duration", type=float, default=None, help="seconds (default: the video's length or 10)")
+    p.add_argument("--duration", type=float, default=None,
+                   help=f"seconds (default: the video's length or 10; at most {MAX_DURATION_S:g}, and refused up front "
+                        "when its estimated memory exceeds the device's free memory)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
@@ -59,10 +63,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="output .wav or .flac")
     args = p.parse_args(argv)
 
-    if args.duration is not None and args.duration <= 0:
-        p.error(f"--duration must be positive, got {args.duration}")
+    if args.duration is not None and not (0 < args.duration <= MAX_DURATION_S):
+        p.error(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds, got {args.duration:g}")
     if not args.out.lower().endswith((".wav", ".flac")):
         p.error(f"--out must end in .wav or .flac, got {args.out}")
+    try:                    # before the generation, whose result would otherwise be lost at the end
+        check_writable(args.out)
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.out)))
+    except OSError as e:
+        p.error(f"--out: {e.strerror or e}")
     for path in (args.video or []) + [args.clip_features, args.sync_features]:
         if path is not None and not os.path.isfile(path):
             p.error(f"no such file: {path}")
