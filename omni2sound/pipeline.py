@@ -39,6 +39,7 @@ from torch import Tensor
 from . import ops
 from .conditions import Conditions
 from .device import resolve_device
+from .files import write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -239,13 +240,11 @@ class Omni2SoundPipeline:
         return cls(dit, vae, config, **encoders)
 
     def save_pretrained(self, directory: str) -> None:
-        from .model import _atomic_write, _write_text
         os.makedirs(directory, exist_ok=True)
         self.dit.save_pretrained(os.path.join(directory, "dit"))
         self.vae.save_pretrained(os.path.join(directory, "vae"))
         config = replace(self.config, vae_dir=None)                    # the VAE is saved inside DIR
-        _atomic_write(os.path.join(directory, PIPELINE_CONFIG),
-                      lambda p: _write_text(p, json.dumps(asdict(config), indent=2)))
+        write_json(os.path.join(directory, PIPELINE_CONFIG), asdict(config))
 
     @property
     def device(self) -> torch.device:
