@@ -193,3 +193,20 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
         assert np.array_equal(sf.read(p)[0], sf.read(q)[0]), p
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(m["tracks"]) == {"v2a", "offscreen"} and "FD_logmel" in m["tracks"]["v2a"]
+
+
+def test_desync_through_the_package_synchformer(tmp_path):
+    """The scorer drives omni2sound.synchformer.Synchformer (a random tiny one, saved in the released flat
+    state-dict layout and loaded back) on 5 s toy clips: per clip the mean |offset| of two 4.8 s windows."""
+    from omni2sound.synchformer import Synchformer, SynchformerConfig
+    cfg = SynchformerConfig.tiny()
+    torch.save(Synchformer(cfg).state_dict(), tmp_path / "synchformer_state_dict.pth")
+    sync = Synchformer.from_checkpoint(tmp_path / "synchformer_state_dict.pth", cfg=cfg)
+    bench = ToyBenchmark(n=2, seed=0, duration=5.0)
+    items = bench.tracks["v2a"]
+    r = Scorer([], synchformer=sync, oracle=False).score_track(bench, items, [bench.reference(i) for i in items])
+    assert 0.0 <= r["DeSync"] <= 2.0
+    per_clip = [sync.desync(bench.frames(i, 25.0), 25.0, torch.from_numpy(bench.reference(i)), 16000) for i in items]
+    assert r["DeSync"] == pytest.approx(np.mean(per_clip), abs=1e-9)
+    # the mean of two |offsets| on the 0.2 s grid: twice it is a multiple of 0.2 s
+    assert all(abs(2 * x / 0.2 - round(2 * x / 0.2)) < 1e-6 for x in per_clip)
