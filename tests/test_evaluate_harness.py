@@ -56,9 +56,11 @@ def scored(toy):
     scorer = Scorer([LogMelStats()], imagebind=ToyImageBind(), synchformer=ToySynchformer())
     res = {}
     for kind in ("reference", "noise", "silence", "shuffled"):
-        gen = baseline_audio(kind, toy, ["vt2a", "offscreen"], seed=int(np.random.randint(1 << 30)))
+        # the reference on two tracks; the bad systems on the off-screen one (the tracks share their scoring code)
+        tracks = ("vt2a", "offscreen") if kind == "reference" else ("offscreen",)
+        gen = baseline_audio(kind, toy, list(tracks), seed=int(np.random.randint(1 << 30)))
         res[kind] = {t: scorer.score_track(toy, toy.tracks[t], [gen[it.item_id] for it in toy.tracks[t]])
-                     for t in ("vt2a", "offscreen")}
+                     for t in tracks}
     return res
 
 
@@ -73,7 +75,8 @@ def test_perfect_system(scored):
 
 @pytest.mark.parametrize("bad", ["noise", "silence"])
 def test_noise_and_silence_are_worse_on_every_metric(scored, bad):
-    for t, ref in scored["reference"].items():
+    for t in scored[bad]:
+        ref = scored["reference"][t]
         for m, v in ref.items():
             hib = higher_is_better(m)
             if hib is None:
@@ -83,8 +86,8 @@ def test_noise_and_silence_are_worse_on_every_metric(scored, bad):
 
 
 def test_shuffled_pairing_keeps_fd_and_worsens_paired_metrics(scored):
-    for t, ref in scored["reference"].items():
-        sh = scored["shuffled"][t]
+    for t, sh in scored["shuffled"].items():
+        ref = scored["reference"][t]
         assert sh["FD_logmel"] == pytest.approx(ref["FD_logmel"], abs=1e-6)       # a set metric
         assert sh["KL_logmel"] > ref["KL_logmel"] + 0.1
         assert sh["IB"] < ref["IB"] and sh["DeSync"] > ref["DeSync"]
