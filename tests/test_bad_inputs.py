@@ -113,7 +113,7 @@ class _Enc:
     def sync(self, frames):
         return torch.zeros(len(frames), 1)
 
-    def spec(self):
+    def spec_dict(self):
         return {"class": "test encoders", "version": 1}
 
 
