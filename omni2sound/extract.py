@@ -264,8 +264,7 @@ def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64,
         "seed": cfg.seed, "clips": cfg.toy_train_clips, "duration": cfg.toy_duration, "shard_size": shard_size,
         "encoders": encoder_spec(enc)}))
     meta_path = os.path.join(feat_dir, "meta.json")
-    for sub in ("train", "offscreen"):
-        remove_stale_temps(os.path.join(feat_dir, sub))
+    remove_stale_temps(feat_dir, recursive=True)
     meta = None
     if os.path.isfile(meta_path):
         try:

@@ -269,7 +269,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _check_nonempty(path: str) -> None:
     if not os.path.exists(path):
-        raise BadFileError(path, "no such file") from None
+        raise BadFileError(path, "No such file") from None
     if os.path.isdir(path):
         raise BadFileError(path, "is a folder, expected a file")
     if os.path.getsize(path) == 0:

@@ -284,8 +284,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     for s in folders:
         p = os.path.join(run_root, s, "meta.json")
         if os.path.isfile(p):
-            with open(p) as f:
-                m = json.load(f)
+            from .files import read_json
+            m = read_json(p)
             stage_meta[s] = {k: m.get(k) for k in ("steps", "seconds", "final_loss", "final_loss_by_task",
                                                    "task_counts")}
             lines.append(f"- {s}: {m.get('steps')} steps in {m.get('seconds', 0):.0f} s; "

@@ -14,10 +14,12 @@ Distributed: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 NCCL on GPUs, gloo on the CPU; DDP, or FSDP2 (``fully_shard``: each DiT block its own unit, then the root; parameters,
 gradients, optimiser and EMA state sharded across ranks), on GPUs and on the CPU. bf16 autocast on GPU.
 Checkpoints have one format whatever the mode: full (unsharded) model, EMA and optimiser state, the optimiser's
-keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. The cost at
-scale: under FSDP2 rank 0 gathers the full state into its host memory to write it, and reads it back alone on resume,
-broadcasting it (L with AdamW and EMA: ~21 GB of host memory on rank 0). Sharded (torch.distributed.checkpoint)
-files would avoid the gather; not done.
+keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. They hold
+tensors and plain containers only (RNG states included) and load with ``weights_only=True``, so a crafted file cannot
+run code; resume takes the newest one that loads (naming each it skipped) and cuts log.jsonl back to its step.
+The cost at scale: under FSDP2 rank 0 gathers the full state into its host memory to write it, and reads it back
+alone on resume, broadcasting it (L with AdamW and EMA: ~21 GB of host memory on rank 0). Sharded
+(torch.distributed.checkpoint) files would avoid the gather; not done.
 """
 from __future__ import annotations
 
@@ -579,7 +581,7 @@ class Trainer:
         """Train to loop.steps (or stop after `stop_after` steps of this call, to simulate a kill)."""
         log_path = os.path.join(self.out_dir, "log.jsonl")
         if self.info.main:
-            remove_stale_temps(self.out_dir, self.ckpt_dir)
+            remove_stale_temps(self.out_dir, recursive=True)      # checkpoints/, the saved models' folders
         if resume:
             self._resume()
             if self.info.main:

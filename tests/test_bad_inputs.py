@@ -149,7 +149,7 @@ def test_extraction_rerun_refuses_or_ends_with_every_clip_once(tmp_path, vae_dir
     recs = _clips(tmp_path, 7)
     manifest, out = tmp_path / "m.jsonl", tmp_path / "out"
     write_manifest(str(manifest), recs)
-    kw = dict(enc=_Enc(), progress=False)
+    kw = dict(enc=_Enc(), progress=False, workers=0)
     extract_manifest(str(manifest), vae_dir, str(out), shard_size=2, stop_after=2, **kw)      # killed after 2 shards
     assert _clip_ids(out) == ["c0", "c1", "c2", "c3"]
     assert json.load(open(out / EXTRACTION_RECORD))["shard_size"] == 2
@@ -183,9 +183,10 @@ def test_extraction_rerun_refuses_or_ends_with_every_clip_once(tmp_path, vae_dir
 def test_extract_cli_refuses_a_changed_rerun_with_exit_status_2(tmp_path, vae_dir, monkeypatch, capsys):
     from omni2sound import extract
     from omni2sound.data.manifest import write_manifest
-    monkeypatch.setattr(extract, "Encoders", lambda text_path=None: _Enc())
+    monkeypatch.setattr(extract, "Encoders", lambda *a, **k: _Enc())
     write_manifest(str(tmp_path / "m.jsonl"), _clips(tmp_path, 3))
-    args = ["--manifest", str(tmp_path / "m.jsonl"), "--vae", vae_dir, "--out", str(tmp_path / "out")]
+    args = ["--manifest", str(tmp_path / "m.jsonl"), "--vae", vae_dir, "--out", str(tmp_path / "out"),
+            "--workers", "0"]
     extract.main(args + ["--shard-size", "2"])
     with pytest.raises(SystemExit) as e:
         extract.main(args + ["--shard-size", "1"])
@@ -382,7 +383,7 @@ def test_stale_temporary_files_are_removed_at_start_up(tmp_path, who, vae_dir, m
         folder.mkdir()
         stale = _dead_temp(folder / "shard-00000.safetensors")
         write_manifest(str(tmp_path / "m.jsonl"), _clips(tmp_path, 1))
-        extract_manifest(str(tmp_path / "m.jsonl"), vae_dir, str(folder), enc=_Enc(), progress=False)
+        extract_manifest(str(tmp_path / "m.jsonl"), vae_dir, str(folder), enc=_Enc(), progress=False, workers=0)
     else:
         from omni2sound import generate
         folder = tmp_path / "gen"

@@ -84,7 +84,7 @@ def test_read_json_one_line_errors(tmp_path, content, problem):
 
 
 def test_read_json_missing(tmp_path):
-    with pytest.raises(BadFileError, match="no such file"):
+    with pytest.raises(BadFileError, match="No such file"):
         read_json(tmp_path / "nope.json")
     assert read_json(atomic_write(tmp_path / "ok.json", '{"a": [1]}')) == {"a": [1]}
 
