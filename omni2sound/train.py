@@ -190,7 +190,7 @@ def train_vae_stage(cfg: TrainConfig, info: DistInfo, audio: torch.Tensor, resum
     """Train the audio VAE on `audio` [N, samples] (random crops) and save runs/<name>/vae."""
     from .vae import AudioVAE, build_vae
     from .vae_gan import DISC_WEIGHTS_NAME, VAEGAN, load_discriminator, save_discriminator
-    from .vae_train import vae_loss
+    from .vae_loss import vae_loss
     out = run_dir(cfg, "vae")
     if init_from:
         vae = AudioVAE.from_pretrained(init_from, inference=False)

@@ -38,18 +38,12 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .device import resolve_device
+from .device import fused_adamw_ok, resolve_device
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed setup
 # ----------------------------------------------------------------------------------------------------
 
-
-def fused_adamw_ok(device) -> bool:
-    """AdamW's fused implementation (one vectorised pass per parameter group instead of ~8 elementwise passes per
-    parameter) runs on CUDA and, since torch 2.4, on the CPU: on this project's 2-core box it steps 80 M parameters in
-    82 ms against 299 ms for the default for-loop implementation (268 ms foreach). Other devices keep the default."""
-    return torch.device(device).type in ("cuda", "cpu")
 
 @dataclass
 class DistInfo:

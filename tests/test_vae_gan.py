@@ -15,7 +15,8 @@ from omni2sound.vae_gan import (
     load_discriminator,
     save_discriminator,
 )
-from omni2sound.vae_train import synthetic_tones, train_vae, vae_loss
+from omni2sound.vae_loss import vae_loss
+from omni2sound.vae_train import synthetic_tones, train_vae
 
 GAN = dict(adv_weight=0.1, fm_weight=0.2, disc_ffts=(256, 64), disc_channels=8)
 
@@ -67,7 +68,7 @@ def test_gradient_routing():
         if part == "total":
             loss, logs = model(wav, step, generator=g)
         else:                                            # the pieces by hand, from the same posterior sample
-            from omni2sound.vae_train import vae_loss_terms
+            from omni2sound.vae_loss import vae_loss_terms
             rl, _, recon = vae_loss_terms(vae, wav, None, g)
             if part == "recon":
                 loss = rl
