@@ -49,9 +49,9 @@ class CMakeBuild(build_ext):
 
 
 # Packages are found, never listed: a subpackage added later ships without anyone editing this file. The Triton
-# kernels live in kernels/triton/ (kernels/ has no __init__.py, so it cannot shadow PyPI's `kernels` from the
-# repository root) and install as omni2sound.kernels.
-KERNELS_DIR = "kernels/triton"
+# kernels live in kernels/omni2sound_kernels/ and install as omni2sound.kernels (kernels/ itself has no __init__.py,
+# so from the repository root it cannot shadow PyPI's `kernels`, which transformers imports).
+KERNELS_DIR = "kernels/omni2sound_kernels"
 PACKAGES = find_packages(include=["omni2sound", "omni2sound.*"]) + [
     "omni2sound.kernels" + ("." + p if p else "") for p in ["", *find_packages(KERNELS_DIR)]
 ]

@@ -21,10 +21,10 @@ import torch
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
+from omni2sound.device import fused_adamw_ok
 from omni2sound.flow import FlowMatching
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
-from omni2sound.device import fused_adamw_ok
 from omni2sound.trainer import peak_flops
 
 

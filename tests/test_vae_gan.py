@@ -138,7 +138,7 @@ def test_non_adversarial_training_unchanged():
 def test_vae_stage_adversarial_resumes_exactly(tmp_path):
     """Stage vae with the discriminator: checkpoints hold both networks, a resumed run repeats the same losses
     and ends with the same VAE and discriminator as an uninterrupted one."""
-    from omni2sound.train import TRAIN_PRESETS, train_vae_stage
+    from omni2sound.schedule import TRAIN_PRESETS, train_vae_stage
     from omni2sound.trainer import DistInfo
 
     audio = synthetic_tones(6, 6400, generator=torch.Generator().manual_seed(3))[0][:, 0]        # [6, 6400]
