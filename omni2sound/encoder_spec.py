@@ -138,10 +138,12 @@ class EncoderSpec:
     # -- from command-line strings ---------------------------------------------------------------------
     @classmethod
     def parse(cls, text: Optional[str] = None, video: Optional[str] = None, sync: Optional[str] = None,
-              text_max_tokens: Optional[int] = None, video_size: Optional[int] = None) -> "EncoderSpec":
+              text_max_tokens: Optional[int] = None, video_size: Optional[int] = None, check: bool = True
+              ) -> "EncoderSpec":
         """The spec of the CLI flags --text-encoder / --video-encoder / --sync-encoder (see the module
-        docstring); paths are made absolute, model folders and files must exist."""
-        spec = cls(text=_parse_text(text), video=_parse_video(video), sync=_parse_sync(sync))
+        docstring); paths are made absolute; with ``check`` model folders and files must exist now (without, they
+        must when the encoder loads: extracting released features never loads the video and sync encoders)."""
+        spec = cls(text=_parse_text(text, check), video=_parse_video(video, check), sync=_parse_sync(sync, check))
         if text_max_tokens is not None:
             spec.text.max_tokens = int(text_max_tokens)
         if video_size is not None:
@@ -446,6 +448,10 @@ class LoadedEncoders:
             s = self.sync.encode(np.zeros((32, sr.size, sr.size, 3), np.uint8)) if sr.crop else self.sync.encode(blank)
             self.spec.dims = {"text": int(self.text.dim), "video": int(v.shape[-1]), "sync": int(s.shape[-1])}
         return dict(self.spec.dims)
+
+
+# the widths some encoders make whatever their weights (for checking released features without loading them)
+KNOWN_WIDTHS = {("video", "builtin"): 272, ("sync", "builtin"): 64, ("sync", "synchformer"): 768}
 
 
 # ----------------------------------------------------------------------------------------------------
