@@ -115,12 +115,20 @@ class Encoders:
         return self.spec.to_dict()
 
     @torch.no_grad()
-    def semantic(self, frames: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(self.frame_encoder.encode(frames)).float().cpu()
+    def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        # in chunks: a shard's frames as float pictures would not fit in memory at once (64 x 10 s x 384 px: 9 GB)
+        return torch.cat([torch.as_tensor(self.frame_encoder.encode(frames[i:i + chunk])).float().cpu()
+                          for i in range(0, len(frames), chunk)])
 
     @torch.no_grad()
     def sync(self, frames: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.motion_encoder.encode(frames)).float().cpu()
+
+    @torch.no_grad()
+    def sync_many(self, clips: list) -> list:
+        """sync() of several clips, in shared batches when the encoder batches (Synchformer's segments)."""
+        many = getattr(self.motion_encoder, "encode_many", None)
+        return [t.float().cpu() for t in many(clips)] if many is not None else [self.sync(c) for c in clips]
 
 
 @torch.no_grad()
@@ -139,10 +147,13 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
     stds = torch.cat([torch.exp(0.5 * p.logvar) for p in posts]).transpose(1, 2).float().cpu()
     # the semantic encoder is per frame: one call for every frame of the shard
     with_frames = [r for r in raw if r.get("video") is None and r.get("frames_semantic") is not None]
-    sems = {}
+    sems, syns = {}, {}
     if with_frames:
         allsem = enc.semantic(np.concatenate([r["frames_semantic"] for r in with_frames]))
         sems = dict(zip([id(r) for r in with_frames], allsem.split([len(r["frames_semantic"]) for r in with_frames])))
+        clips = [r["frames_sync"] for r in with_frames]
+        many = getattr(enc, "sync_many", None)
+        syns = dict(zip([id(r) for r in with_frames], many(clips) if many else [enc.sync(c) for c in clips]))
     note = getattr(enc, "note_features", None)
     if note is not None:                        # released features fix (or must match) the widths first
         for r in raw:
@@ -153,7 +164,7 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
         if r.get("video") is not None:          # features given (e.g. an off-screen variant of a clip)
             sem, syn = r["video"], r["sync"]
         elif r.get("frames_semantic") is not None:
-            sem, syn = sems[id(r)], enc.sync(r["frames_sync"])
+            sem, syn = sems[id(r)], syns[id(r)]
         else:
             sem, syn = torch.zeros(0, enc.dims()[0]), torch.zeros(0, enc.dims()[1])
         out.append({"clip_id": r["clip_id"], "caption": r.get("caption"), "duration": r["duration"],

@@ -92,3 +92,13 @@ def write_av_clip(path, frames, fps: float, wav, sample_rate: int) -> None:
                 c.mux(pkt)
         for pkt in aus.encode():
             c.mux(pkt)
+
+
+def synchformer(path):
+    """A tiny random Synchformer visual extractor saved as the released state dict (``vfeat_extractor.*`` keys,
+    torch.save); returns (extractor, its config as a dict for the encoder spec)."""
+    from omni2sound.synchformer import SyncFeatureExtractor, SynchformerConfig
+    cfg = SynchformerConfig.tiny()
+    ex = SyncFeatureExtractor(cfg).eval()
+    torch.save(ex.state_dict(), path)
+    return ex, cfg.to_dict()
