@@ -322,7 +322,8 @@ def plot_spectrograms(path: str, examples: List[tuple], sr: int) -> None:
     for row, (title, ref, gen) in zip(axes, examples):
         for ax, wav, name in zip(row, (ref, gen), ("reference", "generated")):
             if np.abs(wav).max() > 0:
-                ax.specgram(wav, NFFT=512, Fs=sr, noverlap=384, cmap="magma", vmin=-120)
+                with np.errstate(divide="ignore"):
+                    ax.specgram(wav, NFFT=512, Fs=sr, noverlap=384, cmap="magma", vmin=-120)
             ax.set_title(f"{name}: {title}"[:110], fontsize=7)
             ax.tick_params(labelsize=6)
     fig.tight_layout()
@@ -466,8 +467,8 @@ def main(argv=None) -> int:
                                                                        + (sys.argv[1:] if argv is None else argv)),
               "benchmark": {"name": bench.name, **bench.meta, "counts": {t: len(bench.tracks[t]) for t in tracks}},
               "embedders": scorer.describe(), "length_policy": LENGTH_POLICY, "versions": versions(),
-              "missing": missing, "extra_files": extra, "seconds": {"generate_or_load": t_gen,
-                                                                    "score": time.time() - t1},
+              "warnings": scorer.warnings, "missing": missing, "extra_files": extra,
+              "seconds": {"generate_or_load": t_gen, "score": time.time() - t1},
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(os.path.join(out, "metrics.json"), report)
     md = markdown_table(results, system)
@@ -476,6 +477,8 @@ def main(argv=None) -> int:
     plot_metrics(os.path.join(out, "metrics.png"), results)
     plot_spectrograms(os.path.join(out, "spectrograms.png"), examples, bench.sample_rate)
     print(md)
+    for w in scorer.warnings:
+        print(f"[evaluate] warning: {w}", file=sys.stderr)
     print(f"[evaluate] wrote {out}/metrics.json, metrics.md, metrics.png, spectrograms.png", file=sys.stderr)
     return 0
 

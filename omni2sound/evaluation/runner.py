@@ -66,9 +66,10 @@ def embed_all(embedder: AudioEmbedder, clips: Sequence[np.ndarray], sr: int, bat
 
 
 def audio_metrics(embedder: AudioEmbedder, refs, gens, sr: int, batch_size: int = 32, cache: Optional[dict] = None,
-                  cache_key=None) -> Dict[str, float]:
+                  cache_key=None, warnings: Optional[list] = None) -> Dict[str, float]:
     """FD_<name> (frames pooled for a frame-level embedder), and with logits KL_<name> (paired, mean) and
-    IS_<name> (+ IS_<name>_std) of the generated clips."""
+    IS_<name> (+ IS_<name>_std) of the generated clips. A set with no more vectors than dimensions has a
+    singular covariance, where sqrtm(S1 S2) is unreliable: that FD is reported with a warning appended."""
     n = embedder.name
     if cache is not None and cache_key in cache:
         er, lr = cache[cache_key]
@@ -80,6 +81,9 @@ def audio_metrics(embedder: AudioEmbedder, refs, gens, sr: int, batch_size: int 
     if embedder.frame_level:
         er, eg = np.concatenate(er), np.concatenate(eg)
     out = {f"FD_{n}": M.frechet_distance(er, eg)}
+    if warnings is not None and min(len(er), len(eg)) <= er.shape[1]:
+        warnings.append(f"FD_{n}: {min(len(er), len(eg))} vectors of {er.shape[1]} dimensions: the covariance is "
+                        "singular and the distance unreliable (a Frechet distance needs more clips than dimensions)")
     if lr is not None and lg is not None:
         out[f"KL_{n}"] = M.kl_divergence(lr, lg)
         if len(gens) >= M.IS_SPLITS:
@@ -134,6 +138,7 @@ class Scorer:
         self.audio_embedders, self.clap, self.imagebind = list(audio_embedders), list(clap), imagebind
         self.synchformer, self.oracle, self.batch_size = synchformer, oracle, batch_size
         self._ref_cache: dict = {}
+        self.warnings: List[str] = []
 
     def score_track(self, bench: Benchmark, items: List[TrackItem], gens: List[np.ndarray]) -> Dict[str, float]:
         sr = bench.sample_rate
@@ -142,7 +147,9 @@ class Scorer:
         out: Dict[str, float] = {"n": len(items)}
         key = tuple(it.item_id for it in items)
         for emb in self.audio_embedders:
-            out.update(audio_metrics(emb, refs, gens, sr, self.batch_size, self._ref_cache, (emb.name, key)))
+            warn: List[str] = []
+            out.update(audio_metrics(emb, refs, gens, sr, self.batch_size, self._ref_cache, (emb.name, key), warn))
+            self.warnings += [f"{items[0].track}: {w}" for w in warn]
         texts = [it.text for it in items]
         if self.clap and all(texts):
             for c in self.clap:
