@@ -352,6 +352,8 @@ def main(argv=None) -> None:
     p.add_argument("--text-encoder", help="minilm (default) | t5:DIR | clap:DIR | DIR (a local transformers folder)")
     p.add_argument("--video-encoder", help="builtin (default) | hf:DIR (CLIP / SigLIP) | open_clip:ARCH:FILE")
     p.add_argument("--sync-encoder", help="builtin (default) | synchformer:FILE")
+    p.add_argument("--sync-config", help="JSON file of SynchformerConfig fields for a checkpoint of another size than "
+                                         "the released one")
     p.add_argument("--video-size", type=int, help="vision tower input pixels (default: the model's; paper: 384)")
     p.add_argument("--text-max-tokens", type=int, help="longest caption in tokens (default 128)")
     p.add_argument("--frame-size", type=int, default=None, help="frame side of the built-in encoders (default 64)")
@@ -362,7 +364,10 @@ def main(argv=None) -> None:
     try:
         spec = EncoderSpec.parse(a.text_encoder, a.video_encoder, a.sync_encoder, a.text_max_tokens, a.video_size,
                                  check=False)
-    except ValueError as e:
+        if a.sync_config:
+            with open(a.sync_config) as f:
+                spec.sync.config = json.load(f)
+    except (OSError, ValueError) as e:
         p.error(str(e))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

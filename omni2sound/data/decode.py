@@ -41,15 +41,19 @@ def load_media_audio(path: str, sample_rate: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.float32)
 
 
+def read_audio(path: str, sample_rate: int) -> np.ndarray:
+    """Mono float32 [N] at ``sample_rate`` from an audio file (soundfile) or a media container (PyAV)."""
+    if os.fspath(path).lower().endswith(VIDEO_SUFFIXES):
+        return load_media_audio(path, sample_rate)
+    from ..audio import load_audio
+    return load_audio(path, sample_rate).numpy()
+
+
 def load_clip(rec, sample_rate: int, video_req=None, sync_req=None) -> dict:
     """A manifest record -> the extractor's raw item: audio [N] float32 at ``sample_rate``, uint8 frames
     (frames_semantic [T8, s, s, 3], frames_sync [T25, s', s', 3]) or precomputed video / sync features."""
-    from ..audio import load_audio
     from ..encoder_spec import read_frames, source_size
-    if rec.audio.lower().endswith(VIDEO_SUFFIXES):
-        wav = load_media_audio(rec.audio, sample_rate)
-    else:
-        wav = load_audio(rec.audio, sample_rate).numpy()
+    wav = read_audio(rec.audio, sample_rate)
     a = int(round(rec.start * sample_rate))
     wav = wav[a:a + int(round(rec.duration * sample_rate))]
     if len(wav) == 0:
