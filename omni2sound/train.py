@@ -585,7 +585,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
         return torch.from_numpy(np.stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
     if not cfg.data.endswith(".jsonl"):
         raise ValueError(f"stage vae needs audio: data must be 'toy' or a manifest (.jsonl), got {cfg.data!r}")
-    from .audio import load_audio
+    from .data.decode import read_audio
     from .data.manifest import read_manifest
     from .vae import VAE_PRESETS
     sr = VAE_PRESETS[cfg.vae_preset].sample_rate
@@ -595,7 +595,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
     clips = []
     for r in records:
         try:
-            w = load_audio(r.audio, sr)[int(r.start * sr): int((r.start + r.duration) * sr)]
+            w = torch.from_numpy(read_audio(r.audio, sr))[int(r.start * sr): int((r.start + r.duration) * sr)]
         except Exception as e:             # one bad clip never stops the run
             print(f"[train] skipped {r.clip_id}: {e}")
             continue
