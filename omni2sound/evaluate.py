@@ -82,10 +82,10 @@ def load_scorer(args):
     ib = sync = None
     if args.imagebind:
         from .evaluation.embedders.imagebind import ImageBind
-        ib = ImageBind.from_checkpoint(args.imagebind)
+        ib = ImageBind.from_checkpoint(args.imagebind, device=dev)
     if args.synchformer:
         from .synchformer import Synchformer
-        sync = Synchformer.from_checkpoint(args.synchformer)
+        sync = Synchformer.from_checkpoint(args.synchformer, device=dev)
     return Scorer(audio, clap, ib, sync, oracle=not args.no_oracle, batch_size=args.batch_size)
 
 
