@@ -96,7 +96,15 @@ class Encoders:
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
             with torch.no_grad():
-                tokens, lens = self.text_encoder.encode(batch)
+                try:
+                    tokens, lens = self.text_encoder.encode(batch)
+                except ValueError as e:     # a caption over max_tokens: cut it (as the paper's T5 conditioner does)
+                    print(f"[extract] {e}: cut to {self.text_encoder.max_tokens} tokens", file=sys.stderr)
+                    self.text_encoder.truncate = True
+                    try:
+                        tokens, lens = self.text_encoder.encode(batch)
+                    finally:
+                        self.text_encoder.truncate = False
             for c, t, n in zip(batch, tokens, lens):
                 self._cache[c] = t[: int(n)].float().cpu()
         dim = int(self.text_encoder.dim)
