@@ -261,7 +261,8 @@ class Omni2SoundPipeline:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: no {what}/ folder at {path} (expected "
                                         "DIR/dit and DIR/vae, or pipeline.json's vae_dir; see omni2sound/pipeline.py)")
-        device = resolve_device(default_device() if device is None else device)   # a clear ValueError for a GPU that is not there
+        # a clear ValueError for a GPU that is not there
+        device = resolve_device(default_device() if device is None else device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = Omni2SoundDiT.from_pretrained(os.path.join(directory, "dit"), device=device, dtype=dtype)

@@ -21,8 +21,9 @@ def make_video(path, fps: float, seconds: float, vfr: bool = False, size: int = 
         n, t = int(round(seconds * fps)), 0.0
         for i in range(n):
             img = np.full((size, size, 3), 40, np.uint8)
-            x = (2 * i) % (size - 8)
-            img[8:16, x:x + 8] = (230, 60, 40)
+            b = max(8, size // 4)
+            x = (2 * i) % (size - b)
+            img[size // 3:size // 3 + b, x:x + b] = (230, 60, 40)
             f = av.VideoFrame.from_ndarray(img, format="rgb24")
             if vfr:
                 f.pts, f.time_base = int(round(t * 1000)), Fraction(1, 1000)
