@@ -25,10 +25,11 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
+
+from .files import atomic_write, remove_stale_temps
 
 COLUMNS = ("id", "video", "text", "duration", "seed")
 RESULTS = "results.jsonl"
@@ -219,14 +220,7 @@ def _write_results(out_dir: str, items: List[Item], failures: List[dict], fmt: s
     rows += failures
     rows.sort(key=lambda r: r["line"])
     path = os.path.join(out_dir, RESULTS)
-    fd, tmp = tempfile.mkstemp(prefix=f".{RESULTS}.", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -269,10 +263,7 @@ def run_manifest(args) -> int:
     part = os.path.join(out_dir, PARTS, f"rank{rank}.jsonl")
     batches = plan(items, args.batch_size, args.bucket_seconds, rank, world)
     mine = [it for b in batches for it in b]
-    for it in mine:          # a killed run's temporary files (mine only: other ranks may be writing theirs)
-        out = output_path(out_dir, it, args.format)
-        for tmp in glob.glob(os.path.join(out_dir, f".{glob.escape(os.path.basename(out))}.*")):
-            os.remove(tmp)
+    remove_stale_temps(out_dir)          # a killed run's temporary files (only those whose writer is gone)
     todo = [[it for it in b if not os.path.isfile(output_path(out_dir, it, args.format))] for b in batches]
     todo = [b for b in todo if b]
     n_todo = sum(len(b) for b in todo)

@@ -13,15 +13,16 @@ number the muxed audio is fitted to); the CLI and the pipeline make audio of thi
 from __future__ import annotations
 
 import os
-import tempfile
 from fractions import Fraction
 from typing import Tuple
 
 import numpy as np
 
+from .files import atomic_write
 from .video import VideoError
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".m4v", ".webm")
+_FORMATS = {".mp4": "mp4", ".mov": "mov", ".mkv": "matroska", ".m4v": "mp4", ".webm": "webm"}   # suffix: muxer
+VIDEO_SUFFIXES = tuple(_FORMATS)
 AAC_RATE = 48000          # the rate players expect of AAC; the model's 16 kHz audio is resampled (soxr) to it
 AAC_FRAME = 1024          # samples per AAC frame
 AAC_BIT_RATE = 128_000
@@ -112,13 +113,10 @@ def mux_audio(video: str, audio, sample_rate: int, out: str, bit_rate: int = AAC
         audio = audio / peak
     start, end = video_span(video)
     pcm = _fit(audio, sample_rate, end - start)
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    suffix = os.path.splitext(out)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        with av.open(video) as src, av.open(tmp, mode="w") as dst:
+    suffix = os.path.splitext(out)[1].lower()
+
+    def write(tmp: str) -> None:
+        with av.open(video) as src, av.open(tmp, mode="w", format=_FORMATS[suffix]) as dst:
             vin = src.streams.video[0]
             add_template = getattr(dst, "add_stream_from_template", None)
             try:
@@ -137,8 +135,7 @@ def mux_audio(video: str, audio, sample_rate: int, out: str, bit_rate: int = AAC
                 dst.mux(packet)
             pts0 = int(round(start * AAC_RATE))
             for i in range(0, pcm.shape[0], AAC_FRAME):
-                chunk = pcm[None, i:i + AAC_FRAME]
-                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+                frame = av.AudioFrame.from_ndarray(pcm[None, i:i + AAC_FRAME], format="fltp", layout="mono")
                 frame.sample_rate = AAC_RATE
                 frame.pts = pts0 + i
                 frame.time_base = Fraction(1, AAC_RATE)
@@ -146,20 +143,12 @@ def mux_audio(video: str, audio, sample_rate: int, out: str, bit_rate: int = AAC
                     dst.mux(packet)
             for packet in aout.encode(None):
                 dst.mux(packet)
-        os.chmod(tmp, 0o666 & ~_umask())          # a finished output is readable as any new file (mkstemp: 0600)
-        os.replace(tmp, out)
+
+    try:
+        atomic_write(out, write)                # a temporary file renamed into place: out is whole or absent
     except av.error.FFmpegError as e:
         raise VideoError(f"{out}: writing the video with its new sound track failed: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return out
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _set_mono(stream) -> None:

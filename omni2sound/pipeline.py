@@ -39,6 +39,7 @@ from torch import Tensor
 from . import ops
 from .conditions import Conditions
 from .device import default_device, resolve_device
+from .files import write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -58,6 +59,9 @@ class PipelineConfig:
     vae_dir: Optional[str] = None
     latent_mean: Optional[List[float]] = None
     latent_std: Optional[List[float]] = None
+    # The condition encoders the DiT was trained on (EncoderSpec.to_dict(), as extraction recorded them); when set
+    # it supersedes text_encoder / video_encoder / sync_encoder / builtin_frame_size
+    encoders: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -65,6 +69,14 @@ class PipelineConfig:
         if set(d) - known:
             raise ValueError(f"unknown PipelineConfig fields {sorted(set(d) - known)}")
         return cls(**d)
+
+    def encoder_spec(self):
+        """The EncoderSpec of this pipeline (from ``encoders``, else from the older per-encoder fields)."""
+        from .encoder_spec import EncoderSpec
+        if self.encoders is not None:
+            return EncoderSpec.from_dict(self.encoders, where="pipeline.json encoders")
+        return EncoderSpec.from_pipeline_fields(self.text_encoder, self.video_encoder, self.sync_encoder,
+                                                self.builtin_frame_size)
 
 
 @dataclass
@@ -270,13 +282,11 @@ class Omni2SoundPipeline:
         return cls(dit, vae, config, **encoders)
 
     def save_pretrained(self, directory: str) -> None:
-        from .model import _atomic_write, _write_text
         os.makedirs(directory, exist_ok=True)
         self.dit.save_pretrained(os.path.join(directory, "dit"))
         self.vae.save_pretrained(os.path.join(directory, "vae"))
         config = replace(self.config, vae_dir=None)                    # the VAE is saved inside DIR
-        _atomic_write(os.path.join(directory, PIPELINE_CONFIG),
-                      lambda p: _write_text(p, json.dumps(asdict(config), indent=2)))
+        write_json(os.path.join(directory, PIPELINE_CONFIG), asdict(config))
 
     @property
     def device(self) -> torch.device:
@@ -304,60 +314,70 @@ class Omni2SoundPipeline:
     def sample_rate(self) -> int:
         return int(self.vae.sample_rate)
 
-    # -- condition encoders (loaded on first use) -----------------------------------------------------
+    # -- condition encoders (loaded on first use, as the config's EncoderSpec names them) -------------
+    @property
+    def encoder_spec(self):
+        if getattr(self, "_spec", None) is None:
+            self._spec = self.config.encoder_spec()
+        return self._spec
+
+    def _encoder_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
     @property
     def text_encoder(self):
         if self._text is None:
-            from .encoders import TextEncoder
-            self._text = TextEncoder.from_pretrained(self.config.text_encoder,
-                                                     max_tokens=self.dit.config.max_text_tokens)
-        self._text.truncate = self.truncate_text
+            from .encoder_spec import load_text
+            t = replace(self.encoder_spec.text, max_tokens=self.dit.config.max_text_tokens)
+            self._text = load_text(t, self.device, self._encoder_dtype())
+        if hasattr(self._text, "truncate"):
+            self._text.truncate = self.truncate_text
         return self._text
 
     @property
     def video_encoder(self):
         if self._video is None:
-            from .encoders import FrameSemanticEncoder, VisionTowerEncoder
-            v = self.config.video_encoder
-            self._video = FrameSemanticEncoder() if v == "builtin" else VisionTowerEncoder.from_pretrained(v)
+            from .encoder_spec import load_video
+            self._video = load_video(self.encoder_spec.video, self.device, self._encoder_dtype())
         return self._video
 
     @property
     def sync_encoder(self):
         if self._sync is None:
-            from .encoders import MotionSyncEncoder
-            if self.config.sync_encoder != "builtin":
-                raise ValueError("only the built-in sync encoder runs on raw video; pass precomputed Synchformer "
-                                 "features through generate_from_features(sync=...)")
-            self._sync = MotionSyncEncoder()
+            from .encoder_spec import load_sync
+            self._sync = load_sync(self.encoder_spec.sync, self.device, self._encoder_dtype())
         return self._sync
 
-    def _frame_size(self):
-        enc = self.video_encoder
-        return getattr(enc, "image_size", None) or self.config.builtin_frame_size
+    def frame_requests(self):
+        """(semantic, sync) FrameRequest: how to decode a request's video for each encoder."""
+        from .encoder_spec import LoadedEncoders
+        le = LoadedEncoders(self.encoder_spec, None, self.video_encoder, self.sync_encoder)
+        return le.video_request, le.sync_request
 
     def encode(self, video: Optional[Sequence] = None, text: Optional[Sequence] = None,
                duration: float = 10.0) -> Conditions:
         """Run the condition encoders for a batch of requests. video: list of paths (or None items);
         text: list of prompts (or None / "" items). Returns the Conditions the DiT reads."""
-        from .video import read_video
+        from .encoder_spec import read_frames, source_size
 
         video, text = self._batch(video, text)
-        cfg = self.dit.config
         if not duration or duration <= 0 or not math.isfinite(duration):
             raise ValueError(f"duration must be positive seconds, got {duration}")
         B = len(video)
         sem, syn = [], []
+        vreq = sreq = None
         for item in video:
             if item is None:
                 sem.append(None)
                 syn.append(None)
                 continue
-            size = self._frame_size()
-            frames8 = read_video(item, fps=cfg.video_rate, size=size, max_seconds=duration)
-            frames25 = read_video(item, fps=25.0, size=self.config.builtin_frame_size, max_seconds=duration)
-            sem.append(self.video_encoder.encode(frames8).float())
-            syn.append(self.sync_encoder.encode(frames25).float())
+            if vreq is None:
+                vreq, sreq = self.frame_requests()
+            hw = source_size(item) if (vreq.crop or sreq.crop) else None
+            frames8 = read_frames(item, vreq, max_seconds=duration, hw=hw)
+            frames25 = read_frames(item, sreq, max_seconds=duration, hw=hw)
+            sem.append(self.video_encoder.encode(frames8).float().cpu())
+            syn.append(self.sync_encoder.encode(frames25).float().cpu())
         return self.conditions_from_features(
             text_tokens=None, video_features=sem, sync_features=syn, duration=duration, text=text, batch=B)
 

@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .device import resolve_device
+from .files import atomic_write, write_json
 from .gpu_info import gpu_info, gpu_sample
 from .tblog import TensorBoardLog
 
@@ -202,22 +202,11 @@ def set_rng_state(s: dict) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_json(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 # GPU peak dense bf16 TFLOP/s for MFU (H100/H200 SXM: 989 TFLOP/s spec; the measured GEMM ceiling is ~800)

@@ -1,0 +1,215 @@
+"""The benchmark harness on the toy world: a perfect system, white noise, silence and shuffled pairings; the
+tracks builder; resumable generation; scoring another system's folder; the reports."""
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from omni2sound.evaluate import baseline_audio
+from omni2sound.evaluate import main as evaluate_main
+from omni2sound.evaluation.embedders.logmel import LogMelStats
+from omni2sound.evaluation.runner import Scorer, higher_is_better
+from omni2sound.evaluation.tracks import Source, ToyBenchmark, mix, offscreen_caption, pair_offscreen
+from omni2sound.oracle import Oracle
+from omni2sound.toy import CLASSES, LOOKS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ToyImageBind:
+    """A test double with ImageBind's adapter API: video -> which classes' colours are on screen; audio -> how
+    loud each class band is (the oracle's band energies). Matched pairs score a higher cosine."""
+    name = "toy-ib"
+
+    def embed_video(self, frames, fps):
+        f = torch.as_tensor(frames).numpy().astype(np.int16)                   # [B, T, H, W, 3]
+        out = [[float((np.abs(v - np.array(LOOKS[c][0])).sum(-1) < 12).any()) for c in CLASSES] for v in f]
+        return torch.tensor(out) + 0.05
+
+    def embed_audio(self, audio):
+        o = Oracle()
+        return torch.tensor([[float(np.clip((np.percentile(o.band_db(a.numpy())[1][c], 95) + 60) / 60, 0, 1))
+                              for c in CLASSES] for a in audio]) + 0.05
+
+
+class ToySynchformer:
+    """A test double with Synchformer's desync API: |first onset heard - first strike flash| in seconds."""
+
+    def desync(self, frames, fps, audio, sample_rate):
+        bright = [i for i, fr in enumerate(frames) if (fr.astype(int).sum(-1) > 560).any()]
+        heard = [e["onset"] for e in Oracle().analyse(audio.numpy()) if e["cls"] in ("drum", "bell", "woodblock")]
+        if not bright or not heard:
+            return 2.0
+        return min(2.0, abs(min(heard) - bright[0] / fps))
+
+
+@pytest.fixture(scope="module")
+def toy():
+    # 48 clips: the 32-d log-mel covariance is full rank, as a Frechet distance needs
+    return ToyBenchmark(n=48, seed=0, duration=2.0)
+
+
+@pytest.fixture(scope="module")
+def scored(toy):
+    scorer = Scorer([LogMelStats()], imagebind=ToyImageBind(), synchformer=ToySynchformer())
+    res = {}
+    for kind in ("reference", "noise", "silence", "shuffled"):
+        # the reference on two tracks; the bad systems on the off-screen one (the tracks share their scoring code)
+        tracks = ("vt2a", "offscreen") if kind == "reference" else ("offscreen",)
+        gen = baseline_audio(kind, toy, list(tracks), seed=int(np.random.randint(1 << 30)))
+        res[kind] = {t: scorer.score_track(toy, toy.tracks[t], [gen[it.item_id] for it in toy.tracks[t]])
+                     for t in tracks}
+    return res
+
+
+def test_perfect_system(scored):
+    for t, r in scored["reference"].items():
+        assert abs(r["FD_logmel"]) < 1e-6, (t, r["FD_logmel"])
+        assert abs(r["KL_logmel"]) < 1e-9
+        assert r["oracle_onset_f1"] == 1.0 and r["oracle_class_acc"] == 1.0 and r["oracle_class_f1"] == 1.0
+        assert r["oracle_offset_s"] == 0.0
+    assert scored["reference"]["offscreen"]["oracle_offscreen_recall"] == 1.0
+
+
+@pytest.mark.parametrize("bad", ["noise", "silence"])
+def test_noise_and_silence_are_worse_on_every_metric(scored, bad):
+    for t in scored[bad]:
+        ref = scored["reference"][t]
+        for m, v in ref.items():
+            hib = higher_is_better(m)
+            if hib is None:
+                continue
+            w = scored[bad][t][m]
+            assert (w < v) if hib else (w > v), (bad, t, m, v, w)
+
+
+def test_shuffled_pairing_keeps_fd_and_worsens_paired_metrics(scored):
+    for t, sh in scored["shuffled"].items():
+        ref = scored["reference"][t]
+        assert sh["FD_logmel"] == pytest.approx(ref["FD_logmel"], abs=1e-6)       # a set metric
+        assert sh["KL_logmel"] > ref["KL_logmel"] + 0.1
+        assert sh["IB"] < ref["IB"] and sh["DeSync"] > ref["DeSync"]
+        assert sh["oracle_offset_s"] > ref["oracle_offset_s"]
+
+
+def test_tracks_builder_is_deterministic_and_offscreen_is_consistent(toy):
+    again = ToyBenchmark(n=48, seed=0, duration=2.0)
+    assert [i.to_json() for i in again.tracks["offscreen"]] == [i.to_json() for i in toy.tracks["offscreen"]]
+    other = ToyBenchmark(n=48, seed=0, duration=2.0, level_db=0.0, n_offscreen=10)
+    assert len(other.tracks["offscreen"]) == 10
+    assert {len(toy.tracks[t]) for t in ("t2a", "v2a", "vt2a")} == {48}
+    for it in toy.tracks["offscreen"]:
+        truth = toy.truth(it)
+        on = {e["cls"] for e in truth if e["onscreen"]}
+        off = {e["cls"] for e in truth if not e["onscreen"]}
+        assert on and off and not (on & off)
+        assert it.text == offscreen_caption(toy.clips[it.clip_id].caption, it.offscreen["description"])
+        assert np.array_equal(toy.frames(it, 25.0), toy.clips[it.clip_id].frames_sync)   # the video unchanged
+    assert all(it.text is None for it in toy.tracks["v2a"])
+    # the generic builder: music partners allowed, seeded, never the target itself
+    src = [Source(f"c{i}", f"sound {i}", label=i % 3) for i in range(9)]
+    music = [Source("m0", "piano music", label="music", kind="music")]
+    p1 = pair_offscreen(src, 5, pool=src + music)
+    assert p1 == pair_offscreen(src, 5, pool=src + music) and p1 != pair_offscreen(src, 6, pool=src + music)
+    assert all(t.clip_id != p.clip_id and t.label != p.label for t, p in p1)
+    # the mix: partner at the requested RMS ratio, peak at most 0.95
+    rng = np.random.default_rng()
+    a, b = rng.standard_normal(1000) * 0.1, rng.standard_normal(800) * 0.5
+    y = mix(a, b, -6.0).astype(np.float64)
+    part = y - a
+    assert 20 * np.log10(np.sqrt(np.mean(part ** 2)) / np.sqrt(np.mean(a ** 2))) == pytest.approx(-6.0, abs=1e-6)
+    assert np.abs(mix(a * 20, b, 0.0)).max() <= 0.95 + 1e-6
+
+
+def test_audio_dir_scoring_and_reports(tmp_path, capsys):
+    refs = tmp_path / "refs"
+    assert evaluate_main(["--export-references", str(refs), "--toy-clips", "12", "--toy-duration", "1",
+                          "--tracks", "v2a", "t2a"]) == 0
+    files = sorted((refs / "v2a").glob("*.wav"))
+    assert len(files) == 12
+    # another system's folder: one file stereo at 44.1 kHz, one missing, one extra
+    import soxr
+    wav, sr = sf.read(files[0])
+    up = soxr.resample(wav, sr, 44100)
+    sf.write(files[0], np.stack([up, up], 1), 44100)
+    files[1].unlink()
+    sf.write(refs / "v2a" / "not-a-clip.wav", np.zeros(100), 16000)
+    out = tmp_path / "eval"
+    assert evaluate_main(["--audio-dir", str(refs), "--toy-clips", "12", "--toy-duration", "1", "--out", str(out),
+                          "--tracks", "v2a", "t2a", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 12 items have no file" in err and "not-a-clip.wav" in err
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tracks"]["v2a"]["n"] == 11 and m["tracks"]["t2a"]["n"] == 12
+    assert m["tracks"]["v2a"]["oracle_class_acc"] == 1.0 and m["missing"]["v2a"] == ["v2a/toy-test-000001"]
+    assert np.isfinite(m["tracks"]["t2a"]["FD_logmel"]) and "command" in m and "versions" in m
+    assert any("FD_logmel: 12 vectors of 32 dimensions" in w for w in m["warnings"])     # 12 clips < 32-d
+    assert "oracle" in m["embedders"] and "cut to the reference" in m["length_policy"]
+    for f in ("metrics.md", "metrics.png", "spectrograms.png"):
+        assert (out / f).stat().st_size > 0
+    assert "| V2A |" in (out / "metrics.md").read_text()
+    noise = tmp_path / "noise"
+    assert evaluate_main(["--baseline", "noise", "--toy-clips", "12", "--toy-duration", "1", "--out", str(noise),
+                          "--tracks", "v2a", "--no-oracle", "--quiet"]) == 0
+    capsys.readouterr()
+    assert evaluate_main(["--compare", str(out / "metrics.json"), str(noise / "metrics.json")]) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if line.startswith("v2a") and "FD_logmel" in line)
+    assert row.rstrip().endswith("A")                               # the reference beats noise on FD
+
+
+def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
+    from omni2sound.model import Omni2SoundDiT, dit_config
+    from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig
+    from omni2sound.vae import VAE_PRESETS, AudioVAE
+    torch.manual_seed(0)
+    dit = Omni2SoundDiT(dit_config("tiny", hidden_dim=64, depth=2, num_heads=2, max_duration=1.0))
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model = tmp_path / "model"
+    Omni2SoundPipeline(dit, AudioVAE(VAE_PRESETS["tiny"]), PipelineConfig()).save_pretrained(model)
+    args = ["--model", str(model), "--toy-clips", "3", "--toy-duration", "1", "--tracks", "v2a", "offscreen",
+            "--steps", "2", "--batch-size", "2", "--quiet", "--no-oracle"]
+    import omni2sound.audio as audio_mod
+    real_save, calls = audio_mod.save_audio, []
+
+    def dying_save(path, wav, sr):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(path)
+        return real_save(path, wav, sr)
+
+    monkeypatch.setattr(audio_mod, "save_audio", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_main(args + ["--out", str(tmp_path / "a")])
+    monkeypatch.setattr(audio_mod, "save_audio", real_save)
+    assert evaluate_main(args + ["--out", str(tmp_path / "a")]) == 0
+    ids = [json.loads(line)["item_id"] for line in (tmp_path / "a" / "generated.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 3 + len(ToyBenchmark(3, duration=1.0).tracks["offscreen"])
+    # the resumed run's audio equals an uninterrupted run's
+    assert evaluate_main(args + ["--out", str(tmp_path / "b")]) == 0
+    for p in sorted((tmp_path / "a" / "generated").rglob("*.wav")):
+        q = tmp_path / "b" / p.relative_to(tmp_path / "a")
+        assert np.array_equal(sf.read(p)[0], sf.read(q)[0]), p
+    m = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert set(m["tracks"]) == {"v2a", "offscreen"} and "FD_logmel" in m["tracks"]["v2a"]
+
+
+def test_desync_through_the_package_synchformer(tmp_path):
+    """The scorer drives omni2sound.synchformer.Synchformer (a random tiny one, saved in the released flat
+    state-dict layout and loaded back) on 5 s toy clips: per clip the mean |offset| of two 4.8 s windows."""
+    from omni2sound.synchformer import Synchformer, SynchformerConfig
+    cfg = SynchformerConfig.tiny()
+    torch.save(Synchformer(cfg).state_dict(), tmp_path / "synchformer_state_dict.pth")
+    sync = Synchformer.from_checkpoint(tmp_path / "synchformer_state_dict.pth", cfg=cfg)
+    bench = ToyBenchmark(n=2, seed=0, duration=5.0)
+    items = bench.tracks["v2a"]
+    r = Scorer([], synchformer=sync, oracle=False).score_track(bench, items, [bench.reference(i) for i in items])
+    assert 0.0 <= r["DeSync"] <= 2.0
+    per_clip = [sync.desync(bench.frames(i, 25.0), 25.0, torch.from_numpy(bench.reference(i)), 16000) for i in items]
+    assert r["DeSync"] == pytest.approx(np.mean(per_clip), abs=1e-9)
+    # the mean of two |offsets| on the 0.2 s grid: twice it is a multiple of 0.2 s
+    assert all(abs(2 * x / 0.2 - round(2 * x / 0.2)) < 1e-6 for x in per_clip)
