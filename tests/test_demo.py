@@ -29,7 +29,8 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    model = tiny_model(root / "model")
+    model = "model"                       # relative to the demo's folder: the page names it so
+    tiny_model(root / "model")
     # H.264 so that the browser plays it (the page shows a still of it in the screenshot)
     clip = make_video(root / "clip.mp4", 25, 1.6, size=128, codec="libx264")
     long_clip = make_video(root / "long.mp4", 25, 4.0)
@@ -130,8 +131,9 @@ def test_browser_upload_generate_and_play(server, tmp_path):
         shot = tmp_path / "demo.png"
         d.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
-        if os.environ.get("OMNI2SOUND_DEMO_SCREENSHOT"):       # the README's picture: docs/demo.png
-            shutil.copy(shot, os.environ["OMNI2SOUND_DEMO_SCREENSHOT"])
+        if os.environ.get("OMNI2SOUND_DEMO_SCREENSHOT"):       # the README's picture: docs/demo.png, 64 colours
+            from PIL import Image
+            Image.open(shot).convert("RGB").quantize(64).save(os.environ["OMNI2SOUND_DEMO_SCREENSHOT"], optimize=True)
     finally:
         d.quit()
 
