@@ -213,3 +213,41 @@ def test_desync_through_the_package_synchformer(tmp_path):
     assert r["DeSync"] == pytest.approx(np.mean(per_clip), abs=1e-9)
     # the mean of two |offsets| on the 0.2 s grid: twice it is a multiple of 0.2 s
     assert all(abs(2 * x / 0.2 - round(2 * x / 0.2)) < 1e-6 for x in per_clip)
+
+
+def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
+    """The scorer drives the package's LAION-CLAP and ImageBind adapters (tiny random models in the released
+    layouts, built by their own tests' helpers) on toy VT2A items; the scores equal the mean cosines of the
+    adapters' own embeddings (x100 for IB)."""
+    from test_embedders_clap import HTSAT, to_laion, write_bpe_tokenizer
+    from test_embedders_imagebind import CFG
+    from transformers import ClapConfig, ClapModel
+
+    from omni2sound.evaluation.embedders.clap import LaionClap
+    from omni2sound.evaluation.embedders.imagebind import ImageBind, ImageBindTowers
+    vocab = write_bpe_tokenizer(tmp_path, "roberta")
+    cfg = ClapConfig(text_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=40, max_position_embeddings=82, type_vocab_size=1,
+                                      pad_token_id=1, projection_dim=24),
+                     audio_config=dict(HTSAT, projection_dim=24), projection_dim=24)
+    torch.manual_seed(0)
+    sd = to_laion(ClapModel(cfg).eval().state_dict())
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "630k-tiny.pt")
+    clap = LaionClap.from_checkpoint(str(tmp_path / "630k-tiny.pt"), text_heads=2, device="cpu")
+    torch.save(ImageBindTowers(CFG).state_dict(), tmp_path / "imagebind_tiny.pth")
+    ib = ImageBind.from_checkpoint(str(tmp_path / "imagebind_tiny.pth"), device="cpu")
+    bench = ToyBenchmark(n=2, seed=0, duration=2.0)
+    items = bench.tracks["vt2a"]
+    gens = [bench.reference(i) for i in items]
+    r = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, items, gens)
+    import soxr
+    a = clap.embed_audio(torch.from_numpy(np.stack([soxr.resample(g, 16000, 48000, quality="HQ") for g in gens])))
+    t = clap.embed_text([i.text for i in items])
+    assert r["CLAP_LAION"] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, t).mean()), abs=1e-5)
+    v = ib.embed_video(torch.from_numpy(np.stack([bench.frames(i, 25.0) for i in items])), 25.0)
+    au = ib.embed_audio(torch.from_numpy(np.stack(gens)))
+    assert r["IB"] == pytest.approx(100 * float(torch.nn.functional.cosine_similarity(v, au).mean()), abs=1e-3)
+    # T2A has no video: no IB there; V2A has no caption: no CLAP there
+    r_t2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["t2a"], gens)
+    r_v2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["v2a"], gens)
+    assert "IB" not in r_t2a and "CLAP_LAION" in r_t2a and "CLAP_LAION" not in r_v2a and "IB" in r_v2a

@@ -276,15 +276,19 @@ class ChatAgent:
         self.name = f"{agent.backend}:{agent.model}"
 
     def _frames(self, clip: Clip) -> list:
+        """Image parts of the clip's frames (encoded once per clip, shared by every agent that sends them)."""
         if clip.frames is None or not self.agent.send_frames:
             return []
-        return [{"type": "image_url", "image_url": {"url": jpeg_data_url(f)}} for f in clip.frames]
+        if "jpeg" not in clip.encoded:
+            clip.encoded["jpeg"] = [jpeg_data_url(f) for f in clip.frames]
+        return [{"type": "image_url", "image_url": {"url": u}} for u in clip.encoded["jpeg"]]
 
     def _audio(self, clip: Clip) -> list:
         if not self.agent.send_audio:
             return []
-        return [{"type": "input_audio", "input_audio": {"data": wav_base64(clip.audio, clip.sample_rate),
-                                                        "format": "wav"}}]
+        if "wav" not in clip.encoded:
+            clip.encoded["wav"] = wav_base64(clip.audio, clip.sample_rate)
+        return [{"type": "input_audio", "input_audio": {"data": clip.encoded["wav"], "format": "wav"}}]
 
     async def describe_video(self, clip: Clip) -> Reply:
         frames = self._frames(clip)
