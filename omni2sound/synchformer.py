@@ -895,7 +895,9 @@ class Synchformer(nn.Module):
         extract_vfeats(segments [B, S, 3, 16, 224, 224]) -> [B, S, 8, 768]   (``MotionFormer``)
         extract_afeats(spec [B, S, 128, 66])              -> [B, S, 6, 768]   (``ASTSegmentEncoder``)
         compare_v_a(vfeats, afeats) (14 segments each)    -> logits [B, 21]   (projections + ``SyncTransformer``)
-        predict_offset / desync                             on raw frames and audio
+        video_features(frames, fps) -> [S, 8, 768]; audio_features(audio, sr) -> [S, 6, 768]   (one clip)
+        desync_from_features(vfeats, afeats) -> seconds   (video features reusable across scored systems)
+        predict_offset / offset_logits / desync           on raw frames and audio
 
     Attention everywhere through ``omni2sound.ops.attention``."""
 
