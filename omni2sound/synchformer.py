@@ -542,12 +542,13 @@ class MotionFormer(nn.Module):
         B, S = segments.shape[:2]
         t, g = self.cfg.tokens_per_segment, self.cfg.grid
         x = segments.reshape(B * S, *segments.shape[2:])
-        x = self.patch_embed_3d.proj(x.to(self.patch_embed_3d.proj.weight.dtype))
+        # the residual stream in the parameters' dtype (fp32 under autocast: only the matmuls run in bf16)
+        x = self.patch_embed_3d.proj(x.to(self.cls_token.dtype)).to(self.cls_token.dtype)
         x = x.flatten(2).transpose(1, 2)                                              # [BS, t*g*g, D]
         D = x.shape[-1]
         pos = self.pos_embed[:, 1:].repeat(1, t, 1) + self.temp_embed.repeat_interleave(g * g, dim=1)
         pos = torch.cat((self.pos_embed[:, :1], pos), dim=1)
-        x = torch.cat((self.cls_token.expand(B * S, 1, D).to(x.dtype), x), dim=1) + pos.to(x.dtype)
+        x = torch.cat((self.cls_token.expand(B * S, 1, D), x), dim=1) + pos
         for blk in self.blocks:
             x = blk(x, t)
         x = self.norm(x[:, 1:])                                                       # [BS, t*g*g, D]
@@ -771,11 +772,12 @@ class _ASTModel(nn.Module):
 
     def forward(self, spec: Tensor) -> Tensor:
         e = self.embeddings
-        x = e.patch_embeddings.projection(spec.unsqueeze(1).to(e.cls_token.dtype))   # [B, D, f, t]
+        dt = e.cls_token.dtype                                 # residual stream in fp32 under autocast
+        x = e.patch_embeddings.projection(spec.unsqueeze(1).to(dt)).to(dt)           # [B, D, f, t]
         x = x.flatten(2).transpose(1, 2)                                              # [B, f*t, D]
         B, _, D = x.shape
-        x = torch.cat((e.cls_token.expand(B, 1, D).to(x.dtype), e.distillation_token.expand(B, 1, D).to(x.dtype),
-                       x), dim=1) + e.position_embeddings.to(x.dtype)
+        x = torch.cat((e.cls_token.expand(B, 1, D), e.distillation_token.expand(B, 1, D), x), dim=1)
+        x = x + e.position_embeddings
         for layer in self.encoder.layer:
             x = layer(x)
         return self.layernorm(x)
@@ -893,7 +895,9 @@ class Synchformer(nn.Module):
         extract_vfeats(segments [B, S, 3, 16, 224, 224]) -> [B, S, 8, 768]   (``MotionFormer``)
         extract_afeats(spec [B, S, 128, 66])              -> [B, S, 6, 768]   (``ASTSegmentEncoder``)
         compare_v_a(vfeats, afeats) (14 segments each)    -> logits [B, 21]   (projections + ``SyncTransformer``)
-        predict_offset / desync                             on raw frames and audio
+        video_features(frames, fps) -> [S, 8, 768]; audio_features(audio, sr) -> [S, 6, 768]   (one clip)
+        desync_from_features(vfeats, afeats) -> seconds   (video features reusable across scored systems)
+        predict_offset / offset_logits / desync           on raw frames and audio
 
     Attention everywhere through ``omni2sound.ops.attention``."""
 

@@ -140,3 +140,12 @@ def test_extraction_decodes_the_soundtrack_of_mp4_clips(tmp_path):
     assert raw["audio"].shape == (sr,) and raw["duration"] == 1.0
     assert np.corrcoef(raw["audio"][1000:15000], wav[1000:15000])[0, 1] > 0.99
     assert raw["frames_semantic"].shape == (8, 16, 16, 3) and raw["frames_sync"].shape == (25, 24, 24, 3)
+
+
+def test_a_caption_over_the_token_limit_is_cut_not_fatal(capsys):
+    from omni2sound.encoder_spec import EncoderSpec
+    from omni2sound.extract import Encoders
+    enc = Encoders(spec=EncoderSpec.parse(text_max_tokens=8))
+    out = enc.text(["a dog barks", "word " * 40, None])
+    assert 2 < out[0].shape[0] < 8 and out[1].shape == (8, 384) and out[2].shape == (0, 384)
+    assert "more than max_tokens=8" in capsys.readouterr().err and enc.text_encoder.truncate is False

@@ -508,6 +508,21 @@ def test_features_batching_does_not_change_results():
         model.features(frames, 25.0, batch_segments=0)
 
 
+def test_bf16_autocast_stays_close_to_fp32():
+    """The dtype plumbing of the GPU path (bf16 autocast, fp32 residual streams), run under CPU autocast."""
+    model = Synchformer(TINY)
+    segs, spec = torch.randn(1, 14, 3, 16, 32, 32), torch.randn(1, 14, TINY.n_mels, 66)
+    with torch.inference_mode():
+        v32, a32 = model.extract_vfeats(segs), model.extract_afeats(spec)
+        l32 = model.compare_v_a(v32, a32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v16, a16 = model.extract_vfeats(segs), model.extract_afeats(spec)
+            l16 = model.compare_v_a(v16, a16)
+    assert v16.dtype == a16.dtype == torch.float32     # the pooled features come off fp32 residuals
+    for lo, hi in ((v16, v32), (a16, a32), (l16.float(), l32)):
+        assert float((lo - hi).abs().max() / hi.abs().max()) < 0.05
+
+
 @pytest.mark.cuda
 def test_full_size_ten_seconds_on_gpu(tmp_path):
     sd = random_state_dict(released_layout(FULL, audio_visual=False))
