@@ -5,7 +5,11 @@
 
 Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
 tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
-(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries. The encoders are an
+``EncoderSpec`` (``--text-encoder / --video-encoder / --sync-encoder``, see omni2sound/encoder_spec.py), recorded
+with the widths they make in index.json; a clip with precomputed features (a SoundAtlas record's .npy files)
+skips the video and sync encoders. Clips decode in DataLoader workers (``--workers``) while the encoders run on
+whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ETA).
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
@@ -96,7 +100,15 @@ class Encoders:
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
             with torch.no_grad():
-                tokens, lens = self.text_encoder.encode(batch)
+                try:
+                    tokens, lens = self.text_encoder.encode(batch)
+                except ValueError as e:     # a caption over max_tokens: cut it (as the paper's T5 conditioner does)
+                    print(f"[extract] {e}: cut to {self.text_encoder.max_tokens} tokens", file=sys.stderr)
+                    self.text_encoder.truncate = True
+                    try:
+                        tokens, lens = self.text_encoder.encode(batch)
+                    finally:
+                        self.text_encoder.truncate = False
             for c, t, n in zip(batch, tokens, lens):
                 self._cache[c] = t[: int(n)].float().cpu()
         dim = int(self.text_encoder.dim)

@@ -338,9 +338,13 @@ def build_dit(cfg: TrainConfig, table: FeatureTable, encoders: Optional[dict] = 
             from .encoder_spec import EncoderSpecError
             raise EncoderSpecError(f"the features in {features} do not have the widths their index.json's encoder "
                                    f"spec records (feature width vs spec width: {', '.join(bad)}); re-extract them")
+    extra = {}
+    max_tokens = ((encoders or {}).get("text") or {}).get("max_tokens")
+    if max_tokens:                      # the longest caption extraction let through
+        extra["max_text_tokens"] = int(max_tokens)
     dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=widths["text"],
                       video_dim=widths["video"], sync_dim=widths["sync"],
-                      max_duration=max(10.0, float(table.duration.max())))
+                      max_duration=max(10.0, float(table.duration.max())), **extra)
     return Omni2SoundDiT(dcfg)
 
 
