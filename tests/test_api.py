@@ -62,3 +62,6 @@ def test_truncate_long_prompts(tmp_path, capsys):
         generate_main(argv)
     assert e.value.code == 2 and "tokens" in capsys.readouterr().err
     assert generate_main(argv + ["--truncate"]) == 0 and (tmp_path / "x.wav").is_file()
+    from omni2sound import Omni2SoundPipeline
+    from omni2sound.device import default_device
+    assert Omni2SoundPipeline.from_pretrained(model).device.type == default_device()    # the CLI's default too
