@@ -92,6 +92,7 @@ class TrainConfig:
     sample_steps: int = 25
     cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
     progress: bool = True
+    tensorboard: bool = True          # TensorBoard event files beside each stage's log.jsonl (tblog.py)
 
     def validate(self) -> None:
         p = self.task_probs
@@ -333,7 +334,7 @@ class DiTLoss:
     def __call__(self, module, step: int, chunk: int):
         x1, cond, g, logs = self.batch(step, chunk)
         loss, flow_logs = self.flow.loss(module, x1.to(self.device), cond.to(self.device), generator=g)
-        return loss, {"loss": flow_logs["loss"], **logs}
+        return loss, {**flow_logs, **logs}          # the loss and its per-time-bin parts (loss_bin<i>)
 
     def graph_step(self, model, opt, autocast_dtype, before_step):
         """The Trainer's step function for LoopConfig.cuda_graph: (step, chunk) -> (loss, logs), the flow loss,
@@ -391,9 +392,13 @@ def build_dit(cfg: TrainConfig, table: FeatureTable, encoders: Optional[dict] = 
             from .encoder_spec import EncoderSpecError
             raise EncoderSpecError(f"the features in {features} do not have the widths their index.json's encoder "
                                    f"spec records (feature width vs spec width: {', '.join(bad)}); re-extract them")
+    extra = {}
+    max_tokens = ((encoders or {}).get("text") or {}).get("max_tokens")
+    if max_tokens:                      # the longest caption extraction let through
+        extra["max_text_tokens"] = int(max_tokens)
     dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=widths["text"],
                       video_dim=widths["video"], sync_dim=widths["sync"],
-                      max_duration=max(10.0, float(table.duration.max())))
+                      max_duration=max(10.0, float(table.duration.max())), **extra)
     return Omni2SoundDiT(dcfg)
 
 
@@ -471,7 +476,38 @@ def _loop(cfg: TrainConfig, stage: Stage, micro: int) -> LoopConfig:
                       # the VAE (tens of M parameters) fits every GPU; its loss calls encode / decode, not forward,
                       # which FSDP2's hooks would not see
                       parallel=cfg.parallel if dit else "ddp", fsdp_bf16_params=cfg.fsdp_bf16_params,
-                      progress=cfg.progress)
+                      progress=cfg.progress, tensorboard=cfg.tensorboard, desc=_stage_label(cfg, stage))
+
+
+def _stage_label(cfg: TrainConfig, stage: Stage) -> str:
+    """'stage k of n: NAME', k counting the schedule's stages (the VAE is stage 1)."""
+    order = [s.name for s in schedule(cfg)]
+    return f"stage {order.index(stage.name) + 1} of {len(order)}: {stage.name}" if stage.name in order else stage.name
+
+
+class _Overall:
+    """The whole run's progress: steps done over all stages' steps, and an ETA from the pace so far (a VAE step
+    and a DiT step cost different time, so the estimate settles after the first DiT stage)."""
+
+    def __init__(self, cfg: TrainConfig, todo: List[Stage]):
+        self.cfg, self.todo, self.t0, self.done = cfg, todo, time.time(), 0
+        self.total = sum(s.steps for s in todo)
+
+    def start(self, stage: Stage, info: DistInfo) -> None:
+        if not info.main:
+            return
+        elapsed = time.time() - self.t0
+        eta = "" if not self.done else f", overall ETA {hms(elapsed / self.done * (self.total - self.done))}"
+        print(f"[train] {_stage_label(self.cfg, stage)} ({stage.steps} steps); run "
+              f"{self.done}/{self.total} steps, {hms(elapsed)} elapsed{eta}", flush=True)
+
+    def finish(self, stage: Stage) -> None:
+        self.done += stage.steps
+
+
+def hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _optim(cfg: TrainConfig) -> OptimConfig:
@@ -559,6 +595,7 @@ def run_stages(cfg: TrainConfig, stages: Optional[Sequence[str]] = None, resume:
     vae_dir = stage_dir(cfg, "vae")
     table = offscreen = stats = spec = None
     feats = "features"
+    overall = _Overall(cfg, plan)
     for stage in plan:
         out = stage_dir(cfg, stage)
         meta = read_meta(out)
@@ -568,12 +605,15 @@ def run_stages(cfg: TrainConfig, stages: Optional[Sequence[str]] = None, resume:
                                                                              if stage.reuse_finished and not resume
                                                                              else ""))
             outs[stage.name], prev = out, (out if stage.kind == "dit" else None)
+            overall.total -= stage.steps
             continue
+        overall.start(stage, info)
         if stage.kind == "vae":
             audio = _train_audio(cfg)
             outs[stage.name] = train_vae_stage(cfg, info, audio, resume, init_from if stage is plan[0] else None,
                                                stage)
             prev = None
+            overall.finish(stage)
             continue
         if table is None:
             if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and (cfg.data == "toy"
@@ -592,6 +632,7 @@ def run_stages(cfg: TrainConfig, stages: Optional[Sequence[str]] = None, resume:
         outs[stage.name] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src, vae_dir, spec,
                                            feats)
         prev = outs[stage.name]
+        overall.finish(stage)
     return outs
 
 
@@ -637,7 +678,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
         return torch.from_numpy(np.stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
     if not cfg.data.endswith(".jsonl"):
         raise ValueError(f"stage vae needs audio: data must be 'toy' or a manifest (.jsonl), got {cfg.data!r}")
-    from .audio import load_audio
+    from .data.decode import read_audio
     from .data.manifest import read_manifest
     from .vae import VAE_PRESETS
     sr = VAE_PRESETS[cfg.vae_preset].sample_rate
@@ -647,7 +688,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
     clips = []
     for r in records:
         try:
-            w = load_audio(r.audio, sr)[int(r.start * sr): int((r.start + r.duration) * sr)]
+            w = torch.from_numpy(read_audio(r.audio, sr))[int(r.start * sr): int((r.start + r.duration) * sr)]
         except Exception as e:             # one bad clip never stops the run
             print(f"[train] skipped {r.clip_id}: {e}")
             continue

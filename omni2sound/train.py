@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 
 from .device import device_arg, resolve_device
-from .schedule import SCHEDULES, STAGES, TRAIN_PRESETS, TrainConfig, run_stages, schedule, stage_dir
+from .schedule import SCHEDULES, STAGES, TRAIN_PRESETS, TrainConfig, hms, run_stages, schedule, stage_dir
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "main", "parse_args", "run"]
 
@@ -29,11 +29,13 @@ def run(cfg: TrainConfig, stages: Optional[Sequence[str]] = None, resume: bool =
         init_from: Optional[str] = None, report: bool = True, encoders=None) -> dict:
     """The main job: the schedule's stages (``schedule.run_stages``), then, on the toy world, the oracle's report
     of the last DiT stage (key "report" of the returned {stage name: folder})."""
+    t0 = time.time()
     outs = run_stages(cfg, stages, resume=resume, init_from=init_from, encoders=encoders)
     main_rank = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     dit = [s.name for s in schedule(cfg, stages) if s.kind == "dit"]
     if report and main_rank and cfg.data == "toy" and dit:
         from .oracle import write_report
+        print(f"[train] the report: sampling and scoring every track ({hms(time.time() - t0)} elapsed)", flush=True)
         outs["report"] = write_report(cfg, outs.get(dit[-1], stage_dir(cfg, dit[-1])), enc=encoders)
     return outs
 

@@ -268,12 +268,18 @@ def test_toy_world_routes_by_content_and_writes_a_training_manifest(toy_manifest
             assert rec["route"] == "discarded"
         if rec["atlas"]["status"] == "kept":
             assert rec["text_prompt"] == rec["caption"] and rec["seconds_total"] == 2.0
-            assert rec["task"] == ("vt2a" if rec["route"] == "audio-visual" else "t2a")
+            assert "task" not in rec              # no precomputed features: read as audio + caption
+        else:
+            assert "text_prompt" not in rec
             if rec["atlas"]["author"] == "senior":
                 assert rec["atlas"]["handoff_reason"]
     kept = [r for r in load_done(str(tmp_path)).values() if r["atlas"]["status"] == "kept"]
     records, report = read_manifest(str(tmp_path / "manifest.jsonl"), strict=True)
     assert len(records) == len(kept) > 0
+    from omni2sound.data.corpora import soundatlas_records
+    atlas_recs, rep = soundatlas_records(str(tmp_path / "soundatlas.jsonl"))
+    assert rep.kept == len(kept) and not rep.errors
+    assert sorted(r.caption for r in atlas_recs) == sorted(r["caption"] for r in kept)
     assert all(caption_correct(r["caption"], toy_truth(r)[0]) or r["atlas"]["author"] for r in kept)
 
 
@@ -288,3 +294,22 @@ def test_cli_toy_default_and_bad_input(tmp_path):
                         str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert f"{bad}:1: a record needs" in r.stderr and f"{bad}:2: invalid JSON" in r.stderr
+
+
+def test_records_with_precomputed_features_carry_the_released_task_fields(server, toy_manifest, tmp_path):
+    from omni2sound.data.corpora import soundatlas_records
+    rec = dict(read_input_manifest(toy_manifest)[0][0])
+    rec.pop("_line")
+    np.save(tmp_path / "clip.npy", np.zeros((16, 4), np.float32))
+    np.save(tmp_path / "sync.npy", np.zeros((48, 4), np.float32))
+    rec["features"] = {"video": str(tmp_path / "clip.npy"), "sync": str(tmp_path / "sync.npy")}
+    (tmp_path / "m.jsonl").write_text(json.dumps(rec) + "\n")
+    for av, task in ((0.5, "vt2a"), (0.25, "t2a")):
+        out = tmp_path / f"out{av}"
+        run(chat_config(server.base_url, av_scorer=f"const:{av}"), str(tmp_path / "m.jsonl"), out)
+        got = next(iter(load_done(str(out)).values()))
+        assert got["task"] == task and got["clip_feature"].endswith("clip.npy")
+        recs, rep = soundatlas_records(str(out / "soundatlas.jsonl"))
+        assert rep.kept == 1 and recs[0].features == {"video": str(tmp_path / "clip.npy"),
+                                                      "sync": str(tmp_path / "sync.npy")}
+        assert recs[0].caption == got["caption"] and recs[0].clip_id.endswith("/" + task)

@@ -112,3 +112,44 @@ def test_logmel_embedding_is_deterministic_and_band_sensitive():
     p = torch.softmax(f.logits, 1)
     centres = torch.from_numpy(mel_filterbank_slaney(16000, 512, 16, 50, 8000).argmax(0) * 8000 / 256)
     assert abs(float(centres[p[0].argmax()]) - 300) < 200 and abs(float(centres[p[1].argmax()]) - 3000) < 800
+
+
+# names and shapes of the released passt-s-f128-p16-s10-ap.476-swa.pt (timm's state dict)
+PASST_RELEASED = {"patch_embed.proj.weight": (768, 1, 16, 16), "cls_token": (1, 1, 768), "dist_token": (1, 1, 768),
+                  "new_pos_embed": (1, 2, 768), "freq_new_pos_embed": (1, 768, 12, 1),
+                  "time_new_pos_embed": (1, 768, 1, 99), "blocks.11.attn.qkv.weight": (2304, 768),
+                  "blocks.11.mlp.fc2.weight": (768, 3072), "norm.weight": (768,), "head.0.weight": (768,),
+                  "head.1.weight": (527, 768), "head_dist.weight": (527, 768)}
+
+
+def test_passt_checkpoint_roundtrip(tmp_path):
+    from omni2sound.evaluation.embedders.passt import CLIP_SAMPLES, PaSST, PasstNet, kaldi_mel_banks
+    with torch.device("meta"):                                       # the full-size layout, without 86M weights
+        sd = PasstNet().state_dict()
+    for k, shape in PASST_RELEASED.items():
+        assert tuple(sd[k].shape) == shape, k
+    assert sum(1 for k in sd if k.endswith("attn.qkv.weight")) == 12
+    # save / load / forward through the adapter on a 2-block model (a full ViT-B over 1,188 tokens takes most of
+    # a minute on a shared 2-core CPU), saved as hear21passt's wrapper ("net." keys)
+    small = PasstNet(depth=2).eval()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    wrapped = {"net." + k: v for k, v in small.state_dict().items()}
+    torch.save(wrapped, tmp_path / "passt_wrapper.pt")
+    emb = PaSST.from_checkpoint(str(tmp_path / "passt_wrapper.pt"))
+    x = torch.randn(2, 48000) * 0.1                                   # 1.5 s: padded with zeros to 10 s
+    f = emb.embed(x)
+    mel = emb.mel(torch.nn.functional.pad(x, (0, CLIP_SAMPLES - 48000)))
+    assert mel.shape == (2, 1, 128, 1000)
+    with torch.no_grad():
+        e_ref, l_ref = small(mel)
+    assert f.embedding.shape == (2, 768) and f.logits.shape == (2, 527)
+    assert torch.allclose(f.embedding.float(), e_ref, atol=1e-5) and torch.allclose(f.logits.float(), l_ref, atol=1e-5)
+    # Kaldi mel banks: 128 triangles within 0-15 kHz, the Nyquist column zero, centres increasing
+    w = kaldi_mel_banks(128, 1024, 32000, 0.0, 15000.0)
+    assert w.shape == (128, 513) and (w[:, -1] == 0).all() and (w.sum(1) > 0).all()
+    assert (np.diff(w.argmax(1)) >= 0).all() and np.nonzero(w.sum(0))[0].max() * 32000 / 1024 < 15000
+    with pytest.raises(ValueError, match="not a PaSST"):
+        torch.save({"fc1.weight": torch.zeros(2, 2)}, tmp_path / "x.pt")
+        PaSST.from_checkpoint(str(tmp_path / "x.pt"))

@@ -16,13 +16,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lowest first. A new module goes into the lowest layer that holds everything it imports (patterns: fnmatch).
 LAYERS: List[Tuple[str, Sequence[str]]] = [
-    # the compiled extension, its access layer, the Triton kernels, the package's root
-    ("kernels", ["omni2sound", "omni2sound._C", "omni2sound._native", "omni2sound.kernels", "omni2sound.kernels.*"]),
+    # the compiled extension, its access layer, the Triton kernels
+    ("kernels", ["omni2sound._C", "omni2sound._native", "omni2sound.kernels", "omni2sound.kernels.*"]),
     # the single dispatch point of every fused op
     ("ops", ["omni2sound.ops", "omni2sound.ops.*"]),
-    # shared utilities with no model in them: devices, atomic files, media I/O, CUDA graphs, run folders
-    ("support", ["omni2sound.device", "omni2sound.files", "omni2sound.audio", "omni2sound.video",
-                 "omni2sound.cuda_graphs", "omni2sound.runs"]),
+    # shared utilities with no model in them: devices, atomic files, media I/O, CUDA graphs, run folders, logs
+    ("support", ["omni2sound.device", "omni2sound.gpu_info", "omni2sound.files", "omni2sound.audio",
+                 "omni2sound.video", "omni2sound.mux", "omni2sound.cuda_graphs", "omni2sound.runs",
+                 "omni2sound.tblog"]),
     # the paper's pieces: conditions, flow matching, the DiT, the VAE, encoders, data, the synthetic world
     ("model", ["omni2sound.conditions", "omni2sound.flow", "omni2sound.model", "omni2sound.sampling",
                "omni2sound.vae", "omni2sound.vae_forms", "omni2sound.vae_loss", "omni2sound.vae_gan",
@@ -30,8 +31,10 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
                "omni2sound.data.*", "omni2sound.toy"]),
     # what runs the model: the sampling pipeline, the training loop and steps
     ("pipeline", ["omni2sound.pipeline", "omni2sound.trainer", "omni2sound.graphed_step", "omni2sound.vae_train"]),
+    # the package's public names (``from omni2sound import Omni2SoundPipeline``), loaded on first use
+    ("api", ["omni2sound"]),
     # command-line programs and the jobs behind them (the training schedule, extraction, the toy oracle)
-    ("cli", ["omni2sound.train", "omni2sound.schedule", "omni2sound.generate", "omni2sound.extract",
+    ("cli", ["omni2sound.train", "omni2sound.schedule", "omni2sound.generate", "omni2sound.batch", "omni2sound.extract",
              "omni2sound.oracle", "omni2sound.evaluate", "omni2sound.evaluation", "omni2sound.evaluation.*",
              "omni2sound.atlas", "omni2sound.atlas.*", "omni2sound.demo"]),
 ]

@@ -111,7 +111,7 @@ class AtlasConfig:
     seed: int = 0                         # the toy agents' error draws
     # run time
     max_clips_in_flight: int = 256
-    max_requests_in_flight: int = 64      # per agent backend
+    max_requests_in_flight: int = 64      # per chat server (agents with one base_url share the bound)
     request_timeout: float = 60.0         # seconds per request
     max_attempts: int = 5                 # per request, on 429 / 5xx / timeouts / dropped connections
     backoff_base: float = 0.5             # seconds; attempt k waits base * 2^k * U(0.5, 1.5), capped
