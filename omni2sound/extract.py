@@ -5,7 +5,11 @@
 
 Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
 tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
-(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries. The encoders are an
+``EncoderSpec`` (``--text-encoder / --video-encoder / --sync-encoder``, see omni2sound/encoder_spec.py), recorded
+with the widths they make in index.json; a clip with precomputed features (a SoundAtlas record's .npy files)
+skips the video and sync encoders. Clips decode in DataLoader workers (``--workers``) while the encoders run on
+whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ETA).
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
@@ -26,7 +30,7 @@ import numpy as np
 import torch
 
 from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
-from .device import device_arg
+from .device import default_device, device_arg
 
 
 class Encoders:
@@ -96,7 +100,15 @@ class Encoders:
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
             with torch.no_grad():
-                tokens, lens = self.text_encoder.encode(batch)
+                try:
+                    tokens, lens = self.text_encoder.encode(batch)
+                except ValueError as e:     # a caption over max_tokens: cut it (as the paper's T5 conditioner does)
+                    print(f"[extract] {e}: cut to {self.text_encoder.max_tokens} tokens", file=sys.stderr)
+                    self.text_encoder.truncate = True
+                    try:
+                        tokens, lens = self.text_encoder.encode(batch)
+                    finally:
+                        self.text_encoder.truncate = False
             for c, t, n in zip(batch, tokens, lens):
                 self._cache[c] = t[: int(n)].float().cpu()
         dim = int(self.text_encoder.dim)
@@ -110,9 +122,20 @@ class Encoders:
         return self.spec.dims["video"], self.spec.dims["sync"]
 
     def spec_dict(self) -> dict:
-        """The spec with its measured widths, as index.json records it."""
-        self.dims()
+        """The spec with its measured widths, as index.json records it. Without the video / sync encoders' files
+        (a run on released features never loads them) and before any precomputed features were seen, the widths
+        are left out (None); extraction fills them from the features."""
+        try:
+            self.dims()
+        except (FileNotFoundError, ValueError):
+            if self.spec.dims is None and self._video is None and self._sync is None:
+                return self.spec.to_dict()
+            raise
         return self.spec.to_dict()
+
+    def spec_identity(self) -> dict:
+        """What makes two runs' features the same: the spec without the measured widths (loads nothing)."""
+        return self.spec.identity()
 
     @torch.no_grad()
     def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
@@ -343,12 +366,28 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m omni2sound.extract", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--vae", required=True, help="VAE folder (save_pretrained)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--split", choices=("train", "val", "test"))
+    p = argparse.ArgumentParser(
+        prog="python -m omni2sound.extract", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0],
+        epilog="""manifest format (JSON lines, one clip per line; paths relative to the manifest's folder):
+  {"clip_id": "vggsound/abc_1", "audio": "audio/abc_1.flac", "duration": 10.0,       <- required
+   "video": "video/abc_1.mp4", "start": 0.0, "caption": "a dog barks twice",
+   "offscreen": "a man speaks off-screen", "av_score": 0.34, "route": "audio-visual",
+   "source": "vggsound", "split": "train"}
+clip_id, audio and duration are required; a clip without video or caption gets empty video / text features.
+split is train, val or test; route is audio-visual or audio-only (av_score under 0.20 is rejected).
+A bad record is reported with its file and line and skipped; the run goes on.
+
+output: OUT/shard-NNNNN.safetensors (latent_mean / latent_std [T, C] at the VAE's latent rate, text tokens
+[L, Dt], semantic video tokens [V, Dv] at 8 fps, sync features [S, Ds] at 24 per second) and OUT/index.json.
+Resumable: finished shards are skipped on a rerun. Several GPUs: torchrun --nproc_per_node N -m omni2sound.extract
+""")
+    p.add_argument("--manifest", required=True, help="the clips: a JSON-lines manifest (format below)")
+    p.add_argument("--vae", required=True,
+                   help="VAE folder (AudioVAE.save_pretrained, e.g. runs/NAME/vae) that encodes the audio to latents")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard (default 64)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="only the manifest's records of this split")
     p.add_argument("--text-encoder", help="minilm (default) | t5:DIR | clap:DIR | DIR (a local transformers folder)")
     p.add_argument("--video-encoder", help="builtin (default) | hf:DIR (CLIP / SigLIP) | open_clip:ARCH:FILE")
     p.add_argument("--sync-encoder", help="builtin (default) | synchformer:FILE")
@@ -356,9 +395,11 @@ def main(argv=None) -> None:
                                          "the released one")
     p.add_argument("--video-size", type=int, help="vision tower input pixels (default: the model's; paper: 384)")
     p.add_argument("--text-max-tokens", type=int, help="longest caption in tokens (default 128)")
-    p.add_argument("--frame-size", type=int, default=None, help="frame side of the built-in encoders (default 64)")
+    p.add_argument("--frame-size", type=int, default=None,
+                   help="video frames are resized to this square for the built-in frame and motion encoders "
+                        "(default 64)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
     a = p.parse_args(argv)
     from .encoder_spec import EncoderSpec
     try:

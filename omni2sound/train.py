@@ -96,6 +96,7 @@ class TrainConfig:
     sample_steps: int = 25
     cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
     progress: bool = True
+    tensorboard: bool = True          # TensorBoard event files beside each stage's log.jsonl (tblog.py)
 
     def stage_steps(self, stage: str) -> int:
         if stage == "vae":
@@ -315,7 +316,7 @@ def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: 
     def loss_fn(module, step, chunk):
         x1, cond, g, logs = batch_fn(step, chunk)
         loss, flow_logs = flow.loss(module, x1.to(info.device), cond.to(info.device), generator=g)
-        return loss, {"loss": flow_logs["loss"], **logs}
+        return loss, {**flow_logs, **logs}          # the loss and its per-time-bin parts (loss_bin<i>)
 
     loss_fn.batch, loss_fn.flow = batch_fn, flow        # the CUDA-graph step calls these (Trainer, cuda_graph)
     return loss_fn
@@ -337,9 +338,13 @@ def build_dit(cfg: TrainConfig, table: FeatureTable, encoders: Optional[dict] = 
             from .encoder_spec import EncoderSpecError
             raise EncoderSpecError(f"the features in {features} do not have the widths their index.json's encoder "
                                    f"spec records (feature width vs spec width: {', '.join(bad)}); re-extract them")
+    extra = {}
+    max_tokens = ((encoders or {}).get("text") or {}).get("max_tokens")
+    if max_tokens:                      # the longest caption extraction let through
+        extra["max_text_tokens"] = int(max_tokens)
     dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=widths["text"],
                       video_dim=widths["video"], sync_dim=widths["sync"],
-                      max_duration=max(10.0, float(table.duration.max())))
+                      max_duration=max(10.0, float(table.duration.max())), **extra)
     return Omni2SoundDiT(dcfg)
 
 
@@ -415,7 +420,38 @@ def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
                       # the VAE (tens of M parameters) fits every GPU; its loss calls encode / decode, not forward,
                       # which FSDP2's hooks would not see
                       parallel=cfg.parallel if stage != "vae" else "ddp", fsdp_bf16_params=cfg.fsdp_bf16_params,
-                      progress=cfg.progress)
+                      progress=cfg.progress, tensorboard=cfg.tensorboard, desc=_stage_label(cfg, stage))
+
+
+def _stage_label(cfg: TrainConfig, stage: str) -> str:
+    """'stage k of n: NAME', k counting the schedule's stages (the VAE is stage 1)."""
+    order = cfg.stages()
+    return f"stage {order.index(stage) + 1} of {len(order)}: {stage}" if stage in order else stage
+
+
+class _Overall:
+    """The whole run's progress: steps done over all stages' steps, and an ETA from the pace so far (a VAE step
+    and a DiT step cost different time, so the estimate settles after the first DiT stage)."""
+
+    def __init__(self, cfg: TrainConfig, todo: list):
+        self.cfg, self.todo, self.t0, self.done = cfg, todo, time.time(), 0
+        self.total = sum(cfg.stage_steps(s) for s in todo)
+
+    def start(self, stage: str, info: DistInfo) -> None:
+        if not info.main:
+            return
+        elapsed = time.time() - self.t0
+        eta = "" if not self.done else f", overall ETA {_hms(elapsed / self.done * (self.total - self.done))}"
+        print(f"[train] {_stage_label(self.cfg, stage)} ({self.cfg.stage_steps(stage)} steps); run "
+              f"{self.done}/{self.total} steps, {_hms(elapsed)} elapsed{eta}", flush=True)
+
+    def finish(self, stage: str) -> None:
+        self.done += self.cfg.stage_steps(stage)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _optim(cfg: TrainConfig) -> OptimConfig:
@@ -503,6 +539,7 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
     vae_dir = run_dir(cfg, "vae")
     table = offscreen = stats = spec = None
     feats = "features"
+    overall = _Overall(cfg, todo)
     for stage in todo:
         out = stage_dir(cfg, stage)
         meta = read_meta(out)
@@ -514,11 +551,14 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
                 print(f"[train] {stage}: complete in {out}, skipped" + (" (shared with the 1-2-3 schedule)"
                                                                         if shared_vae and not resume else ""))
             outs[stage], prev = out, (out if stage != "vae" else None)
+            overall.total -= cfg.stage_steps(stage)
             continue
+        overall.start(stage, info)
         if stage == "vae":
             audio = _train_audio(cfg)
             outs[stage] = train_vae_stage(cfg, info, audio, resume, init_from if stage == todo[0] else None)
             prev = None
+            overall.finish(stage)
             continue
         if table is None:
             if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and (cfg.data == "toy"
@@ -537,8 +577,11 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
                                         f"first or pass --init-from")
         outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src, vae_dir, spec, feats)
         prev = outs[stage]
+        overall.finish(stage)
     if report and info.main and cfg.data == "toy" and any(s in DIT_STAGES for s in todo):
         from .oracle import write_report
+        print(f"[train] the report: sampling and scoring every track ({_hms(time.time() - overall.t0)} elapsed)",
+              flush=True)
         outs["report"] = write_report(cfg, prev, enc=encoders)
     return outs
 

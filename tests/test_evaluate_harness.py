@@ -251,3 +251,51 @@ def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
     r_t2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["t2a"], gens)
     r_v2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["v2a"], gens)
     assert "IB" not in r_t2a and "CLAP_LAION" in r_t2a and "CLAP_LAION" not in r_v2a and "IB" in r_v2a
+
+
+def test_real_test_set_tracks_from_the_vggsound_csv(tmp_path, capsys):
+    """VGGSound CSV + clip folder + captions -> track files (off-screen mixes written as FLAC, music partners
+    allowed) -> FileBenchmark, scored end to end with --tracks-dir."""
+    from omni2sound.evaluation.tracks import FileBenchmark
+    from omni2sound.evaluation.tracks import main as tracks_main
+    from omni2sound.video import write_video
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows, caps = [], []
+    rng = np.random.default_rng()
+    for i, label in enumerate(["dog barking", "car engine", "bird chirping", "rain"]):
+        cid = f"yt{i:03d}_{10 * i:06d}"
+        t = np.arange(16000) / 16000
+        sf.write(clips / f"{cid}.flac", 0.3 * np.sin(2 * np.pi * (300 + 400 * i) * t) * (1 + 0.1 * rng.random()), 16000)
+        frames = np.full((25, 32, 32, 3), 40 * i, np.uint8)
+        write_video(str(clips / f"{cid}.mp4"), frames, fps=25)
+        rows.append(f"yt{i:03d},{10 * i},{label},test")
+        caps.append(json.dumps({"clip_id": cid, "caption": f"a {label} sound"}))
+    rows.append("ytzzz,0,missing clip,test")
+    rows.append("yt999,0,train clip,train")
+    (tmp_path / "vggsound.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "captions.jsonl").write_text("\n".join(caps) + "\n")
+    out = tmp_path / "omni"
+    assert tracks_main(["--vggsound-csv", str(tmp_path / "vggsound.csv"), "--clips", str(clips), "--captions",
+                        str(tmp_path / "captions.jsonl"), "--out", str(out), "--seed", "3", "--level-db", "-3"]) == 0
+    assert "1 test clips not found" in capsys.readouterr().err
+    bench = FileBenchmark(str(out))
+    assert {t: len(v) for t, v in bench.tracks.items()} == {"t2a": 4, "v2a": 4, "vt2a": 4, "offscreen": 4}
+    it = bench.tracks["offscreen"][0]
+    cap = {json.loads(c)["clip_id"]: json.loads(c)["caption"] for c in caps}
+    assert it.text == f"{cap[it.clip_id]}, and off-screen {cap[it.offscreen['clip_id']]}"
+    assert it.offscreen["clip_id"] != it.clip_id and it.offscreen["level_db"] == -3
+    mixed = bench.reference(it)
+    own = sf.read(clips / f"{it.clip_id}.flac")[0]
+    assert mixed.shape == own.shape and not np.allclose(mixed, own, atol=1e-3)
+    assert bench.frames(bench.tracks["t2a"][0], 25.0) is None and bench.frames(it, 25.0).shape[0] == 25
+    again = tmp_path / "omni2"
+    tracks_main(["--vggsound-csv", str(tmp_path / "vggsound.csv"), "--clips", str(clips), "--captions",
+                 str(tmp_path / "captions.jsonl"), "--out", str(again), "--seed", "3", "--level-db", "-3"])
+    assert (again / "offscreen.jsonl").read_text().replace(str(again), "") == \
+        (out / "offscreen.jsonl").read_text().replace(str(out), "")
+    res = tmp_path / "eval"
+    assert evaluate_main(["--baseline", "noise", "--tracks-dir", str(out), "--out", str(res), "--quiet"]) == 0
+    m = json.loads((res / "metrics.json").read_text())
+    assert set(m["tracks"]) == {"t2a", "v2a", "vt2a", "offscreen"} and m["tracks"]["v2a"]["KL_logmel"] > 0
+    assert not any(k.startswith("oracle") for k in m["tracks"]["v2a"])     # no truth events on real data

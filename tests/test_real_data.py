@@ -79,6 +79,7 @@ def test_paper_preset_from_vggsound_csv_to_generation(tmp_path, capsys):
     stage3 = tmp_path / "runs" / "vgg" / "stage3"
     dit_cfg = json.loads((stage3 / "dit" / "config.json").read_text())
     assert (dit_cfg["text_dim"], dit_cfg["video_dim"], dit_cfg["sync_dim"]) == (24, 20, 32)
+    assert dit_cfg["max_text_tokens"] == 64                                       # the spec's caption limit
     pj = json.loads((stage3 / "pipeline.json").read_text())
     assert pj["encoders"] == index["encoders"]
 
