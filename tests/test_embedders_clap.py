@@ -185,7 +185,7 @@ def _logmel_numpy(x: np.ndarray) -> np.ndarray:
     frames = x[np.arange(1024)[None] + 320 * np.arange(n)[:, None]]
     win = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(1024) / 1024)
     power = np.abs(np.fft.rfft(frames * win, axis=1)) ** 2
-    mel = power @ mel_filterbank_slaney(44100, 1024, 64, 50.0, 8000.0)
+    mel = power @ mel_filterbank_slaney(44100, 1024, 64, 50.0, 14000.0)
     return 10 * np.log10(np.maximum(mel, 1e-10))
 
 
