@@ -122,9 +122,20 @@ class Encoders:
         return self.spec.dims["video"], self.spec.dims["sync"]
 
     def spec_dict(self) -> dict:
-        """The spec with its measured widths, as index.json records it."""
-        self.dims()
+        """The spec with its measured widths, as index.json records it. Without the video / sync encoders' files
+        (a run on released features never loads them) and before any precomputed features were seen, the widths
+        are left out (None); extraction fills them from the features."""
+        try:
+            self.dims()
+        except (FileNotFoundError, ValueError):
+            if self.spec.dims is None and self._video is None and self._sync is None:
+                return self.spec.to_dict()
+            raise
         return self.spec.to_dict()
+
+    def spec_identity(self) -> dict:
+        """What makes two runs' features the same: the spec without the measured widths (loads nothing)."""
+        return self.spec.identity()
 
     @torch.no_grad()
     def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:

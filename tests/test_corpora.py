@@ -183,3 +183,15 @@ def test_worker_decoding_resumes_after_a_kill_with_every_clip_once(tmp_path):
     assert ids == [f"c{i}" for i in range(7)]
     v = ShardDataset(str(tmp_path / "out"))[5]["video"]
     assert v.shape == (4, 3) and abs(float(v.mean()) - 100 / 255) < 0.05         # clip 5's own frames
+
+
+def test_spec_record_of_released_features_needs_no_model_files():
+    from omni2sound.encoder_spec import EncoderSpec
+    from omni2sound.extract import Encoders
+    spec = EncoderSpec.parse(video="open_clip:ViT-H-14-378-quickgelu:/absent/clip.bin",
+                             sync="synchformer:/absent/sync.pth", check=False)
+    enc = Encoders(spec=spec)
+    d = enc.spec_dict()
+    assert d["dims"] is None and d["video"]["path"] == "/absent/clip.bin" and enc.spec_identity() == spec.identity()
+    enc.note_features(1024, 768, "clip x")
+    assert enc.spec_dict()["dims"] == {"text": 384, "video": 1024, "sync": 768}
