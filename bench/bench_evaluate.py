@@ -4,7 +4,7 @@ against the naive per-clip fp32 loop, measured in the same run, interleaved.
     python bench/bench_evaluate.py                     # CPU: 16 clips of 2 s
     python bench/bench_evaluate.py --device cuda --clips 128 --seconds 10 --batch 32
 
-The PANNs Cnn14 and VGGish models are full size with random weights (throughput does not depend on the
+The PANNs Cnn14, VGGish and PaSST models are full size with random weights (throughput does not depend on the
 weights); the log-mel statistics embedding has none.
 """
 import argparse
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from omni2sound.evaluation.embedders.logmel import LogMelStats  # noqa: E402
 from omni2sound.evaluation.embedders.panns import Cnn14, PannsCnn14  # noqa: E402
+from omni2sound.evaluation.embedders.passt import PaSST, PasstNet  # noqa: E402
 from omni2sound.evaluation.embedders.vggish import VGGish, VGGishNet  # noqa: E402
 from omni2sound.evaluation.runner import embed_all  # noqa: E402
 
@@ -33,6 +34,8 @@ def build(name, device, dtype):
         return PannsCnn14(Cnn14()).to(device, dtype)
     if name == "VGG":
         return VGGish(VGGishNet()).to(device, dtype)
+    if name == "PaSST":
+        return PaSST(PasstNet()).to(device, dtype)
     raise ValueError(name)
 
 
@@ -48,7 +51,8 @@ def main(argv=None):
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--embedders", nargs="+", default=["logmel", "PANNs", "VGG"])
+    ap.add_argument("--embedders", nargs="+", default=["logmel", "PANNs", "VGG", "PaSST"],
+                    choices=["logmel", "PANNs", "VGG", "PaSST"])
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -59,8 +63,9 @@ def main(argv=None):
         fast_dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         fast = build(name, args.device, fast_dtype)
         naive = build(name, args.device, torch.float32)
-        if hasattr(naive, "model"):
-            naive.model.load_state_dict(fast.model.state_dict())
+        for attr in ("model", "net"):
+            if hasattr(naive, attr):
+                getattr(naive, attr).load_state_dict(getattr(fast, attr).state_dict())
 
         def run_batched():
             embed_all(fast, clips, 16000, args.batch)
@@ -94,7 +99,9 @@ def main(argv=None):
     print(json.dumps(meta))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            from omni2sound.gpu_info import gpu_info
+            json.dump({"meta": meta, "gpu": gpu_info() if torch.cuda.is_available() else None, "rows": rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

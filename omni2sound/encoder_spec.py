@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .encoders import FrameSemanticEncoder
+
 TEXT_KINDS = ("minilm", "t5", "clap", "hf")
 VIDEO_KINDS = ("builtin", "hf", "open_clip")
 SYNC_KINDS = ("builtin", "synchformer")
@@ -71,8 +73,9 @@ class VideoSpec:
 class SyncSpec:
     kind: str = "builtin"                 # SYNC_KINDS
     path: Optional[str] = None            # synchformer: the state-dict file
-    frame_size: Optional[int] = None      # None: 224 for Synchformer, 64 for the built-in encoder
+    frame_size: Optional[int] = None      # None: Synchformer's input (224), 64 for the built-in encoder
     fps: float = 25.0
+    config: Optional[dict] = None         # SynchformerConfig.to_dict() of a non-released size (None: the released)
 
 
 @dataclass
@@ -138,10 +141,12 @@ class EncoderSpec:
     # -- from command-line strings ---------------------------------------------------------------------
     @classmethod
     def parse(cls, text: Optional[str] = None, video: Optional[str] = None, sync: Optional[str] = None,
-              text_max_tokens: Optional[int] = None, video_size: Optional[int] = None) -> "EncoderSpec":
+              text_max_tokens: Optional[int] = None, video_size: Optional[int] = None, check: bool = True
+              ) -> "EncoderSpec":
         """The spec of the CLI flags --text-encoder / --video-encoder / --sync-encoder (see the module
-        docstring); paths are made absolute, model folders and files must exist."""
-        spec = cls(text=_parse_text(text), video=_parse_video(video), sync=_parse_sync(sync))
+        docstring); paths are made absolute; with ``check`` model folders and files must exist now (without, they
+        must when the encoder loads: extracting released features never loads the video and sync encoders)."""
+        spec = cls(text=_parse_text(text, check), video=_parse_video(video, check), sync=_parse_sync(sync, check))
         if text_max_tokens is not None:
             spec.text.max_tokens = int(text_max_tokens)
         if video_size is not None:
@@ -337,30 +342,57 @@ class OpenClipVisionEncoder:
 
 class SynchformerSyncEncoder:
     """Synchformer's visual features at 24 per second: 25 fps frames -> [S * 8, 768], S = (T - 16) // 8 + 1
-    segments of 16 frames with stride 8. A clip under 16 frames (0.64 s) has no segment and gives [0, 768]."""
+    segments of 16 frames with stride 8 (``omni2sound.synchformer``). A clip under 16 frames (0.64 s) has no
+    segment and gives [0, 768]. ``encode_many`` runs the segments of several clips in shared batches."""
 
     def __init__(self, extractor, batch_segments: int = 32):
         self.extractor, self.batch_segments = extractor, batch_segments
 
     @classmethod
-    def from_checkpoint(cls, path: str, device=None, dtype: torch.dtype = torch.float32, cfg=None
+    def from_checkpoint(cls, path: str, device=None, dtype: torch.dtype = torch.float32, config: Optional[dict] = None
                         ) -> "SynchformerSyncEncoder":
-        from .synchformer import SyncFeatureExtractor
-        ex = SyncFeatureExtractor.from_state_dict(path, cfg=cfg)
-        return cls(ex.to(device=device, dtype=dtype).eval())
+        from .synchformer import SyncFeatureExtractor, SynchformerConfig
+        cfg = SynchformerConfig.from_dict(config) if config else None
+        ex = SyncFeatureExtractor.from_state_dict(path, cfg=cfg, device=device)
+        # bf16 on a GPU comes from the extractor's autocast: weights stay fp32 there, as released
+        return cls(ex.eval())
 
     @property
     def dim(self) -> int:
-        cfg = getattr(self.extractor, "cfg", None) or getattr(self.extractor, "config", None)
-        return int(getattr(cfg, "embed_dim", None) or getattr(cfg, "dim", None) or 768)
+        return int(self.extractor.dim)
 
-    @torch.no_grad()
+    @property
+    def image_size(self) -> int:
+        return int(self.extractor.cfg.image_size)
+
     def encode(self, frames) -> Tensor:
-        frames = np.asarray(frames)
-        if frames.shape[0] < 16:
-            return torch.zeros(0, self.dim)
+        return self.encode_many([frames])[0]
+
+    def encode_many(self, clips: list) -> list:
+        """uint8 [T_i, H, W, 3] at 25 fps per clip -> [S_i * 8, D] float32 on the CPU per clip; the segments of
+        all clips go through the network ``batch_segments`` at a time (bf16 autocast on a GPU)."""
+        from .synchformer import _autocast, segment_video
+        cfg, dev = self.extractor.cfg, self.extractor.device
         with torch.inference_mode():
-            return self.extractor.features(frames, 25.0, batch_segments=self.batch_segments).float().cpu()
+            segs = [segment_video(f, cfg.fps, cfg, device=dev) if len(f) >= cfg.segment_frames else None
+                    for f in clips]                                                  # [S_i, 3, 16, s, s]
+            real = [s for s in segs if s is not None]
+            feats = []
+            if real:
+                allsegs = torch.cat(real)
+                with _autocast(dev):
+                    for i in range(0, allsegs.shape[0], self.batch_segments):
+                        chunk = allsegs[i:i + self.batch_segments].unsqueeze(0)
+                        feats.append(self.extractor(chunk)[0].float())               # [s, 8, D]
+                feats = torch.cat(feats).cpu()
+            out, at = [], 0
+            for s in segs:
+                if s is None:
+                    out.append(torch.zeros(0, self.dim))
+                    continue
+                out.append(feats[at:at + s.shape[0]].reshape(-1, self.dim))
+                at += s.shape[0]
+            return out
 
 
 def load_state_dict_file(path: str) -> dict:
@@ -395,7 +427,6 @@ def _preprocessor(path: str) -> dict:
 
 def load_video(spec: VideoSpec, device, dtype):
     if spec.kind == "builtin":
-        from .encoders import FrameSemanticEncoder
         return FrameSemanticEncoder()
     if spec.kind == "open_clip":
         return OpenClipVisionEncoder.from_checkpoint(spec.arch, spec.path, device, dtype, spec.image_size)
@@ -413,7 +444,7 @@ def load_sync(spec: SyncSpec, device, dtype):
     if spec.kind == "builtin":
         from .encoders import MotionSyncEncoder
         return MotionSyncEncoder()
-    return SynchformerSyncEncoder.from_checkpoint(spec.path, device, dtype)
+    return SynchformerSyncEncoder.from_checkpoint(spec.path, device, dtype, spec.config)
 
 
 class LoadedEncoders:
@@ -434,7 +465,8 @@ class LoadedEncoders:
     def sync_request(self) -> FrameRequest:
         s = self.spec.sync
         if s.kind == "synchformer":
-            return FrameRequest(s.fps, int(s.frame_size or SYNCHFORMER_SIZE), crop=True)
+            size = s.frame_size or (s.config or {}).get("image_size") or SYNCHFORMER_SIZE
+            return FrameRequest(s.fps, int(size), crop=True)
         return FrameRequest(s.fps, int(s.frame_size or BUILTIN_FRAME_SIZE), crop=False)
 
     def dims(self) -> Dict[str, int]:
@@ -446,6 +478,10 @@ class LoadedEncoders:
             s = self.sync.encode(np.zeros((32, sr.size, sr.size, 3), np.uint8)) if sr.crop else self.sync.encode(blank)
             self.spec.dims = {"text": int(self.text.dim), "video": int(v.shape[-1]), "sync": int(s.shape[-1])}
         return dict(self.spec.dims)
+
+
+# the widths some encoders make whatever their weights (for checking released features without loading them)
+KNOWN_WIDTHS = {("video", "builtin"): 272, ("sync", "builtin"): 64, ("sync", "synchformer"): 768}
 
 
 # ----------------------------------------------------------------------------------------------------

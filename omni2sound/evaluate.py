@@ -35,7 +35,7 @@ LENGTH_POLICY = ("generated clips are cut to the reference's length or zero-padd
                  "is averaged to mono and other sample rates are resampled with soxr (HQ)")
 # the paper's columns first, then the rest of the field's metrics, then the embedded ones
 COLUMN_ORDER = ("FD_VGG", "FD_PANNs", "FD_PaSST", "KL_PANNs", "KL_PaSST", "IS_PANNs", "IS_PaSST", "IB", "DeSync",
-                "CLAP_laion", "CLAP_ms", "FD_logmel", "KL_logmel", "IS_logmel", "oracle_onset_f1",
+                "CLAP_LAION", "CLAP_MS", "FD_logmel", "KL_logmel", "IS_logmel", "oracle_onset_f1",
                 "oracle_class_acc", "oracle_class_f1", "oracle_offscreen_recall", "oracle_offset_s")
 
 
@@ -82,10 +82,10 @@ def load_scorer(args):
     ib = sync = None
     if args.imagebind:
         from .evaluation.embedders.imagebind import ImageBind
-        ib = ImageBind.from_checkpoint(args.imagebind)
+        ib = ImageBind.from_checkpoint(args.imagebind, device=dev)
     if args.synchformer:
         from .synchformer import Synchformer
-        sync = Synchformer.from_checkpoint(args.synchformer)
+        sync = Synchformer.from_checkpoint(args.synchformer, device=dev)
     return Scorer(audio, clap, ib, sync, oracle=not args.no_oracle, batch_size=args.batch_size)
 
 
@@ -136,7 +136,6 @@ def conditions_for(pipe, bench: Benchmark, batch: List[TrackItem]):
 
 
 def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Optional[dict]) -> Dict[str, str]:
-    import torch
     from tqdm import tqdm
 
     from .audio import save_audio
@@ -170,7 +169,6 @@ def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Opti
                 os.fsync(rec.fileno())
                 done[it.item_id] = path
                 bar.update(1)
-    del torch
     return done
 
 

@@ -5,7 +5,11 @@
 
 Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
 tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
-(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries. The encoders are an
+``EncoderSpec`` (``--text-encoder / --video-encoder / --sync-encoder``, see omni2sound/encoder_spec.py), recorded
+with the widths they make in index.json; a clip with precomputed features (a SoundAtlas record's .npy files)
+skips the video and sync encoders. Clips decode in DataLoader workers (``--workers``) while the encoders run on
+whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ETA).
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
@@ -31,7 +35,7 @@ import numpy as np
 import torch
 
 from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
-from .device import device_arg
+from .device import default_device, device_arg
 from .files import BadFileError, content_hash, read_json, remove_stale_temps, write_json
 
 EXTRACTION_RECORD = "extraction.json"
@@ -46,14 +50,59 @@ class Encoders:
     ``video_request`` / ``sync_request`` say how to decode the frames each one reads."""
 
     def __init__(self, text_path: Optional[str] = None, spec=None, device=None, dtype: Optional[torch.dtype] = None):
-        from .encoder_spec import EncoderSpec
+        from .encoder_spec import EncoderSpec, LoadedEncoders, load_text
         self.spec = spec if spec is not None else EncoderSpec.parse(text_path)
-        self.loaded = self.spec.load(device, dtype)
-        self.text_encoder = self.loaded.text
-        self.frame_encoder = self.loaded.video
-        self.motion_encoder = self.loaded.sync
-        self.video_request, self.sync_request = self.loaded.video_request, self.loaded.sync_request
+        device = torch.device(device or "cpu")
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.device = device
+        self.text_encoder = load_text(self.spec.text, device, self.dtype)
+        self._video = self._sync = None         # loaded on first use: released features never need them
+        self._requests = LoadedEncoders(self.spec, self.text_encoder, None, None)
         self._cache: dict = {}
+
+    @property
+    def frame_encoder(self):
+        if self._video is None:
+            from .encoder_spec import load_video
+            self._video = load_video(self.spec.video, self.device, self.dtype)
+            self._requests.video = self._video
+        return self._video
+
+    @property
+    def motion_encoder(self):
+        if self._sync is None:
+            from .encoder_spec import load_sync
+            self._sync = load_sync(self.spec.sync, self.device, self.dtype)
+            self._requests.sync = self._sync
+        return self._sync
+
+    @property
+    def video_request(self):
+        if self.spec.video.kind != "builtin" and not self.spec.video.image_size:
+            self.frame_encoder                  # the tower's own input size
+        return self._requests.video_request
+
+    @property
+    def sync_request(self):
+        return self._requests.sync_request
+
+    def note_features(self, video_dim: int, sync_dim: int, where: str) -> None:
+        """Precomputed features of a clip (``where``): their widths become the spec's when its encoders were never
+        run, else must equal them (a clear error naming the clip and both widths)."""
+        from .encoder_spec import KNOWN_WIDTHS
+        got = {"video": int(video_dim), "sync": int(sync_dim)}
+        if self.spec.dims is None and self._video is None and self._sync is None:
+            for name in ("video", "sync"):
+                known = KNOWN_WIDTHS.get((name, getattr(self.spec, name).kind))
+                if known is not None and known != got[name]:
+                    raise ValueError(f"{where}: precomputed {name} features are {got[name]}-d, the spec's {name} "
+                                     f"encoder ({getattr(self.spec, name).kind}) makes {known}-d ones")
+            self.spec.dims = {"text": int(self.text_encoder.dim), **got}
+            return
+        dv, ds = self.dims()
+        if (dv, ds) != (got["video"], got["sync"]):
+            raise ValueError(f"{where}: precomputed features are video {got['video']}-d / sync {got['sync']}-d, the "
+                             f"other clips' (encoders {self.spec.describe()}) video {dv}-d / sync {ds}-d")
 
     def text(self, captions: list) -> list:
         """[L_i, Dt] float tensors, one per caption (None or "" -> [0, Dt]); repeated captions encoded once."""
@@ -61,29 +110,58 @@ class Encoders:
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
             with torch.no_grad():
-                tokens, lens = self.text_encoder.encode(batch)
+                try:
+                    tokens, lens = self.text_encoder.encode(batch)
+                except ValueError as e:     # a caption over max_tokens: cut it (as the paper's T5 conditioner does)
+                    print(f"[extract] {e}: cut to {self.text_encoder.max_tokens} tokens", file=sys.stderr)
+                    self.text_encoder.truncate = True
+                    try:
+                        tokens, lens = self.text_encoder.encode(batch)
+                    finally:
+                        self.text_encoder.truncate = False
             for c, t, n in zip(batch, tokens, lens):
                 self._cache[c] = t[: int(n)].float().cpu()
         dim = int(self.text_encoder.dim)
         return [self._cache[c] if c else torch.zeros(0, dim) for c in captions]
 
     def dims(self) -> tuple:
-        """(Dv, Ds), measured once on a blank clip."""
-        d = self.loaded.dims()
-        return d["video"], d["sync"]
+        """(Dv, Ds), measured once on a blank clip (or taken from the first precomputed features)."""
+        if self.spec.dims is None:
+            self.frame_encoder, self.motion_encoder
+            self._requests.dims()
+        return self.spec.dims["video"], self.spec.dims["sync"]
 
     def spec_dict(self) -> dict:
-        """The spec with its measured widths, as index.json records it."""
-        self.loaded.dims()
+        """The spec with its measured widths, as index.json records it. Without the video / sync encoders' files
+        (a run on released features never loads them) and before any precomputed features were seen, the widths
+        are left out (None); extraction fills them from the features."""
+        try:
+            self.dims()
+        except (FileNotFoundError, ValueError):
+            if self.spec.dims is None and self._video is None and self._sync is None:
+                return self.spec.to_dict()
+            raise
         return self.spec.to_dict()
 
+    def spec_identity(self) -> dict:
+        """What makes two runs' features the same: the spec without the measured widths (loads nothing)."""
+        return self.spec.identity()
+
     @torch.no_grad()
-    def semantic(self, frames: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(self.frame_encoder.encode(frames)).float().cpu()
+    def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        # in chunks: a shard's frames as float pictures would not fit in memory at once (64 x 10 s x 384 px: 9 GB)
+        return torch.cat([torch.as_tensor(self.frame_encoder.encode(frames[i:i + chunk])).float().cpu()
+                          for i in range(0, len(frames), chunk)])
 
     @torch.no_grad()
     def sync(self, frames: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.motion_encoder.encode(frames)).float().cpu()
+
+    @torch.no_grad()
+    def sync_many(self, clips: list) -> list:
+        """sync() of several clips, in shared batches when the encoder batches (Synchformer's segments)."""
+        many = getattr(self.motion_encoder, "encode_many", None)
+        return [t.float().cpu() for t in many(clips)] if many is not None else [self.sync(c) for c in clips]
 
 
 @torch.no_grad()
@@ -102,16 +180,24 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
     stds = torch.cat([torch.exp(0.5 * p.logvar) for p in posts]).transpose(1, 2).float().cpu()
     # the semantic encoder is per frame: one call for every frame of the shard
     with_frames = [r for r in raw if r.get("video") is None and r.get("frames_semantic") is not None]
-    sems = {}
+    sems, syns = {}, {}
     if with_frames:
         allsem = enc.semantic(np.concatenate([r["frames_semantic"] for r in with_frames]))
         sems = dict(zip([id(r) for r in with_frames], allsem.split([len(r["frames_semantic"]) for r in with_frames])))
+        clips = [r["frames_sync"] for r in with_frames]
+        many = getattr(enc, "sync_many", None)
+        syns = dict(zip([id(r) for r in with_frames], many(clips) if many else [enc.sync(c) for c in clips]))
+    note = getattr(enc, "note_features", None)
+    if note is not None:                        # released features fix (or must match) the widths first
+        for r in raw:
+            if r.get("video") is not None and r.get("frames_semantic") is None:
+                note(r["video"].shape[-1], r["sync"].shape[-1], f"clip {r['clip_id']}")
     out = []
     for i, r in enumerate(raw):
         if r.get("video") is not None:          # features given (e.g. an off-screen variant of a clip)
             sem, syn = r["video"], r["sync"]
         elif r.get("frames_semantic") is not None:
-            sem, syn = sems[id(r)], enc.sync(r["frames_sync"])
+            sem, syn = sems[id(r)], syns[id(r)]
         else:
             sem, syn = torch.zeros(0, enc.dims()[0]), torch.zeros(0, enc.dims()[1])
         out.append({"clip_id": r["clip_id"], "caption": r.get("caption"), "duration": r["duration"],
@@ -373,8 +459,10 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
             raise ExtractionMismatch(f"{out_dir}/{EXTRACTION_RECORD}: rank {rank} sees other settings than rank 0 "
                                      "(a different manifest, VAE or encoders on this node?)")
     from .encoder_spec import BUILTIN_FRAME_SIZE, FrameRequest
-    vreq = getattr(enc, "video_request", FrameRequest(8.0, frame_size or BUILTIN_FRAME_SIZE))
-    sreq = getattr(enc, "sync_request", FrameRequest(25.0, frame_size or BUILTIN_FRAME_SIZE))
+    vreq = sreq = None
+    if any(r.video and not (r.features or {}).get("video") for r in records):   # some clip decodes its frames
+        vreq = getattr(enc, "video_request", FrameRequest(8.0, frame_size or BUILTIN_FRAME_SIZE))
+        sreq = getattr(enc, "sync_request", FrameRequest(25.0, frame_size or BUILTIN_FRAME_SIZE))
     n_shards = (len(records) + shard_size - 1) // shard_size
     workers = default_workers() if workers is None else workers
 
@@ -390,28 +478,52 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m omni2sound.extract", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--vae", required=True, help="VAE folder (save_pretrained)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--split", choices=("train", "val", "test"))
+    p = argparse.ArgumentParser(
+        prog="python -m omni2sound.extract", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0],
+        epilog="""manifest format (JSON lines, one clip per line; paths relative to the manifest's folder):
+  {"clip_id": "vggsound/abc_1", "audio": "audio/abc_1.flac", "duration": 10.0,       <- required
+   "video": "video/abc_1.mp4", "start": 0.0, "caption": "a dog barks twice",
+   "offscreen": "a man speaks off-screen", "av_score": 0.34, "route": "audio-visual",
+   "source": "vggsound", "split": "train"}
+clip_id, audio and duration are required; a clip without video or caption gets empty video / text features.
+split is train, val or test; route is audio-visual or audio-only (av_score under 0.20 is rejected).
+A bad record is reported with its file and line and skipped; the run goes on.
+
+output: OUT/shard-NNNNN.safetensors (latent_mean / latent_std [T, C] at the VAE's latent rate, text tokens
+[L, Dt], semantic video tokens [V, Dv] at 8 fps, sync features [S, Ds] at 24 per second) and OUT/index.json.
+Resumable: finished shards are skipped on a rerun. Several GPUs: torchrun --nproc_per_node N -m omni2sound.extract
+""")
+    p.add_argument("--manifest", required=True, help="the clips: a JSON-lines manifest (format below)")
+    p.add_argument("--vae", required=True,
+                   help="VAE folder (AudioVAE.save_pretrained, e.g. runs/NAME/vae) that encodes the audio to latents")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard (default 64)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="only the manifest's records of this split")
     p.add_argument("--text-encoder", help="minilm (default) | t5:DIR | clap:DIR | DIR (a local transformers folder)")
     p.add_argument("--video-encoder", help="builtin (default) | hf:DIR (CLIP / SigLIP) | open_clip:ARCH:FILE")
     p.add_argument("--sync-encoder", help="builtin (default) | synchformer:FILE")
+    p.add_argument("--sync-config", help="JSON file of SynchformerConfig fields for a checkpoint of another size than "
+                                         "the released one")
     p.add_argument("--video-size", type=int, help="vision tower input pixels (default: the model's; paper: 384)")
     p.add_argument("--text-max-tokens", type=int, help="longest caption in tokens (default 128)")
-    p.add_argument("--frame-size", type=int, default=None, help="frame side of the built-in encoders (default 64)")
+    p.add_argument("--frame-size", type=int, default=None,
+                   help="video frames are resized to this square for the built-in frame and motion encoders "
+                        "(default 64)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
     p.add_argument("--rebuild", action="store_true",
                    help="remove shards extracted with other settings (manifest, shard size, encoders, VAE) and "
                         "start over; without it such a folder is refused")
     a = p.parse_args(argv)
     from .encoder_spec import EncoderSpec
     try:
-        spec = EncoderSpec.parse(a.text_encoder, a.video_encoder, a.sync_encoder, a.text_max_tokens, a.video_size)
-    except ValueError as e:
+        spec = EncoderSpec.parse(a.text_encoder, a.video_encoder, a.sync_encoder, a.text_max_tokens, a.video_size,
+                                 check=False)
+        if a.sync_config:
+            with open(a.sync_config) as f:
+                spec.sync.config = json.load(f)
+    except (OSError, ValueError) as e:
         p.error(str(e))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:

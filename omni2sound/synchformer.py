@@ -542,12 +542,13 @@ class MotionFormer(nn.Module):
         B, S = segments.shape[:2]
         t, g = self.cfg.tokens_per_segment, self.cfg.grid
         x = segments.reshape(B * S, *segments.shape[2:])
-        x = self.patch_embed_3d.proj(x.to(self.patch_embed_3d.proj.weight.dtype))
+        # the residual stream in the parameters' dtype (fp32 under autocast: only the matmuls run in bf16)
+        x = self.patch_embed_3d.proj(x.to(self.cls_token.dtype)).to(self.cls_token.dtype)
         x = x.flatten(2).transpose(1, 2)                                              # [BS, t*g*g, D]
         D = x.shape[-1]
         pos = self.pos_embed[:, 1:].repeat(1, t, 1) + self.temp_embed.repeat_interleave(g * g, dim=1)
         pos = torch.cat((self.pos_embed[:, :1], pos), dim=1)
-        x = torch.cat((self.cls_token.expand(B * S, 1, D).to(x.dtype), x), dim=1) + pos.to(x.dtype)
+        x = torch.cat((self.cls_token.expand(B * S, 1, D), x), dim=1) + pos
         for blk in self.blocks:
             x = blk(x, t)
         x = self.norm(x[:, 1:])                                                       # [BS, t*g*g, D]
@@ -771,11 +772,12 @@ class _ASTModel(nn.Module):
 
     def forward(self, spec: Tensor) -> Tensor:
         e = self.embeddings
-        x = e.patch_embeddings.projection(spec.unsqueeze(1).to(e.cls_token.dtype))   # [B, D, f, t]
+        dt = e.cls_token.dtype                                 # residual stream in fp32 under autocast
+        x = e.patch_embeddings.projection(spec.unsqueeze(1).to(dt)).to(dt)           # [B, D, f, t]
         x = x.flatten(2).transpose(1, 2)                                              # [B, f*t, D]
         B, _, D = x.shape
-        x = torch.cat((e.cls_token.expand(B, 1, D).to(x.dtype), e.distillation_token.expand(B, 1, D).to(x.dtype),
-                       x), dim=1) + e.position_embeddings.to(x.dtype)
+        x = torch.cat((e.cls_token.expand(B, 1, D), e.distillation_token.expand(B, 1, D), x), dim=1)
+        x = x + e.position_embeddings
         for layer in self.encoder.layer:
             x = layer(x)
         return self.layernorm(x)
@@ -893,7 +895,9 @@ class Synchformer(nn.Module):
         extract_vfeats(segments [B, S, 3, 16, 224, 224]) -> [B, S, 8, 768]   (``MotionFormer``)
         extract_afeats(spec [B, S, 128, 66])              -> [B, S, 6, 768]   (``ASTSegmentEncoder``)
         compare_v_a(vfeats, afeats) (14 segments each)    -> logits [B, 21]   (projections + ``SyncTransformer``)
-        predict_offset / desync                             on raw frames and audio
+        video_features(frames, fps) -> [S, 8, 768]; audio_features(audio, sr) -> [S, 6, 768]   (one clip)
+        desync_from_features(vfeats, afeats) -> seconds   (video features reusable across scored systems)
+        predict_offset / offset_logits / desync           on raw frames and audio
 
     Attention everywhere through ``omni2sound.ops.attention``."""
 
@@ -956,43 +960,68 @@ class Synchformer(nn.Module):
         return self.compare_v_a(self.extract_vfeats(segments), self.extract_afeats(spec))
 
     # raw media ---------------------------------------------------------------------------------------------------
-    def media_segments(self, frames: ArrayLike, fps: float, audio: ArrayLike,
-                       sample_rate: int) -> Tuple[Tensor, Tensor]:
-        """Both streams of a clip cut to their common duration (whole 25 fps frames) and segmented alike:
-        (video [S, 3, 16, 224, 224], audio [S, 128, 66]) on the model's device."""
-        cfg, dev = self.cfg, self.device
-        segs = segment_video(frames, fps, cfg, device=dev)
-        a = resample_audio(_as_mono(audio, "Synchformer"), sample_rate, cfg.sample_rate)
-        per_frame = cfg.sample_rate / cfg.fps                                         # 640 samples
-        frames25 = min((segs.shape[0] - 1) * cfg.segment_stride + cfg.segment_frames,
-                       int(math.floor(a.shape[0] / per_frame + 1e-9)))
-        s = num_segments(frames25, cfg)
-        if s < 1:
-            raise ValueError(f"Synchformer: the audio ({a.shape[0] / cfg.sample_rate:.3f} s) is shorter than one "
-                             f"segment ({cfg.segment_frames / cfg.fps:.2f} s)")
-        spec = segment_audio(a[:int(round(frames25 * per_frame))].to(dev), cfg.sample_rate, cfg)
-        return segs[:s], spec[:s]
+    def _batched(self, net: nn.Module, x: Tensor, batch_segments: int) -> Tensor:
+        if batch_segments < 1:
+            raise ValueError(f"Synchformer: batch_segments must be >= 1, got {batch_segments}")
+        with _autocast(self.device):
+            return torch.cat([net(x[i:i + batch_segments].unsqueeze(0))[0].float()
+                              for i in range(0, x.shape[0], batch_segments)])
 
-    def _window_logits(self, segs: Tensor, spec: Tensor, starts: List[int]) -> Tensor:
-        n = self.cfg.sync_segments
+    def video_features(self, frames: ArrayLike, fps: float, batch_segments: int = 32) -> Tensor:
+        """A clip's frames (any fps, see ``segment_video``) -> float32 [S, 8, 768] on the model's device, batched
+        over segments, under ``torch.inference_mode()``, bf16 autocast on CUDA. Reusable across systems scored
+        against the same videos."""
+        with torch.inference_mode():
+            return self._batched(self.vfeat_extractor, segment_video(frames, fps, self.cfg, device=self.device),
+                                 batch_segments)
+
+    def audio_features(self, audio: ArrayLike, sample_rate: int, batch_segments: int = 64) -> Tensor:
+        """Audio [N] or [channels, N] at any rate (see ``segment_audio``) -> float32 [S, 6, 768] on the model's
+        device; the same segment grid as ``video_features``, so segment i of both covers the same 0.64 s."""
+        with torch.inference_mode():
+            a = resample_audio(_as_mono(audio, "Synchformer.audio_features"), sample_rate, self.cfg.sample_rate)
+            spec = segment_audio(a.to(self.device), self.cfg.sample_rate, self.cfg)
+            return self._batched(self.afeat_extractor, spec, batch_segments)
+
+    def window_logits(self, vfeats: Tensor, afeats: Tensor, starts: List[int]) -> Tensor:
+        """Offset logits [len(starts), num_offsets] of the 14-segment windows starting at the given segments of
+        one clip's features (vfeats [S, 8, Dv], afeats [S, 6, Da]), as one batch."""
+        n, s = self.cfg.sync_segments, min(vfeats.shape[0], afeats.shape[0])
+        if s < n:
+            raise ValueError(f"Synchformer: the clip has {s} segments of video and audio, the offset classifier needs "
+                             f"{n} ({self.cfg.window_seconds:g} s)")
+        bad = [i for i in starts if not 0 <= i <= s - n]
+        if bad:
+            raise ValueError(f"Synchformer: windows must start at segments 0..{s - n}, got {bad}")
         dev = self.device
-        with _autocast(dev):
-            v = torch.stack([segs[i:i + n] for i in starts])                         # [W, 14, 3, 16, H, W]
-            a = torch.stack([spec[i:i + n] for i in starts])                         # [W, 14, 128, 66]
-            return self(v, a).float()
+        with torch.inference_mode(), _autocast(dev):
+            v = torch.stack([vfeats[i:i + n] for i in starts]).to(dev)
+            a = torch.stack([afeats[i:i + n] for i in starts]).to(dev)
+            return self.compare_v_a(v, a).float()
 
-    def _need_window(self, s: int) -> None:
-        if s < self.cfg.sync_segments:
-            raise ValueError(f"Synchformer: the clip has {s} segments, the offset classifier needs "
-                             f"{self.cfg.sync_segments} ({self.cfg.window_seconds:g} s of video and audio)")
+    def desync_from_features(self, vfeats: Tensor, afeats: Tensor) -> float:
+        """DeSync from one clip's features: both cut to their common length (the common duration: segment i of
+        both streams covers the same time), then |offset| of the first and of the last 14 segments, averaged."""
+        s = min(vfeats.shape[0], afeats.shape[0])
+        logits = self.window_logits(vfeats[:s], afeats[:s], [0, max(s - self.cfg.sync_segments, 0)])
+        return float(self.cfg.offset_grid()[logits.argmax(dim=-1).cpu()].abs().mean())
 
     def offset_logits(self, frames: ArrayLike, fps: float, audio: ArrayLike, sample_rate: int,
                       start_segment: int = 0) -> Tensor:
-        """Logits [num_offsets] of the 4.8 s window starting at segment ``start_segment`` (0.32 s steps)."""
+        """Logits [num_offsets] of the 4.8 s window starting at segment ``start_segment`` (0.32 s steps) of the
+        clip's segment grid; only that window's 14 segments go through the networks."""
+        n, dev = self.cfg.sync_segments, self.device
         with torch.inference_mode():
-            segs, spec = self.media_segments(frames, fps, audio, sample_rate)
-            self._need_window(segs.shape[0] - start_segment)
-            return self._window_logits(segs, spec, [start_segment])[0]
+            segs = segment_video(frames, fps, self.cfg, device=dev)
+            a = resample_audio(_as_mono(audio, "Synchformer.offset_logits"), sample_rate, self.cfg.sample_rate)
+            spec = segment_audio(a.to(dev), self.cfg.sample_rate, self.cfg)
+            s = min(segs.shape[0], spec.shape[0])
+            if not 0 <= start_segment <= s - n:
+                raise ValueError(f"Synchformer: a window of {n} segments ({self.cfg.window_seconds:g} s) starting at "
+                                 f"segment {start_segment} does not fit the clip's {s} segments")
+            v = self._batched(self.vfeat_extractor, segs[start_segment:start_segment + n], n)
+            a = self._batched(self.afeat_extractor, spec[start_segment:start_segment + n], n)
+            return self.window_logits(v, a, [0])[0]
 
     def predict_offset(self, frames: ArrayLike, fps: float, audio: ArrayLike, sample_rate: int,
                        start_segment: int = 0) -> float:
@@ -1003,12 +1032,8 @@ class Synchformer(nn.Module):
 
     def desync(self, frames: ArrayLike, fps: float, audio: ArrayLike, sample_rate: int) -> float:
         """av-benchmark's DeSync of one clip: the predicted offset's absolute value in seconds on the first and on
-        the last 4.8 s (14 segments) of the clip (both streams cut to their common duration), averaged. The two
-        windows are one batch. Lower is better; 0 means both windows were judged in sync."""
-        with torch.inference_mode():
-            segs, spec = self.media_segments(frames, fps, audio, sample_rate)
-            s, n = segs.shape[0], self.cfg.sync_segments
-            self._need_window(s)
-            logits = self._window_logits(segs, spec, [0, s - n])
-        grid = self.cfg.offset_grid()
-        return float(grid[logits.argmax(dim=-1).cpu()].abs().mean())
+        the last 4.8 s (14 segments) of the clip (both streams cut to their common duration), averaged; each
+        segment is encoded once and the two windows are one batch. Lower is better; 0 means both windows were
+        judged in sync. A clip under 4.8 s is an error."""
+        return self.desync_from_features(self.video_features(frames, fps), self.audio_features(audio, sample_rate))
+

@@ -268,12 +268,18 @@ def test_toy_world_routes_by_content_and_writes_a_training_manifest(toy_manifest
             assert rec["route"] == "discarded"
         if rec["atlas"]["status"] == "kept":
             assert rec["text_prompt"] == rec["caption"] and rec["seconds_total"] == 2.0
-            assert rec["task"] == ("vt2a" if rec["route"] == "audio-visual" else "t2a")
+            assert "task" not in rec              # no precomputed features: read as audio + caption
+        else:
+            assert "text_prompt" not in rec
             if rec["atlas"]["author"] == "senior":
                 assert rec["atlas"]["handoff_reason"]
     kept = [r for r in load_done(str(tmp_path)).values() if r["atlas"]["status"] == "kept"]
     records, report = read_manifest(str(tmp_path / "manifest.jsonl"), strict=True)
     assert len(records) == len(kept) > 0
+    from omni2sound.data.corpora import soundatlas_records
+    atlas_recs, rep = soundatlas_records(str(tmp_path / "soundatlas.jsonl"))
+    assert rep.kept == len(kept) and not rep.errors
+    assert sorted(r.caption for r in atlas_recs) == sorted(r["caption"] for r in kept)
     assert all(caption_correct(r["caption"], toy_truth(r)[0]) or r["atlas"]["author"] for r in kept)
 
 
@@ -288,3 +294,68 @@ def test_cli_toy_default_and_bad_input(tmp_path):
                         str(tmp_path / "b"), "--no-progress"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0
     assert f"{bad}:1: a record needs" in r.stderr and f"{bad}:2: invalid JSON" in r.stderr
+
+
+def test_records_with_precomputed_features_carry_the_released_task_fields(server, toy_manifest, tmp_path):
+    from omni2sound.data.corpora import soundatlas_records
+    rec = dict(read_input_manifest(toy_manifest)[0][0])
+    rec.pop("_line")
+    np.save(tmp_path / "clip.npy", np.zeros((16, 4), np.float32))
+    np.save(tmp_path / "sync.npy", np.zeros((48, 4), np.float32))
+    rec["features"] = {"video": str(tmp_path / "clip.npy"), "sync": str(tmp_path / "sync.npy")}
+    (tmp_path / "m.jsonl").write_text(json.dumps(rec) + "\n")
+    for av, task in ((0.5, "vt2a"), (0.25, "t2a")):
+        out = tmp_path / f"out{av}"
+        run(chat_config(server.base_url, av_scorer=f"const:{av}"), str(tmp_path / "m.jsonl"), out)
+        got = next(iter(load_done(str(out)).values()))
+        assert got["task"] == task and got["clip_feature"].endswith("clip.npy")
+        recs, rep = soundatlas_records(str(out / "soundatlas.jsonl"))
+        assert rep.kept == 1 and recs[0].features == {"video": str(tmp_path / "clip.npy"),
+                                                      "sync": str(tmp_path / "sync.npy")}
+        assert recs[0].caption == got["caption"] and recs[0].clip_id.endswith("/" + task)
+
+
+def test_requests_in_flight_are_bounded(toy_manifest, tmp_path):
+    with ChatServer(latency=0.1) as s:
+        run(chat_config(s.base_url, max_requests_in_flight=3, max_clips_in_flight=8), toy_manifest, tmp_path)
+        assert s.max_in_flight == 3 and len(s.requests) >= 8
+
+
+def test_backoff_jitter_and_retry_after():
+    import random
+    import time as _time
+    from email.utils import formatdate
+
+    from omni2sound.atlas.backends import _retry_after, backoff_delay
+    cfg = AtlasConfig(backoff_base=0.5, backoff_max=4.0)
+    rng = random.Random()
+    for attempt in range(6):
+        d = [backoff_delay(attempt, cfg, None, rng) for _ in range(200)]
+        base = min(4.0, 0.5 * 2 ** attempt)
+        assert 0.5 * base <= min(d) and max(d) <= 1.5 * base and len(set(d)) > 100    # jittered
+    assert min(backoff_delay(0, cfg, 3.0, rng) for _ in range(50)) >= 3.0            # never before Retry-After
+    assert _retry_after({"retry-after": "2"}) == 2.0 and _retry_after({"retry-after-ms": "250"}) == 0.25
+    assert 8 <= _retry_after({"retry-after": formatdate(_time.time() + 10, usegmt=True)}) <= 10
+    assert _retry_after({"retry-after": "soon"}) is None and _retry_after({}) is None
+
+
+class BatchAV:
+    """A scorer plug-in with score_batch: records the batch sizes it was called with."""
+    sizes: list = []
+
+    def score_batch(self, clips, captions=None):
+        BatchAV.sizes.append(len(clips))
+        return [0.25 if c.record["clip_id"].endswith(("1", "3", "5", "7")) else 0.5 for c in clips]
+
+    def score(self, clip):
+        return self.score_batch([clip])[0]
+
+
+def test_model_scorers_are_fed_in_batches(server, toy_manifest, tmp_path):
+    BatchAV.sizes.clear()
+    run(chat_config(server.base_url, av_scorer="test_atlas:BatchAV", max_clips_in_flight=8), toy_manifest, tmp_path)
+    assert sum(BatchAV.sizes) == 8 and len(BatchAV.sizes) < 8 and max(BatchAV.sizes) > 1
+    for rec in load_done(str(tmp_path)).values():
+        odd = rec["clip_id"].endswith(("1", "3", "5", "7"))
+        assert rec["av_score"] == (0.25 if odd else 0.5)
+        assert rec["route"] == ("audio-only" if odd else "audio-visual")

@@ -150,3 +150,22 @@ def test_pipeline_loads_the_recorded_encoders_and_generates_from_raw_video(tmp_p
     assert cond.text_tokens.shape[-1] == 24 and int(cond.text_lens[0]) > 0
     out = pipe.generate(video=str(tmp_path / "v.mp4"), text="a dog barks", duration=0.8, steps=1, cfg=2.0)
     assert out.audio.shape == (1, int(0.8 * pipe.sample_rate)) and torch.isfinite(out.audio).all()
+
+
+def test_synchformer_sync_encoder_from_released_state_dict(tmp_path):
+    ex, cfg = tiny.synchformer(tmp_path / "synchformer_state_dict.pth")
+    spec = EncoderSpec.parse(sync=f"synchformer:{tmp_path / 'synchformer_state_dict.pth'}")
+    spec.sync.config = cfg
+    from omni2sound.encoder_spec import FrameSemanticEncoder, LoadedEncoders, load_sync
+    enc = LoadedEncoders(spec, None, FrameSemanticEncoder(), load_sync(spec.sync, "cpu", torch.float32))
+    assert enc.sync_request == FrameRequest(25.0, 32, crop=True) and enc.sync.dim == 32
+    assert tiny.same_weights(enc.sync.extractor, ex)
+    clips = [torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8).numpy() for n in (25, 120, 10, 40)]
+    feats = enc.sync.encode_many(clips)
+    assert [tuple(f.shape) for f in feats] == [(16, 32), (112, 32), (0, 32), (32, 32)]    # 24 / s after 0.64 s
+    torch.testing.assert_close(feats[1], ex.features(clips[1], 25.0).float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(feats[3], enc.sync.encode(clips[3]), atol=1e-5, rtol=1e-5)
+    # the released full-size layout refuses a state dict of another size, naming the file
+    spec.sync.config = None
+    with pytest.raises(ValueError, match="synchformer_state_dict.pth.*missing keys"):
+        load_sync(spec.sync, "cpu", torch.float32)

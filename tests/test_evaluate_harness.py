@@ -213,3 +213,89 @@ def test_desync_through_the_package_synchformer(tmp_path):
     assert r["DeSync"] == pytest.approx(np.mean(per_clip), abs=1e-9)
     # the mean of two |offsets| on the 0.2 s grid: twice it is a multiple of 0.2 s
     assert all(abs(2 * x / 0.2 - round(2 * x / 0.2)) < 1e-6 for x in per_clip)
+
+
+def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
+    """The scorer drives the package's LAION-CLAP and ImageBind adapters (tiny random models in the released
+    layouts, built by their own tests' helpers) on toy VT2A items; the scores equal the mean cosines of the
+    adapters' own embeddings (x100 for IB)."""
+    from test_embedders_clap import HTSAT, to_laion, write_bpe_tokenizer
+    from test_embedders_imagebind import CFG
+    from transformers import ClapConfig, ClapModel
+
+    from omni2sound.evaluation.embedders.clap import LaionClap
+    from omni2sound.evaluation.embedders.imagebind import ImageBind, ImageBindTowers
+    vocab = write_bpe_tokenizer(tmp_path, "roberta")
+    cfg = ClapConfig(text_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=40, max_position_embeddings=82, type_vocab_size=1,
+                                      pad_token_id=1, projection_dim=24),
+                     audio_config=dict(HTSAT, projection_dim=24), projection_dim=24)
+    torch.manual_seed(0)
+    sd = to_laion(ClapModel(cfg).eval().state_dict())
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, tmp_path / "630k-tiny.pt")
+    clap = LaionClap.from_checkpoint(str(tmp_path / "630k-tiny.pt"), text_heads=2, device="cpu")
+    torch.save(ImageBindTowers(CFG).state_dict(), tmp_path / "imagebind_tiny.pth")
+    ib = ImageBind.from_checkpoint(str(tmp_path / "imagebind_tiny.pth"), device="cpu")
+    bench = ToyBenchmark(n=2, seed=0, duration=2.0)
+    items = bench.tracks["vt2a"]
+    gens = [bench.reference(i) for i in items]
+    r = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, items, gens)
+    import soxr
+    a = clap.embed_audio(torch.from_numpy(np.stack([soxr.resample(g, 16000, 48000, quality="HQ") for g in gens])))
+    t = clap.embed_text([i.text for i in items])
+    assert r["CLAP_LAION"] == pytest.approx(float(torch.nn.functional.cosine_similarity(a, t).mean()), abs=1e-5)
+    v = ib.embed_video(torch.from_numpy(np.stack([bench.frames(i, 25.0) for i in items])), 25.0)
+    au = ib.embed_audio(torch.from_numpy(np.stack(gens)))
+    assert r["IB"] == pytest.approx(100 * float(torch.nn.functional.cosine_similarity(v, au).mean()), abs=1e-3)
+    # T2A has no video: no IB there; V2A has no caption: no CLAP there
+    r_t2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["t2a"], gens)
+    r_v2a = Scorer([], clap=[clap], imagebind=ib, oracle=False).score_track(bench, bench.tracks["v2a"], gens)
+    assert "IB" not in r_t2a and "CLAP_LAION" in r_t2a and "CLAP_LAION" not in r_v2a and "IB" in r_v2a
+
+
+def test_real_test_set_tracks_from_the_vggsound_csv(tmp_path, capsys):
+    """VGGSound CSV + clip folder + captions -> track files (off-screen mixes written as FLAC, music partners
+    allowed) -> FileBenchmark, scored end to end with --tracks-dir."""
+    from omni2sound.evaluation.tracks import FileBenchmark
+    from omni2sound.evaluation.tracks import main as tracks_main
+    from omni2sound.video import write_video
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    rows, caps = [], []
+    rng = np.random.default_rng()
+    for i, label in enumerate(["dog barking", "car engine", "bird chirping", "rain"]):
+        cid = f"yt{i:03d}_{10 * i:06d}"
+        t = np.arange(16000) / 16000
+        sf.write(clips / f"{cid}.flac", 0.3 * np.sin(2 * np.pi * (300 + 400 * i) * t) * (1 + 0.1 * rng.random()), 16000)
+        frames = np.full((25, 32, 32, 3), 40 * i, np.uint8)
+        write_video(str(clips / f"{cid}.mp4"), frames, fps=25)
+        rows.append(f"yt{i:03d},{10 * i},{label},test")
+        caps.append(json.dumps({"clip_id": cid, "caption": f"a {label} sound"}))
+    rows.append("ytzzz,0,missing clip,test")
+    rows.append("yt999,0,train clip,train")
+    (tmp_path / "vggsound.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "captions.jsonl").write_text("\n".join(caps) + "\n")
+    out = tmp_path / "omni"
+    assert tracks_main(["--vggsound-csv", str(tmp_path / "vggsound.csv"), "--clips", str(clips), "--captions",
+                        str(tmp_path / "captions.jsonl"), "--out", str(out), "--seed", "3", "--level-db", "-3"]) == 0
+    assert "1 test clips not found" in capsys.readouterr().err
+    bench = FileBenchmark(str(out))
+    assert {t: len(v) for t, v in bench.tracks.items()} == {"t2a": 4, "v2a": 4, "vt2a": 4, "offscreen": 4}
+    it = bench.tracks["offscreen"][0]
+    cap = {json.loads(c)["clip_id"]: json.loads(c)["caption"] for c in caps}
+    assert it.text == f"{cap[it.clip_id]}, and off-screen {cap[it.offscreen['clip_id']]}"
+    assert it.offscreen["clip_id"] != it.clip_id and it.offscreen["level_db"] == -3
+    mixed = bench.reference(it)
+    own = sf.read(clips / f"{it.clip_id}.flac")[0]
+    assert mixed.shape == own.shape and not np.allclose(mixed, own, atol=1e-3)
+    assert bench.frames(bench.tracks["t2a"][0], 25.0) is None and bench.frames(it, 25.0).shape[0] == 25
+    again = tmp_path / "omni2"
+    tracks_main(["--vggsound-csv", str(tmp_path / "vggsound.csv"), "--clips", str(clips), "--captions",
+                 str(tmp_path / "captions.jsonl"), "--out", str(again), "--seed", "3", "--level-db", "-3"])
+    assert (again / "offscreen.jsonl").read_text().replace(str(again), "") == \
+        (out / "offscreen.jsonl").read_text().replace(str(out), "")
+    res = tmp_path / "eval"
+    assert evaluate_main(["--baseline", "noise", "--tracks-dir", str(out), "--out", str(res), "--quiet"]) == 0
+    m = json.loads((res / "metrics.json").read_text())
+    assert set(m["tracks"]) == {"t2a", "v2a", "vt2a", "offscreen"} and m["tracks"]["v2a"]["KL_logmel"] > 0
+    assert not any(k.startswith("oracle") for k in m["tracks"]["v2a"])     # no truth events on real data

@@ -109,7 +109,7 @@ def random_state_dict(layout: dict, std: float = 0.02) -> dict:
     return {k: torch.randn(s) * std for k, s in layout.items()}
 
 
-def clip(seconds: float, fps: float, hw=(24, 40), seed: int = 0) -> np.ndarray:
+def clip(seconds: float, fps: float, hw=(20, 28), seed: int = 0) -> np.ndarray:
     g = np.random.default_rng(seed)
     return g.integers(0, 256, size=(int(round(seconds * fps)), *hw, 3), dtype=np.uint8)
 
@@ -128,7 +128,7 @@ def test_feature_counts_and_rate(fps):
         s = segment_video(frames, fps, TINY)
         assert tuple(s.shape) == (segs, 3, 16, TINY.image_size, TINY.image_size)
         assert sf.num_segments(int(round(seconds * 25)), TINY) == segs == (int(round(seconds * 25)) - 16) // 8 + 1
-        if seconds in (1.0, 10.0):
+        if seconds == (10.0 if fps == 25.0 else 1.0):          # the network once per rate: S * 8 tokens
             feats = model.features(frames, fps, batch_segments=7)
             assert tuple(feats.shape) == (segs * 8, TINY.vis_dim)
             assert feats.dtype == torch.float32 and torch.isfinite(feats).all()
@@ -477,15 +477,25 @@ def test_desync_follows_av_benchmark_windows():
     assert 0.0 <= shifted <= 2.0 and round(shifted / 0.1) == pytest.approx(shifted / 0.1, abs=1e-4)
     with pytest.raises(ValueError, match="needs 14"):
         model.desync(frames[:100], 30000 / 1001, audio, 44100)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.predict_offset(frames, 30000 / 1001, audio, 44100, start_segment=11)
 
 
 def test_desync_uses_the_common_duration():
     model = Synchformer(TINY)
     frames, audio = _av_clip(10.0, 25.0, 16000)
-    segs, spec = model.media_segments(frames, 25.0, audio[:16000 * 6], 16000)     # audio 6 s, video 10 s
-    assert segs.shape[0] == spec.shape[0] == (150 - 16) // 8 + 1
-    with pytest.raises(ValueError, match="shorter than one segment"):
-        model.media_segments(frames, 25.0, audio[:5000], 16000)
+    v, a = model.video_features(frames, 25.0), model.audio_features(audio[:16000 * 6], 16000)  # 10 s, 6 s
+    assert tuple(v.shape) == (30, 8, TINY.vis_dim) and tuple(a.shape) == ((96000 - 10240) // 5120 + 1, 6, TINY.aud_dim)
+    s = a.shape[0]
+    grid = TINY.offset_grid()
+    with torch.inference_mode():
+        want = [abs(float(grid[model.compare_v_a(v[None, i:i + 14], a[None, i:i + 14]).argmax()]))
+                for i in (0, s - 14)]
+    assert model.desync_from_features(v, a) == pytest.approx(sum(want) / 2, abs=1e-6)
+    with pytest.raises(ValueError, match="fewer than one segment"):
+        model.audio_features(audio[:5000], 16000)
+    with pytest.raises(ValueError, match="needs 14"):
+        model.desync_from_features(v[:13], a)
 
 
 def test_features_batching_does_not_change_results():
@@ -496,6 +506,21 @@ def test_features_batching_does_not_change_results():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch_segments"):
         model.features(frames, 25.0, batch_segments=0)
+
+
+def test_bf16_autocast_stays_close_to_fp32():
+    """The dtype plumbing of the GPU path (bf16 autocast, fp32 residual streams), run under CPU autocast."""
+    model = Synchformer(TINY)
+    segs, spec = torch.randn(1, 14, 3, 16, 32, 32), torch.randn(1, 14, TINY.n_mels, 66)
+    with torch.inference_mode():
+        v32, a32 = model.extract_vfeats(segs), model.extract_afeats(spec)
+        l32 = model.compare_v_a(v32, a32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v16, a16 = model.extract_vfeats(segs), model.extract_afeats(spec)
+            l16 = model.compare_v_a(v16, a16)
+    assert v16.dtype == a16.dtype == torch.float32     # the pooled features come off fp32 residuals
+    for lo, hi in ((v16, v32), (a16, a32), (l16.float(), l32)):
+        assert float((lo - hi).abs().max() / hi.abs().max()) < 0.05
 
 
 @pytest.mark.cuda

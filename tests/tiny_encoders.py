@@ -64,3 +64,41 @@ def siglip_vision(dst, hidden: int = 24, image_size: int = 32):
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return set(sa) == set(sb) and all(torch.equal(sa[k].float(), sb[k].float()) for k in sa)
+
+
+def write_av_clip(path, frames, fps: float, wav, sample_rate: int) -> None:
+    """An mp4 with an MPEG-4 video stream and an AAC mono soundtrack (the layout of VGGSound's clips), written
+    with PyAV. frames: uint8 [T, H, W, 3] (even H, W); wav: float32 [N] in [-1, 1]."""
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+    with av.open(str(path), mode="w") as c:
+        vs = c.add_stream("mpeg4", rate=Fraction(fps).limit_denominator(1001))
+        vs.width, vs.height, vs.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        aus = c.add_stream("aac", rate=sample_rate)
+        aus.layout = "mono"
+        for img in frames:
+            for pkt in vs.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")):
+                c.mux(pkt)
+        for pkt in vs.encode():
+            c.mux(pkt)
+        wav = np.asarray(wav, np.float32)
+        for i in range(0, len(wav), 1024):
+            fr = av.AudioFrame.from_ndarray(wav[None, i:i + 1024].copy(), format="fltp", layout="mono")
+            fr.sample_rate = sample_rate
+            fr.pts = i
+            for pkt in aus.encode(fr):
+                c.mux(pkt)
+        for pkt in aus.encode():
+            c.mux(pkt)
+
+
+def synchformer(path):
+    """A tiny random Synchformer visual extractor saved as the released state dict (``vfeat_extractor.*`` keys,
+    torch.save); returns (extractor, its config as a dict for the encoder spec)."""
+    from omni2sound.synchformer import SyncFeatureExtractor, SynchformerConfig
+    cfg = SynchformerConfig.tiny()
+    ex = SyncFeatureExtractor(cfg).eval()
+    torch.save(ex.state_dict(), path)
+    return ex, cfg.to_dict()

@@ -81,29 +81,43 @@ class ChatBackend:
 
 class OpenAIBackend(ChatBackend):
     def __init__(self, agent: AgentConfig, cfg: AtlasConfig):
-        self.agent, self.cfg = agent, cfg
-        self.name = f"openai:{agent.model}"
-        self._client = None
+        self.agent, self.cfg = agent, cfg       # agent: the first agent on this server (its url and key)
+        self.name = f"openai:{agent.base_url}"
+        self._clients: Optional[list] = None
+        self._turn = 0
         self._sem: Optional[asyncio.Semaphore] = None
         self._rng = random.Random()
         self.in_flight = 0
         self.max_seen_in_flight = 0
 
     def _ensure(self):
-        if self._client is None:
+        """The clients, made inside the running event loop. The requests in flight are spread over several
+        clients of at most 16 connections: httpx's pool scans all its connections for every request it
+        places, which at 64+ connections costs more CPU than the rest of the request."""
+        if self._clients is None:
             try:
                 from openai import AsyncOpenAI
             except ImportError as e:
                 raise ImportError("the chat backend needs the openai client: pip install 'omni2sound[atlas]'") from e
             import httpx
             limit = self.cfg.max_requests_in_flight
-            self._client = AsyncOpenAI(
+            n = max(1, -(-limit // 16))
+            per = -(-limit // n)
+            ssl_ctx = httpx.create_ssl_context()      # one certificate store for all clients (0.2 s each to load)
+            self._clients = [AsyncOpenAI(
                 base_url=self.agent.base_url, api_key=os.environ.get(self.agent.api_key_env) or "none",
                 max_retries=0, timeout=self.cfg.request_timeout,
-                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=limit,
-                                                                  max_keepalive_connections=limit),
-                                              timeout=self.cfg.request_timeout))
+                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=per, max_keepalive_connections=per),
+                                              timeout=self.cfg.request_timeout, verify=ssl_ctx)) for _ in range(n)]
             self._sem = asyncio.Semaphore(limit)
+
+    async def _post(self, body: dict):
+        """One chat-completions request through the client's low-level post: the request body is sent as built
+        (the typed `create()` walks every base64 frame and audio string of the messages, ~40 ms a request)."""
+        from openai.types.chat import ChatCompletion
+        self._turn = (self._turn + 1) % len(self._clients)
+        return await self._clients[self._turn].post("/chat/completions", cast_to=ChatCompletion, body=body,
+                                                    options={"timeout": self.cfg.request_timeout})
 
     async def complete(self, messages: list, agent: AgentConfig) -> Reply:
         import openai
@@ -116,10 +130,9 @@ class OpenAIBackend(ChatBackend):
                 self.in_flight += 1
                 self.max_seen_in_flight = max(self.max_seen_in_flight, self.in_flight)
                 try:
-                    resp = await self._client.chat.completions.create(
-                        model=agent.model, messages=messages, max_tokens=agent.max_tokens,
-                        temperature=agent.temperature, timeout=self.cfg.request_timeout,
-                        extra_body=agent.extra_body)
+                    body = {"model": agent.model, "messages": messages, "max_tokens": agent.max_tokens,
+                            "temperature": agent.temperature, **(agent.extra_body or {})}
+                    resp = await self._post(body)
                     text = resp.choices[0].message.content if resp.choices else None
                     if not isinstance(text, str):
                         raise ValueError("the answer has no message content")
@@ -127,7 +140,7 @@ class OpenAIBackend(ChatBackend):
                     status = e.status_code
                     last = f"HTTP {status}: {str(e)[:200]}"
                     if status != 429 and status < 500 and status not in (408, 409):
-                        raise AgentCallError(f"{self.name}: {last} (not retried)") from None
+                        raise AgentCallError(f"openai:{agent.model}: {last} (not retried)") from None
                     retry_after = _retry_after(getattr(e.response, "headers", None))
                     continue_ = True
                 except openai.APITimeoutError:
@@ -142,12 +155,12 @@ class OpenAIBackend(ChatBackend):
                 finally:
                     self.in_flight -= 1
             if not continue_:
-                return self._reply(resp, text, prices, attempt + 1)
+                return self._reply(resp, text, prices, attempt + 1, f"openai:{agent.model}")
             if attempt + 1 < self.cfg.max_attempts:
                 await asyncio.sleep(backoff_delay(attempt, self.cfg, retry_after, self._rng))
-        raise AgentCallError(f"{self.name}: failed after {self.cfg.max_attempts} attempts; last: {last}")
+        raise AgentCallError(f"openai:{agent.model}: failed after {self.cfg.max_attempts} attempts; last: {last}")
 
-    def _reply(self, resp, text: str, prices: dict, attempts: int) -> Reply:
+    def _reply(self, resp, text: str, prices: dict, attempts: int, name: str) -> Reply:
         u = resp.usage
         pt = int(getattr(u, "prompt_tokens", 0) or 0) if u else 0
         ct = int(getattr(u, "completion_tokens", 0) or 0) if u else 0
@@ -157,12 +170,12 @@ class OpenAIBackend(ChatBackend):
         reasoning = int(getattr(ctd, "reasoning_tokens", 0) or 0) if ctd else 0
         cost = (pt - audio) * prices["input"] + audio * prices["audio_input"] + ct * prices["output"]
         return Reply(text=text, prompt_tokens=pt, completion_tokens=ct, reasoning_tokens=reasoning, cost=cost,
-                     agent=self.name, attempts=attempts)
+                     agent=name, attempts=attempts)
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        for c in self._clients or []:
+            await c.close()
+        self._clients = None
 
 
 class TransformersBackend(ChatBackend):
@@ -260,18 +273,22 @@ class ChatAgent:
 
     def __init__(self, role: str, agent: AgentConfig, cfg: AtlasConfig, backend: ChatBackend):
         self.role, self.agent, self.cfg, self.backend = role, agent, cfg, backend
-        self.name = backend.name
+        self.name = f"{agent.backend}:{agent.model}"
 
     def _frames(self, clip: Clip) -> list:
+        """Image parts of the clip's frames (encoded once per clip, shared by every agent that sends them)."""
         if clip.frames is None or not self.agent.send_frames:
             return []
-        return [{"type": "image_url", "image_url": {"url": jpeg_data_url(f)}} for f in clip.frames]
+        if "jpeg" not in clip.encoded:
+            clip.encoded["jpeg"] = [jpeg_data_url(f) for f in clip.frames]
+        return [{"type": "image_url", "image_url": {"url": u}} for u in clip.encoded["jpeg"]]
 
     def _audio(self, clip: Clip) -> list:
         if not self.agent.send_audio:
             return []
-        return [{"type": "input_audio", "input_audio": {"data": wav_base64(clip.audio, clip.sample_rate),
-                                                        "format": "wav"}}]
+        if "wav" not in clip.encoded:
+            clip.encoded["wav"] = wav_base64(clip.audio, clip.sample_rate)
+        return [{"type": "input_audio", "input_audio": {"data": clip.encoded["wav"], "format": "wav"}}]
 
     async def describe_video(self, clip: Clip) -> Reply:
         frames = self._frames(clip)
@@ -296,7 +313,8 @@ class ChatAgent:
 
 
 def make_agents(cfg: AtlasConfig) -> dict:
-    """role -> agent, one backend per distinct (backend, model, base_url)."""
+    """role -> agent. Chat agents on one server share one client and one bound on requests in flight
+    (max_requests_in_flight per server, whichever models they ask for); local models load once."""
     from .toy import ToyAgent
     backends: dict = {}
     agents = {}
@@ -304,7 +322,7 @@ def make_agents(cfg: AtlasConfig) -> dict:
         if a.backend == "toy":
             agents[role] = ToyAgent(role, a, cfg.seed)
             continue
-        key = (a.backend, a.model, a.base_url)
+        key = (a.backend, a.base_url, a.api_key_env) if a.backend == "openai" else (a.backend, a.model)
         if key not in backends:
             if a.backend == "openai":
                 backends[key] = OpenAIBackend(a, cfg)

@@ -81,7 +81,7 @@ def _toy_agents() -> dict:
 
 # fields that change how fast a run goes, never what it writes: left out of the config hash
 RUNTIME_FIELDS = ("max_clips_in_flight", "max_requests_in_flight", "request_timeout", "max_attempts",
-                  "backoff_base", "backoff_max", "media_threads", "fsync")
+                  "backoff_base", "backoff_max", "media_threads", "fsync", "score_batch")
 
 
 @dataclass
@@ -111,12 +111,13 @@ class AtlasConfig:
     seed: int = 0                         # the toy agents' error draws
     # run time
     max_clips_in_flight: int = 256
-    max_requests_in_flight: int = 64      # per agent backend
+    max_requests_in_flight: int = 64      # per chat server (agents with one base_url share the bound)
     request_timeout: float = 60.0         # seconds per request
     max_attempts: int = 5                 # per request, on 429 / 5xx / timeouts / dropped connections
     backoff_base: float = 0.5             # seconds; attempt k waits base * 2^k * U(0.5, 1.5), capped
     backoff_max: float = 30.0
     media_threads: int = 4
+    score_batch: int = 32                 # clips per batched scorer forward (ImageBind, CLAP)
     fsync: bool = True
 
     def __post_init__(self):

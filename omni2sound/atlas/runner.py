@@ -1,12 +1,13 @@
 """Running SoundAtlas over a manifest without ever losing work.
 
 Each clip's record is appended to `records.jsonl` (`records.K-of-N.jsonl` for shard K of N) and flushed
-(and fsynced) the moment it is finished, keyed by a content hash of the clip (record identity + the bytes
-of its audio and video) and the config. A rerun reads every records file in the folder, skips the keys it
-finds, and drops a line a kill cut in half; so a killed run resumes with no duplicated and no missing
-record. A clip whose calls keep failing is written with status "failed" and the reason, and the run goes
-on (`--retry-failed` tries those again). At the end `manifest.jsonl` (the kept clips as a training
-manifest) and `summary.json` are rewritten from all records in the folder.
+the moment it is finished (fsynced within half a second), keyed by a content hash of the clip (record
+identity + the bytes of its audio and video) and the config. A rerun reads every records file in the
+folder, skips the keys it finds, and drops a line a kill cut in half; so a killed run resumes with no
+duplicated and no missing record. A clip whose calls keep failing is written with status "failed" and
+the reason, and the run goes on (`--retry-failed` tries those again). At the end `manifest.jsonl` and
+`soundatlas.jsonl` (the kept clips, as the package's manifest and as SoundAtlas records) and `summary.json`
+are rewritten from all records in the folder.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -24,7 +26,7 @@ from typing import Optional
 from .backends import make_agents
 from .config import AtlasConfig
 from .media import content_hash, load_media
-from .scorers import load_scorer
+from .scorers import Batcher, load_scorer
 from .stages import DISCARDED, ENHANCED, Trace, junior_senior_handoff, post_filter, route, vision_to_language
 from .types import Clip
 
@@ -109,13 +111,22 @@ def load_done(out_dir: str) -> dict:
 
 
 class RecordStore:
-    """Appends records to one JSON Lines file: one write + flush (+ fsync) per record."""
+    """Appends records to one JSON Lines file: each record is written and flushed the moment it is finished
+    (a killed process loses nothing the OS has been handed), and fsynced by a background thread at most
+    `fsync_every` seconds later (group commit: a power cut loses at most that much, and the event loop
+    never waits on the disk)."""
 
-    def __init__(self, path: str, fsync: bool = True):
-        self.path, self.fsync = path, fsync
+    def __init__(self, path: str, fsync: bool = True, fsync_every: float = 0.5):
+        self.path = path
         if os.path.exists(path):
             self._drop_partial_tail()
         self.f = open(path, "a", encoding="utf-8")
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._syncer = None
+        if fsync:
+            self._syncer = threading.Thread(target=self._sync_loop, args=(fsync_every,), daemon=True)
+            self._syncer.start()
 
     def _drop_partial_tail(self) -> None:
         with open(self.path, "rb+") as f:
@@ -123,13 +134,25 @@ class RecordStore:
             if data and not data.endswith(b"\n"):
                 f.truncate(data.rfind(b"\n") + 1)
 
+    def _sync_loop(self, every: float) -> None:
+        fd = self.f.fileno()
+        while not self._stop.is_set():
+            if self._dirty.wait(every):
+                self._dirty.clear()
+                os.fsync(fd)
+                self._stop.wait(every)
+
     def append(self, rec: dict) -> None:
         self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         self.f.flush()
-        if self.fsync:
-            os.fsync(self.f.fileno())
+        self._dirty.set()
 
     def close(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        self.f.flush()
+        os.fsync(self.f.fileno())
         self.f.close()
 
 
@@ -138,17 +161,17 @@ def clip_key(record: dict, config_hash: str) -> str:
 
 
 def training_fields(rec: dict, caption: Optional[str], route_: str) -> dict:
-    """The fields a training manifest reads: the package's ClipRecord fields and the released SoundAtlas
-    ones (task, clip_feature, sync_feature, text_prompt, seconds_start, seconds_total)."""
+    """The released SoundAtlas fields (text_prompt, seconds_start, seconds_total, and with precomputed features
+    task, clip_feature, sync_feature), as `omni2sound.data.corpora.soundatlas_records` reads them. A record
+    without feature files has no task: its clip is read as audio + caption (the video path stays in
+    manifest.jsonl, whose clips `omni2sound.extract` encodes from the video)."""
     feats = rec.get("features") or {}
-    out = {"task": "vt2a" if route_ == ENHANCED else "t2a", "text_prompt": caption,
-           "seconds_start": float(rec.get("start") or 0.0), "seconds_total": rec.get("duration")}
+    out = {"text_prompt": caption, "seconds_start": float(rec.get("start") or 0.0),
+           "seconds_total": rec.get("duration")}
     clip_f = rec.get("clip_feature") or feats.get("video")
     sync_f = rec.get("sync_feature") or feats.get("sync")
-    if clip_f:
-        out["clip_feature"] = clip_f
-    if sync_f:
-        out["sync_feature"] = sync_f
+    if clip_f and sync_f:
+        out.update(task="vt2a" if route_ == ENHANCED else "t2a", clip_feature=clip_f, sync_feature=sync_f)
     return out
 
 
@@ -179,7 +202,7 @@ class Runner:
                                                        cfg.frames_fps, cfg.max_frames, cfg.frame_size)
             clip = Clip(index=rec["_line"], record=rec, key=key, audio=audio, sample_rate=cfg.audio_sample_rate,
                         frames=frames, frames_fps=cfg.frames_fps)
-            av = float(await loop.run_in_executor(pool, self.av.score, clip)) if frames is not None else None
+            av = await self._av_batch(clip) if frames is not None else None
             r = route(av, cfg) if av is not None else "audio-only"
             atlas["scores"] = {"av": av}
             base.update(av_score=av, route=r)
@@ -190,7 +213,7 @@ class Runner:
             context = await vision_to_language(clip, self.agents["vision"], trace) if r == ENHANCED else None
 
             async def clap_score(caption: str) -> float:
-                return float(await loop.run_in_executor(pool, self.clap.score, clip, caption))
+                return await self._clap_batch(clip, caption)
 
             h = await junior_senior_handoff(clip, context, self.agents["junior"], self.agents["senior"], clap_score,
                                             trace, cfg)
@@ -205,7 +228,8 @@ class Runner:
             if why:
                 atlas["reason"] = why
             base["caption"] = h["caption"]
-            base.update(training_fields(rec, h["caption"], r))
+            if kept:
+                base.update(training_fields(rec, h["caption"], r))
         except Exception as e:       # one clip's failure never stops the run: it is recorded with its reason
             atlas.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
         return self._finish(base, atlas, trace, t0)
@@ -225,6 +249,10 @@ class Runner:
         done = load_done(self.out_dir)
         store = RecordStore(records_path(self.out_dir, self.shard), self.cfg.fsync)
         pool = ThreadPoolExecutor(self.cfg.media_threads)
+        scoring = ThreadPoolExecutor(1)          # one model forward at a time: batches, not threads, give speed
+        self._av_batch = Batcher(self.av, scoring if hasattr(self.av, "score_batch") else pool, self.cfg.score_batch)
+        self._clap_batch = Batcher(self.clap, scoring if hasattr(self.clap, "score_batch") else pool,
+                                   self.cfg.score_batch)
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(self.cfg.max_clips_in_flight)
         stats = {"skipped": 0, "written": 0}
@@ -273,6 +301,7 @@ class Runner:
         finally:
             store.close()
             pool.shutdown(wait=False)
+            scoring.shutdown(wait=False)
             if bar is not None:
                 bar.close()
             for a in self.agents.values():
@@ -296,9 +325,11 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def finalize(out_dir: str) -> dict:
-    """Rewrite manifest.jsonl (kept clips, ClipRecord fields) and summary.json from every records file."""
+    """Rewrite, from every records file: manifest.jsonl (the kept clips as the package's ClipRecord manifest),
+    soundatlas.jsonl (the kept records whole, readable by `omni2sound.data.corpora.soundatlas_records`) and
+    summary.json."""
     done = load_done(out_dir)
-    lines, counts, routes, authors = [], {}, {}, {}
+    lines, kept, counts, routes, authors = [], [], {}, {}, {}
     cost = prompt = completion = 0.0
     for rec in done.values():
         a = rec["atlas"]
@@ -311,10 +342,12 @@ def finalize(out_dir: str) -> dict:
         prompt += a.get("prompt_tokens", 0)
         completion += a.get("completion_tokens", 0)
         if a["status"] == "kept":
+            kept.append(json.dumps(rec, ensure_ascii=False))
             lines.append(json.dumps({k: rec[k] for k in MANIFEST_FIELDS if rec.get(k) is not None},
                                     ensure_ascii=False))
     summary = {"records": len(done), "status": counts, "routes": routes, "authors": authors, "cost_usd": cost,
                "prompt_tokens": int(prompt), "completion_tokens": int(completion)}
     _atomic_write(os.path.join(out_dir, "manifest.jsonl"), "".join(x + "\n" for x in lines))
+    _atomic_write(os.path.join(out_dir, "soundatlas.jsonl"), "".join(x + "\n" for x in kept))
     _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary

@@ -58,7 +58,8 @@ def table(results: dict, n_clips: int) -> str:
         m = results[mode]
         n, k = max(m["captioned"], 1), max(m["kept"], 1)
         removed = 1 - m["hall_kept"] / m["injected"] if m["injected"] else float("nan")
-        rows.append(f"| {mode} | {m['correct'] / n:.3f} | {m['kept_correct'] / k:.3f} | {m['kept']} / {m['captioned']} "
+        lab = "handoff (`auto`)" if mode == "auto" else mode
+        rows.append(f"| {lab} | {m['correct'] / n:.3f} | {m['kept_correct'] / k:.3f} | {m['kept']} / {m['captioned']} "
                     f"| {m['senior'] / n:.3f} | {m['hall_first'] / n:.3f} / {m['hall_final'] / n:.3f} / "
                     f"{m['hall_kept'] / k:.3f} | {removed:.3f} ({m['injected'] - m['hall_kept']} of {m['injected']}) "
                     f"| {1000 * m['cost'] / n_clips:.3f} | {m['cost'] / senior_cost:.3f} / "

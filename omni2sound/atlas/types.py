@@ -16,6 +16,7 @@ class Clip:
     sample_rate: int
     frames: Optional[np.ndarray]        # [T, H, W, 3] uint8 at frames_fps, None without video
     frames_fps: float = 1.0
+    encoded: dict = field(default_factory=dict)     # the media as sent in requests (base64), made once per clip
 
     @property
     def duration(self) -> float:

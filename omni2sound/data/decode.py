@@ -7,19 +7,53 @@ order), which the extractor needs to write shard k from exactly the records of s
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
 
+VIDEO_SUFFIXES = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4a", ".aac", ".mp3")
+
+
+def load_media_audio(path: str, sample_rate: int) -> np.ndarray:
+    """Mono float32 [N] at ``sample_rate`` from a media container's first audio stream (PyAV: an mp4's AAC, as
+    VGGSound ships its clips), resampled by FFmpeg; a clear error naming the file when there is none."""
+    import av
+
+    from ..audio import AudioError
+    try:
+        with av.open(os.fspath(path)) as c:
+            if not c.streams.audio:
+                raise AudioError(f"{path}: no audio stream")
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=sample_rate)
+            parts = []
+            for frame in c.decode(c.streams.audio[0]):
+                for out in resampler.resample(frame):
+                    parts.append(out.to_ndarray().reshape(-1))
+            for out in resampler.resample(None):
+                parts.append(out.to_ndarray().reshape(-1))
+    except av.error.FFmpegError as e:
+        raise AudioError(f"{path}: cannot decode its audio: {e}") from e
+    if not parts:
+        raise AudioError(f"{path}: the audio stream holds no samples")
+    return np.concatenate(parts).astype(np.float32)
+
+
+def read_audio(path: str, sample_rate: int) -> np.ndarray:
+    """Mono float32 [N] at ``sample_rate`` from an audio file (soundfile) or a media container (PyAV)."""
+    if os.fspath(path).lower().endswith(VIDEO_SUFFIXES):
+        return load_media_audio(path, sample_rate)
+    from ..audio import load_audio
+    return load_audio(path, sample_rate).numpy()
+
 
 def load_clip(rec, sample_rate: int, video_req=None, sync_req=None) -> dict:
     """A manifest record -> the extractor's raw item: audio [N] float32 at ``sample_rate``, uint8 frames
     (frames_semantic [T8, s, s, 3], frames_sync [T25, s', s', 3]) or precomputed video / sync features."""
-    from ..audio import load_audio
     from ..encoder_spec import read_frames, source_size
-    wav = load_audio(rec.audio, sample_rate).numpy()
+    wav = read_audio(rec.audio, sample_rate)
     a = int(round(rec.start * sample_rate))
     wav = wav[a:a + int(round(rec.duration * sample_rate))]
     if len(wav) == 0:
@@ -94,7 +128,6 @@ def iter_shards(records: list, shards: List[int], shard_size: int, sample_rate: 
 
 
 def default_workers() -> int:
-    import os
     try:
         n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):

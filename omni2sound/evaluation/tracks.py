@@ -56,7 +56,7 @@ class TrackItem:
     track: str
     task: str
     clip_id: str
-    text: Optional[str]
+    text: Optional[str] = None
     video: Optional[str] = None          # path (real data); the toy keeps frames in memory
     audio: Optional[str] = None          # the reference audio (real data; the off-screen track: the mix)
     duration: float = 10.0
