@@ -306,7 +306,7 @@ def test_broken_model_files_name_the_file(tmp_path, pipeline_dir, rel, how, prob
 
 @pytest.mark.parametrize("how", ["garbage", "list", "empty"])
 def test_broken_meta_json_names_the_file(tmp_path, how):
-    from omni2sound.train import read_meta
+    from omni2sound.runs import read_meta
     (tmp_path / "meta.json").write_text('{"stage": "vae", "complete": true}')
     assert read_meta(str(tmp_path))["complete"] is True
     _corrupt(tmp_path / "meta.json", how)
