@@ -99,7 +99,9 @@ def main(argv=None):
     print(json.dumps(meta))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            from omni2sound.gpu_info import gpu_info
+            json.dump({"meta": meta, "gpu": gpu_info() if torch.cuda.is_available() else None, "rows": rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

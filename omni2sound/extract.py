@@ -5,7 +5,11 @@
 
 Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
 tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
-(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries. The encoders are an
+``EncoderSpec`` (``--text-encoder / --video-encoder / --sync-encoder``, see omni2sound/encoder_spec.py), recorded
+with the widths they make in index.json; a clip with precomputed features (a SoundAtlas record's .npy files)
+skips the video and sync encoders. Clips decode in DataLoader workers (``--workers``) while the encoders run on
+whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ETA).
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
@@ -118,9 +122,20 @@ class Encoders:
         return self.spec.dims["video"], self.spec.dims["sync"]
 
     def spec_dict(self) -> dict:
-        """The spec with its measured widths, as index.json records it."""
-        self.dims()
+        """The spec with its measured widths, as index.json records it. Without the video / sync encoders' files
+        (a run on released features never loads them) and before any precomputed features were seen, the widths
+        are left out (None); extraction fills them from the features."""
+        try:
+            self.dims()
+        except (FileNotFoundError, ValueError):
+            if self.spec.dims is None and self._video is None and self._sync is None:
+                return self.spec.to_dict()
+            raise
         return self.spec.to_dict()
+
+    def spec_identity(self) -> dict:
+        """What makes two runs' features the same: the spec without the measured widths (loads nothing)."""
+        return self.spec.identity()
 
     @torch.no_grad()
     def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:

@@ -62,3 +62,45 @@ def test_truncate_long_prompts(tmp_path, capsys):
         generate_main(argv)
     assert e.value.code == 2 and "tokens" in capsys.readouterr().err
     assert generate_main(argv + ["--truncate"]) == 0 and (tmp_path / "x.wav").is_file()
+    from omni2sound import Omni2SoundPipeline
+    from omni2sound.device import default_device
+    assert Omni2SoundPipeline.from_pretrained(model).device.type == default_device()    # the CLI's default too
+
+
+def test_sampling_progress_bar_only_for_long_requests(capsys):
+    import time
+
+    import torch
+
+    from omni2sound.flow import integrate
+    from omni2sound.pipeline import SamplingOptions, step_progress
+    x0 = torch.zeros(1, 4, 2)
+
+    def slow(x, t):
+        time.sleep(0.45)
+        return torch.ones_like(x)
+    opts = SamplingOptions(steps=4)
+    with step_progress(slow, opts, True) as fn:                 # ~1.8 s: the bar appears after a second
+        x = integrate(fn, x0, 4)
+    assert torch.allclose(x, torch.ones_like(x)) and "sampling" in capsys.readouterr().err
+    with step_progress(lambda x, t: torch.ones_like(x), opts, True) as fn:      # a short request: no bar
+        integrate(fn, x0, 4)
+    with step_progress(slow, SamplingOptions(steps=1), False) as fn:        # off (the API's default)
+        integrate(fn, x0, 1)
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_training_names_its_stages_and_the_overall_eta(capsys):
+    from omni2sound.train import TRAIN_PRESETS, _Overall, _stage_label
+    from omni2sound.trainer import DistInfo
+    cfg = TRAIN_PRESETS["toy"]
+    assert [_stage_label(cfg, s) for s in cfg.stages()] == ["stage 1 of 4: vae", "stage 2 of 4: stage1",
+                                                            "stage 3 of 4: stage2", "stage 4 of 4: stage3"]
+    overall = _Overall(cfg, cfg.stages())
+    overall.start("vae", DistInfo())
+    overall.t0 -= 60                                  # the VAE stage took a minute
+    overall.finish("vae")
+    overall.start("stage1", DistInfo())
+    out = capsys.readouterr().out
+    assert "stage 1 of 4: vae (1500 steps)" in out and "stage 2 of 4: stage1 (300 steps)" in out
+    assert "run 1500/3300 steps" in out and "overall ETA 1m12s" in out         # 60 s / 1500 steps x 1800 left

@@ -149,3 +149,49 @@ def test_a_caption_over_the_token_limit_is_cut_not_fatal(capsys):
     out = enc.text(["a dog barks", "word " * 40, None])
     assert 2 < out[0].shape[0] < 8 and out[1].shape == (8, 384) and out[2].shape == (0, 384)
     assert "more than max_tokens=8" in capsys.readouterr().err and enc.text_encoder.truncate is False
+
+
+def test_worker_decoding_resumes_after_a_kill_with_every_clip_once(tmp_path):
+    """Shards written from clips decoded in DataLoader workers: a run stopped after one shard, then two ranks
+    finishing the rest, leave every clip in exactly one shard, in manifest order within each."""
+    import soundfile as sf
+    from test_data import SmallEncoders
+
+    from omni2sound.data.manifest import ClipRecord, write_manifest
+    from omni2sound.data.shards import ShardDataset
+    from omni2sound.extract import extract_manifest
+    from omni2sound.vae import VAE_PRESETS, AudioVAE
+    from omni2sound.video import write_video
+    AudioVAE(VAE_PRESETS["tiny"]).save_pretrained(tmp_path / "vae")
+    recs = []
+    for i in range(7):
+        sf.write(tmp_path / f"a{i}.wav", 0.1 * np.random.randn(8000).astype(np.float32), 16000)
+        write_video(tmp_path / f"v{i}.mp4", np.full((13, 16, 16, 3), 20 * i, np.uint8), fps=25)
+        recs.append(ClipRecord(clip_id=f"c{i}", audio=str(tmp_path / f"a{i}.wav"), video=str(tmp_path / f"v{i}.mp4"),
+                               duration=0.5, caption=f"clip {i}"))
+    recs.append(ClipRecord(clip_id="bad", audio=str(tmp_path / "a0.wav"), video=str(tmp_path / "nothing.txt"),
+                           duration=0.5))
+    (tmp_path / "nothing.txt").write_text("not a video")
+    write_manifest(str(tmp_path / "m.jsonl"), recs)
+    args = (str(tmp_path / "m.jsonl"), str(tmp_path / "vae"), str(tmp_path / "out"))
+    first = extract_manifest(*args, shard_size=2, enc=SmallEncoders(), workers=1, stop_after=1, progress=False)
+    assert first["written"] == [0]
+    r1 = extract_manifest(*args, shard_size=2, rank=1, world=2, enc=SmallEncoders(), workers=1, progress=False)
+    r0 = extract_manifest(*args, shard_size=2, rank=0, world=2, enc=SmallEncoders(), workers=2, progress=False)
+    assert r1["written"] == [1, 3] and r0["written"] == [2] and r1["clips_failed"][0].startswith("bad: ")
+    ids = ShardDataset(str(tmp_path / "out")).clip_ids
+    assert ids == [f"c{i}" for i in range(7)]
+    v = ShardDataset(str(tmp_path / "out"))[5]["video"]
+    assert v.shape == (4, 3) and abs(float(v.mean()) - 100 / 255) < 0.05         # clip 5's own frames
+
+
+def test_spec_record_of_released_features_needs_no_model_files():
+    from omni2sound.encoder_spec import EncoderSpec
+    from omni2sound.extract import Encoders
+    spec = EncoderSpec.parse(video="open_clip:ViT-H-14-378-quickgelu:/absent/clip.bin",
+                             sync="synchformer:/absent/sync.pth", check=False)
+    enc = Encoders(spec=spec)
+    d = enc.spec_dict()
+    assert d["dims"] is None and d["video"]["path"] == "/absent/clip.bin" and enc.spec_identity() == spec.identity()
+    enc.note_features(1024, 768, "clip x")
+    assert enc.spec_dict()["dims"] == {"text": 384, "video": 1024, "sync": 768}

@@ -37,7 +37,8 @@ def server(tmp_path_factory):
     port = _free_port()
     log = open(root / "demo.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "omni2sound.demo", "--model", model, "--port", str(port),
-                             "--device", "cpu", "--max-seconds", "3"], stdout=log, stderr=subprocess.STDOUT,
+                             "--device", "cpu", "--max-seconds", "3", "--max-upload-mb", "1"], stdout=log,
+                            stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd()}, cwd=root)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 300
@@ -89,6 +90,13 @@ def test_gradio_client_endpoints(server):
         with pytest.raises(AppError, match=why) as e:
             c.predict(*args, api_name=api)
         assert "Traceback" not in str(e.value) and str(server["root"]) not in str(e.value)
+    big = server["root"] / "big.mp4"                      # over --max-upload-mb: refused at the upload
+    big.write_bytes(os.urandom(2 * 2**20))
+    with pytest.raises(Exception, match="(?i)large|size|exceed"):
+        c.predict(handle_file(str(big)), 0, 2, 0, 3.0, 6.0, api_name="/v2a")
+    # concurrent requests wait in the queue and all finish
+    jobs = [c.submit("a bell rings", i, 1, 0.3, 6.0, api_name="/t2a") for i in range(3)]
+    assert all(sf.info(j.result(timeout=300)[1]).duration == pytest.approx(0.3, abs=1e-3) for j in jobs)
 
 
 @pytest.mark.browser

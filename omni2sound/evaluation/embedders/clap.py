@@ -220,7 +220,8 @@ class MsClap(torch.nn.Module):
     tokenizer files (vocab.json + merges.txt) are passed as `tokenizer=DIR` or found beside the checkpoint.
     Audio: 44.1 kHz, 7 s (shorter clips repeated to fill 7 s, as msclap does; longer ones cut to their first
     7 s where msclap takes a random crop), log-mel as torchlibrosa computes it (Hann 1024, hop 320, centred,
-    reflect padding, power, 64 Slaney mel bands 50-8000 Hz, 10 log10(max(x, 1e-10))). Text: the caption plus
+    reflect padding, power, 64 Slaney mel bands 50-14000 Hz, 10 log10(max(x, 1e-10)): the HTSAT reads its own
+    front-end settings, msclap's models/config.py, not the fmax 8000 of the YAML config). Text: the caption plus
     " <|endoftext|>", padded with "!" (GPT-2 id 0) to 77 tokens, and the hidden state of its last non-pad token.
     """
     name = "MS"
@@ -238,7 +239,7 @@ class MsClap(torch.nn.Module):
         self.tokenizer = tokenizer
         from ._dsp import mel_filterbank_slaney
         self.register_buffer("melW", torch.from_numpy(
-            mel_filterbank_slaney(self.sample_rate, 1024, audio_config["num_mel_bins"], 50.0, 8000.0)).float(),
+            mel_filterbank_slaney(self.sample_rate, 1024, audio_config["num_mel_bins"], 50.0, 14000.0)).float(),
             persistent=False)                                                 # [513, mels]
         self.checkpoint = self.sha256 = None
         self.device_, self.dtype_ = torch.device("cpu"), torch.float32
