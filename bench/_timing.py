@@ -29,7 +29,9 @@ def hardware(device):
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def time_cpu(fn, repeats, inner):
+def time_cpu(fn, repeats, inner, stat=statistics.median):
+    """Microseconds per call: ``stat`` (median; ``min`` for best-of on a shared box) over ``repeats`` timings of
+    ``inner`` calls each, after two warm-up calls."""
     for _ in range(2):
         fn()
     samples = []
@@ -38,7 +40,22 @@ def time_cpu(fn, repeats, inner):
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e6
+    return stat(samples) * 1e6
+
+
+def copy_gbs_cpu(nbytes: int, threads: int, repeats: int = 10) -> float:
+    """GB/s of ``dst.copy_(src)`` on ``threads`` intra-op threads, best of ``repeats``, where ``nbytes`` is what the
+    copy moves in all (half read, half written): the ceiling of a memory-bound op that moves ``nbytes``, measured in
+    the same run. The previous thread count is restored."""
+    prev = torch.get_num_threads()
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    try:
+        torch.set_num_threads(threads)
+        us = time_cpu(lambda: dst.copy_(src), repeats, max(1, int(2e6 // src.numel())), stat=min)
+    finally:
+        torch.set_num_threads(prev)
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
 def time_gpu(fn, repeats, inner, graphs=True):
