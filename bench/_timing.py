@@ -101,6 +101,23 @@ def fwd_or_fwd_bwd(fn, make_args, wrt, dy, backward: bool):
     return go
 
 
+_COPY_GBS = {}
+
+
+def add_copy_pct(row: dict, nbytes: int, device, repeats: int = 10) -> dict:
+    """On the CPU, the row's ``fused_gbps`` as a percentage of a one- and a two-thread ``copy_`` moving the same
+    ``nbytes`` (``copy_gbs_cpu``, measured once per size in this run): keys ``copy_{1,2}t_gbps``,
+    ``pct_copy_{1,2}t``. Rows of other devices are returned unchanged."""
+    if str(device) != "cpu":
+        return row
+    for k in (1, 2):
+        if (nbytes, k) not in _COPY_GBS:
+            _COPY_GBS[(nbytes, k)] = copy_gbs_cpu(nbytes, k, repeats)
+        row[f"copy_{k}t_gbps"] = _COPY_GBS[(nbytes, k)]
+        row[f"pct_copy_{k}t"] = 100 * row["fused_gbps"] / _COPY_GBS[(nbytes, k)]
+    return row
+
+
 def interleaved_rounds(measure: dict, rounds: int, warmup: int = 1, alternate: bool = True) -> dict:
     """Call every ``measure[name]()`` (a variant's own measurement, e.g. seconds per step) ``warmup`` times, then
     ``rounds`` rounds that run every variant once each, in reverse order every other round when ``alternate`` (a
@@ -167,14 +184,19 @@ def write_rows(path, device, rows, **extra) -> None:
 
 # One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),
 # printed as it is measured: a run cut short by a time limit keeps what it measured.
-OP_ROW_HEADER = ("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |\n"
-                 "|---|---|---|---|---|---|---|---|---|")
+# On the CPU the last two columns are the fused GB/s as % of a 1- and a 2-thread copy_ of the same bytes (add_copy_pct).
+OP_ROW_HEADER = ("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile "
+                 "| % copy_ 1t | % copy_ 2t |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _pct(r, k) -> str:
+    return f"{r[k]:.0f}" if k in r else "-"
 
 
 def print_op_row(r) -> None:
     print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
           f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
-          f"{r['speedup_vs_compile']:.2f} |", flush=True)
+          f"{r['speedup_vs_compile']:.2f} | {_pct(r, 'pct_copy_1t')} | {_pct(r, 'pct_copy_2t')} |", flush=True)
 
 
 def print_table(rows, cols):
