@@ -359,3 +359,14 @@ def test_model_scorers_are_fed_in_batches(server, toy_manifest, tmp_path):
         odd = rec["clip_id"].endswith(("1", "3", "5", "7"))
         assert rec["av_score"] == (0.25 if odd else 0.5)
         assert rec["route"] == ("audio-only" if odd else "audio-visual")
+
+
+def test_unreadable_media_is_recorded_as_failed(server, toy_manifest, tmp_path):
+    good = dict(read_input_manifest(toy_manifest)[0][0])
+    good.pop("_line")
+    bad = dict(good, clip_id="broken", audio=str(tmp_path / "missing.wav"))
+    (tmp_path / "m.jsonl").write_text(json.dumps(bad) + "\n" + json.dumps(good) + "\n")
+    summary = run(chat_config(server.base_url), str(tmp_path / "m.jsonl"), tmp_path / "out")
+    assert summary["status"] == {"failed": 1, "kept": 1}
+    recs = {r["clip_id"]: r for r in load_done(str(tmp_path / "out")).values()}
+    assert "missing.wav: no such audio file" in recs["broken"]["atlas"]["reason"]

@@ -264,10 +264,9 @@ class Runner:
         async def one(rec):
             try:
                 key = await loop.run_in_executor(pool, clip_key, rec, self.config_hash)
-            except OSError as e:
+            except OSError as e:        # an unreadable file: recorded as failed under a key of its id
                 key = hashlib.sha256(f"{self.config_hash}:unreadable:{rec['clip_id']}".encode()).hexdigest()[:24]
-                prev = done.get(key)
-                if prev is None:
+                if key not in done:
                     store.append(self._finish({k: v for k, v in rec.items() if not k.startswith("_")},
                                               {"key": key, "config": self.config_hash, "status": "failed",
                                                "reason": f"{type(e).__name__}: {e}"}, Trace(), time.perf_counter()))
@@ -277,17 +276,16 @@ class Runner:
             if prev is not None and not (self.retry_failed and prev["atlas"].get("status") == "failed"):
                 stats["skipped"] += 1
             else:
-                out = await self._process(rec, key, pool)
-                store.append(out)
+                store.append(await self._process(rec, key, pool))
                 stats["written"] += 1
-            if bar is not None:
-                bar.update(1)
 
         async def guarded(rec):
             try:
                 await one(rec)
             finally:
                 sem.release()
+                if bar is not None:
+                    bar.update(1)
 
         tasks = set()
         try:
