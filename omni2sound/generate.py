@@ -1,7 +1,7 @@
 """Command line generation:
 
     python -m omni2sound.generate --model DIR --video x.mp4 --text "a dog barks" --out out.wav
-    python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --cfg 4.5 --out rain.flac
+    python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --guidance 4.5 --out rain.flac
     python -m omni2sound.generate --model DIR --clip-features c.npy --sync-features s.npy --out out.wav
     python -m omni2sound.generate --model DIR --video x.mp4 --out x_with_sound.mp4
     python -m omni2sound.generate --model DIR --manifest items.csv --out-dir generated/
@@ -13,8 +13,8 @@ sound track (the video stream copied, not re-encoded; AAC audio cut to the video
 text, duration, seed; outputs, results.jsonl and a resumable, torchrun-shardable run under --out-dir.
 
 DIR holds dit/ and vae/, or dit/ and a pipeline.json naming the VAE's folder: every finished DiT stage of
-``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--cfg 3,5`` gives
-separate video and text scales.
+``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--guidance 3,5``
+gives separate video and text scales (``--cfg`` is the same flag).
 Several --text (and/or --video) values make a batch; outputs are OUT, OUT_1, OUT_2, ... Timings per phase
 are printed as JSON on stderr.
 """
@@ -41,7 +41,7 @@ def _guidance(s: str):
         return parts[0]
     if len(parts) == 2:
         return (parts[0], parts[1])
-    raise argparse.ArgumentTypeError(f"--cfg takes a scale or 'video,text' scales, got {s!r}")
+    raise argparse.ArgumentTypeError(f"--guidance takes a scale or 'video,text' scales, got {s!r}")
 
 
 def _out_paths(out: str, n: int) -> List[str]:
@@ -67,7 +67,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"at most {MAX_DURATION_S:g}, and refused up front when its estimated memory exceeds the "
                         "device's free memory)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=_guidance, default=4.5,
+                   help="classifier-free guidance: a scale, 'video,text' scales or none (--cfg is the same flag)")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")

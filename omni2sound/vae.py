@@ -14,7 +14,7 @@ Length rule: ``encode`` right-pads the waveform with zeros to a multiple of ``ho
 T = ceil(N / hop); ``decode`` returns exactly T * hop samples and the caller trims to N (``reconstruct`` does).
 
 The decoder runs its memory-bound chain through ``omni2sound.ops``: every residual add is fused with the Snake
-that follows it (``snake_residual``), see ``_Decoder.forward``.
+that follows it (``snake_residual``), see ``Decoder.frames``.
 
 Two heads (``VAEConfig.head``):
   - ``"waveform"`` (the paper's / Oobleck's): the conv stack runs down from the waveform itself.
