@@ -420,14 +420,20 @@ class Trainer:
         return path
 
     def latest_checkpoint(self) -> tuple:
-        """(path, loaded checkpoint) of the newest checkpoint that loads, or (None, None); each newer one that does
-        not (truncated by a kill, refused, incomplete) is reported on stderr with the reason and skipped."""
+        """(path, loaded checkpoint) of the newest checkpoint that loads, or (None, None) when there is none; each
+        newer one that does not (truncated by a kill, refused, incomplete) is reported on stderr with the reason and
+        skipped. Checkpoints of which none loads raise BadFileError (starting over would bury them)."""
+        skipped = []
         for name in reversed(self.checkpoints()):
             path = os.path.join(self.ckpt_dir, name)
             try:
                 return path, read_checkpoint(path)
             except BadFileError as e:
+                skipped.append(e)
                 print(f"[train] resume: skipped {e}", file=sys.stderr)
+        if skipped:
+            raise BadFileError(self.ckpt_dir, f"none of its {len(skipped)} checkpoints loads (newest: "
+                                              f"{skipped[0].problem}); move them away to start this stage over")
         return None, None
 
     def load_checkpoint(self, path: Optional[str], ck: Optional[dict] = None) -> None:
@@ -480,11 +486,16 @@ class Trainer:
     def _resume(self) -> None:
         """Load the newest checkpoint that loads (the main rank chooses under FSDP2, where only it reads)."""
         if self.sharded:
-            chosen, ck = [None, None], None
+            chosen, ck = [None, None, None], None
             if self.info.main:
-                path, ck = self.latest_checkpoint()
-                chosen = [path, ck is not None]
+                try:
+                    path, ck = self.latest_checkpoint()
+                    chosen = [path, ck is not None, None]
+                except BadFileError as e:       # every rank stops with the main rank's reason
+                    chosen = [None, False, (e.path, e.problem)]
             dist.broadcast_object_list(chosen, src=0)
+            if chosen[2] is not None:
+                raise BadFileError(*chosen[2])
             if chosen[1]:
                 self.load_checkpoint(None, ck)
             return

@@ -93,6 +93,10 @@ def test_pickle_payload_in_a_resume_checkpoint_does_not_run(tmp_path, where, cap
     assert resumed.step == 2                               # fell back to the good checkpoint
     err = capsys.readouterr().err
     assert "skipped" in err and "step-0000004.pt" in err and "refused" in err
+    os.remove(good)                                        # no checkpoint left that loads: refuse, not start over
+    with pytest.raises(BadFileError, match="none of its 1 checkpoints loads"):
+        _trainer(tmp_path / "run", steps=4, seed=1).fit(resume=True, stop_after=0)
+    assert not marker.exists()
 
 
 # ----------------------------------------------------------------------------------------------------
