@@ -13,6 +13,15 @@ import torch
 from omni2sound.pipeline import warm_up_on_side_stream
 
 
+def card(device):
+    """The GPU through NVML (name, driver, memory used / total, SM and memory clocks, power draw / limit,
+    temperature; omni2sound.gpu_info), or None on the CPU or without NVML."""
+    if str(device).startswith("cuda"):
+        from omni2sound.gpu_info import gpu_info
+        return gpu_info()
+    return None
+
+
 def hardware(device):
     """The machine a figure was measured on: the GPU's name, or the CPU and the intra-op threads."""
     if device == "cuda":
@@ -135,7 +144,8 @@ def write_rows(path, device, rows, **extra) -> None:
         import json
 
         with open(path, "w") as f:
-            json.dump({"hardware": hardware(device), "torch": torch.__version__, **extra, "rows": rows}, f, indent=2)
+            json.dump({"hardware": hardware(device), "gpu": card(device), "torch": torch.__version__, **extra,
+                       "rows": rows}, f, indent=2)
 
 
 # One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),

@@ -22,6 +22,7 @@ import torch
 from omni2sound import ops
 from omni2sound.conditions import Conditions
 from omni2sound.flow import FlowMatching
+from omni2sound.gpu_info import gpu_info
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
 from omni2sound.trainer import fused_adamw_ok, peak_flops
@@ -238,7 +239,8 @@ def main(argv=None) -> None:
               f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {vs} |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"hardware": hw, "torch": torch.__version__, "rows": rows}, f, indent=2)
+            json.dump({"hardware": hw, "gpu": gpu_info(), "torch": torch.__version__, "rows": rows}, f,
+                      indent=2)
 
 
 if __name__ == "__main__":

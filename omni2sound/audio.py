@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -16,6 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -88,13 +89,5 @@ def save_audio(path: PathLike, wav: torch.Tensor, sample_rate: int) -> Path:
         log.warning("save_audio(%s): peak %.3f > 1, scaling down by %.2f dB to avoid clipping",
                     path, peak, 20 * np.log10(peak))
         wav = wav / peak
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, wav.numpy(), sample_rate, format=fmt[0], subtype=fmt[1])
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: sf.write(tmp, wav.numpy(), sample_rate, format=fmt[0], subtype=fmt[1]))
     return path

@@ -33,3 +33,9 @@ def device_arg(text: str) -> str:
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def default_device() -> str:
+    """The device generation uses when none is named (the CLI's ``--device`` and ``from_pretrained``): the first
+    CUDA GPU when one is visible, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -35,6 +35,18 @@ def _frames_to_float(frames: Frames, name: str) -> Tensor:
     return t.permute(0, 3, 1, 2).float().div_(255.0)
 
 
+def _load_strict(model_class, path: str):
+    """``model_class.from_pretrained(path)`` that refuses a checkpoint lacking any of the model's weights
+    (transformers would initialise them at random and only warn: e.g. a CLAP text tower read from a whole
+    CLAP checkpoint under other key names)."""
+    model, info = model_class.from_pretrained(path, local_files_only=True, output_loading_info=True)
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(f"{path}: the checkpoint lacks {len(missing)} weights of {model_class.__name__} "
+                         f"(e.g. {missing[:3]}); it holds another architecture")
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Text
 # ----------------------------------------------------------------------------------------------------
@@ -66,12 +78,15 @@ class TextEncoder:
         kind = config.model_type
         if kind in ("t5", "mt5", "umt5"):
             from transformers import T5EncoderModel
-            model = T5EncoderModel.from_pretrained(path, local_files_only=True)
-        elif kind in ("clap", "clap_text_model"):
+            model = _load_strict(T5EncoderModel, path)
+        elif kind == "clap":            # a whole CLAP model (text + audio towers): its text tower
+            from transformers import ClapModel
+            model = _load_strict(ClapModel, path).text_model
+        elif kind == "clap_text_model":
             from transformers import ClapTextModel
-            model = ClapTextModel.from_pretrained(path, local_files_only=True)
+            model = _load_strict(ClapTextModel, path)
         else:
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            model = _load_strict(AutoModel, path)
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model.requires_grad_(False)
         return cls(model.to(device=device, dtype=dtype), tokenizer, max_tokens, truncate, name=path)
@@ -175,6 +190,8 @@ class VisionTowerEncoder:
 
     def __init__(self, model, kind: str, image_size: int, batch_size: int = 32):
         self.model, self.kind, self.image_size, self.batch_size = model.eval(), kind, image_size, batch_size
+        self.native_size = image_size               # the position embeddings' grid; another size interpolates
+        self.mean, self.std = self._NORM[kind]      # the model's own (preprocessor_config.json) when known
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype: torch.dtype = torch.float32) -> "VisionTowerEncoder":
@@ -193,7 +210,7 @@ class VisionTowerEncoder:
         else:
             raise ValueError(f"VisionTowerEncoder: {path} holds a {config.model_type!r} model; "
                              "expected a CLIP or SigLIP (vision) model")
-        model = Tower.from_pretrained(path, local_files_only=True).requires_grad_(False)
+        model = _load_strict(Tower, path).requires_grad_(False)
         vision = getattr(config, "vision_config", config)
         return cls(model.to(device=device, dtype=dtype), kind, int(vision.image_size))
 
@@ -208,12 +225,13 @@ class VisionTowerEncoder:
         x = _frames_to_float(frames, "VisionTowerEncoder.encode")
         x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,
                           antialias=True).clamp(0, 1)
-        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in self._NORM[self.kind])
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (self.mean, self.std))
         x = (x - mean) / std
         p = next(self.model.parameters())
+        extra = {"interpolate_pos_encoding": True} if self.image_size != self.native_size else {}
         outs = []
         for chunk in x.split(self.batch_size):
-            out = self.model(pixel_values=chunk.to(device=p.device, dtype=p.dtype))
+            out = self.model(pixel_values=chunk.to(device=p.device, dtype=p.dtype), **extra)
             emb = out.image_embeds if self.kind == "clip" else out.pooler_output
             outs.append(F.normalize(emb.float(), dim=-1))
         return torch.cat(outs)                                                         # [T, D]

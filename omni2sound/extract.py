@@ -5,7 +5,11 @@
 
 Per clip: the VAE posterior of the audio (latent_mean, latent_std [T, C] at 25 Hz), the text encoder's
 tokens of the caption [L, Dt], the semantic video tokens [V, Dv] (8 fps) and the sync features [S, Ds]
-(25 fps video -> 24 per second); clips without video or caption get zero-length entries.
+(25 fps video -> 24 per second); clips without video or caption get zero-length entries. The encoders are an
+``EncoderSpec`` (``--text-encoder / --video-encoder / --sync-encoder``, see omni2sound/encoder_spec.py), recorded
+with the widths they make in index.json; a clip with precomputed features (a SoundAtlas record's .npy files)
+skips the video and sync encoders. Clips decode in DataLoader workers (``--workers``) while the encoders run on
+whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ETA).
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
@@ -20,26 +24,75 @@ import json
 import os
 import sys
 from dataclasses import asdict
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import torch
 
 from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
-from .device import device_arg
+from .device import default_device, device_arg
 
 
 class Encoders:
-    """The condition encoders the extractor uses (the package's built-in ones by default):
-    text(list[str]) -> (tokens [B, L, Dt], lens [B]); semantic(frames [T8, H, W, 3] uint8) -> [T8, Dv];
-    sync(frames [T25, H, W, 3] uint8) -> [S, Ds]."""
+    """The condition encoders the extractor uses, as an ``EncoderSpec`` names them (default: MiniLM text and the
+    built-in frame and motion encoders): text(list[str]) -> (tokens [B, L, Dt], lens [B]);
+    semantic(frames [T8, s, s, 3] uint8) -> [T8, Dv]; sync(frames [T25, s', s', 3] uint8) -> [T24, Ds].
+    ``video_request`` / ``sync_request`` say how to decode the frames each one reads."""
 
-    def __init__(self, text_path: Optional[str] = None):
-        from .encoders import FrameSemanticEncoder, MotionSyncEncoder, TextEncoder
-        self.text_encoder = TextEncoder.from_pretrained(text_path)
-        self.frame_encoder = FrameSemanticEncoder()
-        self.motion_encoder = MotionSyncEncoder()
+    def __init__(self, text_path: Optional[str] = None, spec=None, device=None, dtype: Optional[torch.dtype] = None):
+        from .encoder_spec import EncoderSpec, LoadedEncoders, load_text
+        self.spec = spec if spec is not None else EncoderSpec.parse(text_path)
+        device = torch.device(device or "cpu")
+        self.dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        self.device = device
+        self.text_encoder = load_text(self.spec.text, device, self.dtype)
+        self._video = self._sync = None         # loaded on first use: released features never need them
+        self._requests = LoadedEncoders(self.spec, self.text_encoder, None, None)
         self._cache: dict = {}
+
+    @property
+    def frame_encoder(self):
+        if self._video is None:
+            from .encoder_spec import load_video
+            self._video = load_video(self.spec.video, self.device, self.dtype)
+            self._requests.video = self._video
+        return self._video
+
+    @property
+    def motion_encoder(self):
+        if self._sync is None:
+            from .encoder_spec import load_sync
+            self._sync = load_sync(self.spec.sync, self.device, self.dtype)
+            self._requests.sync = self._sync
+        return self._sync
+
+    @property
+    def video_request(self):
+        if self.spec.video.kind != "builtin" and not self.spec.video.image_size:
+            self.frame_encoder                  # the tower's own input size
+        return self._requests.video_request
+
+    @property
+    def sync_request(self):
+        return self._requests.sync_request
+
+    def note_features(self, video_dim: int, sync_dim: int, where: str) -> None:
+        """Precomputed features of a clip (``where``): their widths become the spec's when its encoders were never
+        run, else must equal them (a clear error naming the clip and both widths)."""
+        from .encoder_spec import KNOWN_WIDTHS
+        got = {"video": int(video_dim), "sync": int(sync_dim)}
+        if self.spec.dims is None and self._video is None and self._sync is None:
+            for name in ("video", "sync"):
+                known = KNOWN_WIDTHS.get((name, getattr(self.spec, name).kind))
+                if known is not None and known != got[name]:
+                    raise ValueError(f"{where}: precomputed {name} features are {got[name]}-d, the spec's {name} "
+                                     f"encoder ({getattr(self.spec, name).kind}) makes {known}-d ones")
+            self.spec.dims = {"text": int(self.text_encoder.dim), **got}
+            return
+        dv, ds = self.dims()
+        if (dv, ds) != (got["video"], got["sync"]):
+            raise ValueError(f"{where}: precomputed features are video {got['video']}-d / sync {got['sync']}-d, the "
+                             f"other clips' (encoders {self.spec.describe()}) video {dv}-d / sync {ds}-d")
 
     def text(self, captions: list) -> list:
         """[L_i, Dt] float tensors, one per caption (None or "" -> [0, Dt]); repeated captions encoded once."""
@@ -47,26 +100,58 @@ class Encoders:
         for i in range(0, len(todo), 64):
             batch = todo[i:i + 64]
             with torch.no_grad():
-                tokens, lens = self.text_encoder.encode(batch)
+                try:
+                    tokens, lens = self.text_encoder.encode(batch)
+                except ValueError as e:     # a caption over max_tokens: cut it (as the paper's T5 conditioner does)
+                    print(f"[extract] {e}: cut to {self.text_encoder.max_tokens} tokens", file=sys.stderr)
+                    self.text_encoder.truncate = True
+                    try:
+                        tokens, lens = self.text_encoder.encode(batch)
+                    finally:
+                        self.text_encoder.truncate = False
             for c, t, n in zip(batch, tokens, lens):
                 self._cache[c] = t[: int(n)].float().cpu()
-        dim = next((v.shape[-1] for k, v in self._cache.items() if k != "_dims"), 384)
+        dim = int(self.text_encoder.dim)
         return [self._cache[c] if c else torch.zeros(0, dim) for c in captions]
 
     def dims(self) -> tuple:
-        """(Dv, Ds), probed once on a blank clip."""
-        if "_dims" not in self._cache:
-            blank = np.zeros((25, 32, 32, 3), np.uint8)
-            self._cache["_dims"] = (self.semantic(blank[:8]).shape[-1], self.sync(blank).shape[-1])
-        return self._cache["_dims"]
+        """(Dv, Ds), measured once on a blank clip (or taken from the first precomputed features)."""
+        if self.spec.dims is None:
+            self.frame_encoder, self.motion_encoder
+            self._requests.dims()
+        return self.spec.dims["video"], self.spec.dims["sync"]
+
+    def spec_dict(self) -> dict:
+        """The spec with its measured widths, as index.json records it. Without the video / sync encoders' files
+        (a run on released features never loads them) and before any precomputed features were seen, the widths
+        are left out (None); extraction fills them from the features."""
+        try:
+            self.dims()
+        except (FileNotFoundError, ValueError):
+            if self.spec.dims is None and self._video is None and self._sync is None:
+                return self.spec.to_dict()
+            raise
+        return self.spec.to_dict()
+
+    def spec_identity(self) -> dict:
+        """What makes two runs' features the same: the spec without the measured widths (loads nothing)."""
+        return self.spec.identity()
 
     @torch.no_grad()
-    def semantic(self, frames: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(self.frame_encoder.encode(frames)).float().cpu()
+    def semantic(self, frames: np.ndarray, chunk: int = 512) -> torch.Tensor:
+        # in chunks: a shard's frames as float pictures would not fit in memory at once (64 x 10 s x 384 px: 9 GB)
+        return torch.cat([torch.as_tensor(self.frame_encoder.encode(frames[i:i + chunk])).float().cpu()
+                          for i in range(0, len(frames), chunk)])
 
     @torch.no_grad()
     def sync(self, frames: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(self.motion_encoder.encode(frames)).float().cpu()
+
+    @torch.no_grad()
+    def sync_many(self, clips: list) -> list:
+        """sync() of several clips, in shared batches when the encoder batches (Synchformer's segments)."""
+        many = getattr(self.motion_encoder, "encode_many", None)
+        return [t.float().cpu() for t in many(clips)] if many is not None else [self.sync(c) for c in clips]
 
 
 @torch.no_grad()
@@ -85,16 +170,24 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
     stds = torch.cat([torch.exp(0.5 * p.logvar) for p in posts]).transpose(1, 2).float().cpu()
     # the semantic encoder is per frame: one call for every frame of the shard
     with_frames = [r for r in raw if r.get("video") is None and r.get("frames_semantic") is not None]
-    sems = {}
+    sems, syns = {}, {}
     if with_frames:
         allsem = enc.semantic(np.concatenate([r["frames_semantic"] for r in with_frames]))
         sems = dict(zip([id(r) for r in with_frames], allsem.split([len(r["frames_semantic"]) for r in with_frames])))
+        clips = [r["frames_sync"] for r in with_frames]
+        many = getattr(enc, "sync_many", None)
+        syns = dict(zip([id(r) for r in with_frames], many(clips) if many else [enc.sync(c) for c in clips]))
+    note = getattr(enc, "note_features", None)
+    if note is not None:                        # released features fix (or must match) the widths first
+        for r in raw:
+            if r.get("video") is not None and r.get("frames_semantic") is None:
+                note(r["video"].shape[-1], r["sync"].shape[-1], f"clip {r['clip_id']}")
     out = []
     for i, r in enumerate(raw):
         if r.get("video") is not None:          # features given (e.g. an off-screen variant of a clip)
             sem, syn = r["video"], r["sync"]
         elif r.get("frames_semantic") is not None:
-            sem, syn = sems[id(r)], enc.sync(r["frames_sync"])
+            sem, syn = sems[id(r)], syns[id(r)]
         else:
             sem, syn = torch.zeros(0, enc.dims()[0]), torch.zeros(0, enc.dims()[1])
         out.append({"clip_id": r["clip_id"], "caption": r.get("caption"), "duration": r["duration"],
@@ -103,26 +196,32 @@ def encode_items(raw: list, vae, enc: Encoders) -> list:
 
 
 def extract_shards(load_shard: Callable[[int], list], n_shards: int, out_dir: str, vae, enc: Encoders,
-                   rank: int = 0, world: int = 1, stop_after: Optional[int] = None, progress: bool = True) -> list:
-    """Write the missing shards among r::world. load_shard(k) -> raw items of shard k. Returns the shard
-    numbers written by this call. stop_after: return after that many shards (tests simulate a kill)."""
+                   rank: int = 0, world: int = 1, stop_after: Optional[int] = None, progress: bool = True,
+                   iter_raw: Optional[Callable[[list], Iterator]] = None, n_clips: Optional[int] = None) -> list:
+    """Write the missing shards among r::world. load_shard(k) -> raw items of shard k, or iter_raw(shards) ->
+    (k, raw items) in order (decoding ahead in workers). Returns the shard numbers written by this call.
+    stop_after: return after that many shards (tests simulate a kill). n_clips(k): clips in shard k, for a
+    progress bar in clips with clips/s and an ETA."""
     done = set(done_shards(out_dir))
-    mine = [k for k in range(rank, n_shards, world) if k not in done]
+    ours = list(range(rank, n_shards, world))
+    mine = [k for k in ours if k not in done]
+    if stop_after is not None:
+        mine = mine[:stop_after]
     written = []
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
-        bar = tqdm(total=len(range(rank, n_shards, world)), initial=len(range(rank, n_shards, world)) - len(mine),
-                   desc=f"extract {os.path.basename(out_dir)}", dynamic_ncols=True, mininterval=2.0)
-    for k in mine:
-        if stop_after is not None and len(written) >= stop_after:
-            break
-        raw = load_shard(k)
+        count = n_clips or (lambda k: 1)
+        bar = tqdm(total=sum(count(k) for k in ours), initial=sum(count(k) for k in ours if k in done),
+                   unit="clip" if n_clips else "shard", desc=f"extract {os.path.basename(out_dir)}",
+                   dynamic_ncols=True, mininterval=2.0, smoothing=0.1)
+    source = iter_raw(mine) if iter_raw is not None else ((k, load_shard(k)) for k in mine)
+    for k, raw in source:
         if raw:
             write_shard(os.path.join(out_dir, shard_name(k)), encode_items(raw, vae, enc))
         written.append(k)
         if bar is not None:
-            bar.update(1)
+            bar.update(n_clips(k) if n_clips else 1)
     if bar is not None:
         bar.close()
     return written
@@ -203,7 +302,7 @@ def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64,
                    progress=cfg.progress)
     complete = all(len(done_shards(os.path.join(feat_dir, s))) == n_shards for s in ("train", "offscreen"))
     for s in ("train", "offscreen"):
-        write_index(os.path.join(feat_dir, s), {"source": "toy", "toy": asdict(world.cfg)})
+        write_index(os.path.join(feat_dir, s), {"source": "toy", "toy": asdict(world.cfg), **encoder_record(enc)})
     meta = {"key": key, "complete": complete, "n_shards": n_shards}
     with open(meta_path, "w") as f:
         json.dump(meta, f)
@@ -213,26 +312,21 @@ def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64,
 # ----------------------------------------------------------------------------------------------------
 # Manifests (real data)
 # ----------------------------------------------------------------------------------------------------
-def _load_record(rec, sample_rate: int, frame_size: int) -> Optional[dict]:
-    from .audio import load_audio
-    wav = load_audio(rec.audio, sample_rate).numpy()
-    a = int(round(rec.start * sample_rate))
-    wav = wav[a:a + int(round(rec.duration * sample_rate))]
-    if len(wav) == 0:
-        raise ValueError(f"{rec.audio}: no audio in [{rec.start}, {rec.start + rec.duration}] s")
-    f8 = f25 = None
-    if rec.video:
-        from .video import read_video
-        f8 = read_video(rec.video, fps=8, size=frame_size, start=rec.start, max_seconds=rec.duration)
-        f25 = read_video(rec.video, fps=25, size=frame_size, start=rec.start, max_seconds=rec.duration)
-    return {"clip_id": rec.clip_id, "audio": wav.astype(np.float32), "frames_semantic": f8, "frames_sync": f25,
-            "caption": rec.caption, "duration": len(wav) / sample_rate}
+def encoder_record(enc) -> dict:
+    """What index.json records of the encoders: the spec with its measured widths (EncoderSpec.to_dict())."""
+    fn = getattr(enc, "spec_dict", None)
+    return {"encoders": fn()} if fn is not None else {}
 
 
 def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int = 64, rank: int = 0,
-                     world: int = 1, text_encoder: Optional[str] = None, frame_size: int = 64,
+                     world: int = 1, text_encoder: Optional[str] = None, frame_size: Optional[int] = None,
                      split: Optional[str] = None, enc: Optional[Encoders] = None,
-                     stop_after: Optional[int] = None, progress: bool = True, device: str = "cpu") -> dict:
+                     stop_after: Optional[int] = None, progress: bool = True, device: str = "cpu",
+                     spec=None, workers: Optional[int] = None) -> dict:
+    """Extract the records of ``manifest`` into shards under ``out_dir`` (this rank's share r::world).
+    spec: the EncoderSpec (default: MiniLM, or ``text_encoder``, and the built-in video / sync encoders);
+    frame_size: the built-in encoders' frame side; workers: decoding processes (default: CPUs - 1, at most 8)."""
+    from .data.decode import default_workers, iter_shards
     from .data.manifest import ManifestValidationError, read_manifest
     from .vae import AudioVAE
     records, report = read_manifest(manifest, split=split)
@@ -242,36 +336,80 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
     if report.skipped and rank == 0:
         print(report.summary(), file=sys.stderr)
     vae = AudioVAE.from_pretrained(vae_dir, device=device).eval()
-    enc = enc or Encoders(text_encoder)
-    failed = []
-
-    def load_shard(k):
-        out = []
-        for rec in records[k * shard_size:(k + 1) * shard_size]:
-            try:
-                out.append(_load_record(rec, vae.sample_rate, frame_size))
-            except Exception as e:          # one bad clip never stops a long run
-                failed.append(f"{rec.clip_id}: {e}")
-                print(f"[extract] skipped {rec.clip_id}: {e}", file=sys.stderr)
-        return out
-
+    if enc is None:
+        from .encoder_spec import EncoderSpec
+        spec = spec or EncoderSpec.parse(text_encoder)
+        if frame_size is not None:
+            if spec.video.kind == "builtin":
+                spec.video.image_size = frame_size
+            if spec.sync.kind == "builtin":
+                spec.sync.frame_size = frame_size
+        enc = Encoders(spec=spec, device=device)
+    failed: list = []
+    from .encoder_spec import BUILTIN_FRAME_SIZE, FrameRequest
+    vreq = sreq = None
+    if any(r.video and not (r.features or {}).get("video") for r in records):   # some clip decodes its frames
+        vreq = getattr(enc, "video_request", FrameRequest(8.0, frame_size or BUILTIN_FRAME_SIZE))
+        sreq = getattr(enc, "sync_request", FrameRequest(25.0, frame_size or BUILTIN_FRAME_SIZE))
     n_shards = (len(records) + shard_size - 1) // shard_size
-    written = extract_shards(load_shard, n_shards, out_dir, vae, enc, rank, world, stop_after, progress)
+    workers = default_workers() if workers is None else workers
+
+    def iter_raw(shards):
+        return iter_shards(records, shards, shard_size, vae.sample_rate, vreq, sreq, workers, failed)
+
+    def n_clips(k):
+        return len(records[k * shard_size:(k + 1) * shard_size])
+    written = extract_shards(None, n_shards, out_dir, vae, enc, rank, world, stop_after, progress,
+                             iter_raw=iter_raw, n_clips=n_clips)
     return {"records": len(records), "manifest_skipped": report.skipped, "clips_failed": failed,
-            "shards": n_shards, "written": written}
+            "shards": n_shards, "written": written, **encoder_record(enc)}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m omni2sound.extract", description=__doc__.split("\n")[0])
-    p.add_argument("--manifest", required=True)
-    p.add_argument("--vae", required=True, help="VAE folder (save_pretrained)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shard-size", type=int, default=64)
-    p.add_argument("--split", choices=("train", "val", "test"))
-    p.add_argument("--text-encoder", help="local text encoder folder (default: the packaged MiniLM)")
-    p.add_argument("--frame-size", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p = argparse.ArgumentParser(
+        prog="python -m omni2sound.extract", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("\n")[0],
+        epilog="""manifest format (JSON lines, one clip per line; paths relative to the manifest's folder):
+  {"clip_id": "vggsound/abc_1", "audio": "audio/abc_1.flac", "duration": 10.0,       <- required
+   "video": "video/abc_1.mp4", "start": 0.0, "caption": "a dog barks twice",
+   "offscreen": "a man speaks off-screen", "av_score": 0.34, "route": "audio-visual",
+   "source": "vggsound", "split": "train"}
+clip_id, audio and duration are required; a clip without video or caption gets empty video / text features.
+split is train, val or test; route is audio-visual or audio-only (av_score under 0.20 is rejected).
+A bad record is reported with its file and line and skipped; the run goes on.
+
+output: OUT/shard-NNNNN.safetensors (latent_mean / latent_std [T, C] at the VAE's latent rate, text tokens
+[L, Dt], semantic video tokens [V, Dv] at 8 fps, sync features [S, Ds] at 24 per second) and OUT/index.json.
+Resumable: finished shards are skipped on a rerun. Several GPUs: torchrun --nproc_per_node N -m omni2sound.extract
+""")
+    p.add_argument("--manifest", required=True, help="the clips: a JSON-lines manifest (format below)")
+    p.add_argument("--vae", required=True,
+                   help="VAE folder (AudioVAE.save_pretrained, e.g. runs/NAME/vae) that encodes the audio to latents")
+    p.add_argument("--out", required=True, help="output folder for the shards and index.json")
+    p.add_argument("--shard-size", type=int, default=64, help="clips per shard (default 64)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="only the manifest's records of this split")
+    p.add_argument("--text-encoder", help="minilm (default) | t5:DIR | clap:DIR | DIR (a local transformers folder)")
+    p.add_argument("--video-encoder", help="builtin (default) | hf:DIR (CLIP / SigLIP) | open_clip:ARCH:FILE")
+    p.add_argument("--sync-encoder", help="builtin (default) | synchformer:FILE")
+    p.add_argument("--sync-config", help="JSON file of SynchformerConfig fields for a checkpoint of another size than "
+                                         "the released one")
+    p.add_argument("--video-size", type=int, help="vision tower input pixels (default: the model's; paper: 384)")
+    p.add_argument("--text-max-tokens", type=int, help="longest caption in tokens (default 128)")
+    p.add_argument("--frame-size", type=int, default=None,
+                   help="video frames are resized to this square for the built-in frame and motion encoders "
+                        "(default 64)")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
+    p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
     a = p.parse_args(argv)
+    from .encoder_spec import EncoderSpec
+    try:
+        spec = EncoderSpec.parse(a.text_encoder, a.video_encoder, a.sync_encoder, a.text_max_tokens, a.video_size,
+                                 check=False)
+        if a.sync_config:
+            with open(a.sync_config) as f:
+                spec.sync.config = json.load(f)
+    except (OSError, ValueError) as e:
+        p.error(str(e))
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         if a.device.startswith("cuda"):     # each rank its own GPU, set before NCCL starts (its barrier uses it)
@@ -279,16 +417,19 @@ def main(argv=None) -> None:
             torch.cuda.set_device(torch.device(a.device))
         torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     try:
-        res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, a.text_encoder, a.frame_size,
-                               a.split, device=a.device)
+        res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, None, a.frame_size,
+                               a.split, device=a.device, spec=spec, workers=a.workers)
     except (ValueError, FileNotFoundError) as e:    # an unusable manifest, a missing VAE folder: the reason
         p.exit(2, f"{p.prog}: error: {e}\n")
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
-        # the VAE that made these latents: a training run on this folder names it in its stages' pipeline.json
-        idx = write_index(a.out, {"manifest": os.path.abspath(a.manifest), "vae": os.path.abspath(a.vae)})
-        print(json.dumps({**res, "num_clips": idx["num_clips"], "written": len(res["written"])}))
+        # the VAE that made these latents and the encoders of the conditions: a training run on this folder
+        # names both in its stages' pipeline.json (and sizes its DiT from the encoders' widths)
+        idx = write_index(a.out, {"manifest": os.path.abspath(a.manifest), "vae": os.path.abspath(a.vae),
+                                  "encoders": res["encoders"]})
+        print(json.dumps({**{k: v for k, v in res.items() if k != "encoders"}, "num_clips": idx["num_clips"],
+                          "written": len(res["written"])}))
     if world > 1:
         torch.distributed.destroy_process_group()
 

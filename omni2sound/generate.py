@@ -3,6 +3,14 @@
     python -m omni2sound.generate --model DIR --video x.mp4 --text "a dog barks" --out out.wav
     python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --cfg 4.5 --out rain.flac
     python -m omni2sound.generate --model DIR --clip-features c.npy --sync-features s.npy --out out.wav
+    python -m omni2sound.generate --model DIR --video x.mp4 --out x_with_sound.mp4
+    python -m omni2sound.generate --model DIR --manifest items.csv --out-dir generated/
+
+An --out ending in .mp4 / .mov / .mkv / .m4v / .webm writes the input video with the generated audio as its
+sound track (the video stream copied, not re-encoded; AAC audio cut to the video's length). Without
+--duration the audio is as long as the video (from its packets' timestamps), or 10 s without video.
+--manifest runs batch generation (omni2sound/batch.py): a CSV or JSON-lines file with columns id, video,
+text, duration, seed; outputs, results.jsonl and a resumable, torchrun-shardable run under --out-dir.
 
 DIR holds dit/ and vae/, or dit/ and a pipeline.json naming the VAE's folder: every finished DiT stage of
 ``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--cfg 3,5`` gives
@@ -20,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-from .device import device_arg
+from .device import default_device, device_arg
 
 
 def _guidance(s: str):
@@ -45,24 +53,57 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--model", required=True,
                    help="pipeline directory: dit/ and vae/, or a training stage folder (e.g. runs/toy/stage3)")
     p.add_argument("--video", action="append", default=None, help="input video (repeat for a batch)")
-    p.add_argument("--text", action="append", default=None, help="text prompt (repeat for a batch)")
+    p.add_argument("--text", action="append", default=None,
+                   help="text prompt (repeat for a batch); at most the model's max_text_tokens tokens (DiTConfig: "
+                        "128 by default, 64 in the tiny preset), longer ones are refused unless --truncate")
+    p.add_argument("--truncate", action="store_true",
+                   help="cut prompts longer than the model's max_text_tokens instead of refusing them")
     p.add_argument("--clip-features", default=None, help="precomputed semantic video features (.npy/.safetensors)")
     p.add_argument("--sync-features", default=None, help="precomputed sync features (.npy/.safetensors)")
-    p.add_argument("--duration", type=float, default=None, help="seconds (default: the video's length or 10)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds (default: the video's duration, the longest one's in a batch; 10 without video)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=device_arg)
+    p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--plain", action="store_true", help="turn every latency optimisation off")
-    p.add_argument("--out", required=True, help="output .wav or .flac")
+    p.add_argument("--out", help="output .wav or .flac, or .mp4 / .mov / .mkv (with --video): the video with "
+                                 "the generated sound track")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (shown for requests over a second)")
+    b = p.add_argument_group("batch generation (--manifest)")
+    b.add_argument("--manifest", help="CSV (with a header) or JSON-lines file; columns id, video, text, duration, "
+                                      "seed, any of them empty (video paths relative to the manifest's folder)")
+    b.add_argument("--out-dir", help="folder for the outputs (ID.wav, or ID.mp4 for rows with a video), results.jsonl")
+    b.add_argument("--batch-size", type=int, default=8, help="requests per forward (default 8)")
+    b.add_argument("--bucket-seconds", type=float, default=1.0,
+                   help="requests whose durations round up to the same multiple of this share a batch (default 1)")
+    b.add_argument("--format", choices=("auto", "wav", "flac", "mp4"), default="auto",
+                   help="auto: ID.mp4 for rows with a video, ID.wav otherwise")
     args = p.parse_args(argv)
+
+    if args.manifest is not None:
+        if args.out_dir is None:
+            p.error("--manifest needs --out-dir")
+        if args.video or args.text or args.out:
+            p.error("--manifest takes its requests from the file: drop --video / --text / --out")
+        from .batch import run_manifest
+        try:
+            return run_manifest(args)
+        except (ValueError, FileNotFoundError) as e:
+            p.exit(2, f"{p.prog}: error: {e}\n")
+    if args.out is None:
+        p.error("--out is required (or --manifest with --out-dir)")
 
     if args.duration is not None and args.duration <= 0:
         p.error(f"--duration must be positive, got {args.duration}")
-    if not args.out.lower().endswith((".wav", ".flac")):
-        p.error(f"--out must end in .wav or .flac, got {args.out}")
+    from .mux import VIDEO_SUFFIXES, is_video_path
+    if is_video_path(args.out):
+        if not args.video:
+            p.error(f"--out {args.out}: a video output needs --video (the picture to put the sound under)")
+    elif not args.out.lower().endswith((".wav", ".flac")):
+        p.error(f"--out must end in .wav or .flac (audio) or {' / '.join(VIDEO_SUFFIXES)} (video), got {args.out}")
     for path in (args.video or []) + [args.clip_features, args.sync_features]:
         if path is not None and not os.path.isfile(path):
             p.error(f"no such file: {path}")
@@ -77,14 +118,14 @@ def _run(args) -> int:
     from .pipeline import Omni2SoundPipeline
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    from .mux import default_duration, is_video_path, mux_audio
     pipe = Omni2SoundPipeline.from_pretrained(args.model, device=args.device, dtype=dtype)
+    pipe.truncate_text = args.truncate
     duration = args.duration
     if duration is None:
-        duration = 10.0
-        if args.video:
-            from .video import read_video
-            duration = read_video(args.video[0], fps=25.0, size=16).shape[0] / 25.0
-    opts = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, method=args.method, plain=args.plain)
+        duration = default_duration(args.video)
+    opts = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, method=args.method, plain=args.plain,
+                progress=not args.no_progress)
     if args.clip_features or args.sync_features:
         from .encoders import load_features
         mcfg = pipe.dit.config
@@ -97,8 +138,12 @@ def _run(args) -> int:
     else:
         result = pipe.generate(video=args.video, text=args.text, duration=duration, **opts)
     paths = _out_paths(args.out, result.audio.shape[0])
-    for path, wav in zip(paths, result.audio):
-        save_audio(path, wav, result.sample_rate)
+    videos = args.video or []
+    for i, (path, wav) in enumerate(zip(paths, result.audio)):
+        if is_video_path(path):
+            mux_audio(videos[i] if i < len(videos) else videos[0], wav, result.sample_rate, path)
+        else:
+            save_audio(path, wav, result.sample_rate)
     print(json.dumps({"outputs": paths, "sample_rate": result.sample_rate, "duration": duration,
                       "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}), file=sys.stderr)
     return 0

@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -45,6 +44,7 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
+from .files import atomic_write
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -583,8 +583,8 @@ class Omni2SoundDiT(nn.Module):
         from safetensors.torch import save_file
         os.makedirs(directory, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p))
-        _atomic_write(os.path.join(directory, CONFIG_NAME), lambda p: _write_text(p, self.config.to_json()))
+        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p))
+        atomic_write(os.path.join(directory, CONFIG_NAME), self.config.to_json())
 
     @classmethod
     def from_pretrained(cls, directory: str, device=None, dtype: Optional[torch.dtype] = None) -> "Omni2SoundDiT":
@@ -612,19 +612,3 @@ class Omni2SoundDiT(nn.Module):
         model.load_state_dict(state, assign=True)
         return model.to(device=device, dtype=dtype)
 
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -152,7 +152,7 @@ def _truth(clip) -> list:
 
 
 def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
-                 split: str = "test") -> dict:
+                 split: str = "test", progress: Optional[bool] = None) -> dict:
     """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
     Also scores the VAE's reconstruction of the true audio (the ceiling any DiT can reach here).
     split: "test" for the report; "val" to choose sampling settings (steps, CFG) without touching the test prompts."""
@@ -165,6 +165,7 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     from .vae import AudioVAE
 
     n = n or cfg.toy_eval_clips
+    progress = getattr(cfg, "progress", True) if progress is None else progress
     world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     vae = AudioVAE.from_pretrained(vae_dir).eval()
     model = Omni2SoundDiT.from_pretrained(os.path.join(stage_dir, "dit")).eval()
@@ -175,8 +176,13 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     oracle, flow = Oracle(), FlowMatching()
     N = int(round(cfg.toy_duration * world.cfg.sample_rate))
     results, audio = {}, {}
+    from tqdm import tqdm
+
     from .data.shards import FeatureTable
-    for track, (task, start, off) in TRACKS.items():
+    tracks = tqdm(TRACKS.items(), desc=f"report ({split} prompts)", unit="track", disable=not progress,
+                  dynamic_ncols=True)
+    for track, (task, start, off) in tracks:
+        tracks.set_postfix_str(track)
         clips = world.clips(n, split, start=start, offscreen=off)
         table = FeatureTable.from_items(encode_items([{"clip_id": c.clip_id, "audio": c.audio,
                                                         "frames_semantic": c.frames_semantic,
@@ -254,6 +260,7 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
              "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
              "|---|---|---|---|---|---|---|---|"]
     fmt = lambda v: "-" if v is None else f"{v:.3f}"
+    tb_samples = []
     passed_all, failing, samples = True, [], ["", "Samples (two per track):", ""]
     for track, r in ev["results"].items():
         ok = all((r[k] or 0) >= v for k, v in BAR[track].items())
@@ -271,12 +278,15 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
             save_audio(base + ".wav", __import__("torch").from_numpy(wav[i]), sr)
             prompt = clips[i].caption if r["task"] != "v2a" else "(video only) " + clips[i].caption
             _spectrogram_png(base + ".png", wav[i], sr, f"{track}: {prompt}")
+            tb_samples.append((f"{track}_{i}", wav[i], base + ".png", prompt))
             samples.append(f"- `{track}_{i}.wav`  / `.png`: prompt \"{clips[i].caption}\" (task {r['task']}), "
                          f"truth {[(e['cls'], e['onset']) for e in _truth(clips[i])]}, "
                          f"heard {[(e['cls'], round(e['onset'], 3)) for e in Oracle().analyse(wav[i])]}")
     from .train import stage_dir as folder_of
     folders = [os.path.basename(folder_of(cfg, s)) for s in cfg.stages()]     # e.g. stage2-only/
     _loss_png(os.path.join(out_dir, "losses.png"), run_root, folders)
+    from .tblog import report_to_tensorboard
+    report_to_tensorboard(out_dir, tb_samples, sr, enabled=getattr(cfg, "tensorboard", True))
     verdict = "all tracks pass" if passed_all else "NOT met; failing: " + ", ".join(failing)
     lines += samples + ["", f"Learning bar: {verdict}.", "",
               "![losses](losses.png)", ""]

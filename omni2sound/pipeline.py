@@ -29,7 +29,7 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -38,7 +38,8 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
-from .device import resolve_device
+from .device import default_device, resolve_device
+from .files import write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -58,6 +59,9 @@ class PipelineConfig:
     vae_dir: Optional[str] = None
     latent_mean: Optional[List[float]] = None
     latent_std: Optional[List[float]] = None
+    # The condition encoders the DiT was trained on (EncoderSpec.to_dict(), as extraction recorded them); when set
+    # it supersedes text_encoder / video_encoder / sync_encoder / builtin_frame_size
+    encoders: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
@@ -65,6 +69,14 @@ class PipelineConfig:
         if set(d) - known:
             raise ValueError(f"unknown PipelineConfig fields {sorted(set(d) - known)}")
         return cls(**d)
+
+    def encoder_spec(self):
+        """The EncoderSpec of this pipeline (from ``encoders``, else from the older per-encoder fields)."""
+        from .encoder_spec import EncoderSpec
+        if self.encoders is not None:
+            return EncoderSpec.from_dict(self.encoders, where="pipeline.json encoders")
+        return EncoderSpec.from_pipeline_fields(self.text_encoder, self.video_encoder, self.sync_encoder,
+                                                self.builtin_frame_size)
 
 
 @dataclass
@@ -81,6 +93,7 @@ class SamplingOptions:
     conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
     batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)
     cpu_packed_weights: bool = True           # CPU: the step's oneDNN GEMMs use weights reordered once (ops.linear)
+    progress: bool = False                    # a bar over the eager sampling steps (after a second)
 
 
 @dataclass
@@ -100,6 +113,30 @@ def warm_up_on_side_stream(fn, calls: int) -> None:
         for _ in range(calls):
             fn()
     torch.cuda.current_stream().wait_stream(s)
+
+
+@contextmanager
+def step_progress(velocity, opts: "SamplingOptions", enabled: bool):
+    """``velocity`` counted on a tqdm bar of the sampling steps; the bar appears only when sampling takes over a
+    second (short requests stay quiet). Yields the function to integrate."""
+    if not enabled:
+        yield velocity
+        return
+    from tqdm import tqdm
+    per_step = 2 if opts.method == "heun" else 1
+    bar = tqdm(total=opts.steps, desc="sampling", unit="step", delay=1.0, leave=False)
+    calls = [0]
+
+    def counted(x, t):
+        v = velocity(x, t)
+        calls[0] += 1
+        if calls[0] % per_step == 0:
+            bar.update(1)
+        return v
+    try:
+        yield counted
+    finally:
+        bar.close()
 
 
 def _sync(device: torch.device) -> None:
@@ -176,6 +213,21 @@ class GraphSampler:
 # The pipeline
 # ----------------------------------------------------------------------------------------------------
 class Omni2SoundPipeline:
+    """Video and/or text -> audio with a trained Omni2Sound DiT and its audio VAE.
+
+    Load a model folder (every finished training stage is one) and generate::
+
+        from omni2sound import Omni2SoundPipeline, save_audio, mux_audio
+        pipe = Omni2SoundPipeline.from_pretrained("runs/toy/stage3")          # CUDA when there is a GPU
+        out = pipe.generate(video="clip.mp4", text="a dog barks twice")       # V2A + text: VT2A
+        save_audio("dog.wav", out.audio[0], out.sample_rate)                  # WAV / FLAC
+        mux_audio("clip.mp4", out.audio[0], out.sample_rate, "dog.mp4")       # the video with this sound track
+
+    The same model does V2A (video only), T2A (text only) and VT2A (both); a batch may mix them. Generation
+    runs in the phases described at the top of ``omni2sound/pipeline.py`` (encode, prepare, sample, decode),
+    each timed in ``GenerationResult.timings``. The condition encoders load on first use.
+    """
+
     def __init__(self, dit: Omni2SoundDiT, vae, config: Optional[PipelineConfig] = None,
                  text_encoder=None, video_encoder=None, sync_encoder=None, flow: Optional[FlowMatching] = None,
                  compile_step: bool = False):
@@ -189,6 +241,7 @@ class Omni2SoundPipeline:
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
         self.graphs = GraphSampler()
+        self.truncate_text = False          # True: prompts past the DiT's max_text_tokens are cut, not refused
         for name in ("latent_mean", "latent_std"):
             v = getattr(self.config, name)
             if v is not None and len(v) != dit.config.latent_dim:
@@ -201,10 +254,10 @@ class Omni2SoundPipeline:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, directory: str, device: Union[str, torch.device] = "cpu",
+    def from_pretrained(cls, directory: str, device: Union[str, torch.device, None] = None,
                         dtype: Optional[torch.dtype] = None, **encoders) -> "Omni2SoundPipeline":
-        """Load DIR/dit and DIR/vae (+ DIR/pipeline.json). dtype: the DiT's; default bf16 on a GPU, fp32 on
-        the CPU. The VAE stays fp32."""
+        """Load DIR/dit and DIR/vae (+ DIR/pipeline.json). device: default CUDA when a GPU is visible, else the
+        CPU (as the CLI). dtype: the DiT's; default bf16 on a GPU, fp32 on the CPU. The VAE stays fp32."""
         from .vae import AudioVAE
 
         directory = os.fspath(directory)
@@ -220,7 +273,8 @@ class Omni2SoundPipeline:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"Omni2SoundPipeline.from_pretrained: no {what}/ folder at {path} (expected "
                                         "DIR/dit and DIR/vae, or pipeline.json's vae_dir; see omni2sound/pipeline.py)")
-        device = resolve_device(device)                # a clear ValueError for a GPU that is not there
+        # a clear ValueError for a GPU that is not there
+        device = resolve_device(default_device() if device is None else device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         dit = Omni2SoundDiT.from_pretrained(os.path.join(directory, "dit"), device=device, dtype=dtype)
@@ -228,13 +282,11 @@ class Omni2SoundPipeline:
         return cls(dit, vae, config, **encoders)
 
     def save_pretrained(self, directory: str) -> None:
-        from .model import _atomic_write, _write_text
         os.makedirs(directory, exist_ok=True)
         self.dit.save_pretrained(os.path.join(directory, "dit"))
         self.vae.save_pretrained(os.path.join(directory, "vae"))
         config = replace(self.config, vae_dir=None)                    # the VAE is saved inside DIR
-        _atomic_write(os.path.join(directory, PIPELINE_CONFIG),
-                      lambda p: _write_text(p, json.dumps(asdict(config), indent=2)))
+        write_json(os.path.join(directory, PIPELINE_CONFIG), asdict(config))
 
     @property
     def device(self) -> torch.device:
@@ -262,59 +314,70 @@ class Omni2SoundPipeline:
     def sample_rate(self) -> int:
         return int(self.vae.sample_rate)
 
-    # -- condition encoders (loaded on first use) -----------------------------------------------------
+    # -- condition encoders (loaded on first use, as the config's EncoderSpec names them) -------------
+    @property
+    def encoder_spec(self):
+        if getattr(self, "_spec", None) is None:
+            self._spec = self.config.encoder_spec()
+        return self._spec
+
+    def _encoder_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
     @property
     def text_encoder(self):
         if self._text is None:
-            from .encoders import TextEncoder
-            self._text = TextEncoder.from_pretrained(self.config.text_encoder,
-                                                     max_tokens=self.dit.config.max_text_tokens)
+            from .encoder_spec import load_text
+            t = replace(self.encoder_spec.text, max_tokens=self.dit.config.max_text_tokens)
+            self._text = load_text(t, self.device, self._encoder_dtype())
+        if hasattr(self._text, "truncate"):
+            self._text.truncate = self.truncate_text
         return self._text
 
     @property
     def video_encoder(self):
         if self._video is None:
-            from .encoders import FrameSemanticEncoder, VisionTowerEncoder
-            v = self.config.video_encoder
-            self._video = FrameSemanticEncoder() if v == "builtin" else VisionTowerEncoder.from_pretrained(v)
+            from .encoder_spec import load_video
+            self._video = load_video(self.encoder_spec.video, self.device, self._encoder_dtype())
         return self._video
 
     @property
     def sync_encoder(self):
         if self._sync is None:
-            from .encoders import MotionSyncEncoder
-            if self.config.sync_encoder != "builtin":
-                raise ValueError("only the built-in sync encoder runs on raw video; pass precomputed Synchformer "
-                                 "features through generate_from_features(sync=...)")
-            self._sync = MotionSyncEncoder()
+            from .encoder_spec import load_sync
+            self._sync = load_sync(self.encoder_spec.sync, self.device, self._encoder_dtype())
         return self._sync
 
-    def _frame_size(self):
-        enc = self.video_encoder
-        return getattr(enc, "image_size", None) or self.config.builtin_frame_size
+    def frame_requests(self):
+        """(semantic, sync) FrameRequest: how to decode a request's video for each encoder."""
+        from .encoder_spec import LoadedEncoders
+        le = LoadedEncoders(self.encoder_spec, None, self.video_encoder, self.sync_encoder)
+        return le.video_request, le.sync_request
 
     def encode(self, video: Optional[Sequence] = None, text: Optional[Sequence] = None,
                duration: float = 10.0) -> Conditions:
         """Run the condition encoders for a batch of requests. video: list of paths (or None items);
         text: list of prompts (or None / "" items). Returns the Conditions the DiT reads."""
-        from .video import read_video
+        from .encoder_spec import read_frames, source_size
 
         video, text = self._batch(video, text)
-        cfg = self.dit.config
         if not duration or duration <= 0 or not math.isfinite(duration):
             raise ValueError(f"duration must be positive seconds, got {duration}")
         B = len(video)
         sem, syn = [], []
+        vreq = sreq = None
         for item in video:
             if item is None:
                 sem.append(None)
                 syn.append(None)
                 continue
-            size = self._frame_size()
-            frames8 = read_video(item, fps=cfg.video_rate, size=size, max_seconds=duration)
-            frames25 = read_video(item, fps=25.0, size=self.config.builtin_frame_size, max_seconds=duration)
-            sem.append(self.video_encoder.encode(frames8).float())
-            syn.append(self.sync_encoder.encode(frames25).float())
+            if vreq is None:
+                vreq, sreq = self.frame_requests()
+            hw = source_size(item) if (vreq.crop or sreq.crop) else None
+            frames8 = read_frames(item, vreq, max_seconds=duration, hw=hw)
+            frames25 = read_frames(item, sreq, max_seconds=duration, hw=hw)
+            sem.append(self.video_encoder.encode(frames8).float().cpu())
+            syn.append(self.sync_encoder.encode(frames25).float().cpu())
         return self.conditions_from_features(
             text_tokens=None, video_features=sem, sync_features=syn, duration=duration, text=text, batch=B)
 
@@ -382,25 +445,59 @@ class Omni2SoundPipeline:
         return video, text
 
     # -- generation ----------------------------------------------------------------------------------
-    def generate(self, video=None, text=None, duration: float = 10.0, steps: int = 25,
-                 cfg: Optional[Guidance] = 4.5, seed: int = 0, method: str = "euler", plain: bool = False,
-                 cuda_graphs: bool = True) -> GenerationResult:
-        """Video path(s) and/or prompt(s) -> GenerationResult (audio [B, N], sample_rate, timings)."""
+    def generate(self, video=None, text=None, duration: Optional[float] = None, steps: int = 25,
+                 cfg: Optional[Guidance] = 4.5, seed: Union[int, Sequence[int]] = 0, method: str = "euler",
+                 plain: bool = False, cuda_graphs: bool = True, progress: bool = False) -> GenerationResult:
+        """Generate audio for one request or a batch.
+
+        Args:
+            video: a video file path (MP4, MOV, MKV, WebM: anything PyAV decodes, any frame rate, constant or
+                variable), a list of them (one per request; None items for requests without video), or None.
+            text: a prompt, a list of prompts (None or "" items for requests without text), or None. One video
+                with several prompts (or one prompt with several videos) is shared across the batch. Neither
+                video nor text makes unconditional audio (warned).
+            duration: seconds of audio. None (default): the video's duration (the longest video's in a batch,
+                from its packets' timestamps: ``omni2sound.mux.video_duration``), or 10 s without video; the
+                CLI uses the same rule. Longer than the model's training length is made in overlapping windows.
+            steps: ODE solver steps (25 by default; each costs one batched DiT forward, two with Heun).
+            cfg: classifier-free guidance: a number (one joint scale over video and text), a (video, text) pair
+                of separate scales (the training report samples with (3, 6)), or None (no guidance: the
+                conditional model alone, half the compute).
+            seed: the initial noise's seed: one int for the batch (request i gets row i of that draw), or one
+                int per request (request i then sounds as it would alone with its seed).
+            method: "euler" (default) or "heun" (2nd order, two forwards per step).
+            plain: run every latency optimisation off (the benchmark's and tests' baseline).
+            cuda_graphs: on a GPU, replay the sampling step and the VAE decode from CUDA graphs.
+            progress: a tqdm bar over the sampling steps, shown only if sampling takes over a second (the CLI
+                turns it on; off by default here).
+
+        Returns:
+            GenerationResult: ``audio`` float32 [B, N] on the CPU in [-1, 1] (N = round(duration *
+            sample_rate)), ``sample_rate`` (Hz), ``latents`` [B, T, C], ``timings`` (seconds per phase). Save
+            with ``omni2sound.save_audio(path, out.audio[i], out.sample_rate)`` (WAV / FLAC) or put it under a
+            video with ``omni2sound.mux_audio(video, out.audio[i], out.sample_rate, "out.mp4")``.
+        """
+        from .mux import default_duration, warn_unconditional
         t0 = time.perf_counter()
+        warn_unconditional(*self._batch(video, text))
+        if duration is None:
+            duration = default_duration(video)
         cond = self.encode(video, text, duration)
         t_enc = time.perf_counter() - t0
         out = self.generate_from_conditions(cond, steps=steps, cfg=cfg, seed=seed, method=method, plain=plain,
-                                            cuda_graphs=cuda_graphs)
+                                            cuda_graphs=cuda_graphs, progress=progress)
         out.timings["encode"] = t_enc
         out.timings["total"] = time.perf_counter() - t0
         return out
 
     @torch.no_grad()
     def generate_from_conditions(self, cond: Conditions, steps: int = 25, cfg: Optional[Guidance] = 4.5,
-                                 seed: int = 0, method: str = "euler", plain: bool = False,
-                                 cuda_graphs: bool = True) -> GenerationResult:
-        """Precomputed Conditions (e.g. CLIP + Synchformer features and text tokens) -> audio."""
-        opts = SamplingOptions(steps=steps, method=method, guidance=cfg, plain=plain, cuda_graphs=cuda_graphs)
+                                 seed: Union[int, Sequence[int]] = 0, method: str = "euler", plain: bool = False,
+                                 cuda_graphs: bool = True, progress: bool = False) -> GenerationResult:
+        """Precomputed Conditions (e.g. CLIP + Synchformer features and text tokens) -> audio. The options are
+        ``generate``'s."""
+        opts = SamplingOptions(steps=steps, method=method, guidance=cfg, plain=plain, cuda_graphs=cuda_graphs,
+                               progress=progress)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond.validate()
@@ -415,7 +512,13 @@ class Omni2SoundPipeline:
         W = mcfg.num_frames(mcfg.max_duration)
         starts = self.window_starts(T)
         Tp = starts[-1] + W if len(starts) > 1 else T                      # windows may run past the end
-        x0 = self.flow.noise(cond.batch_size, Tp, mcfg.latent_dim, seed=seed, device=dev, dtype=self.dit.dtype)
+        if isinstance(seed, (list, tuple)):          # one seed per request: row i as if it were alone
+            if len(seed) != cond.batch_size:
+                raise ValueError(f"seed: got {len(seed)} seeds for {cond.batch_size} requests")
+            x0 = torch.cat([self.flow.noise(1, Tp, mcfg.latent_dim, seed=s, device=dev, dtype=self.dit.dtype)
+                            for s in seed])
+        else:
+            x0 = self.flow.noise(cond.batch_size, Tp, mcfg.latent_dim, seed=seed, device=dev, dtype=self.dit.dtype)
         _sync(dev)
         timings["setup"] = time.perf_counter() - t_setup                   # checks + initial noise on the device
         ctx = ops.use_backend("reference") if plain else nullcontext()
@@ -447,7 +550,8 @@ class Omni2SoundPipeline:
             with ops.use_backend("reference"):
                 fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
                 from .flow import integrate
-                x = integrate(fn, x0, opts.steps, opts.method)
+                with step_progress(fn, opts, opts.progress) as fn:
+                    x = integrate(fn, x0, opts.steps, opts.method)
             _sync(dev)
             timings["prepare"] = 0.0
             timings["sample"] = time.perf_counter() - t0
@@ -484,7 +588,8 @@ class Omni2SoundPipeline:
                     prep = preps[i] if preps is not None else prepare(c)       # ablation: once per step
                     vs.append(predict(x.repeat(n, 1, 1) if n > 1 else x, t.repeat(n) if n > 1 else t, prep))
                 return combine_guidance(torch.cat(vs) if len(vs) > 1 else vs[0], k, scales)
-            with ops.packed_weights(opts.cpu_packed_weights and dev.type == "cpu"):
+            with ops.packed_weights(opts.cpu_packed_weights and dev.type == "cpu"), \
+                    step_progress(velocity, opts, opts.progress) as velocity:
                 x = integrate(velocity, x0, opts.steps, opts.method)
         _sync(dev)
         timings["sample"] = time.perf_counter() - t1

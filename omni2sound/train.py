@@ -96,6 +96,7 @@ class TrainConfig:
     sample_steps: int = 25
     cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
     progress: bool = True
+    tensorboard: bool = True          # TensorBoard event files beside each stage's log.jsonl (tblog.py)
 
     def stage_steps(self, stage: str) -> int:
         if stage == "vae":
@@ -315,44 +316,67 @@ def make_dit_loss(cfg: TrainConfig, stage: str, table: FeatureTable, offscreen: 
     def loss_fn(module, step, chunk):
         x1, cond, g, logs = batch_fn(step, chunk)
         loss, flow_logs = flow.loss(module, x1.to(info.device), cond.to(info.device), generator=g)
-        return loss, {"loss": flow_logs["loss"], **logs}
+        return loss, {**flow_logs, **logs}          # the loss and its per-time-bin parts (loss_bin<i>)
 
     loss_fn.batch, loss_fn.flow = batch_fn, flow        # the CUDA-graph step calls these (Trainer, cuda_graph)
     return loss_fn
 
 
-def build_dit(cfg: TrainConfig, table: FeatureTable):
+def table_widths(table: FeatureTable) -> dict:
+    return {"text": table.text.shape[-1], "video": table.video.shape[-1], "sync": table.sync.shape[-1]}
+
+
+def build_dit(cfg: TrainConfig, table: FeatureTable, encoders: Optional[dict] = None, features: str = "features"):
+    """A new DiT whose input widths are the encoder spec's (recorded by extraction in the features' index.json;
+    e.g. the paper's Flan-T5-base 768, CLIP-H 1024, Synchformer 768), checked against the features themselves."""
     from .model import Omni2SoundDiT, dit_config
-    dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=table.text.shape[-1],
-                      video_dim=table.video.shape[-1], sync_dim=table.sync.shape[-1],
-                      max_duration=max(10.0, float(table.duration.max())))
+    widths = table_widths(table)
+    dims = (encoders or {}).get("dims")
+    if dims:
+        bad = [f"{k} {widths[k]} vs {dims[k]}" for k in widths if k in dims and dims[k] != widths[k]]
+        if bad:
+            from .encoder_spec import EncoderSpecError
+            raise EncoderSpecError(f"the features in {features} do not have the widths their index.json's encoder "
+                                   f"spec records (feature width vs spec width: {', '.join(bad)}); re-extract them")
+    extra = {}
+    max_tokens = ((encoders or {}).get("text") or {}).get("max_tokens")
+    if max_tokens:                      # the longest caption extraction let through
+        extra["max_text_tokens"] = int(max_tokens)
+    dcfg = dit_config(cfg.dit_preset, latent_dim=table.latent_mean.shape[-1], text_dim=widths["text"],
+                      video_dim=widths["video"], sync_dim=widths["sync"],
+                      max_duration=max(10.0, float(table.duration.max())), **extra)
     return Omni2SoundDiT(dcfg)
 
 
-def write_pipeline_config(stage_out: str, vae_dir: str, latent_stats: dict) -> None:
+def write_pipeline_config(stage_out: str, vae_dir: str, latent_stats: dict, encoders: Optional[dict] = None) -> None:
     """Make a finished DiT stage folder loadable by ``Omni2SoundPipeline.from_pretrained(stage_out)`` and the
-    generate CLI (``--model stage_out``): pipeline.json points at the run's VAE (no copy) and carries the latent
-    normalisation the DiT was trained in. The condition encoders are the package's defaults, as in training."""
+    generate CLI (``--model stage_out``): pipeline.json points at the run's VAE (no copy), carries the latent
+    normalisation the DiT was trained in and the encoder spec of its features (``encoders``: EncoderSpec.to_dict();
+    None: the package's defaults, MiniLM and the built-in video / sync encoders)."""
     from .pipeline import PIPELINE_CONFIG, PipelineConfig
     pc = PipelineConfig(vae_dir=os.path.relpath(vae_dir, stage_out),
                         latent_mean=[float(v) for v in latent_stats["mean"]],
-                        latent_std=[float(v) for v in latent_stats["std"]])
+                        latent_std=[float(v) for v in latent_stats["std"]], encoders=encoders)
     atomic_json(asdict(pc), os.path.join(stage_out, PIPELINE_CONFIG))
 
 
 def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: FeatureTable,
                     offscreen: Optional[FeatureTable], latent_stats: dict, resume: bool,
-                    init_from: Optional[str], vae_dir: Optional[str] = None) -> str:
+                    init_from: Optional[str], vae_dir: Optional[str] = None, encoders: Optional[dict] = None,
+                    features: str = "features") -> str:
     """One DiT stage: init from `init_from` (a stage folder: dit_raw/ or dit/) or from scratch. vae_dir: the VAE
-    whose latents the features hold, named in the stage's pipeline.json (default: the run's vae/)."""
+    whose latents the features hold, named in the stage's pipeline.json (default: the run's vae/). encoders: the
+    features' encoder spec (index.json), recorded in pipeline.json; features: their folder, for error messages."""
     from .model import Omni2SoundDiT
     out = stage_dir(cfg, stage)
     if init_from:
         src = os.path.join(init_from, "dit_raw") if os.path.isdir(os.path.join(init_from, "dit_raw")) else \
             os.path.join(init_from, "dit") if os.path.isdir(os.path.join(init_from, "dit")) else init_from
         model = Omni2SoundDiT.from_pretrained(src)
+        from .encoder_spec import check_widths
+        check_widths(model.config, table_widths(table), features, src)
     else:
-        model = build_dit(cfg, table)
+        model = build_dit(cfg, table, encoders, features)
     micro = cfg.batch_size // (info.world * cfg.accum)
     if micro * info.world * cfg.accum != cfg.batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by world {info.world} x accum {cfg.accum}")
@@ -377,7 +401,7 @@ def train_dit_stage(cfg: TrainConfig, stage: str, info: DistInfo, table: Feature
         trainer.ema.copy_to(model, ema)
         model.save_pretrained(os.path.join(out, "dit"))
         atomic_json(latent_stats, os.path.join(out, "latent_stats.json"))
-        write_pipeline_config(out, vae_dir or run_dir(cfg, "vae"), latent_stats)
+        write_pipeline_config(out, vae_dir or run_dir(cfg, "vae"), latent_stats, encoders)
         per_task = {t: [h["loss"] for h in history if h.get("task") == t] for t in TASKS}
         write_meta(out, {"stage": stage, "complete": True, "steps": trainer.step, "seconds": time.time() - t0,
                          "init_from": init_from, "params": model.num_params(),
@@ -396,7 +420,38 @@ def _loop(cfg: TrainConfig, stage: str, micro: int) -> LoopConfig:
                       # the VAE (tens of M parameters) fits every GPU; its loss calls encode / decode, not forward,
                       # which FSDP2's hooks would not see
                       parallel=cfg.parallel if stage != "vae" else "ddp", fsdp_bf16_params=cfg.fsdp_bf16_params,
-                      progress=cfg.progress)
+                      progress=cfg.progress, tensorboard=cfg.tensorboard, desc=_stage_label(cfg, stage))
+
+
+def _stage_label(cfg: TrainConfig, stage: str) -> str:
+    """'stage k of n: NAME', k counting the schedule's stages (the VAE is stage 1)."""
+    order = cfg.stages()
+    return f"stage {order.index(stage) + 1} of {len(order)}: {stage}" if stage in order else stage
+
+
+class _Overall:
+    """The whole run's progress: steps done over all stages' steps, and an ETA from the pace so far (a VAE step
+    and a DiT step cost different time, so the estimate settles after the first DiT stage)."""
+
+    def __init__(self, cfg: TrainConfig, todo: list):
+        self.cfg, self.todo, self.t0, self.done = cfg, todo, time.time(), 0
+        self.total = sum(cfg.stage_steps(s) for s in todo)
+
+    def start(self, stage: str, info: DistInfo) -> None:
+        if not info.main:
+            return
+        elapsed = time.time() - self.t0
+        eta = "" if not self.done else f", overall ETA {_hms(elapsed / self.done * (self.total - self.done))}"
+        print(f"[train] {_stage_label(self.cfg, stage)} ({self.cfg.stage_steps(stage)} steps); run "
+              f"{self.done}/{self.total} steps, {_hms(elapsed)} elapsed{eta}", flush=True)
+
+    def finish(self, stage: str) -> None:
+        self.done += self.cfg.stage_steps(stage)
+
+
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m{s:02d}s"
 
 
 def _optim(cfg: TrainConfig) -> OptimConfig:
@@ -446,11 +501,12 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None)
                 for k in done_shards(train_dir):
                     os.remove(os.path.join(train_dir, shard_name(k)))
             _barrier(info)
-            extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+            res = extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
                              split="train", enc=encoders, progress=cfg.progress)
             _barrier(info)
             if info.main:
-                write_index(train_dir, {"manifest": os.path.abspath(cfg.data), "vae": os.path.abspath(vae_dir)})
+                write_index(train_dir, {"manifest": os.path.abspath(cfg.data), "vae": os.path.abspath(vae_dir),
+                                        **({"encoders": res["encoders"]} if "encoders" in res else {})})
                 write_meta(feat_dir, {"key": key, "complete": True})
         _barrier(info)
     else:
@@ -481,7 +537,9 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
     outs = {}
     prev = init_from
     vae_dir = run_dir(cfg, "vae")
-    table = offscreen = stats = None
+    table = offscreen = stats = spec = None
+    feats = "features"
+    overall = _Overall(cfg, todo)
     for stage in todo:
         out = stage_dir(cfg, stage)
         meta = read_meta(out)
@@ -493,11 +551,14 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
                 print(f"[train] {stage}: complete in {out}, skipped" + (" (shared with the 1-2-3 schedule)"
                                                                         if shared_vae and not resume else ""))
             outs[stage], prev = out, (out if stage != "vae" else None)
+            overall.total -= cfg.stage_steps(stage)
             continue
+        overall.start(stage, info)
         if stage == "vae":
             audio = _train_audio(cfg)
             outs[stage] = train_vae_stage(cfg, info, audio, resume, init_from if stage == todo[0] else None)
             prev = None
+            overall.finish(stage)
             continue
         if table is None:
             if not os.path.isfile(os.path.join(vae_dir, "meta.json")) and (cfg.data == "toy"
@@ -505,6 +566,8 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
                 raise FileNotFoundError(f"{vae_dir}/meta.json: run stage vae first (the toy features need it)")
             table, offscreen, stats = load_features(cfg, vae_dir, info, encoders)
             vae_dir = features_vae(cfg, vae_dir, info)
+            feats = os.path.join(features_dir(cfg), "train")
+            spec = features_encoders(feats)
         src = prev
         if src is None and not (stage == "stage1" or (stage == "stage2" and cfg.schedule == "stage2-only")):
             before = DIT_STAGES[DIT_STAGES.index(stage) - 1]
@@ -512,12 +575,27 @@ def run(cfg: TrainConfig, stages: Optional[list] = None, resume: bool = False, i
             if not os.path.isfile(os.path.join(src, "meta.json")):
                 raise FileNotFoundError(f"{stage} starts from {src}, which is not a finished stage: run {before} "
                                         f"first or pass --init-from")
-        outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src, vae_dir)
+        outs[stage] = train_dit_stage(cfg, stage, info, table, offscreen, stats, resume, src, vae_dir, spec, feats)
         prev = outs[stage]
+        overall.finish(stage)
     if report and info.main and cfg.data == "toy" and any(s in DIT_STAGES for s in todo):
         from .oracle import write_report
+        print(f"[train] the report: sampling and scoring every track ({_hms(time.time() - overall.t0)} elapsed)",
+              flush=True)
         outs["report"] = write_report(cfg, prev, enc=encoders)
     return outs
+
+
+def features_dir(cfg: TrainConfig) -> str:
+    """The run's features folder: its own (toy world, manifest) or the extracted folder cfg.data."""
+    return run_dir(cfg, "features") if cfg.data == "toy" or cfg.data.endswith(".jsonl") else cfg.data
+
+
+def features_encoders(train_dir: str) -> Optional[dict]:
+    """The encoder spec (EncoderSpec.to_dict()) the features' index.json records, checked; None when none."""
+    from .encoder_spec import read_index_spec
+    spec = read_index_spec(train_dir)
+    return spec.to_dict() if spec is not None else None
 
 
 def features_vae(cfg: TrainConfig, run_vae: str, info: DistInfo) -> str:
@@ -550,7 +628,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
         return torch.from_numpy(np.stack([c.audio for c in world.clips(cfg.toy_train_clips)]))
     if not cfg.data.endswith(".jsonl"):
         raise ValueError(f"stage vae needs audio: data must be 'toy' or a manifest (.jsonl), got {cfg.data!r}")
-    from .audio import load_audio
+    from .data.decode import read_audio
     from .data.manifest import read_manifest
     from .vae import VAE_PRESETS
     sr = VAE_PRESETS[cfg.vae_preset].sample_rate
@@ -560,7 +638,7 @@ def _train_audio(cfg: TrainConfig) -> torch.Tensor:
     clips = []
     for r in records:
         try:
-            w = load_audio(r.audio, sr)[int(r.start * sr): int((r.start + r.duration) * sr)]
+            w = torch.from_numpy(read_audio(r.audio, sr))[int(r.start * sr): int((r.start + r.duration) * sr)]
         except Exception as e:             # one bad clip never stops the run
             print(f"[train] skipped {r.clip_id}: {e}")
             continue

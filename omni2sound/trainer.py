@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,6 +38,9 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .device import resolve_device
+from .files import atomic_write, write_json
+from .gpu_info import gpu_info, gpu_sample
+from .tblog import TensorBoardLog
 
 # ----------------------------------------------------------------------------------------------------
 # Distributed setup
@@ -200,22 +202,11 @@ def set_rng_state(s: dict) -> None:
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def atomic_json(obj, path: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 # GPU peak dense bf16 TFLOP/s for MFU (H100/H200 SXM: 989 TFLOP/s spec; the measured GEMM ceiling is ~800)
@@ -258,6 +249,8 @@ class LoopConfig:
     # (the timestep must keep its fp32 resolution); autocast runs as without it.
     fsdp_bf16_params: bool = True
     progress: bool = True
+    tensorboard: bool = True          # event files in out_dir/tb (tblog.py); needs the tensorboard package
+    desc: Optional[str] = None        # the progress bar's label (default: the stage folder's name)
 
 
 LossFn = Callable[[nn.Module, int, int], tuple]   # (module, step, chunk) -> (loss, logs)
@@ -504,7 +497,9 @@ class Trainer:
             out[f"loss_{out['task']}"] = loss
         for k, v in logs_all[0].items():
             if k not in ("loss", "task", "samples", "tokens") and not isinstance(v, str):
-                out[k] = sum(float(d[k]) for d in logs_all) / accum
+                vals = [float(d[k]) for d in logs_all if math.isfinite(float(d[k]))]   # an empty time bin is NaN
+                if vals:
+                    out[k] = sum(vals) / len(vals)
         out["samples"], out["tokens"] = samples, tokens
         return out
 
@@ -516,11 +511,12 @@ class Trainer:
         log_path = os.path.join(self.out_dir, "log.jsonl")
         if self.info.main and not resume and os.path.exists(log_path):
             os.remove(log_path)
-        tb = _tensorboard(self.out_dir) if self.info.main else None
+        tb = TensorBoardLog(self.out_dir, self.loop.tensorboard) if self.info.main else None
+        card = gpu_info() if self.info.device.startswith("cuda") else None     # once per run, in its first row
         bar = None
         if self.loop.progress and self.info.main:
             from tqdm import tqdm
-            bar = tqdm(total=self.loop.steps, initial=self.step, desc=os.path.basename(self.out_dir),
+            bar = tqdm(total=self.loop.steps, initial=self.step, desc=self.loop.desc or os.path.basename(self.out_dir),
                        dynamic_ncols=True, mininterval=2.0)
         peak = peak_flops(self.info.device)
         t_last, samples_acc, tokens_acc, done = time.perf_counter(), 0, 0, 0
@@ -538,14 +534,17 @@ class Trainer:
                 out["tokens_per_s"] = tokens_acc / dt
                 if peak and self.flops_per_token:
                     out["mfu"] = tokens_acc * self.flops_per_token / dt / (peak * self.info.world)
+                if self.info.device.startswith("cuda"):
+                    out["gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    out.update(gpu_sample())                  # NVML: memory used, clocks, power, temperature
+                    if card is not None:
+                        out["gpu"], card = card, None
                 t_last, samples_acc, tokens_acc = time.perf_counter(), 0, 0
                 if self.info.main:
                     with open(log_path, "a") as f:
                         f.write(json.dumps(out) + "\n")
                     if tb is not None:
-                        for k, v in out.items():
-                            if isinstance(v, (int, float)):
-                                tb.add_scalar(k, v, self.step)
+                        tb.scalars(out, self.step)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{out['loss']:.4f}", refresh=False)
@@ -595,14 +594,6 @@ def shard_model(model: nn.Module, info: DistInfo, bf16_params: bool = False) -> 
         if hasattr(blk, "condition"):
             register_fsdp_forward_method(blk, "condition")
     fully_shard(model, **kw)
-
-
-def _tensorboard(out_dir: str):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:      # tensorboard not installed: the JSON lines are the log
-        return None
-    return SummaryWriter(os.path.join(out_dir, "tb"))
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:

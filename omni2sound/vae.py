@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
@@ -46,6 +45,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from omni2sound import ops
+from omni2sound.files import atomic_write
 
 CONFIG_NAME = "config.json"
 RESIDUAL_GAIN = 0.1   # init scale of each residual branch's output conv (see _wn)
@@ -711,8 +711,8 @@ class AudioVAE(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {"format": "pt", "weight_norm_folded": str(self.weight_norm_folded)}
-        _atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
-        _atomic(directory / CONFIG_NAME, lambda p: Path(p).write_text(self.config.to_json()))
+        atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
+        atomic_write(directory / CONFIG_NAME, self.config.to_json())
         return directory
 
     @classmethod
@@ -755,17 +755,6 @@ class AudioVAE(nn.Module):
         if inference:
             model.fold_weight_norm().eval().requires_grad_(False)
         return model.to(device) if device is not None else model
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def build_vae(preset: str = "tiny", **overrides) -> AudioVAE:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -151,11 +150,11 @@ class VAEGAN(nn.Module):
 def save_discriminator(disc: nn.Module, directory: str) -> str:
     from safetensors.torch import save_file
 
-    from .vae import _atomic
+    from .files import atomic_write
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, DISC_WEIGHTS_NAME)
     state = {k: v.detach().contiguous().cpu() for k, v in disc.state_dict().items()}
-    _atomic(Path(path), lambda p: save_file(state, p))
+    atomic_write(path, lambda p: save_file(state, p))
     return path
 
 

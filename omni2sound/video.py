@@ -13,6 +13,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .files import atomic_write
+
+# file extension -> FFmpeg muxer (the temporary file written first has no meaningful extension)
+_CONTAINER_FORMATS = {"mp4": "mp4", "m4v": "mp4", "mov": "mov", "mkv": "matroska", "webm": "webm", "avi": "avi"}
+
 Size = Optional[Union[int, Tuple[int, int]]]   # None (keep), int (square side) or (height, width)
 
 
@@ -97,10 +102,11 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence[np.ndarray]], fps:
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"write_video: frames must be uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
     path = os.fspath(path)
-    root, ext = os.path.splitext(path)
-    tmp = f"{root}.tmp{os.getpid()}{ext}"
-    try:
-        with av.open(tmp, mode="w") as container:
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    container_format = _CONTAINER_FORMATS.get(ext, ext or None)
+
+    def write(tmp: str) -> None:
+        with av.open(tmp, mode="w", format=container_format) as container:
             stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -111,7 +117,5 @@ def write_video(path: str, frames: Union[np.ndarray, Sequence[np.ndarray]], fps:
                     container.mux(packet)
             for packet in stream.encode():
                 container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-COMMANDS = ("train", "generate", "extract")
+COMMANDS = ("train", "generate", "extract", "evaluate", "atlas", "demo")
 
 
 def installed_modules(package) -> list[str]:

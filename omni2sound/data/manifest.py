@@ -20,9 +20,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
+
+from ..files import atomic_write
 
 SPLITS = ("train", "val", "test")
 ROUTES = ("audio-visual", "audio-only")
@@ -177,14 +178,5 @@ def read_manifest(path: str, check_files: bool = True, strict: bool = False,
 
 def write_manifest(path: str, records) -> None:
     """Write records (ClipRecord or dicts) as JSON Lines, atomically. Paths are written as given."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write((r.to_json() if isinstance(r, ClipRecord) else json.dumps(r, ensure_ascii=False)) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, "".join((r.to_json() if isinstance(r, ClipRecord) else json.dumps(r, ensure_ascii=False))
+                               + "\n" for r in records))

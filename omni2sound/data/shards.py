@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from typing import Optional
 
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conditions import Conditions
+from ..files import atomic_write, write_json
 
 FORMAT = "omni2sound-shard-v1"
 KEYS = ("latent_mean", "latent_std", "text", "video", "sync")
@@ -54,16 +54,7 @@ def write_shard(path: str, items: list) -> None:
     tensors["duration"] = torch.tensor([float(it["duration"]) for it in items], dtype=torch.float32)
     meta = {"format": FORMAT, "clip_ids": json.dumps([it["clip_id"] for it in items]),
             "captions": json.dumps([it.get("caption") for it in items])}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def done_shards(directory: str) -> list:
@@ -81,11 +72,7 @@ def write_index(directory: str, extra: Optional[dict] = None) -> dict:
             ids = json.loads(f.metadata()["clip_ids"])
         shards.append({"file": shard_name(k), "n": len(ids), "clip_ids": ids})
     index = {"format": FORMAT, "shards": shards, "num_clips": sum(s["n"] for s in shards), **(extra or {})}
-    path = os.path.join(directory, "index.json")
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(index, fh, indent=1)
-    os.replace(tmp, path)
+    write_json(os.path.join(directory, "index.json"), index, indent=1)
     return index
 
 

@@ -1,0 +1,348 @@
+"""Running SoundAtlas over a manifest without ever losing work.
+
+Each clip's record is appended to `records.jsonl` (`records.K-of-N.jsonl` for shard K of N) and flushed
+the moment it is finished (fsynced within half a second), keyed by a content hash of the clip (record
+identity + the bytes of its audio and video) and the config. A rerun reads every records file in the
+folder, skips the keys it finds, and drops a line a kill cut in half; so a killed run resumes with no
+duplicated and no missing record. A clip whose calls keep failing is written with status "failed" and
+the reason, and the run goes on (`--retry-failed` tries those again). At the end `manifest.jsonl` and
+`soundatlas.jsonl` (the kept clips, as the package's manifest and as SoundAtlas records) and `summary.json`
+are rewritten from all records in the folder.
+"""
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+from .backends import make_agents
+from .config import AtlasConfig
+from .media import content_hash, load_media
+from .scorers import load_scorer
+from .stages import DISCARDED, ENHANCED, Trace, junior_senior_handoff, post_filter, route, vision_to_language
+from .types import Clip
+
+MANIFEST_FIELDS = ("clip_id", "audio", "video", "start", "duration", "caption", "offscreen", "av_score", "route",
+                   "source", "split", "features")
+
+
+class InputError(ValueError):
+    pass
+
+
+def read_input_manifest(path: str) -> tuple[list, list]:
+    """(records, problems) of a JSON Lines manifest: every field is kept; audio/video/features paths are
+    resolved against the manifest's folder; bad lines are listed as 'file:line: what' and skipped."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"manifest not found: {path}")
+    base = os.path.dirname(os.path.abspath(path))
+    res = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base, p))
+    records, problems, seen = [], [], {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            s = line.strip()
+            if not s or s.startswith("#"):
+                continue
+            try:
+                obj = json.loads(s)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path}:{lineno}: invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            if not isinstance(obj, dict) or not isinstance(obj.get("clip_id"), str) or \
+                    not isinstance(obj.get("audio"), str):
+                problems.append(f"{path}:{lineno}: a record needs string fields clip_id and audio")
+                continue
+            if obj["clip_id"] in seen:
+                problems.append(f"{path}:{lineno}: duplicate clip_id {obj['clip_id']!r} (line {seen[obj['clip_id']]})")
+                continue
+            seen[obj["clip_id"]] = lineno
+            obj["audio"] = res(obj["audio"])
+            if isinstance(obj.get("video"), str):
+                obj["video"] = res(obj["video"])
+            if isinstance(obj.get("features"), dict):
+                obj["features"] = {k: res(v) for k, v in obj["features"].items() if isinstance(v, str)}
+            obj["_line"] = lineno
+            records.append(obj)
+    return records, problems
+
+
+def parse_shard(s: Optional[str]) -> tuple[int, int]:
+    if not s:
+        return 0, 1
+    try:
+        k, n = (int(x) for x in s.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must be K/N with integers, got {s!r}") from None
+    if n < 1 or not 0 <= k < n:
+        raise ValueError(f"--shard K/N needs 0 <= K < N, got {s!r}")
+    return k, n
+
+
+def records_path(out_dir: str, shard: tuple[int, int]) -> str:
+    k, n = shard
+    return os.path.join(out_dir, "records.jsonl" if n == 1 else f"records.{k}-of-{n}.jsonl")
+
+
+def load_done(out_dir: str) -> dict:
+    """key -> record over every records file in out_dir (the last line of a key wins). A line a kill cut
+    short (the file's last, without its newline) is ignored."""
+    done = {}
+    for p in sorted(glob.glob(os.path.join(out_dir, "records*.jsonl"))):
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                key = rec.get("atlas", {}).get("key")
+                if key:
+                    done[key] = rec
+    return done
+
+
+class RecordStore:
+    """Appends records to one JSON Lines file: each record is written and flushed the moment it is finished
+    (a killed process loses nothing the OS has been handed), and fsynced by a background thread at most
+    `fsync_every` seconds later (group commit: a power cut loses at most that much, and the event loop
+    never waits on the disk)."""
+
+    def __init__(self, path: str, fsync: bool = True, fsync_every: float = 0.5):
+        self.path = path
+        if os.path.exists(path):
+            self._drop_partial_tail()
+        self.f = open(path, "a", encoding="utf-8")
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._syncer = None
+        if fsync:
+            self._syncer = threading.Thread(target=self._sync_loop, args=(fsync_every,), daemon=True)
+            self._syncer.start()
+
+    def _drop_partial_tail(self) -> None:
+        with open(self.path, "rb+") as f:
+            data = f.read()
+            if data and not data.endswith(b"\n"):
+                f.truncate(data.rfind(b"\n") + 1)
+
+    def _sync_loop(self, every: float) -> None:
+        fd = self.f.fileno()
+        while not self._stop.is_set():
+            if self._dirty.wait(every):
+                self._dirty.clear()
+                os.fsync(fd)
+                self._stop.wait(every)
+
+    def append(self, rec: dict) -> None:
+        self.f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self.f.flush()
+        self._dirty.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._syncer is not None:
+            self._syncer.join()
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def clip_key(record: dict, config_hash: str) -> str:
+    return hashlib.sha256(f"{config_hash}:{content_hash(record)}".encode()).hexdigest()[:24]
+
+
+def training_fields(rec: dict, caption: Optional[str], route_: str) -> dict:
+    """The released SoundAtlas fields (text_prompt, seconds_start, seconds_total, and with precomputed features
+    task, clip_feature, sync_feature), as `omni2sound.data.corpora.soundatlas_records` reads them. A record
+    without feature files has no task: its clip is read as audio + caption (the video path stays in
+    manifest.jsonl, whose clips `omni2sound.extract` encodes from the video)."""
+    feats = rec.get("features") or {}
+    out = {"text_prompt": caption, "seconds_start": float(rec.get("start") or 0.0),
+           "seconds_total": rec.get("duration")}
+    clip_f = rec.get("clip_feature") or feats.get("video")
+    sync_f = rec.get("sync_feature") or feats.get("sync")
+    if clip_f and sync_f:
+        out.update(task="vt2a" if route_ == ENHANCED else "t2a", clip_feature=clip_f, sync_feature=sync_f)
+    return out
+
+
+class Runner:
+    def __init__(self, cfg: AtlasConfig, out_dir: str, shard: tuple[int, int] = (0, 1), progress: bool = True,
+                 retry_failed: bool = False):
+        self.cfg, self.out_dir, self.shard = cfg, out_dir, shard
+        self.progress, self.retry_failed = progress, retry_failed
+        self.config_hash = cfg.content_hash()
+        os.makedirs(out_dir, exist_ok=True)
+        self.agents = None
+        self.av = self.clap = None
+
+    def _setup(self):
+        if self.agents is None:
+            self.agents = make_agents(self.cfg)
+            self.av = load_scorer(self.cfg.av_scorer, "av")
+            self.clap = load_scorer(self.cfg.clap_scorer, "clap")
+
+    async def _process(self, rec: dict, key: str, pool: ThreadPoolExecutor) -> dict:
+        cfg, loop = self.cfg, asyncio.get_running_loop()
+        t0 = time.perf_counter()
+        trace = Trace()
+        base = {k: v for k, v in rec.items() if not k.startswith("_")}
+        atlas = {"key": key, "config": self.config_hash, "status": "failed"}
+        try:
+            audio, frames = await loop.run_in_executor(pool, load_media, rec, cfg.audio_sample_rate,
+                                                       cfg.frames_fps, cfg.max_frames, cfg.frame_size)
+            clip = Clip(index=rec["_line"], record=rec, key=key, audio=audio, sample_rate=cfg.audio_sample_rate,
+                        frames=frames, frames_fps=cfg.frames_fps)
+            av = float(await loop.run_in_executor(pool, self.av.score, clip)) if frames is not None else None
+            r = route(av, cfg) if av is not None else "audio-only"
+            atlas["scores"] = {"av": av}
+            base.update(av_score=av, route=r)
+            if r == DISCARDED:
+                atlas.update(status="discarded", reason=f"av {av:.3f} < {cfg.discard_below:g}")
+                base.pop("caption", None)
+                return self._finish(base, atlas, trace, t0)
+            context = await vision_to_language(clip, self.agents["vision"], trace) if r == ENHANCED else None
+
+            async def clap_score(caption: str) -> float:
+                return float(await loop.run_in_executor(pool, self.clap.score, clip, caption))
+
+            h = await junior_senior_handoff(clip, context, self.agents["junior"], self.agents["senior"], clap_score,
+                                            trace, cfg)
+            kept, why, verdict = await post_filter(clip, h["caption"], h["clap"], h["music"], r, context,
+                                                   self.agents["verifier"], trace, cfg)
+            atlas["scores"].update({k: h[k] for k in ("clap_junior", "clap_senior") if k in h})
+            atlas["scores"]["clap"] = h["clap"]
+            atlas["scores"]["verifier"] = verdict
+            atlas.update(status="kept" if kept else "filtered", author=h["author"],
+                         handoff_reason=h.get("handoff_reason"), music=h["music"], context=context,
+                         junior_caption=h.get("junior_caption"), senior_caption=h.get("senior_caption"))
+            if why:
+                atlas["reason"] = why
+            base["caption"] = h["caption"]
+            if kept:
+                base.update(training_fields(rec, h["caption"], r))
+        except Exception as e:       # one clip's failure never stops the run: it is recorded with its reason
+            atlas.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
+        return self._finish(base, atlas, trace, t0)
+
+    def _finish(self, base: dict, atlas: dict, trace: Trace, t0: float) -> dict:
+        atlas.update(turns=len(trace.calls), calls=trace.calls,
+                     prompt_tokens=sum(c["prompt_tokens"] for c in trace.calls),
+                     completion_tokens=sum(c["completion_tokens"] for c in trace.calls),
+                     cost=trace.cost, seconds=round(time.perf_counter() - t0, 4))
+        base["atlas"] = atlas
+        return base
+
+    async def run_async(self, records: list) -> dict:
+        self._setup()
+        k, n = self.shard
+        mine = [r for i, r in enumerate(records) if i % n == k]
+        done = load_done(self.out_dir)
+        store = RecordStore(records_path(self.out_dir, self.shard), self.cfg.fsync)
+        pool = ThreadPoolExecutor(self.cfg.media_threads)
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(self.cfg.max_clips_in_flight)
+        stats = {"skipped": 0, "written": 0}
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=len(mine), desc="soundatlas", unit="clip", file=sys.stderr)
+
+        async def one(rec):
+            try:
+                key = await loop.run_in_executor(pool, clip_key, rec, self.config_hash)
+            except OSError as e:
+                key = hashlib.sha256(f"{self.config_hash}:unreadable:{rec['clip_id']}".encode()).hexdigest()[:24]
+                prev = done.get(key)
+                if prev is None:
+                    store.append(self._finish({k: v for k, v in rec.items() if not k.startswith("_")},
+                                              {"key": key, "config": self.config_hash, "status": "failed",
+                                               "reason": f"{type(e).__name__}: {e}"}, Trace(), time.perf_counter()))
+                    stats["written"] += 1
+                return
+            prev = done.get(key)
+            if prev is not None and not (self.retry_failed and prev["atlas"].get("status") == "failed"):
+                stats["skipped"] += 1
+            else:
+                out = await self._process(rec, key, pool)
+                store.append(out)
+                stats["written"] += 1
+            if bar is not None:
+                bar.update(1)
+
+        async def guarded(rec):
+            try:
+                await one(rec)
+            finally:
+                sem.release()
+
+        tasks = set()
+        try:
+            for rec in mine:
+                await sem.acquire()
+                t = asyncio.create_task(guarded(rec))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            store.close()
+            pool.shutdown(wait=False)
+            if bar is not None:
+                bar.close()
+            for a in self.agents.values():
+                b = getattr(a, "backend", None)
+                if b is not None:
+                    await b.aclose()
+        return stats
+
+    def run(self, records: list) -> dict:
+        stats = asyncio.run(self.run_async(records))
+        summary = finalize(self.out_dir)
+        summary.update(stats)
+        return summary
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def finalize(out_dir: str) -> dict:
+    """Rewrite, from every records file: manifest.jsonl (the kept clips as the package's ClipRecord manifest),
+    soundatlas.jsonl (the kept records whole, readable by `omni2sound.data.corpora.soundatlas_records`) and
+    summary.json."""
+    done = load_done(out_dir)
+    lines, kept, counts, routes, authors = [], [], {}, {}, {}
+    cost = prompt = completion = 0.0
+    for rec in done.values():
+        a = rec["atlas"]
+        counts[a["status"]] = counts.get(a["status"], 0) + 1
+        if rec.get("route"):
+            routes[rec["route"]] = routes.get(rec["route"], 0) + 1
+        if a.get("author"):
+            authors[a["author"]] = authors.get(a["author"], 0) + 1
+        cost += a.get("cost", 0.0)
+        prompt += a.get("prompt_tokens", 0)
+        completion += a.get("completion_tokens", 0)
+        if a["status"] == "kept":
+            kept.append(json.dumps(rec, ensure_ascii=False))
+            lines.append(json.dumps({k: rec[k] for k in MANIFEST_FIELDS if rec.get(k) is not None},
+                                    ensure_ascii=False))
+    summary = {"records": len(done), "status": counts, "routes": routes, "authors": authors, "cost_usd": cost,
+               "prompt_tokens": int(prompt), "completion_tokens": int(completion)}
+    _atomic_write(os.path.join(out_dir, "manifest.jsonl"), "".join(x + "\n" for x in lines))
+    _atomic_write(os.path.join(out_dir, "soundatlas.jsonl"), "".join(x + "\n" for x in kept))
+    _atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=1) + "\n")
+    return summary
