@@ -282,7 +282,8 @@ void validate(const AttnParams& p) {
         where + "dtype code must be 0, 1 or 2, got " + num(p.dtype));
   check(std::isfinite(p.scale), where + "scale must be finite");
   if (p.B * p.Tq == 0) return;
-  check(p.q && p.k && p.v && p.out, where + "null pointer among q, k, v, out");
+  check(p.q && p.out, where + "null pointer for q or out");
+  check((p.cu ? p.Nk : p.Tk) == 0 || (p.k && p.v), where + "null pointer for k or v");   // (no keys: may be null)
   check(p.q_sb >= 0 && p.q_st >= 0 && p.q_sh >= 0 && p.k_sb >= 0 && p.k_st >= 0 && p.k_sh >= 0 && p.v_sb >= 0 &&
             p.v_st >= 0 && p.v_sh >= 0,
         where + "strides must be >= 0");

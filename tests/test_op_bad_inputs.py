@@ -90,6 +90,13 @@ def test_varlen_offsets_that_stop_before_the_last_row_are_valid():
             torch.testing.assert_close(O.cross_attention(q, k, v, cu, 3), want, atol=2e-6, rtol=1e-5)
 
 
+def test_a_batch_without_any_key_gives_zeros():
+    q, k = torch.randn(2, 3, 1, 8), torch.randn(0, 1, 8)
+    for b in XATTN_BACKENDS:
+        with O.use_backend(cross_attention=b), torch.no_grad():
+            assert torch.equal(O.cross_attention(q, k, k, torch.zeros(3, dtype=I32), 0), torch.zeros_like(q))
+
+
 def test_offsets_are_read_once_per_tensor_and_again_after_a_change():
     q, k, v = torch.randn(2, 3, 1, 8), torch.randn(5, 1, 8), torch.randn(5, 1, 8)
     cu = torch.tensor([0, 2, 5], dtype=I32)
