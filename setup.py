@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, find_namespace_packages, find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -49,15 +49,16 @@ class CMakeBuild(build_ext):
 
 
 # Packages are found, never listed: a subpackage added later ships without anyone editing this file. The Triton
-# kernels live in kernels/ at the top of the repository and install as omni2sound.kernels.
-KERNEL_SUBPACKAGES = find_namespace_packages("kernels", exclude=["__pycache__*"])
+# kernels live in kernels/omni2sound_kernels/ and install as omni2sound.kernels (kernels/ itself has no __init__.py,
+# so from the repository root it cannot shadow PyPI's `kernels`, which transformers imports).
+KERNELS_DIR = "kernels/omni2sound_kernels"
 PACKAGES = find_packages(include=["omni2sound", "omni2sound.*"]) + [
-    "omni2sound.kernels" + ("." + p if p else "") for p in ["", *KERNEL_SUBPACKAGES]
+    "omni2sound.kernels" + ("." + p if p else "") for p in ["", *find_packages(KERNELS_DIR)]
 ]
 
 setup(
     packages=PACKAGES,
-    package_dir={"omni2sound": "omni2sound", "omni2sound.kernels": "kernels"},
+    package_dir={"omni2sound": "omni2sound", "omni2sound.kernels": KERNELS_DIR},
     ext_modules=[CMakeExtension("omni2sound._C")],
     cmdclass={"build_ext": CMakeBuild},
 )

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from omni2sound.pipeline import warm_up_on_side_stream
+from omni2sound.cuda_graphs import warm_up_on_side_stream
 
 
 def card(device):

@@ -21,11 +21,12 @@ import torch
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
+from omni2sound.device import fused_adamw_ok
 from omni2sound.flow import FlowMatching
 from omni2sound.gpu_info import gpu_info
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
-from omni2sound.trainer import fused_adamw_ok, peak_flops
+from omni2sound.trainer import peak_flops
 
 
 def random_batch(cfg, batch: int, seconds: float, device, generator) -> tuple:

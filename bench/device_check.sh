@@ -55,8 +55,8 @@ cat "$OUT/gpu.txt"
 export OMNI2SOUND_CUDA_ARCHS=${OMNI2SOUND_CUDA_ARCHS:-90a-real}
 if ls omni2sound/_C.cpython-312-*.so >/dev/null 2>&1; then
   echo "build: using the carried extension $(ls omni2sound/_C.cpython-312-*.so)"
-  # without the install, omni2sound.kernels (installed from kernels/) is missing: link it in this copy
-  [ -e omni2sound/kernels ] || ln -s ../kernels omni2sound/kernels
+  # without the install, omni2sound.kernels (installed from kernels/omni2sound_kernels/) is missing: link it in this copy
+  [ -e omni2sound/kernels ] || ln -s ../kernels/omni2sound_kernels omni2sound/kernels
 else
   t0=$(date +%s)
   if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$RES/build.log" 2>&1; then

@@ -145,6 +145,8 @@ def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Opti
     guidance = args.cfg if args.cfg is not None else cfg.get("cfg_scale", 4.5)
     if isinstance(guidance, list):
         guidance = tuple(guidance)
+    args.generation = {"model": os.path.abspath(args.model), "steps": steps, "cfg": guidance, "seed": args.seed,
+                       "batch_size": args.batch_size}
     pipe = Omni2SoundPipeline.from_pretrained(args.model, device=args.device or "cpu")
     record = os.path.join(out, "generated.jsonl")
     done = read_done(record)
@@ -467,6 +469,7 @@ def main(argv=None) -> int:
               "embedders": scorer.describe(), "length_policy": LENGTH_POLICY, "versions": versions(),
               "warnings": scorer.warnings, "missing": missing, "extra_files": extra,
               "seconds": {"generate_or_load": t_gen, "score": time.time() - t1},
+              "generation": getattr(args, "generation", None),
               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     write_json(os.path.join(out, "metrics.json"), report)
     md = markdown_table(results, system)

@@ -282,8 +282,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
             samples.append(f"- `{track}_{i}.wav`  / `.png`: prompt \"{clips[i].caption}\" (task {r['task']}), "
                          f"truth {[(e['cls'], e['onset']) for e in _truth(clips[i])]}, "
                          f"heard {[(e['cls'], round(e['onset'], 3)) for e in Oracle().analyse(wav[i])]}")
-    from .train import stage_dir as folder_of
-    folders = [os.path.basename(folder_of(cfg, s)) for s in cfg.stages()]     # e.g. stage2-only/
+    from .schedule import schedule
+    folders = [s.folder for s in schedule(cfg)]     # e.g. stage2-only/
     _loss_png(os.path.join(out_dir, "losses.png"), run_root, folders)
     from .tblog import report_to_tensorboard
     report_to_tensorboard(out_dir, tb_samples, sr, enabled=getattr(cfg, "tensorboard", True))

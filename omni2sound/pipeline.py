@@ -38,6 +38,7 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
+from .cuda_graphs import warm_up_on_side_stream
 from .device import default_device, resolve_device
 from .files import write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
@@ -102,17 +103,6 @@ class GenerationResult:
     sample_rate: int
     latents: Tensor                           # [B, T, C] in the VAE's latent space (what was decoded)
     timings: Dict[str, float] = field(default_factory=dict)   # seconds per phase
-
-
-def warm_up_on_side_stream(fn, calls: int) -> None:
-    """Run ``fn`` ``calls`` times on a side CUDA stream, ordered after and before the current one: the warm-up
-    that CUDA-graph capture needs (lazy inits, Triton compiles, cuBLAS workspaces happen outside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(calls):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
 
 
 @contextmanager

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .device import resolve_device
+from .device import fused_adamw_ok, resolve_device
 from .files import atomic_write, write_json
 from .gpu_info import gpu_info, gpu_sample
 from .tblog import TensorBoardLog
@@ -46,12 +46,6 @@ from .tblog import TensorBoardLog
 # Distributed setup
 # ----------------------------------------------------------------------------------------------------
 
-
-def fused_adamw_ok(device) -> bool:
-    """AdamW's fused implementation (one vectorised pass per parameter group instead of ~8 elementwise passes per
-    parameter) runs on CUDA and, since torch 2.4, on the CPU: on this project's 2-core box it steps 80 M parameters in
-    82 ms against 299 ms for the default for-loop implementation (268 ms foreach). Other devices keep the default."""
-    return torch.device(device).type in ("cuda", "cpu")
 
 @dataclass
 class DistInfo:
@@ -239,9 +233,9 @@ class LoopConfig:
     bf16: bool = True                 # autocast on GPU only
     grad_checkpointing: bool = False
     compile: bool = False
-    # Replay each step from a CUDA graph (omni2sound/graphed_step.py; an L step on an H200: 245 -> 180 ms, the host's
-    # launches were the bound). One process, accum 1, a loss_fn with .batch / .flow (make_dit_loss); off a GPU the
-    # same static step runs eagerly.
+    # Replay each step from a CUDA graph (the Trainer's graph_step, e.g. omni2sound/graphed_step.py for the DiT; an L
+    # step on an H200: 245 -> 180 ms, the host's launches were the bound). One process, accum 1; off a GPU the same
+    # static step runs eagerly.
     cuda_graph: bool = False
     parallel: str = "ddp"             # "ddp" | "fsdp" (FSDP2, when WORLD_SIZE > 1)
     # FSDP2 on GPU with bf16: gather the weights in bf16 (half the all-gather bytes and the unsharded copies) and
@@ -254,6 +248,10 @@ class LoopConfig:
 
 
 LossFn = Callable[[nn.Module, int, int], tuple]   # (module, step, chunk) -> (loss, logs)
+# LoopConfig.cuda_graph: (model, optimizer, autocast dtype or None, before_step or None) -> a function (step, chunk)
+# -> (loss, logs) that runs a whole optimiser step (forward, backward, before_step, optimizer.step) from a CUDA graph
+GraphStepFactory = Callable[[nn.Module, torch.optim.Optimizer, Optional[torch.dtype], Optional[Callable[[], None]]],
+                            Callable[[int, int], tuple]]
 
 
 class Trainer:
@@ -263,7 +261,8 @@ class Trainer:
     "tokens" (ints, per micro-batch) and scalar tensors/floats. `flops_per_token` (optional) gives MFU."""
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, loop: LoopConfig, optim: OptimConfig, out_dir: str,
-                 info: Optional[DistInfo] = None, flops_per_token: Optional[float] = None, meta: Optional[dict] = None):
+                 info: Optional[DistInfo] = None, flops_per_token: Optional[float] = None, meta: Optional[dict] = None,
+                 graph_step: Optional[GraphStepFactory] = None):
         self.info = info or DistInfo()
         self.model, self.loss_fn, self.loop, self.optim_cfg = model, loss_fn, loop, optim
         self.out_dir, self.flops_per_token, self.meta = out_dir, flops_per_token, meta or {}
@@ -295,7 +294,7 @@ class Trainer:
         decay, no_decay = ([p for _, p in g] for g in groups)
         graph_gpu = loop.cuda_graph and self.info.device.startswith("cuda")
         if loop.cuda_graph:
-            self._check_graph_setup(loss_fn)
+            self._check_graph_setup(graph_step)
         # A replayed optimiser step reads its learning rate and step count from the GPU: a tensor lr (the
         # scheduler fills it in place) and capturable state.
         lr = torch.tensor(optim.lr, device=self.info.device) if graph_gpu else optim.lr
@@ -308,12 +307,9 @@ class Trainer:
             self.opt, lr_lambda(optim.warmup, loop.steps, optim.min_lr_ratio))
         self.graphed = None
         if loop.cuda_graph:
-            from .graphed_step import GraphedTrainStep
             self._gnorm = torch.zeros((), device=self.info.device)
-            self.graphed = GraphedTrainStep(
-                model, self.opt, loss_fn.flow, autocast_dtype=torch.bfloat16 if loop.bf16 else None,
-                before_step=self._clip if optim.grad_clip > 0 else None,
-                pad_text_to=getattr(getattr(model, "config", None), "max_text_tokens", None))   # one graph
+            self.graphed = graph_step(model, self.opt, torch.bfloat16 if loop.bf16 else None,
+                                      self._clip if optim.grad_clip > 0 else None)
         self.step = 0
         self.history: list = []
 
@@ -421,13 +417,12 @@ class Trainer:
     def global_batch(self) -> int:
         return self.info.world * self.loop.accum * self.loop.micro_batch
 
-    def _check_graph_setup(self, loss_fn) -> None:
+    def _check_graph_setup(self, graph_step) -> None:
         why = [w for bad, w in ((self.info.world > 1 or self.sharded, "one process, no FSDP (DDP / FSDP hooks are "
                                  "not captured)"),
                                 (self.loop.accum != 1, "accum 1"), (self.loop.compile, "compile off"),
                                 (self.loop.grad_checkpointing, "grad_checkpointing off"),
-                                (not hasattr(loss_fn, "batch") or not hasattr(loss_fn, "flow"),
-                                 "a loss_fn with .batch and .flow (train.make_dit_loss)")) if bad]
+                                (graph_step is None, "a graph_step (e.g. schedule.DiTLoss.graph_step)")) if bad]
         if why:
             raise ValueError("LoopConfig.cuda_graph needs " + ", ".join(why))
 
@@ -437,8 +432,7 @@ class Trainer:
 
     def _graphed_micro_step(self) -> tuple:
         """The one micro-batch of a graphed step (accum 1): (logs_all, samples, tokens, grad norm), as the loop."""
-        x1, cond, g, logs = self.loss_fn.batch(self.step, self.info.rank)
-        loss, _ = self.graphed(x1, cond, generator=g)
+        loss, logs = self.graphed(self.step, self.info.rank)
         gnorm = self._gnorm if self.optim_cfg.grad_clip > 0 else torch.zeros(())
         return [{"loss": loss, **logs}], int(logs.get("samples", 0)), int(logs.get("tokens", 0)), gnorm
 

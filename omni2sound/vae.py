@@ -24,7 +24,7 @@ Two heads (``VAEConfig.head``):
     Why: a waveform decoder must learn to synthesise every partial's oscillation sample by sample, and a small
     one trained for minutes on a CPU only learns the loudest low band (measured on the toy world: 4 of 5 classes
     at -40 to -70 dB after 1500 steps); with one output channel per frequency bin every band is one linear map
-    away, and the toy preset, trained with ``vae_train.frame_loss``, reconstructs every class (the toy oracle
+    away, and the toy preset, trained with ``vae_loss.frame_loss``, reconstructs every class (the toy oracle
     hears all events in its reconstructions after 1000-1500 steps x 16 crops; see bench/RESULTS.md).
 """
 from __future__ import annotations
@@ -44,8 +44,9 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
-from omni2sound import ops
-from omni2sound.files import atomic_write
+from . import ops
+from .cuda_graphs import graphed_time_us, warm_up_on_side_stream
+from .files import atomic_write
 
 CONFIG_NAME = "config.json"
 RESIDUAL_GAIN = 0.1   # init scale of each residual branch's output conv (see _wn)
@@ -63,12 +64,12 @@ class VAEConfig:
     dilations: Tuple[int, ...] = (1, 3, 9)
     kernel_size: int = 7
     snake_eps: float = 1e-9
-    kl_weight: float = 1e-4                              # read by vae_train.vae_loss
+    kl_weight: float = 1e-4                              # read by vae_loss.vae_loss
     stft_weight: float = 1.0
     l1_weight: float = 1.0
     stft_sizes: Tuple[int, ...] = (2048, 1024, 512, 256, 128)
-    log_stft_weight: float = 0.0                         # L1 of log magnitudes (vae_train.log_stft_loss)
-    frame_weight: float = 0.0                            # stft head: MSE of its log magnitudes (vae_train)
+    log_stft_weight: float = 0.0                         # L1 of log magnitudes (vae_loss.log_stft_loss)
+    frame_weight: float = 0.0                            # stft head: MSE of its log magnitudes (vae_loss.frame_loss)
     head: str = "waveform"                               # "waveform" | "stft" (see the module docstring)
     n_fft: int = 320                                     # stft head only: window = FFT size (20 ms)
     stft_hop: int = 80                                   # stft head only: samples per frame (5 ms)
@@ -254,26 +255,6 @@ def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], p
 _DILATED_PAYS: Dict[tuple, bool] = {}
 
 
-def _graph_us(fn, calls: int = 4) -> float:
-    """GPU time of ``calls`` calls of fn, replayed from one CUDA graph (launch gaps excluded, as in a graphed
-    decode), best of 3 replays, in microseconds."""
-    fn()                                             # lazy init (cuDNN handles, plans) outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    best = float("inf")
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / calls)
-    return best
-
-
 def _dilated_pays(m: nn.Conv1d, y: Tensor) -> bool:
     """Whether ``conv1d_dilated_as_batch`` runs conv m on y faster than cuDNN's own form: timed once per device,
     dtype and shape (a few ms; ``AudioVAE.decode_graphed`` warms up, and so times, before it captures). Inside a
@@ -285,8 +266,8 @@ def _dilated_pays(m: nn.Conv1d, y: Tensor) -> bool:
             return False
         x = y.detach().clone()
         w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
-        batch_us = _graph_us(lambda: conv1d_dilated_as_batch(x, w, b, m.padding[0], m.dilation[0]))
-        cudnn_us = _graph_us(lambda: F.conv1d(x, w, b, padding=m.padding[0], dilation=m.dilation[0]))
+        batch_us = graphed_time_us(lambda: conv1d_dilated_as_batch(x, w, b, m.padding[0], m.dilation[0]))
+        cudnn_us = graphed_time_us(lambda: F.conv1d(x, w, b, padding=m.padding[0], dilation=m.dilation[0]))
         got = _DILATED_PAYS[key] = batch_us < cudnn_us
     return got
 
@@ -660,7 +641,6 @@ class AudioVAE(nn.Module):
                dec.out_conv_as_gemm, dec.dilated_as_batch)
         entry = graphs.get(key)
         if entry is None:
-            from .pipeline import warm_up_on_side_stream
             if len(graphs) >= max_graphs:
                 graphs.pop(next(iter(graphs)))
             z_static = z.clone()

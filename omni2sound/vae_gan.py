@@ -6,7 +6,7 @@ matching (after EnCodec's MS-STFT discriminator, Defossez et al. 2022, with DAC'
     L_D      = mean_k [ mean relu(1 - D_k(x)) + mean relu(1 + D_k(x_hat)) ]        hinge, x_hat detached
     L_adv    = mean_k mean relu(1 - D_k(x_hat))                                    generator hinge
     L_fm     = mean_{k, l} mean |f_kl(x) - f_kl(x_hat)| / mean |f_kl(x)|          feature matching, layer by layer
-    loss     = recon (vae_train) + L_D + [step >= disc_start] (adv_weight L_adv + fm_weight L_fm)
+    loss     = recon (vae_loss) + L_D + [step >= disc_start] (adv_weight L_adv + fm_weight L_fm)
 
 One backward, one optimiser. The generator's terms go through the discriminator with its parameters frozen
 (``requires_grad`` off for that forward), so they move only the VAE; ``L_D`` sees detached reconstructions, so it
@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.utils.parametrizations import weight_norm
 
 from .vae import AudioVAE
+from .vae_loss import _weight, vae_loss_terms
 
 DISC_WEIGHTS_NAME = "discriminator.safetensors"
 Scores = List[Tuple[Tensor, List[Tensor]]]          # per resolution: (logits [B, 1, frames, bins'], features)
@@ -128,8 +129,6 @@ class VAEGAN(nn.Module):
 
     def forward(self, wav: Tensor, step: int = 0, cfg=None, generator: Optional[torch.Generator] = None
                 ) -> Tuple[Tensor, dict]:
-        from .vae_train import _weight, vae_loss_terms
-
         recon_loss, logs, recon = vae_loss_terms(self.vae, wav, cfg, generator)
         wav = wav if wav.dim() == 3 else wav[:, None]
         real = self.disc(wav)

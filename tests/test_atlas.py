@@ -313,3 +313,60 @@ def test_records_with_precomputed_features_carry_the_released_task_fields(server
         assert rep.kept == 1 and recs[0].features == {"video": str(tmp_path / "clip.npy"),
                                                       "sync": str(tmp_path / "sync.npy")}
         assert recs[0].caption == got["caption"] and recs[0].clip_id.endswith("/" + task)
+
+
+def test_requests_in_flight_are_bounded(toy_manifest, tmp_path):
+    with ChatServer(latency=0.1) as s:
+        run(chat_config(s.base_url, max_requests_in_flight=3, max_clips_in_flight=8), toy_manifest, tmp_path)
+        assert s.max_in_flight == 3 and len(s.requests) >= 8
+
+
+def test_backoff_jitter_and_retry_after():
+    import random
+    import time as _time
+    from email.utils import formatdate
+
+    from omni2sound.atlas.backends import _retry_after, backoff_delay
+    cfg = AtlasConfig(backoff_base=0.5, backoff_max=4.0)
+    rng = random.Random()
+    for attempt in range(6):
+        d = [backoff_delay(attempt, cfg, None, rng) for _ in range(200)]
+        base = min(4.0, 0.5 * 2 ** attempt)
+        assert 0.5 * base <= min(d) and max(d) <= 1.5 * base and len(set(d)) > 100    # jittered
+    assert min(backoff_delay(0, cfg, 3.0, rng) for _ in range(50)) >= 3.0            # never before Retry-After
+    assert _retry_after({"retry-after": "2"}) == 2.0 and _retry_after({"retry-after-ms": "250"}) == 0.25
+    assert 8 <= _retry_after({"retry-after": formatdate(_time.time() + 10, usegmt=True)}) <= 10
+    assert _retry_after({"retry-after": "soon"}) is None and _retry_after({}) is None
+
+
+class BatchAV:
+    """A scorer plug-in with score_batch: records the batch sizes it was called with."""
+    sizes: list = []
+
+    def score_batch(self, clips, captions=None):
+        BatchAV.sizes.append(len(clips))
+        return [0.25 if c.record["clip_id"].endswith(("1", "3", "5", "7")) else 0.5 for c in clips]
+
+    def score(self, clip):
+        return self.score_batch([clip])[0]
+
+
+def test_model_scorers_are_fed_in_batches(server, toy_manifest, tmp_path):
+    BatchAV.sizes.clear()
+    run(chat_config(server.base_url, av_scorer="test_atlas:BatchAV", max_clips_in_flight=8), toy_manifest, tmp_path)
+    assert sum(BatchAV.sizes) == 8 and len(BatchAV.sizes) < 8 and max(BatchAV.sizes) > 1
+    for rec in load_done(str(tmp_path)).values():
+        odd = rec["clip_id"].endswith(("1", "3", "5", "7"))
+        assert rec["av_score"] == (0.25 if odd else 0.5)
+        assert rec["route"] == ("audio-only" if odd else "audio-visual")
+
+
+def test_unreadable_media_is_recorded_as_failed(server, toy_manifest, tmp_path):
+    good = dict(read_input_manifest(toy_manifest)[0][0])
+    good.pop("_line")
+    bad = dict(good, clip_id="broken", audio=str(tmp_path / "missing.wav"))
+    (tmp_path / "m.jsonl").write_text(json.dumps(bad) + "\n" + json.dumps(good) + "\n")
+    summary = run(chat_config(server.base_url), str(tmp_path / "m.jsonl"), tmp_path / "out")
+    assert summary["status"] == {"failed": 1, "kept": 1}
+    recs = {r["clip_id"]: r for r in load_done(str(tmp_path / "out")).values()}
+    assert "missing.wav: no such audio file" in recs["broken"]["atlas"]["reason"]

@@ -227,3 +227,20 @@ def test_clap_bf16_on_cuda_matches_fp32(laion):
     assert cos.min() > 0.98
     t = ["a bell rings", "rain on a roof"]
     assert (cpu.embed_text(t) * gpu.embed_text(t)).sum(-1).min() > 0.98
+
+
+def test_atlas_clap_scorer_batches_match_single_clips(laion):
+    import threading
+
+    from omni2sound.atlas.scorers import ClapScorer
+    from omni2sound.atlas.types import Clip
+    _, path = laion
+    sc = ClapScorer.__new__(ClapScorer)
+    sc.model, sc._lock = LaionClap.from_checkpoint(str(path), text_heads=2, device="cpu"), threading.Lock()
+    rng = np.random.default_rng()
+    clips = [Clip(i, {"clip_id": str(i)}, "k", (rng.standard_normal(n) * 0.1).astype(np.float32), 16000, None)
+             for i, n in enumerate([16000, 24000, 16000])]
+    caps = ["a bell rings", "rain", "an engine hums"]
+    batch = sc.score_batch(clips, caps)
+    single = [sc.score(c, t) for c, t in zip(clips, caps)]
+    np.testing.assert_allclose(batch, single, atol=1e-5)

@@ -177,3 +177,19 @@ def test_imagebind_bf16_on_cuda_matches_fp32(checkpoint):
     assert (cpu.embed_audio(audio) * gpu.embed_audio(audio)).sum(-1).min() > 0.98
     frames = torch.randint(0, 256, (2, 50, 64, 64, 3), dtype=torch.uint8)
     assert (cpu.embed_video(frames, 25) * gpu.embed_video(frames, 25)).sum(-1).min() > 0.98
+
+
+def test_atlas_av_scorer_batches_match_single_clips(checkpoint):
+    import threading
+
+    from omni2sound.atlas.scorers import ImageBindAVScorer
+    from omni2sound.atlas.types import Clip
+    _, path = checkpoint
+    sc = ImageBindAVScorer.__new__(ImageBindAVScorer)
+    sc.model, sc._lock = ImageBind.from_checkpoint(str(path), device="cpu", config=CFG), threading.Lock()
+    rng = np.random.default_rng()
+    clips = [Clip(i, {"clip_id": str(i)}, "k", (rng.standard_normal(32000) * 0.1).astype(np.float32), 16000,
+                  rng.integers(0, 256, (2, 40, 40, 3), dtype=np.uint8) if i != 1 else None, 1.0) for i in range(3)]
+    batch = sc.score_batch(clips)
+    assert batch[1] == 0.0                       # no video: no audio-video agreement to score
+    np.testing.assert_allclose(batch, [sc.score(c) for c in clips], atol=1e-5)

@@ -196,6 +196,7 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
         assert np.array_equal(sf.read(p)[0], sf.read(q)[0]), p
     m = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert set(m["tracks"]) == {"v2a", "offscreen"} and "FD_logmel" in m["tracks"]["v2a"]
+    assert m["generation"]["steps"] == 2 and m["generation"]["seed"] == 0
 
 
 def test_desync_through_the_package_synchformer(tmp_path):

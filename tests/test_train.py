@@ -13,7 +13,16 @@ import torch.multiprocessing as mp
 
 from omni2sound.data.shards import FeatureTable
 from omni2sound.model import Omni2SoundDiT, dit_config
-from omni2sound.train import TRAIN_PRESETS, TrainConfig, draw_task, make_dit_loss, run, stage3_augment, step_indices
+from omni2sound.schedule import (
+    TRAIN_PRESETS,
+    TrainConfig,
+    draw_task,
+    make_dit_loss,
+    stage3_augment,
+    stage_named,
+    step_indices,
+)
+from omni2sound.train import run
 from omni2sound.trainer import DistInfo, LoopConfig, OptimConfig, Trainer, init_distributed, lr_lambda, seeded
 
 C, DT, DV, DS = 4, 6, 5, 2
@@ -50,12 +59,12 @@ class Spy(torch.nn.Module):
 def test_task_sampling_frequencies():
     cfg = TrainConfig()
     n = 4000
-    tasks = [draw_task(cfg, "stage2", seeded(0, 2, s, 7)) for s in range(n)]
+    tasks = [draw_task(stage_named(cfg, "stage2"), seeded(0, 2, s, 7)) for s in range(n)]
     for task, p in zip(("v2a", "t2a", "vt2a"), cfg.task_probs):
         assert abs(tasks.count(task) / n - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (task, tasks.count(task))
-    assert {draw_task(cfg, "stage1", seeded(0, 1, s)) for s in range(50)} == {"t2a"}
+    assert {draw_task(stage_named(cfg, "stage1"), seeded(0, 1, s)) for s in range(50)} == {"t2a"}
     cfg2 = replace(cfg, task_probs=(0.0, 0.0, 1.0))
-    assert {draw_task(cfg2, "stage3", seeded(0, 3, s)) for s in range(50)} == {"vt2a"}
+    assert {draw_task(stage_named(cfg2, "stage3"), seeded(0, 3, s)) for s in range(50)} == {"vt2a"}
     with pytest.raises(ValueError, match="task_probs"):
         replace(cfg, task_probs=(0.5, 0.5, 0.5)).validate()
 
@@ -73,7 +82,7 @@ def test_task_masks_and_null_dropout():
     table = synthetic_table(64)
     spy = Spy()
     for stage, steps in (("stage1", 3), ("stage2", 30)):
-        loss_fn = make_dit_loss(cfg, stage, table, None, 64, DistInfo())
+        loss_fn = make_dit_loss(cfg, stage_named(cfg, stage), table, None, 64, DistInfo())
         for s in range(steps):
             loss, logs = loss_fn(spy, s, 0)
             c = spy.seen[-1]
@@ -112,7 +121,8 @@ def test_stage3_augmentations():
     assert not torch.allclose(x1a[replaced], x1[replaced])
     # the stage-3 loss augments VT2A batches only
     spy = Spy()
-    loss_fn = make_dit_loss(replace(cfg, p_null=0.0), "stage3", table, off, 32, DistInfo())
+    cfg0 = replace(cfg, p_null=0.0)
+    loss_fn = make_dit_loss(cfg0, stage_named(cfg0, "stage3"), table, off, 32, DistInfo())
     for s in range(12):
         _, logs = loss_fn(spy, s, 0)
         if logs["task"] != "vt2a":
@@ -135,8 +145,8 @@ def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cud
                       progress=False, cuda_graph=cuda_graph, parallel=parallel, grad_checkpointing=grad_checkpointing,
                       fsdp_bf16_params=fsdp_bf16_params)
     opt = OptimConfig(lr=1e-3, warmup=2, ema_decay=0.9)
-    return Trainer(model or small_dit(), make_dit_loss(cfg, "stage2", table, None, micro, info, accum), loop, opt,
-                   out_dir, info)
+    loss = make_dit_loss(cfg, stage_named(cfg, "stage2"), table, None, micro, info, accum)
+    return Trainer(model or small_dit(), loss, loop, opt, out_dir, info, graph_step=loss.graph_step)
 
 
 def test_ema_update_matches_the_formula():

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from omni2sound import ops
 from omni2sound.vae import VAE_PRESETS, AudioVAE, VAEConfig, build_vae
-from omni2sound.vae_train import log_stft_loss, multi_resolution_stft_loss, synthetic_tones, train_vae, vae_loss
+from omni2sound.vae_loss import log_stft_loss, multi_resolution_stft_loss, vae_loss
+from omni2sound.vae_train import synthetic_tones, train_vae
 
 
 @pytest.fixture(scope="module", params=["tiny", "toy"])
@@ -270,7 +271,7 @@ def test_stft_head_phase_prior_continues_a_partial():
 
 
 def test_frame_loss_is_zero_for_the_true_magnitudes():
-    from omni2sound.vae_train import frame_loss
+    from omni2sound.vae_loss import frame_loss
     vae = build_vae("toy")
     cfg = vae.config
     wav, _ = synthetic_tones(2, 1280)

@@ -15,7 +15,8 @@ from omni2sound.vae_gan import (
     load_discriminator,
     save_discriminator,
 )
-from omni2sound.vae_train import synthetic_tones, train_vae, vae_loss
+from omni2sound.vae_loss import vae_loss
+from omni2sound.vae_train import synthetic_tones, train_vae
 
 GAN = dict(adv_weight=0.1, fm_weight=0.2, disc_ffts=(256, 64), disc_channels=8)
 
@@ -67,7 +68,7 @@ def test_gradient_routing():
         if part == "total":
             loss, logs = model(wav, step, generator=g)
         else:                                            # the pieces by hand, from the same posterior sample
-            from omni2sound.vae_train import vae_loss_terms
+            from omni2sound.vae_loss import vae_loss_terms
             rl, _, recon = vae_loss_terms(vae, wav, None, g)
             if part == "recon":
                 loss = rl
@@ -137,7 +138,7 @@ def test_non_adversarial_training_unchanged():
 def test_vae_stage_adversarial_resumes_exactly(tmp_path):
     """Stage vae with the discriminator: checkpoints hold both networks, a resumed run repeats the same losses
     and ends with the same VAE and discriminator as an uninterrupted one."""
-    from omni2sound.train import TRAIN_PRESETS, train_vae_stage
+    from omni2sound.schedule import TRAIN_PRESETS, train_vae_stage
     from omni2sound.trainer import DistInfo
 
     audio = synthetic_tones(6, 6400, generator=torch.Generator().manual_seed(3))[0][:, 0]        # [6, 6400]

@@ -55,7 +55,10 @@ def main() -> int:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 - every failure is reported, then the check fails
             failed.append(f"{name}: {type(e).__name__}: {e}")
-    for required in ("omni2sound._C", "omni2sound.kernels", "omni2sound.data", "omni2sound.ops"):
+    # every Triton kernel module of the source tree (kernels/omni2sound_kernels/) is in the installed package
+    kernel_sources = repo / "kernels" / "omni2sound_kernels"
+    kernels = [f"omni2sound.kernels.{p.stem}" for p in sorted(kernel_sources.glob("*.py")) if p.stem != "__init__"]
+    for required in ("omni2sound._C", "omni2sound.kernels", "omni2sound.data", "omni2sound.ops", *kernels):
         if required not in sys.modules:
             failed.append(f"{required}: not found in the installed package")
     print(f"[check_install] {len(names)} modules under {where}")

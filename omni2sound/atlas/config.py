@@ -81,7 +81,7 @@ def _toy_agents() -> dict:
 
 # fields that change how fast a run goes, never what it writes: left out of the config hash
 RUNTIME_FIELDS = ("max_clips_in_flight", "max_requests_in_flight", "request_timeout", "max_attempts",
-                  "backoff_base", "backoff_max", "media_threads", "fsync")
+                  "backoff_base", "backoff_max", "media_threads", "fsync", "score_batch")
 
 
 @dataclass
@@ -117,6 +117,7 @@ class AtlasConfig:
     backoff_base: float = 0.5             # seconds; attempt k waits base * 2^k * U(0.5, 1.5), capped
     backoff_max: float = 30.0
     media_threads: int = 4
+    score_batch: int = 32                 # clips per batched scorer forward (ImageBind, CLAP)
     fsync: bool = True
 
     def __post_init__(self):

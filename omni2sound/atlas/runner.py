@@ -26,7 +26,7 @@ from typing import Optional
 from .backends import make_agents
 from .config import AtlasConfig
 from .media import content_hash, load_media
-from .scorers import load_scorer
+from .scorers import Batcher, load_scorer
 from .stages import DISCARDED, ENHANCED, Trace, junior_senior_handoff, post_filter, route, vision_to_language
 from .types import Clip
 
@@ -202,7 +202,7 @@ class Runner:
                                                        cfg.frames_fps, cfg.max_frames, cfg.frame_size)
             clip = Clip(index=rec["_line"], record=rec, key=key, audio=audio, sample_rate=cfg.audio_sample_rate,
                         frames=frames, frames_fps=cfg.frames_fps)
-            av = float(await loop.run_in_executor(pool, self.av.score, clip)) if frames is not None else None
+            av = await self._av_batch(clip) if frames is not None else None
             r = route(av, cfg) if av is not None else "audio-only"
             atlas["scores"] = {"av": av}
             base.update(av_score=av, route=r)
@@ -213,7 +213,7 @@ class Runner:
             context = await vision_to_language(clip, self.agents["vision"], trace) if r == ENHANCED else None
 
             async def clap_score(caption: str) -> float:
-                return float(await loop.run_in_executor(pool, self.clap.score, clip, caption))
+                return await self._clap_batch(clip, caption)
 
             h = await junior_senior_handoff(clip, context, self.agents["junior"], self.agents["senior"], clap_score,
                                             trace, cfg)
@@ -249,6 +249,10 @@ class Runner:
         done = load_done(self.out_dir)
         store = RecordStore(records_path(self.out_dir, self.shard), self.cfg.fsync)
         pool = ThreadPoolExecutor(self.cfg.media_threads)
+        scoring = ThreadPoolExecutor(1)          # one model forward at a time: batches, not threads, give speed
+        self._av_batch = Batcher(self.av, scoring if hasattr(self.av, "score_batch") else pool, self.cfg.score_batch)
+        self._clap_batch = Batcher(self.clap, scoring if hasattr(self.clap, "score_batch") else pool,
+                                   self.cfg.score_batch)
         loop = asyncio.get_running_loop()
         sem = asyncio.Semaphore(self.cfg.max_clips_in_flight)
         stats = {"skipped": 0, "written": 0}
@@ -260,10 +264,9 @@ class Runner:
         async def one(rec):
             try:
                 key = await loop.run_in_executor(pool, clip_key, rec, self.config_hash)
-            except OSError as e:
+            except OSError as e:        # an unreadable file: recorded as failed under a key of its id
                 key = hashlib.sha256(f"{self.config_hash}:unreadable:{rec['clip_id']}".encode()).hexdigest()[:24]
-                prev = done.get(key)
-                if prev is None:
+                if key not in done:
                     store.append(self._finish({k: v for k, v in rec.items() if not k.startswith("_")},
                                               {"key": key, "config": self.config_hash, "status": "failed",
                                                "reason": f"{type(e).__name__}: {e}"}, Trace(), time.perf_counter()))
@@ -273,17 +276,16 @@ class Runner:
             if prev is not None and not (self.retry_failed and prev["atlas"].get("status") == "failed"):
                 stats["skipped"] += 1
             else:
-                out = await self._process(rec, key, pool)
-                store.append(out)
+                store.append(await self._process(rec, key, pool))
                 stats["written"] += 1
-            if bar is not None:
-                bar.update(1)
 
         async def guarded(rec):
             try:
                 await one(rec)
             finally:
                 sem.release()
+                if bar is not None:
+                    bar.update(1)
 
         tasks = set()
         try:
@@ -297,6 +299,7 @@ class Runner:
         finally:
             store.close()
             pool.shutdown(wait=False)
+            scoring.shutdown(wait=False)
             if bar is not None:
                 bar.close()
             for a in self.agents.values():

@@ -8,12 +8,16 @@ A scorer is named by a spec string in the config:
     "laion-clap:PATH"      LAION-CLAP's text-audio cosine; "ms-clap:PATH" MS-CLAP's
     "package.module:name"  any object with score(clip) (audio-video) or score(clip, caption) (text-audio),
                            or a factory returning one
-Model scorers run in worker threads, one call at a time per model.
+A scorer with `score_batch(clips, captions=None) -> list[float]` (the model scorers here) is fed in batches:
+`Batcher` gathers the requests of the clips in flight (up to `max_batch`, waiting at most `max_wait` s for
+more) and runs one batched forward in a worker thread; other scorers are called once per clip in a thread.
 """
 from __future__ import annotations
 
+import asyncio
 import importlib
 import threading
+from typing import Optional
 
 import numpy as np
 
@@ -39,13 +43,23 @@ class ImageBindAVScorer:
         self._lock = threading.Lock()
 
     def score(self, clip: Clip) -> float:
+        return self.score_batch([clip])[0]
+
+    def score_batch(self, clips: list, captions=None) -> list:
+        """One forward per group of clips whose audio length and frame shape agree."""
         import torch
-        if clip.frames is None:
-            return 0.0
+        out = [0.0] * len(clips)
+        groups: dict = {}
+        for i, c in enumerate(clips):
+            if c.frames is not None:
+                groups.setdefault((len(c.audio), c.frames.shape, c.frames_fps), []).append(i)
         with self._lock:
-            a = self.model.embed_audio(torch.from_numpy(np.asarray(clip.audio, np.float32))[None])
-            v = self.model.embed_video(torch.from_numpy(clip.frames)[None], fps=clip.frames_fps)
-        return float((a.float() * v.float()).sum())
+            for (_, _, fps), idx in groups.items():
+                a = self.model.embed_audio(torch.from_numpy(np.stack([clips[i].audio for i in idx]).astype(np.float32)))
+                v = self.model.embed_video(torch.from_numpy(np.stack([clips[i].frames for i in idx])), fps=fps)
+                for i, x in zip(idx, (a.float() * v.float()).sum(-1).tolist()):
+                    out[i] = float(x)
+        return out
 
 
 class ClapScorer:
@@ -59,15 +73,29 @@ class ClapScorer:
         self._lock = threading.Lock()
 
     def score(self, clip: Clip, caption: str) -> float:
+        return self.score_batch([clip], [caption])[0]
+
+    def score_batch(self, clips: list, captions: list) -> list:
+        """One text forward for all captions, one audio forward per group of equal-length clips."""
         import torch
-        audio = np.asarray(clip.audio, np.float32)
-        if clip.sample_rate != self.model.sample_rate:
-            import soxr
-            audio = soxr.resample(audio, clip.sample_rate, self.model.sample_rate).astype(np.float32)
+        audio = []
+        for c in clips:
+            a = np.asarray(c.audio, np.float32)
+            if c.sample_rate != self.model.sample_rate:
+                import soxr
+                a = soxr.resample(a, c.sample_rate, self.model.sample_rate).astype(np.float32)
+            audio.append(a)
+        groups: dict = {}
+        for i, a in enumerate(audio):
+            groups.setdefault(len(a), []).append(i)
+        out = [0.0] * len(clips)
         with self._lock:
-            a = self.model.embed_audio(torch.from_numpy(audio)[None])
-            t = self.model.embed_text([caption])
-        return float((a.float() * t.float()).sum())
+            t = self.model.embed_text(list(captions)).float()
+            for idx in groups.values():
+                a = self.model.embed_audio(torch.from_numpy(np.stack([audio[i] for i in idx]))).float()
+                for i, x in zip(idx, (a * t[idx]).sum(-1).tolist()):
+                    out[i] = float(x)
+        return out
 
 
 def load_scorer(spec: str, kind: str):
@@ -91,3 +119,53 @@ def load_scorer(spec: str, kind: str):
         return obj
     raise ValueError(f"unknown scorer spec {spec!r}: toy, const:X, imagebind:PATH, laion-clap:PATH, ms-clap:PATH "
                      f"or module:name")
+
+
+class Batcher:
+    """Feeds a scorer from many concurrent clips: `await batcher(clip)` / `await batcher(clip, caption)`.
+    With `score_batch`, requests are gathered (up to max_batch, at most max_wait seconds) into one call in a
+    worker thread; without it, each request is one `score` call in a worker thread."""
+
+    def __init__(self, scorer, executor, max_batch: int = 32, max_wait: float = 0.005):
+        self.scorer, self.executor = scorer, executor
+        self.max_batch, self.max_wait = max_batch, max_wait
+        self.batched = hasattr(scorer, "score_batch")
+        self._pending: list = []
+        self._flush: Optional[asyncio.TimerHandle] = None
+        self.calls = 0
+
+    async def __call__(self, clip: Clip, caption: Optional[str] = None) -> float:
+        loop = asyncio.get_running_loop()
+        if not self.batched:
+            self.calls += 1
+            args = (clip,) if caption is None else (clip, caption)
+            return float(await loop.run_in_executor(self.executor, self.scorer.score, *args))
+        fut = loop.create_future()
+        self._pending.append((clip, caption, fut))
+        if len(self._pending) >= self.max_batch:
+            self._run(loop)
+        elif self._flush is None:
+            self._flush = loop.call_later(self.max_wait, self._run, loop)
+        return await fut
+
+    def _run(self, loop) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        self.calls += 1
+        clips = [b[0] for b in batch]
+        captions = None if batch[0][1] is None else [b[1] for b in batch]
+        task = loop.run_in_executor(self.executor, self.scorer.score_batch, clips, captions)
+
+        def done(t):
+            for i, (_, _, fut) in enumerate(batch):
+                if fut.done():
+                    continue
+                if t.exception() is not None:
+                    fut.set_exception(t.exception())
+                else:
+                    fut.set_result(float(t.result()[i]))
+        task.add_done_callback(done)

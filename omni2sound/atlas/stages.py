@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -117,7 +116,3 @@ async def post_filter(clip: Clip, caption: str, clap: float, music: bool, route_
             return False, f"verifier: {v.text.strip()[:200]}", v.text.strip()
         return True, None, v.text.strip()
     return True, None, None
-
-
-async def in_thread(fn, *args):
-    return await asyncio.to_thread(fn, *args)

@@ -109,11 +109,14 @@ def _impulsive():
     return IMPULSIVE
 
 
-def oracle_metrics(bench: Benchmark, items: List[TrackItem], refs, gens) -> Dict[str, float]:
+def oracle_metrics(bench: Benchmark, items: List[TrackItem], refs, gens,
+                   ref_cache: Optional[dict] = None) -> Dict[str, float]:
     """The toy oracle's scores: onset F1, class accuracy / F1, off-screen recall (off-screen track), and the
-    oracle sync offset (tracks with video)."""
+    oracle sync offset (tracks with video). ref_cache: item_id -> events heard in the reference, kept across
+    systems scored with one Scorer."""
     from ..oracle import Oracle, score
     o = Oracle()
+    ref_cache = {} if ref_cache is None else ref_cache
     truths = [bench.truth(it) for it in items]
     gen_heard = [o.analyse(g) for g in gens]
     s = score(gen_heard, truths)
@@ -121,8 +124,11 @@ def oracle_metrics(bench: Benchmark, items: List[TrackItem], refs, gens) -> Dict
     if items and items[0].track == "offscreen":
         out["oracle_offscreen_recall"] = s["offscreen_recall"]
     if items and items[0].task != "t2a":
-        offs = [oracle_offset(o.analyse(r), g, {e["cls"] for e in t if e["onscreen"]})
-                for r, g, t in zip(refs, gen_heard, truths)]
+        for it, r in zip(items, refs):
+            if it.item_id not in ref_cache:
+                ref_cache[it.item_id] = o.analyse(r)
+        offs = [oracle_offset(ref_cache[it.item_id], g, {e["cls"] for e in t if e["onscreen"]})
+                for it, g, t in zip(items, gen_heard, truths)]
         offs = [x for x in offs if math.isfinite(x)]
         out["oracle_offset_s"] = float(np.mean(offs)) if offs else float("nan")
     return out
@@ -139,6 +145,7 @@ class Scorer:
         self.synchformer, self.oracle, self.batch_size = synchformer, oracle, batch_size
         self._ref_cache: dict = {}
         self.warnings: List[str] = []
+        self._oracle_cache: dict = {}
 
     def score_track(self, bench: Benchmark, items: List[TrackItem], gens: List[np.ndarray]) -> Dict[str, float]:
         sr = bench.sample_rate
@@ -176,7 +183,7 @@ class Scorer:
                 out["DeSync"] = M.desync([self.synchformer.desync(f, SYNC_FPS, torch.from_numpy(g), sr)
                                           for f, g in zip(frames, gens)])
         if self.oracle and bench.has_truth:
-            out.update(oracle_metrics(bench, items, refs, gens))
+            out.update(oracle_metrics(bench, items, refs, gens, self._oracle_cache))
         return out
 
     def describe(self) -> dict:

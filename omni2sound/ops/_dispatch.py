@@ -20,6 +20,7 @@ backend that cannot run the tensor at hand is an error, never a silent fallback:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Callable, Dict, Iterator, Optional
@@ -165,12 +166,32 @@ def autocast_inputs(device: torch.device, *tensors):
     return tuple(t.to(dt) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_kernels_importable() -> bool:
+    """Whether triton and the installed Triton kernels (``omni2sound.kernels``) import in this process."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+
+        import omni2sound.kernels  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``, set before importing
+    triton)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 @torch.compiler.assume_constant_result          # checked inside compiled steps: a constant to Dynamo, never traced
 def triton_available(device_type: str) -> bool:
-    """Whether the Triton kernels (``omni2sound.kernels``) can run on ``device_type`` tensors in this process
-    (False when triton or the installed kernels package is missing)."""
-    try:
-        from omni2sound.kernels import available
-    except ImportError:
+    """Whether the Triton kernels (``omni2sound.kernels``) can run on ``device_type`` tensors in this process: on a
+    GPU compiled, on the CPU only under the interpreter (False when triton or the kernels are missing)."""
+    if not _triton_kernels_importable():
         return False
-    return available(device_type)
+    dev_type = getattr(device_type, "type", str(device_type))
+    if dev_type == "cuda":
+        return not triton_interpreting()
+    return dev_type == "cpu" and triton_interpreting()
