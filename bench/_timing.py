@@ -29,7 +29,9 @@ def hardware(device):
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
-def time_cpu(fn, repeats, inner):
+def time_cpu(fn, repeats, inner, stat=statistics.median):
+    """Microseconds per call: ``stat`` (median; ``min`` for best-of on a shared box) over ``repeats`` timings of
+    ``inner`` calls each, after two warm-up calls."""
     for _ in range(2):
         fn()
     samples = []
@@ -38,7 +40,22 @@ def time_cpu(fn, repeats, inner):
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples) * 1e6
+    return stat(samples) * 1e6
+
+
+def copy_gbs_cpu(nbytes: int, threads: int, repeats: int = 10) -> float:
+    """GB/s of ``dst.copy_(src)`` on ``threads`` intra-op threads, best of ``repeats``, where ``nbytes`` is what the
+    copy moves in all (half read, half written): the ceiling of a memory-bound op that moves ``nbytes``, measured in
+    the same run. The previous thread count is restored."""
+    prev = torch.get_num_threads()
+    src = torch.empty(max(1, nbytes // 8), dtype=torch.float32).normal_()
+    dst = torch.empty_like(src)
+    try:
+        torch.set_num_threads(threads)
+        us = time_cpu(lambda: dst.copy_(src), repeats, max(1, int(2e6 // src.numel())), stat=min)
+    finally:
+        torch.set_num_threads(prev)
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
 def time_gpu(fn, repeats, inner, graphs=True):
@@ -82,6 +99,23 @@ def fwd_or_fwd_bwd(fn, make_args, wrt, dy, backward: bool):
         if backward:
             torch.autograd.grad(y, wrt, dy)
     return go
+
+
+_COPY_GBS = {}
+
+
+def add_copy_pct(row: dict, nbytes: int, device, repeats: int = 10) -> dict:
+    """On the CPU, the row's ``fused_gbps`` as a percentage of a one- and a two-thread ``copy_`` moving the same
+    ``nbytes`` (``copy_gbs_cpu``, measured once per size in this run): keys ``copy_{1,2}t_gbps``,
+    ``pct_copy_{1,2}t``. Rows of other devices are returned unchanged."""
+    if str(device) != "cpu":
+        return row
+    for k in (1, 2):
+        if (nbytes, k) not in _COPY_GBS:
+            _COPY_GBS[(nbytes, k)] = copy_gbs_cpu(nbytes, k, repeats)
+        row[f"copy_{k}t_gbps"] = _COPY_GBS[(nbytes, k)]
+        row[f"pct_copy_{k}t"] = 100 * row["fused_gbps"] / _COPY_GBS[(nbytes, k)]
+    return row
 
 
 def interleaved_rounds(measure: dict, rounds: int, warmup: int = 1, alternate: bool = True) -> dict:
@@ -150,14 +184,19 @@ def write_rows(path, device, rows, **extra) -> None:
 
 # One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),
 # printed as it is measured: a run cut short by a time limit keeps what it measured.
-OP_ROW_HEADER = ("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |\n"
-                 "|---|---|---|---|---|---|---|---|---|")
+# On the CPU the last two columns are the fused GB/s as % of a 1- and a 2-thread copy_ of the same bytes (add_copy_pct).
+OP_ROW_HEADER = ("| shape | mode | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile "
+                 "| % copy_ 1t | % copy_ 2t |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _pct(r, k) -> str:
+    return f"{r[k]:.0f}" if k in r else "-"
 
 
 def print_op_row(r) -> None:
     print(f"| {r['shape']} | {r['mode']} | {r['backend']} | {r['eager_us']:.1f} | {r['compile_us']:.1f} | "
           f"{r['fused_us']:.1f} | {r['fused_gbps']:.1f} | {r['speedup_vs_eager']:.2f} | "
-          f"{r['speedup_vs_compile']:.2f} |", flush=True)
+          f"{r['speedup_vs_compile']:.2f} | {_pct(r, 'pct_copy_1t')} | {_pct(r, 'pct_copy_2t')} |", flush=True)
 
 
 def print_table(rows, cols):

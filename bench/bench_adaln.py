@@ -7,19 +7,23 @@ Modulations per sample, per token, and as the DiT passes them each step: a per-t
 part (rows "token+sample pair": the baselines and "<backend>+add" sum the parts first, "<backend> pairs" passes the
 pair to the op, which adds them in the kernel).
 
-Reports us per call, the ratio to eager and to torch.compile, and (GPU) GB/s of the bytes the op must move,
-against a device-to-device copy measured in the same run. Shapes: inference [2, 250, 1536], training
+Reports us per call, the ratio to eager and to torch.compile, and GB/s of the bytes the op must move against a
+copy of the same bytes measured in the same run: on a GPU a device-to-device copy; on the CPU ``copy_`` on one and on
+two threads (columns pct_copy_1t / pct_copy_2t), and the CPU times are best of the repeats (a shared box's noise
+only ever adds time). Shapes: inference [2, 250, 1536], training
 [32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536].
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import time
 
 import torch
 import torch.nn.functional as F
-from _timing import card, print_table, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import card, copy_gbs_cpu, interleaved_rounds, print_table, time_gpu  # bench/: the script's folder
 
 from omni2sound import ops
 
@@ -126,13 +130,23 @@ def main():
             numel = x.numel()
             inner = max(1, min(50, int(2e7 // numel))) if gpu else max(1, int(2e6 // numel))
             times = {}
-            for name, fn in variants.items():
-                with torch.no_grad():
-                    if gpu:
+            with torch.no_grad():
+                if gpu:
+                    for name, fn in variants.items():
                         # Graph capture for every variant at the inference shape (launch-bound there).
                         times[name], _ = time_gpu(lambda: fn(*fargs), repeats, inner, graphs=True)
-                    else:
-                        times[name] = time_cpu(lambda: fn(*fargs), repeats, inner)
+                else:
+                    # Interleaved rounds (every variant once per round, alternating order), best of the rounds.
+                    def timed(fn):
+                        def measure():
+                            t0 = time.perf_counter()
+                            for _ in range(inner):
+                                fn(*fargs)
+                            return (time.perf_counter() - t0) / inner * 1e6
+                        return measure
+                    per_round = interleaved_rounds({k: timed(f) for k, f in variants.items()}, repeats, warmup=2)
+                    times = {k: min(v) for k, v in per_round.items()}
+            copy_cpu = {} if gpu else {k: copy_gbs_cpu(nbytes, k, repeats) for k in (1, 2)}
             for name, us in times.items():
                 row = {
                     "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
@@ -144,15 +158,20 @@ def main():
                 }
                 if copy_gbs:
                     row["pct_copy_bw"] = round(100 * row["GB/s"] / copy_gbs, 1)
+                for k, gbs in copy_cpu.items():
+                    row[f"copy_{k}t_GB/s"] = round(gbs, 1)
+                    row[f"pct_copy_{k}t"] = round(100 * row["GB/s"] / gbs, 1)
                 rows.append(row)
         if args.quick and not gpu:
             break
 
-    print(f"\n# bench_adaln on {hw}, {dtype}, torch {torch.__version__}"
+    print(f"\n# bench_adaln on {hw}, {dtype}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
           + (f", measured copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
     cols = ["label", "shape", "op", "modulation", "variant", "us", "x_eager", "x_compile", "GB/s"]
     if copy_gbs:
         cols.append("pct_copy_bw")
+    else:
+        cols += ["copy_1t_GB/s", "pct_copy_1t", "copy_2t_GB/s", "pct_copy_2t"]
     print_table(rows, cols)
     if args.out:
         with open(args.out, "w") as f:

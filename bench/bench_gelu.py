@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (  # bench/ is the script's folder, on sys.path
     OP_ROW_HEADER,
+    add_copy_pct,
     fwd_or_fwd_bwd,
     hardware,
     op_bench_args,
@@ -77,9 +78,10 @@ def main(argv=None):
                         with ops.use_backend(bias_gelu=backend):
                             return ops.bias_gelu(xx, bb)
                     t = timer(call(fused))
-                    emit(dict(shape=f"{name} [{M},{N}]", mode=mode, dtype=args.dtype, backend=backend,
-                              eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=nbytes / t / 1e3,
-                              speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t))
+                    emit(add_copy_pct(dict(shape=f"{name} [{M},{N}]", mode=mode, dtype=args.dtype, backend=backend,
+                                           eager_us=t_eager, compile_us=t_comp, fused_us=t,
+                                           fused_gbps=nbytes / t / 1e3, speedup_vs_eager=t_eager / t,
+                                           speedup_vs_compile=t_comp / t), nbytes, dev))
         with torch.no_grad():
             buf = x.clone()
             for backend in backends:
@@ -89,9 +91,10 @@ def main(argv=None):
                 t = timer(inplace)
                 t_eager = timer(lambda: unfused(x, b))
                 t_comp = timer(lambda: comp(x, b)) if comp else float("nan")
-                emit(dict(shape=f"{name} [{M},{N}]", mode="inplace", dtype=args.dtype, backend=backend,
-                          eager_us=t_eager, compile_us=t_comp, fused_us=t, fused_gbps=2 * M * N * esz / t / 1e3,
-                          speedup_vs_eager=t_eager / t, speedup_vs_compile=t_comp / t))
+                emit(add_copy_pct(dict(shape=f"{name} [{M},{N}]", mode="inplace", dtype=args.dtype, backend=backend,
+                                       eager_us=t_eager, compile_us=t_comp, fused_us=t,
+                                       fused_gbps=2 * M * N * esz / t / 1e3, speedup_vs_eager=t_eager / t,
+                                       speedup_vs_compile=t_comp / t), 2 * M * N * esz, dev))
             # the whole first layer (GEMM included), as sampling runs it
             y = torch.randn(M, K, device=dev, dtype=dtype)
             lin = torch.nn.Linear(K, N, device=dev, dtype=dtype)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from _timing import (  # bench/ is the script's folder, on sys.path
     OP_ROW_HEADER,
+    add_copy_pct,
     fwd_or_fwd_bwd,
     hardware,
     op_bench_args,
@@ -92,6 +93,7 @@ def main(argv=None):
                                  backend=backend, eager_us=t_eager, compile_us=t_comp, fused_us=t,
                                  fused_gbps=nbytes / t / 1e3, speedup_vs_eager=t_eager / t,
                                  speedup_vs_compile=t_comp / t)
+                        add_copy_pct(r, nbytes, dev)
                         rows.append(r)
                         print_op_row(r)
     write_rows(args.out, dev, rows)

@@ -11,7 +11,7 @@ import argparse
 import time
 
 import torch
-from _timing import hardware, time_gpu, write_rows  # bench/ is the script's folder, on sys.path
+from _timing import add_copy_pct, hardware, time_gpu, write_rows  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 from omni2sound.ops.snake import snake_reference, snake_residual_reference
@@ -86,17 +86,20 @@ def main(argv=None):
                             return fused()
                     t_fused = timeit(run, warmup, iters, dev)
                     nbytes = n_io * x.numel() * x.element_size()
-                    rows.append(dict(op=op, shape=f"{B}x{C}x{T}", dtype=args.dtype, backend=backend,
-                                     eager_us=t_eager, compile_us=t_comp, fused_us=t_fused,
-                                     fused_gbps=nbytes / t_fused / 1e3, speedup_vs_eager=t_eager / t_fused,
-                                     speedup_vs_compile=t_comp / t_fused))
+                    rows.append(add_copy_pct(dict(op=op, shape=f"{B}x{C}x{T}", dtype=args.dtype, backend=backend,
+                                                  eager_us=t_eager, compile_us=t_comp, fused_us=t_fused,
+                                                  fused_gbps=nbytes / t_fused / 1e3,
+                                                  speedup_vs_eager=t_eager / t_fused,
+                                                  speedup_vs_compile=t_comp / t_fused), nbytes, dev))
     print(f"\nSnake ops on {hardware(dev)}, torch {torch.__version__}, {args.dtype}\n")
-    print("| op | shape | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| op | shape | backend | eager us | compile us | fused us | fused GB/s | x eager | x compile "
+          "| % copy_ 1t | % copy_ 2t |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['op']} | {row['shape']} | {row['backend']} | {row['eager_us']:.0f} | {row['compile_us']:.0f} | "
               f"{row['fused_us']:.0f} | {row['fused_gbps']:.1f} | {row['speedup_vs_eager']:.2f} | "
-              f"{row['speedup_vs_compile']:.2f} |")
+              f"{row['speedup_vs_compile']:.2f} | {row.get('pct_copy_1t', float('nan')):.0f} | "
+              f"{row.get('pct_copy_2t', float('nan')):.0f} |")
     write_rows(args.out, dev, rows)
     return rows
 
