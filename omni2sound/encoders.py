@@ -288,8 +288,8 @@ def load_features(path: str, key: Optional[str] = None, dim: Optional[int] = Non
         if path.endswith(".npy"):
             x = torch.from_numpy(np.load(path, allow_pickle=False))
         elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            tensors = load_file(path)
+            from .files import load_safetensors
+            tensors = load_safetensors(path)
             if key is None:
                 if len(tensors) != 1:
                     raise ValueError(f"load_features: {path} holds {sorted(tensors)}; pass key=")

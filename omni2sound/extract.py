@@ -13,8 +13,13 @@ whole shards (bf16 weights on a GPU); the progress bar counts clips (clips/s, ET
 
 Resumable: shard k holds manifest records [k * size, (k + 1) * size) and is written atomically, so after
 a kill the shards on disk are exactly the finished ones; a rerun skips them (and never writes one twice).
-index.json is rewritten from the files at the end. Bad records are skipped and counted (manifest.py);
-a clip that fails to load is reported with its id and left out of its shard.
+That holds only if the rerun cuts the same records into the same shards with the same models, so the
+output folder's extraction.json records, before the first shard is written, what the shards depend on:
+the content hash of the manifest's usable records, the shard size, the encoders, the frame size and the
+VAE's weights hash. A rerun that differs in any of them refuses, naming what changed (``--rebuild``
+removes the old shards and starts over). index.json is rewritten from the files at the end. Bad records
+are skipped and counted (manifest.py); a clip that fails to load is reported with its id and left out of
+its shard.
 """
 from __future__ import annotations
 
@@ -31,6 +36,11 @@ import torch
 
 from .data.shards import ShardDataset, done_shards, shard_name, write_index, write_shard
 from .device import default_device, device_arg
+from .files import BadFileError, content_hash, read_json, remove_stale_temps, write_json
+
+EXTRACTION_RECORD = "extraction.json"
+# the fields of extraction.json a resumed run must match (the rest: paths and counts, for the reader)
+_SPEC_FIELDS = ("manifest_sha256", "split", "shard_size", "frame_size", "encoders", "vae_sha256")
 
 
 class Encoders:
@@ -255,30 +265,108 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def encoder_spec(enc) -> dict:
+    """The encoders' own description (``enc.spec_dict()``: the EncoderSpec with its widths), or their class for
+    encoders without one."""
+    fn = getattr(enc, "spec_dict", None)
+    return fn() if callable(fn) else {"class": f"{type(enc).__module__}.{type(enc).__qualname__}"}
+
+
+def vae_hash(vae_dir: str) -> str:
+    """sha256 of the VAE folder's weights (model.safetensors) and config.json, in that order."""
+    from .vae import CONFIG_NAME, WEIGHTS_NAME
+    return hashlib.sha256("".join(content_hash(os.path.join(vae_dir, n))
+                                  for n in (WEIGHTS_NAME, CONFIG_NAME)).encode()).hexdigest()
+
+
+def records_hash(records) -> str:
+    """sha256 of the usable records in order (what the shards are cut from: an edited, added or removed record,
+    or a reordered manifest, changes it)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update((r.to_json() if hasattr(r, "to_json") else json.dumps(r, sort_keys=True)).encode() + b"\n")
+    return h.hexdigest()
+
+
+class ExtractionMismatch(ValueError):
+    """An output folder holds shards extracted with other settings than this run's."""
+
+
+def _describe_change(key: str, old, new) -> str:
+    if key == "manifest_sha256":
+        return "the manifest's records changed (an added, removed, edited or reordered record)"
+    if key == "vae_sha256":
+        return "the VAE's weights or config changed"
+    if key == "encoders":
+        return f"the encoders changed ({json.dumps(old, sort_keys=True)} -> {json.dumps(new, sort_keys=True)})"
+    return f"{key.replace('_', ' ')} {old!r} -> {new!r}"
+
+
+def prepare_output(out_dir: str, spec: dict, rebuild: bool = False) -> list:
+    """Check (or start) ``out_dir`` for an extraction with ``spec`` before any shard is written: a new folder gets
+    extraction.json; a folder whose recorded spec matches resumes; one that differs (or holds shards with no record)
+    raises ExtractionMismatch naming what changed, unless ``rebuild``, which removes its shards and index.json first.
+    Returns the shard numbers already done."""
+    path = os.path.join(out_dir, EXTRACTION_RECORD)
+    remove_stale_temps(out_dir)
+    done = done_shards(out_dir)
+    old = None
+    if os.path.exists(path):
+        try:
+            old = read_json(path)
+        except BadFileError as e:
+            if not rebuild:
+                raise ExtractionMismatch(f"{e}; rerun with --rebuild to start this folder over") from None
+    changes = []
+    if old is not None:
+        changes = [_describe_change(k, old.get(k), spec.get(k)) for k in _SPEC_FIELDS if old.get(k) != spec.get(k)]
+    elif done:
+        changes = [f"{len(done)} shards but no {EXTRACTION_RECORD} saying how they were made"]
+    if changes and not rebuild:
+        raise ExtractionMismatch(f"{out_dir}: holds {len(done)} shards extracted with other settings: "
+                                 f"{'; '.join(changes)}. Rerun with --rebuild to remove them and start over, "
+                                 "or choose another --out")
+    if changes or (rebuild and (done or old is not None)):
+        for k in done:
+            os.remove(os.path.join(out_dir, shard_name(k)))
+        if os.path.exists(os.path.join(out_dir, "index.json")):
+            os.remove(os.path.join(out_dir, "index.json"))
+        done = []
+    write_json(path, spec)
+    return done
+
+
 def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64, enc: Optional[Encoders] = None,
                          stop_after: Optional[int] = None) -> dict:
     """train/ (the clips) and offscreen/ (each clip mixed with another clip's sound, off-screen caption),
     skipped when features of the same VAE weights and toy config exist."""
     from .toy import ToyConfig, ToyWorld
     from .vae import AudioVAE
+    enc = enc or Encoders()
     weights = [f for f in os.listdir(vae_dir) if f.endswith(".safetensors")]
-    key = {"vae": _file_digest(os.path.join(vae_dir, sorted(weights)[0])) if weights else None,
-           "seed": cfg.seed, "clips": cfg.toy_train_clips, "duration": cfg.toy_duration, "shard_size": shard_size}
+    # json round trip: the key compares equal to the one read back from meta.json (tuples become lists)
+    key = json.loads(json.dumps({
+        "vae": _file_digest(os.path.join(vae_dir, sorted(weights)[0])) if weights else None,
+        "seed": cfg.seed, "clips": cfg.toy_train_clips, "duration": cfg.toy_duration, "shard_size": shard_size,
+        "encoders": encoder_spec(enc)}))
     meta_path = os.path.join(feat_dir, "meta.json")
+    remove_stale_temps(feat_dir, recursive=True)
+    meta = None
     if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
+        try:
+            meta = read_json(meta_path)
+        except BadFileError as e:           # a cache: a broken record means its shards cannot be trusted
+            print(f"[extract] {e}; extracting the toy features again", file=sys.stderr)
+            meta = {}
         if meta.get("key") == key and meta.get("complete"):
             return meta
-        if meta.get("key") != key:      # other VAE or data: the old shards are stale
-            for sub in ("train", "offscreen"):
-                for k in done_shards(os.path.join(feat_dir, sub)):
-                    os.remove(os.path.join(feat_dir, sub, shard_name(k)))
-    os.makedirs(feat_dir, exist_ok=True)
-    with open(meta_path, "w") as f:
-        json.dump({"key": key, "complete": False}, f)
+    stale = meta is not None and meta.get("key") != key       # other VAE, data or encoders
+    if stale or meta is None:           # no record: shards of unknown provenance are stale too
+        for sub in ("train", "offscreen"):
+            for k in done_shards(os.path.join(feat_dir, sub)):
+                os.remove(os.path.join(feat_dir, sub, shard_name(k)))
+    write_json(meta_path, {"key": key, "complete": False})
     vae = AudioVAE.from_pretrained(vae_dir).eval()
-    enc = enc or Encoders()
     world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     n = cfg.toy_train_clips
     n_shards = (n + shard_size - 1) // shard_size
@@ -304,8 +392,7 @@ def extract_toy_features(cfg, vae_dir: str, feat_dir: str, shard_size: int = 64,
     for s in ("train", "offscreen"):
         write_index(os.path.join(feat_dir, s), {"source": "toy", "toy": asdict(world.cfg), **encoder_record(enc)})
     meta = {"key": key, "complete": complete, "n_shards": n_shards}
-    with open(meta_path, "w") as f:
-        json.dump(meta, f)
+    write_json(meta_path, meta)
     return meta
 
 
@@ -322,13 +409,17 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
                      world: int = 1, text_encoder: Optional[str] = None, frame_size: Optional[int] = None,
                      split: Optional[str] = None, enc: Optional[Encoders] = None,
                      stop_after: Optional[int] = None, progress: bool = True, device: str = "cpu",
-                     spec=None, workers: Optional[int] = None) -> dict:
-    """Extract the records of ``manifest`` into shards under ``out_dir`` (this rank's share r::world).
+                     spec=None, workers: Optional[int] = None, rebuild: bool = False) -> dict:
+    """Extract the records of ``manifest`` into shards under ``out_dir`` (this rank's share r::world), resuming a
+    killed run of the same settings (see prepare_output; ``rebuild`` starts over). Under torch.distributed every
+    rank must call it (rank 0 checks the folder, the others wait for its verdict).
     spec: the EncoderSpec (default: MiniLM, or ``text_encoder``, and the built-in video / sync encoders);
     frame_size: the built-in encoders' frame side; workers: decoding processes (default: CPUs - 1, at most 8)."""
     from .data.decode import default_workers, iter_shards
     from .data.manifest import ManifestValidationError, read_manifest
     from .vae import AudioVAE
+    if shard_size < 1:
+        raise ValueError(f"shard size must be >= 1, got {shard_size}")
     records, report = read_manifest(manifest, split=split)
     if not records:                 # nothing to extract: say why (every bad line) instead of writing an empty index
         raise ManifestValidationError(f"no usable records{f' in split {split!r}' if split else ''}: "
@@ -346,6 +437,27 @@ def extract_manifest(manifest: str, vae_dir: str, out_dir: str, shard_size: int 
                 spec.sync.frame_size = frame_size
         enc = Encoders(spec=spec, device=device)
     failed: list = []
+    # through JSON, so it compares equal to the record read back (tuples become lists)
+    record = json.loads(json.dumps({
+        "manifest_sha256": records_hash(records), "split": split, "shard_size": shard_size,
+        "frame_size": frame_size, "encoders": encoder_spec(enc), "vae_sha256": vae_hash(vae_dir),
+        "manifest": os.path.abspath(manifest), "records": len(records), "vae": os.path.abspath(vae_dir)}))
+    distributed = world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+    refused = [None]
+    if rank == 0:
+        try:
+            prepare_output(out_dir, record, rebuild)
+        except ExtractionMismatch as e:
+            refused[0] = str(e)
+    if distributed:                 # the other ranks wait for rank 0's verdict (and stop with it)
+        torch.distributed.broadcast_object_list(refused, src=0)
+    if refused[0] is not None:
+        raise ExtractionMismatch(refused[0])
+    if rank != 0:
+        recorded = read_json(os.path.join(out_dir, EXTRACTION_RECORD))
+        if any(recorded.get(k) != record.get(k) for k in _SPEC_FIELDS):
+            raise ExtractionMismatch(f"{out_dir}/{EXTRACTION_RECORD}: rank {rank} sees other settings than rank 0 "
+                                     "(a different manifest, VAE or encoders on this node?)")
     from .encoder_spec import BUILTIN_FRAME_SIZE, FrameRequest
     vreq = sreq = None
     if any(r.video and not (r.features or {}).get("video") for r in records):   # some clip decodes its frames
@@ -400,6 +512,9 @@ Resumable: finished shards are skipped on a rerun. Several GPUs: torchrun --npro
                         "(default 64)")
     p.add_argument("--workers", type=int, default=None, help="decoding processes (default: CPUs - 1, at most 8)")
     p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
+    p.add_argument("--rebuild", action="store_true",
+                   help="remove shards extracted with other settings (manifest, shard size, encoders, VAE) and "
+                        "start over; without it such a folder is refused")
     a = p.parse_args(argv)
     from .encoder_spec import EncoderSpec
     try:
@@ -418,7 +533,7 @@ Resumable: finished shards are skipped on a rerun. Several GPUs: torchrun --npro
         torch.distributed.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
     try:
         res = extract_manifest(a.manifest, a.vae, a.out, a.shard_size, rank, world, None, a.frame_size,
-                               a.split, device=a.device, spec=spec, workers=a.workers)
+                               a.split, device=a.device, spec=spec, workers=a.workers, rebuild=a.rebuild)
     except (ValueError, FileNotFoundError) as e:    # an unusable manifest, a missing VAE folder: the reason
         p.exit(2, f"{p.prog}: error: {e}\n")
     if world > 1:

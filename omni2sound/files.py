@@ -89,6 +89,10 @@ def _create_temp(path: str) -> str:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             continue
+        except OSError as e:            # name the file the caller asked for, not our temporary one
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise NoSpaceError(path) from None
+            raise type(e)(e.errno, f"cannot write {path}: {e.strerror}") from None
         os.close(fd)
         return tmp
     raise FileExistsError(f"could not create a temporary file beside {path}")
@@ -184,6 +188,27 @@ def atomic_write(path: PathLike, content: Union[str, bytes, Callable[[str], Any]
     return Path(path)
 
 
+def check_writable(path: PathLike) -> None:
+    """Raise OSError naming ``path`` if a file cannot be written there (its folder is missing and cannot be made,
+    is not a folder, is read-only, or ``path`` is a folder), by creating and removing a temporary file of our
+    pattern beside it: a check before long work whose result would otherwise be lost at the end."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write {path}: it is a folder")
+    folder = os.path.dirname(path)
+    probe = folder
+    while not os.path.exists(probe):            # the nearest folder that exists must let us make the rest
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write {path}: {probe} is a file, not a folder")
+    if probe != folder:
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, f"cannot write {path}: cannot create folders in {probe}")
+        return
+    tmp = _create_temp(path)
+    os.remove(tmp)
+
+
 def write_json(path: PathLike, obj: Any, indent: Optional[int] = 2) -> Path:
     """``obj`` as JSON at ``path``, atomically (values JSON cannot hold are written as their str())."""
     return atomic_write(path, json.dumps(obj, indent=indent, default=str) + "\n")
@@ -244,7 +269,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _check_nonempty(path: str) -> None:
     if not os.path.exists(path):
-        raise BadFileError(path, "no such file") from None
+        raise BadFileError(path, "No such file") from None
     if os.path.isdir(path):
         raise BadFileError(path, "is a folder, expected a file")
     if os.path.getsize(path) == 0:
@@ -272,13 +297,95 @@ def read_json(path: PathLike, kind: type = dict, what: str = "") -> Any:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        end = "truncated JSON" if e.pos >= len(text.rstrip()) else "not valid JSON"
+        cut = e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string")
+        end = "truncated or not valid JSON" if cut else "not valid JSON"
         raise BadFileError(path, f"{end} (line {e.lineno} column {e.colno}: {e.msg})") from None
     if not isinstance(obj, kind):
         want = {dict: "a JSON object {...}", list: "a JSON array [...]"}.get(kind, kind.__name__)
         role = f" for {what}" if what else ""
         raise BadFileError(path, f"holds {_json_kind(obj)}, expected {want}{role}")
     return obj
+
+
+def read_config(path: PathLike, cls: type, what: str = "") -> Any:
+    """A typed config dataclass from its JSON file: ``cls.from_dict(obj)`` (or ``cls(**obj)``) after checking that
+    the file holds an object whose values have the fields' types. Every problem (the file's, an unknown field, a
+    value of the wrong type, a value the config itself rejects) is one BadFileError line naming the file."""
+    import dataclasses
+
+    obj = read_json(path, dict, what or f"a {cls.__name__}")
+    if dataclasses.is_dataclass(cls):
+        problems = _field_type_problems(cls, obj)
+        if problems:
+            raise BadFileError(path, f"not a valid {cls.__name__}: " + "; ".join(problems))
+    make = getattr(cls, "from_dict", None) or (lambda d: cls(**d))
+    try:
+        return make(obj)
+    except (TypeError, ValueError, KeyError, AssertionError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise BadFileError(path, f"not a valid {cls.__name__}: {msg}") from None
+
+
+def _field_type_problems(cls: type, obj: dict) -> list:
+    import dataclasses
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:           # an annotation this Python cannot resolve: leave the checking to the class
+        return []
+    known = {f.name for f in dataclasses.fields(cls)}
+    out = []
+    unknown = sorted(k for k in obj if k not in known)
+    if unknown:
+        out.append(f"unknown fields {unknown}")
+    for k, v in obj.items():
+        if k in hints and not _matches(v, hints[k]):
+            out.append(f"{k} = {json.dumps(v)[:60]} is not {_type_name(hints[k])}")
+    return out
+
+
+def _matches(v: Any, t: Any) -> bool:
+    import typing
+
+    if t is Any:
+        return True
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return any(_matches(v, a) for a in args)
+    if t is type(None):
+        return v is None
+    if t is bool:
+        return isinstance(v, bool)
+    if t is int:
+        return isinstance(v, int) and not isinstance(v, bool)
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is str:
+        return isinstance(v, str)
+    if origin in (tuple, list) or t in (tuple, list):
+        if not isinstance(v, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(v) == len(args) and all(_matches(x, a) for x, a in zip(v, args))
+        return not args or all(_matches(x, args[0]) for x in v)
+    if origin is dict or t is dict:
+        return isinstance(v, dict)
+    return True                 # a type JSON does not carry (an enum, a class): the config checks it
+
+
+def _type_name(t: Any) -> str:
+    import typing
+
+    if t in (int, float, str, bool):
+        return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[t]
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is Union or (origin is not None and getattr(origin, "__name__", "") == "UnionType"):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin in (tuple, list) or t in (tuple, list):
+        plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+        return "a list" + (f" of {plural[args[0]]}" if args and args[0] in plural else "")
+    return getattr(t, "__name__", str(t))
 
 
 def _json_kind(obj: Any) -> str:
@@ -352,6 +459,10 @@ def load_torch(path: PathLike, map_location="cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = " ".join(str(e).split())
+        inner = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", reason)
+        inner = inner.group(1) if inner else reason
+        if "global" not in inner.lower():
+            raise BadFileError(path, f"truncated or not a torch checkpoint ({inner[:160]})") from None
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", reason) or re.search(r"GLOBAL ([\w.]+)", reason)
         what = f" ({m.group(1)})" if m else ""
         raise BadFileError(path, f"refused: holds a pickled object{what} beyond tensors and plain containers; "
@@ -375,6 +486,6 @@ def content_hash(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-__all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "content_hash", "is_temp_name",
-           "load_safetensors", "load_torch", "open_safetensors", "read_json", "remove_stale_temps",
-           "safetensors_metadata", "temp_path_for", "write_json"]
+__all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "check_writable", "content_hash",
+           "is_temp_name", "load_safetensors", "load_torch", "open_safetensors", "read_config", "read_json",
+           "remove_stale_temps", "safetensors_metadata", "temp_path_for", "write_json"]

@@ -1,7 +1,7 @@
 """Command line generation:
 
     python -m omni2sound.generate --model DIR --video x.mp4 --text "a dog barks" --out out.wav
-    python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --cfg 4.5 --out rain.flac
+    python -m omni2sound.generate --model DIR --text "rain on a tin roof" --duration 5 --guidance 4.5 --out rain.flac
     python -m omni2sound.generate --model DIR --clip-features c.npy --sync-features s.npy --out out.wav
     python -m omni2sound.generate --model DIR --video x.mp4 --out x_with_sound.mp4
     python -m omni2sound.generate --model DIR --manifest items.csv --out-dir generated/
@@ -13,8 +13,8 @@ sound track (the video stream copied, not re-encoded; AAC audio cut to the video
 text, duration, seed; outputs, results.jsonl and a resumable, torchrun-shardable run under --out-dir.
 
 DIR holds dit/ and vae/, or dit/ and a pipeline.json naming the VAE's folder: every finished DiT stage of
-``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--cfg 3,5`` gives
-separate video and text scales.
+``python -m omni2sound.train`` is one (``--model runs/toy/stage3``; see omni2sound/pipeline.py). ``--guidance 3,5``
+gives separate video and text scales (``--cfg`` is the same flag).
 Several --text (and/or --video) values make a batch; outputs are OUT, OUT_1, OUT_2, ... Timings per phase
 are printed as JSON on stderr.
 """
@@ -29,6 +29,8 @@ from typing import List, Optional
 import torch
 
 from .device import default_device, device_arg
+from .files import check_writable, remove_stale_temps
+from .pipeline import MAX_DURATION_S
 
 
 def _guidance(s: str):
@@ -39,7 +41,7 @@ def _guidance(s: str):
         return parts[0]
     if len(parts) == 2:
         return (parts[0], parts[1])
-    raise argparse.ArgumentTypeError(f"--cfg takes a scale or 'video,text' scales, got {s!r}")
+    raise argparse.ArgumentTypeError(f"--guidance takes a scale or 'video,text' scales, got {s!r}")
 
 
 def _out_paths(out: str, n: int) -> List[str]:
@@ -61,9 +63,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clip-features", default=None, help="precomputed semantic video features (.npy/.safetensors)")
     p.add_argument("--sync-features", default=None, help="precomputed sync features (.npy/.safetensors)")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds (default: the video's duration, the longest one's in a batch; 10 without video)")
+                   help=f"seconds (default: the video's duration, the longest one's in a batch; 10 without video; "
+                        f"at most {MAX_DURATION_S:g}, and refused up front when its estimated memory exceeds the "
+                        "device's free memory)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg", type=_guidance, default=4.5, help="guidance scale, 'video,text' scales or none")
+    p.add_argument("--guidance", "--cfg", dest="cfg", type=_guidance, default=4.5,
+                   help="classifier-free guidance: a scale, 'video,text' scales or none (--cfg is the same flag)")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
@@ -86,6 +91,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.manifest is not None:
         if args.out_dir is None:
             p.error("--manifest needs --out-dir")
+        try:                # before the generation, whose results would otherwise be lost at the end
+            check_writable(os.path.join(args.out_dir, "results.jsonl"))
+            remove_stale_temps(args.out_dir)
+        except OSError as e:
+            p.error(f"--out-dir: {e.strerror or e}")
         if args.video or args.text or args.out:
             p.error("--manifest takes its requests from the file: drop --video / --text / --out")
         from .batch import run_manifest
@@ -96,14 +106,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.out is None:
         p.error("--out is required (or --manifest with --out-dir)")
 
-    if args.duration is not None and args.duration <= 0:
-        p.error(f"--duration must be positive, got {args.duration}")
+    if args.duration is not None and not (0 < args.duration <= MAX_DURATION_S):
+        p.error(f"--duration must be in (0, {MAX_DURATION_S:g}] seconds, got {args.duration:g}")
     from .mux import VIDEO_SUFFIXES, is_video_path
     if is_video_path(args.out):
         if not args.video:
             p.error(f"--out {args.out}: a video output needs --video (the picture to put the sound under)")
     elif not args.out.lower().endswith((".wav", ".flac")):
         p.error(f"--out must end in .wav or .flac (audio) or {' / '.join(VIDEO_SUFFIXES)} (video), got {args.out}")
+    try:                    # before the generation, whose result would otherwise be lost at the end
+        check_writable(args.out)
+        remove_stale_temps(os.path.dirname(os.path.abspath(args.out)))
+    except OSError as e:
+        p.error(f"--out: {e.strerror or e}")
     for path in (args.video or []) + [args.clip_features, args.sync_features]:
         if path is not None and not os.path.isfile(path):
             p.error(f"no such file: {path}")

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
-from .files import atomic_write
+from .files import atomic_write, load_safetensors, read_config
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -589,16 +589,14 @@ class Omni2SoundDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str, device=None, dtype: Optional[torch.dtype] = None) -> "Omni2SoundDiT":
         """Load from ``directory``/config.json + model.safetensors, checking every tensor's name and shape."""
-        from safetensors.torch import load_file
         cfg_path, w_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
         for p in (cfg_path, w_path):
             if not os.path.isfile(p):
                 raise FileNotFoundError(f"Omni2SoundDiT.from_pretrained: missing {p}")
-        with open(cfg_path) as f:
-            cfg = DiTConfig.from_dict(json.load(f))
+        cfg = read_config(cfg_path, DiTConfig)
         with torch.device("meta"):
             model = cls(cfg)
-        state = load_file(w_path)
+        state = load_safetensors(w_path)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

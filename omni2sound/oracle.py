@@ -169,8 +169,8 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     vae = AudioVAE.from_pretrained(vae_dir).eval()
     model = Omni2SoundDiT.from_pretrained(os.path.join(stage_dir, "dit")).eval()
-    with open(os.path.join(stage_dir, "latent_stats.json")) as f:
-        stats = json.load(f)
+    from .files import read_json
+    stats = read_json(os.path.join(stage_dir, "latent_stats.json"))
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     enc = enc or Encoders()
     oracle, flow = Oracle(), FlowMatching()
@@ -294,8 +294,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     for s in folders:
         p = os.path.join(run_root, s, "meta.json")
         if os.path.isfile(p):
-            with open(p) as f:
-                m = json.load(f)
+            from .files import read_json
+            m = read_json(p)
             stage_meta[s] = {k: m.get(k) for k in ("steps", "seconds", "final_loss", "final_loss_by_task",
                                                    "task_counts")}
             lines.append(f"- {s}: {m.get('steps')} steps in {m.get('seconds', 0):.0f} s; "

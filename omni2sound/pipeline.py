@@ -25,7 +25,6 @@ whole text, and the windows' latents are crossfaded linearly across each overlap
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -40,7 +39,7 @@ from . import ops
 from .conditions import Conditions
 from .cuda_graphs import warm_up_on_side_stream
 from .device import default_device, resolve_device
-from .files import write_json
+from .files import read_config, write_json
 from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
 from .model import Omni2SoundDiT, PreparedConditions
 
@@ -254,8 +253,7 @@ class Omni2SoundPipeline:
         cfg_path = os.path.join(directory, PIPELINE_CONFIG)
         config = PipelineConfig()
         if os.path.isfile(cfg_path):
-            with open(cfg_path) as f:
-                config = PipelineConfig.from_dict(json.load(f))
+            config = read_config(cfg_path, PipelineConfig)
         vae_dir = os.path.join(directory, "vae")
         if not os.path.isdir(vae_dir) and config.vae_dir:
             vae_dir = os.path.normpath(os.path.join(directory, config.vae_dir))
@@ -354,6 +352,7 @@ class Omni2SoundPipeline:
         if not duration or duration <= 0 or not math.isfinite(duration):
             raise ValueError(f"duration must be positive seconds, got {duration}")
         B = len(video)
+        check_generation_limits(self.dit.config, self.vae.config, duration, B, self.device)
         sem, syn = [], []
         vreq = sreq = None
         for item in video:
@@ -492,6 +491,7 @@ class Omni2SoundPipeline:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond.validate()
         dur = float(cond.duration.max())
+        check_generation_limits(self.dit.config, self.vae.config, dur, cond.batch_size, self.device)
         if not torch.allclose(cond.duration, cond.duration[0]):
             raise ValueError("all requests of one batch must have the same duration (batch them by length)")
         timings: Dict[str, float] = {}
@@ -642,3 +642,69 @@ class Omni2SoundPipeline:
         return Conditions(text_tokens=cond.text_tokens, text_lens=cond.text_lens,
                           video_tokens=cond.video_tokens[:, v0:v1], video_lens=vlens,
                           sync=cond.sync[:, s0:s1], duration=torch.full_like(cond.duration, length))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Limits, checked before any work
+# ----------------------------------------------------------------------------------------------------
+# The longest generation one call makes: longer audio is several calls (the DiT samples windows of
+# DiTConfig.max_duration, but the latents of the whole clip and the VAE's decode of them are held at once).
+MAX_DURATION_S = 3600.0
+
+
+def generation_memory_bytes(dit_cfg, vae_cfg, duration: float, batch: int = 1) -> dict:
+    """Estimated peak memory (bytes) of one generate call that grows with the duration: the latents (the noise,
+    the running sample, the velocity and the windows' blend, fp32: ~6 copies of [B, T, C]) and the VAE decode of
+    the whole clip, taken as 10 fp32 activations of its largest stage [B, width, length] (the CPU's peak RSS rise
+    of a decode, two runs on a shared 2-core box: 403-438 MiB for the tiny VAE at 60 s, 6-7 such activations;
+    360-427 MiB for the paper VAE at 5 s, 8-9 of them).
+    The DiT's own activations are per window and do not grow."""
+    T = dit_cfg.num_frames(duration)
+    latents = 6 * batch * T * dit_cfg.latent_dim * 4
+    widths = [vae_cfg.channels * m for m in vae_cfg.channel_mults][::-1]
+    strides = list(vae_cfg.strides[::-1])
+    length, peak = T, widths[0] * T
+    for i, s in enumerate(strides):
+        length *= s
+        peak = max(peak, widths[i + 1] * length, widths[i] * length)     # a block's upsampling conv: in and out
+    decode = 10 * batch * peak * 4
+    return {"latents": latents, "vae_decode": decode, "total": latents + decode}
+
+
+def available_memory_bytes(device) -> Optional[int]:
+    """Free memory of ``device`` (a GPU's free memory; the host's MemAvailable for the CPU), or None if unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except Exception:
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_generation_limits(dit_cfg, vae_cfg, duration: float, batch: int = 1, device="cpu") -> None:
+    """ValueError, with the numbers, for a duration past MAX_DURATION_S or one whose estimated memory
+    (generation_memory_bytes) exceeds what ``device`` has free; before anything is allocated."""
+    if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration <= 0:
+        raise ValueError(f"duration must be positive seconds, got {duration}")
+    if duration > MAX_DURATION_S:
+        raise ValueError(f"duration {duration:g} s is past the maximum of {MAX_DURATION_S:g} s per generation "
+                         "(generate longer audio in parts)")
+    need = generation_memory_bytes(dit_cfg, vae_cfg, duration, batch)
+    free = available_memory_bytes(device)
+    if free is not None and need["total"] > free:
+        gb = 1 << 30
+        raise ValueError(f"duration {duration:g} s x batch {batch} needs about {need['total'] / gb:.1f} GiB "
+                         f"(latents {need['latents'] / gb:.1f} GiB, VAE decode {need['vae_decode'] / gb:.1f} GiB), "
+                         f"more than the {free / gb:.1f} GiB free on {device}: use a shorter duration or batch")
+

@@ -9,11 +9,10 @@ A folder whose ``meta.json`` says ``"complete": true`` is done: a resumed run sk
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
-from .files import write_json
+from .files import read_json, write_json
 
 META_NAME = "meta.json"
 
@@ -28,8 +27,7 @@ def read_meta(directory: str) -> Optional[dict]:
     p = os.path.join(directory, META_NAME)
     if not os.path.isfile(p):
         return None
-    with open(p) as f:
-        return json.load(f)
+    return read_json(p, dict, "a run folder's meta.json")      # broken: one line naming the file
 
 
 def write_meta(directory: str, meta: dict) -> None:

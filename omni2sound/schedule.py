@@ -557,8 +557,15 @@ def load_features(cfg: TrainConfig, vae_dir: str, info: DistInfo, encoders=None)
                 for k in done_shards(train_dir):
                     os.remove(os.path.join(train_dir, shard_name(k)))
             _barrier(info)
-            res = extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
-                             split="train", enc=encoders, progress=cfg.progress)
+            from .extract import ExtractionMismatch
+            try:
+                res = extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+                                       split="train", enc=encoders, progress=cfg.progress)
+            except ExtractionMismatch as e:      # the run's own cache of features: out of date, so made again
+                if info.main:
+                    print(f"[train] features out of date, extracting again: {e}", file=sys.stderr)
+                res = extract_manifest(cfg.data, vae_dir, train_dir, rank=info.rank, world=info.world,
+                                       split="train", enc=encoders, progress=cfg.progress, rebuild=True)
             _barrier(info)
             if info.main:
                 write_index(train_dir, {"manifest": os.path.abspath(cfg.data), "vae": os.path.abspath(vae_dir),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, fields, replace
 from typing import Optional, Sequence
@@ -20,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 
 from .device import device_arg, resolve_device
+from .files import BadFileError, read_json
+from .runs import run_dir
 from .schedule import SCHEDULES, STAGES, TRAIN_PRESETS, TrainConfig, hms, run_stages, schedule, stage_dir
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "main", "parse_args", "run"]
@@ -46,7 +49,11 @@ def parse_args(argv=None) -> tuple:
     p.add_argument("--config", help="JSON file of TrainConfig fields (over the preset)")
     p.add_argument("--stage", choices=STAGES, action="append", help="run only these stages (repeatable)")
     p.add_argument("--schedule", choices=sorted(SCHEDULES))
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoints")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoints; stops with exit status 2 if the run has nothing to "
+                        "resume (no stage folder with a checkpoint or meta.json)")
+    p.add_argument("--resume-or-start", action="store_true",
+                   help="continue from the latest checkpoints, or start the run fresh if it has none")
     p.add_argument("--init-from", help="folder to start the first stage run from (a stage or vae folder)")
     p.add_argument("--name", help="run name (runs/<name>)")
     p.add_argument("--runs-dir")
@@ -59,10 +66,9 @@ def parse_args(argv=None) -> tuple:
         p.error(f"--init-from {a.init_from}: no such folder (a stage or vae folder of an earlier run)")
     if a.config:
         try:
-            with open(a.config) as f:
-                cfg = TrainConfig.from_dict({**asdict(cfg), **json.load(f)})
+            cfg = TrainConfig.from_dict({**asdict(cfg), **read_json(a.config, dict, "TrainConfig fields")})
         except (OSError, ValueError) as e:          # missing, not JSON, unknown fields
-            p.error(f"--config {a.config}: {e}")
+            p.error(f"--config: {e}" if isinstance(e, BadFileError) else f"--config {a.config}: {e}")
     over = {}
     types = {f.name: f.type for f in fields(TrainConfig)}
     for kv in a.set:
@@ -91,10 +97,28 @@ def parse_args(argv=None) -> tuple:
     return cfg, a
 
 
+def resumable(cfg: TrainConfig, stages: Optional[Sequence[str]] = None) -> list:
+    """The folders of ``stages`` (default: the schedule's) that hold something to resume: a checkpoint or a
+    meta.json."""
+    found = []
+    for stage in schedule(cfg, stages):
+        out = stage_dir(cfg, stage)
+        ckpts = os.path.join(out, "checkpoints")
+        if os.path.isfile(os.path.join(out, "meta.json")) or (
+                os.path.isdir(ckpts) and any(f.startswith("step-") and f.endswith(".pt") for f in os.listdir(ckpts))):
+            found.append(out)
+    return found
+
+
 def main(argv=None) -> None:
     cfg, a = parse_args(argv)
+    if a.resume and not a.resume_or_start and not resumable(cfg, a.stage):
+        print(f"python -m omni2sound.train: error: --resume: nothing to resume in {run_dir(cfg)} (no stage folder "
+              "with a checkpoint or meta.json); pass --resume-or-start to start it fresh", file=sys.stderr)
+        raise SystemExit(2)
     t0 = time.time()
-    outs = run(cfg, stages=a.stage, resume=a.resume, init_from=a.init_from, report=not a.no_report)
+    outs = run(cfg, stages=a.stage, resume=a.resume or a.resume_or_start, init_from=a.init_from,
+               report=not a.no_report)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"[train] done in {time.time() - t0:.0f} s: " + ", ".join(f"{k}: {v}" for k, v in outs.items()))
     if torch.distributed.is_initialized():

@@ -14,10 +14,12 @@ Distributed: launched by torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/POR
 NCCL on GPUs, gloo on the CPU; DDP, or FSDP2 (``fully_shard``: each DiT block its own unit, then the root; parameters,
 gradients, optimiser and EMA state sharded across ranks), on GPUs and on the CPU. bf16 autocast on GPU.
 Checkpoints have one format whatever the mode: full (unsharded) model, EMA and optimiser state, the optimiser's
-keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. The cost at
-scale: under FSDP2 rank 0 gathers the full state into its host memory to write it, and reads it back alone on resume,
-broadcasting it (L with AdamW and EMA: ~21 GB of host memory on rank 0). Sharded (torch.distributed.checkpoint)
-files would avoid the gather; not done.
+keyed by parameter index as torch's own state_dict; a run may resume under another world size or mode. They hold
+tensors and plain containers only (RNG states included) and load with ``weights_only=True``, so a crafted file cannot
+run code; resume takes the newest one that loads (naming each it skipped) and cuts log.jsonl back to its step.
+The cost at scale: under FSDP2 rank 0 gathers the full state into its host memory to write it, and reads it back
+alone on resume, broadcasting it (L with AdamW and EMA: ~21 GB of host memory on rank 0). Sharded
+(torch.distributed.checkpoint) files would avoid the gather; not done.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -38,7 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .device import fused_adamw_ok, resolve_device
-from .files import atomic_write, write_json
+from .files import BadFileError, atomic_write, load_torch, remove_stale_temps, write_json
 from .gpu_info import gpu_info, gpu_sample
 from .tblog import TensorBoardLog
 
@@ -181,7 +184,15 @@ def _like(ref: Optional[torch.Tensor], full: torch.Tensor) -> torch.Tensor:
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain containers (what a ``weights_only`` load accepts): numpy's MT19937
+    keys and Python's Mersenne Twister words as int64 tensors beside their scalars."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, words, py_gauss = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+         "python": {"version": int(version), "state": torch.tensor(words, dtype=torch.int64),
+                    "gauss_next": None if py_gauss is None else float(py_gauss)}}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -189,10 +200,48 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = s["python"]
+    random.setstate((p["version"], tuple(int(w) for w in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# what a resume checkpoint holds; a file missing any of them was not written by Trainer.save_checkpoint
+CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
+
+
+def read_checkpoint(path: str) -> dict:
+    """A resume checkpoint, loaded with ``weights_only=True`` (tensors and plain containers only: a crafted file
+    cannot run code). BadFileError, one line naming the file, when it is truncated, refused or incomplete."""
+    ck = load_torch(path)
+    if not isinstance(ck, dict):
+        raise BadFileError(path, f"holds a {type(ck).__name__}, expected a resume checkpoint (a dict)")
+    missing = [k for k in CHECKPOINT_KEYS if k not in ck]
+    if missing:
+        raise BadFileError(path, f"not a resume checkpoint: no {', '.join(missing)}")
+    return ck
+
+
+def cut_log(path: str, step: int) -> int:
+    """Rewrite the JSON-lines training log at ``path`` (atomically) keeping the rows of steps <= step, so a resumed
+    run that logs the later steps again lists every step once; a torn last line (a kill mid-write) goes too.
+    Returns the number of rows kept (0 when there is no log)."""
+    if not os.path.exists(path):
+        return 0
+    kept = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    atomic_write(path, "".join(kept))
+    return len(kept)
 
 
 def atomic_torch_save(obj, path: str) -> None:
@@ -360,19 +409,35 @@ class Trainer:
         if not self.info.main:
             return None
         path = os.path.join(self.ckpt_dir, f"step-{self.step:07d}.pt")
+        # meta through JSON: plain containers only, so the file loads with weights_only=True
+        meta = json.loads(json.dumps(self.meta, default=str))
         atomic_torch_save({"model": model_state, "ema": ema_state, "optimizer": opt_state,
                            "scheduler": self.sched.state_dict(), "step": self.step,
                            "data_position": self.step * self.global_batch, "rng": rng_state(),
-                           "meta": self.meta, "history": self.history}, path)
+                           "meta": meta, "history": self.history}, path)
         for old in self.checkpoints()[:-self.loop.keep_last]:
             os.remove(os.path.join(self.ckpt_dir, old))
         return path
 
-    def load_checkpoint(self, path: str) -> None:
+    def latest_checkpoint(self) -> tuple:
+        """(path, loaded checkpoint) of the newest checkpoint that loads, or (None, None); each newer one that does
+        not (truncated by a kill, refused, incomplete) is reported on stderr with the reason and skipped."""
+        for name in reversed(self.checkpoints()):
+            path = os.path.join(self.ckpt_dir, name)
+            try:
+                return path, read_checkpoint(path)
+            except BadFileError as e:
+                print(f"[train] resume: skipped {e}", file=sys.stderr)
+        return None, None
+
+    def load_checkpoint(self, path: Optional[str], ck: Optional[dict] = None) -> None:
+        """Restore everything from a resume checkpoint: the file at ``path`` or the already loaded ``ck``. Under
+        FSDP2 only the main rank reads (the others pass None for both)."""
+        if ck is None and path is not None and (self.info.main or not self.sharded):
+            ck = read_checkpoint(path)
         if self.sharded:
-            ck = self._load_sharded(path)
+            ck = self._load_sharded(ck)
         else:
-            ck = torch.load(path, map_location="cpu", weights_only=False)
             self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
         if self.graphed is not None and self.info.device.startswith("cuda"):
@@ -385,7 +450,7 @@ class Trainer:
         self.history = ck.get("history", [])
         set_rng_state(ck["rng"])
 
-    def _load_sharded(self, path: str) -> dict:
+    def _load_sharded(self, ck: Optional[dict]) -> dict:
         """FSDP2 resume: only the main rank reads the file (host memory for one copy, not one per rank); the model
         and optimiser state are broadcast from it tensor by tensor and each rank keeps its shards
         (``broadcast_from_rank0``), the EMA shadows are scattered the same way, the small rest is broadcast as an
@@ -395,7 +460,6 @@ class Trainer:
             set_model_state_dict,
             set_optimizer_state_dict,
         )
-        ck = torch.load(path, map_location="cpu", weights_only=False) if self.info.main else None
         rest = [None]
         if ck is not None:
             rest[0] = {**{k: v for k, v in ck.items() if k not in ("model", "optimizer", "ema")},
@@ -412,6 +476,21 @@ class Trainer:
         rest["ema"] = {**rest.pop("ema_meta"), "shadow": shadow}
         del rest["ema_shapes"]
         return rest
+
+    def _resume(self) -> None:
+        """Load the newest checkpoint that loads (the main rank chooses under FSDP2, where only it reads)."""
+        if self.sharded:
+            chosen, ck = [None, None], None
+            if self.info.main:
+                path, ck = self.latest_checkpoint()
+                chosen = [path, ck is not None]
+            dist.broadcast_object_list(chosen, src=0)
+            if chosen[1]:
+                self.load_checkpoint(None, ck)
+            return
+        path, ck = self.latest_checkpoint()
+        if ck is not None:
+            self.load_checkpoint(path, ck)
 
     @property
     def global_batch(self) -> int:
@@ -500,9 +579,13 @@ class Trainer:
     # -- the stage ------------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: Optional[int] = None) -> list:
         """Train to loop.steps (or stop after `stop_after` steps of this call, to simulate a kill)."""
-        if resume and self.checkpoints():
-            self.load_checkpoint(os.path.join(self.ckpt_dir, self.checkpoints()[-1]))
         log_path = os.path.join(self.out_dir, "log.jsonl")
+        if self.info.main:
+            remove_stale_temps(self.out_dir, recursive=True)      # checkpoints/, the saved models' folders
+        if resume:
+            self._resume()
+            if self.info.main:
+                cut_log(log_path, self.step)     # rows logged after the checkpoint are logged again below
         if self.info.main and not resume and os.path.exists(log_path):
             os.remove(log_path)
         tb = TensorBoardLog(self.out_dir, self.loop.tensorboard) if self.info.main else None

@@ -14,7 +14,7 @@ Length rule: ``encode`` right-pads the waveform with zeros to a multiple of ``ho
 T = ceil(N / hop); ``decode`` returns exactly T * hop samples and the caller trims to N (``reconstruct`` does).
 
 The decoder runs its memory-bound chain through ``omni2sound.ops``: every residual add is fused with the Snake
-that follows it (``snake_residual``), see ``_Decoder.forward``.
+that follows it (``snake_residual``), see ``Decoder.frames``.
 
 Two heads (``VAEConfig.head``):
   - ``"waveform"`` (the paper's / Oobleck's): the conv stack runs down from the waveform itself.
@@ -39,14 +39,14 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from . import ops
 from .cuda_graphs import graphed_time_us, warm_up_on_side_stream
-from .files import atomic_write
+from .files import atomic_write, load_safetensors, read_config, safetensors_metadata
 
 CONFIG_NAME = "config.json"
 RESIDUAL_GAIN = 0.1   # init scale of each residual branch's output conv (see _wn)
@@ -708,18 +708,15 @@ class AudioVAE(nn.Module):
         for p in (cfg_path, w_path):
             if not p.is_file():
                 raise FileNotFoundError(f"AudioVAE.from_pretrained: missing {p}")
-        config = VAEConfig.from_dict(json.loads(cfg_path.read_text()))
-        from safetensors import safe_open
-
-        with safe_open(str(w_path), framework="pt") as f:
-            folded = (f.metadata() or {}).get("weight_norm_folded") == "True"
+        config = read_config(cfg_path, VAEConfig)
+        folded = safetensors_metadata(w_path).get("weight_norm_folded") == "True"
         if folded and not inference:
             raise ValueError(f"AudioVAE.from_pretrained({directory}): the checkpoint has folded weight norm; "
                              "it can only be loaded for inference")
         model = cls(config)
         if folded:
             model.fold_weight_norm()
-        state = load_file(str(w_path))
+        state = load_safetensors(w_path)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))

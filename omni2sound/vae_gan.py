@@ -159,12 +159,12 @@ def save_discriminator(disc: nn.Module, directory: str) -> str:
 
 def load_discriminator(directory: str, vae: AudioVAE) -> MultiResolutionSTFTDiscriminator:
     """The discriminator saved beside a VAE (its shape from the VAE's config); every tensor's name and shape checked."""
-    from safetensors.torch import load_file
+    from .files import load_safetensors
     path = os.path.join(directory, DISC_WEIGHTS_NAME)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"load_discriminator: missing {path}")
     disc = MultiResolutionSTFTDiscriminator.for_vae(vae)
-    state, expected = load_file(path), disc.state_dict()
+    state, expected = load_safetensors(path), disc.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if missing or unexpected or bad:

@@ -68,7 +68,7 @@ def test_remove_stale_temps(tmp_path):
 @pytest.mark.parametrize("content, problem", [
     (b"", "empty file"),
     (b"   \n", "only whitespace"),
-    (b'{"a": 1, "b": ', "truncated JSON"),
+    (b'{"a": 1, "b": ', "truncated or not valid JSON"),
     (b"not json at all", "not valid JSON"),
     (b"[1, 2, 3]", "holds a JSON array, expected a JSON object"),
     (b'"text"', "holds a JSON string, expected a JSON object"),
@@ -84,7 +84,7 @@ def test_read_json_one_line_errors(tmp_path, content, problem):
 
 
 def test_read_json_missing(tmp_path):
-    with pytest.raises(BadFileError, match="no such file"):
+    with pytest.raises(BadFileError, match="No such file"):
         read_json(tmp_path / "nope.json")
     assert read_json(atomic_write(tmp_path / "ok.json", '{"a": [1]}')) == {"a": [1]}
 

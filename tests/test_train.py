@@ -208,7 +208,7 @@ def test_resume_after_kill_repeats_the_same_losses(tmp_path):
         assert torch.equal(a, b), k
     for k in full.ema.shadow:
         assert torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]), k
-    ck = torch.load(os.path.join(resumed.ckpt_dir, resumed.checkpoints()[-1]), weights_only=False)
+    ck = torch.load(os.path.join(resumed.ckpt_dir, resumed.checkpoints()[-1]), weights_only=True)
     assert ck["step"] == 6 and ck["data_position"] == 6 * 4 and {"torch", "numpy", "python"} <= set(ck["rng"])
     logs = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
     assert [r["step"] for r in logs] == [1, 2, 3, 4, 5, 6]
@@ -338,7 +338,7 @@ def _spawn_two(tmp_path, name, parallel="ddp", world=2, device="cpu", bf16_param
             # the one failure that is the machine's, not ours: two local processes could not reach each other
             pytest.skip(f"gloo could not rendezvous two processes on 127.0.0.1/lo here: {str(e)[-300:]}")
         raise
-    return torch.load(result, weights_only=False)
+    return torch.load(result, weights_only=True)
 
 
 def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):

@@ -164,7 +164,7 @@ def test_vae_stage_adversarial_resumes_exactly(tmp_path):
         for k in a:
             assert torch.equal(a[k], b[k]), (f, k)
     ck = torch.load(f"{part}/checkpoints/" + sorted(__import__("os").listdir(f"{part}/checkpoints"))[-1],
-                    weights_only=False)
+                    weights_only=True)
     assert any(k.startswith("disc.") for k in ck["model"]) and any(k.startswith("vae.") for k in ck["model"])
     # a later stage vae can continue from this folder, discriminator included
     cont = train_vae_stage(replace(base, runs_dir=str(tmp_path), name="cont", vae_steps=1), DistInfo(), audio,

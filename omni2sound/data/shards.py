@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..conditions import Conditions
-from ..files import atomic_write, write_json
+from ..files import BadFileError, atomic_write, open_safetensors, write_json
 
 FORMAT = "omni2sound-shard-v1"
 KEYS = ("latent_mean", "latent_std", "text", "video", "sync")
@@ -68,7 +67,7 @@ def write_index(directory: str, extra: Optional[dict] = None) -> dict:
     """Rewrite index.json from the shards on disk (the file listing is the truth)."""
     shards = []
     for k in done_shards(directory):
-        with safe_open(os.path.join(directory, shard_name(k)), framework="pt") as f:
+        with open_safetensors(os.path.join(directory, shard_name(k))) as f:
             ids = json.loads(f.metadata()["clip_ids"])
         shards.append({"file": shard_name(k), "n": len(ids), "clip_ids": ids})
     index = {"format": FORMAT, "shards": shards, "num_clips": sum(s["n"] for s in shards), **(extra or {})}
@@ -88,17 +87,21 @@ class ShardDataset:
         self.files, self.offsets, self.clip_ids, self.captions, self.rows = [], {}, [], [], []
         for k in ks:
             path = os.path.join(directory, shard_name(k))
-            f = safe_open(path, framework="pt")        # kept open: the file is mapped, slices are cheap
+            f = open_safetensors(path)                 # kept open: the file is mapped, slices are cheap
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not an omni2sound feature shard (format {meta.get('format')!r})")
             si = len(self.files)
+            try:
+                offsets = {key: f.get_tensor(f"{key}.offsets") for key in KEYS}
+                offsets["duration"] = f.get_tensor("duration")
+                ids, captions = json.loads(meta["clip_ids"]), json.loads(meta["captions"])
+            except Exception as e:          # a missing tensor or metadata entry: not a shard write_shard made
+                raise BadFileError(path, f"incomplete feature shard ({type(e).__name__}: {e})") from None
             self.files.append(f)
-            self.offsets[si] = {key: f.get_tensor(f"{key}.offsets") for key in KEYS}
-            self.offsets[si]["duration"] = f.get_tensor("duration")
-            ids = json.loads(meta["clip_ids"])
+            self.offsets[si] = offsets
             self.clip_ids += ids
-            self.captions += json.loads(meta["captions"])
+            self.captions += captions
             self.rows += [(si, j) for j in range(len(ids))]
 
     def __len__(self) -> int:
