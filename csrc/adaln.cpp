@@ -1,10 +1,12 @@
-// Host side of the AdaLN family: argument checks, the C++ CPU kernels (OpenMP across rows, loops the
-// compiler vectorises, fp32 statistics) and the bindings of the CPU and CUDA entry points.
+// Host side of the AdaLN family: the C++ CPU kernels (OpenMP across rows, loops the compiler vectorises, fp32
+// statistics), the checks of the parameters (adaln.h) and the bindings of the CPU and CUDA entry points.
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
-#include "common.h"
+#include "adaln.h"
+#include "params.h"
 #include "registry.h"
 
 namespace o2s {
@@ -122,7 +124,9 @@ void forward_rows(const AdaLNParams& p) {
         const float c = v[d] - mean;
         ss += c * c;
       }
-      const float rstd = 1.0f / std::sqrt(ss / float(D) + p.eps);
+      // A row whose fp32 sum of squares overflows (|x - mean| ~ 1e19 and up) has no meaningful statistics: NaN,
+      // never finite values from rstd = 0 (the reference gives NaN or 0 there, by magnitude).
+      const float rstd = std::isinf(ss) ? std::numeric_limits<float>::quiet_NaN() : 1.0f / std::sqrt(ss / float(D) + p.eps);
       p.mean[r] = mean;
       p.rstd[r] = rstd;
       const float* shm = mod_ptr(shb, m[2], m[3], D);
@@ -199,138 +203,102 @@ void backward_rows(const AdaLNBwdParams& p) {
   }
 }
 
-void check_common(int64_t B, int64_t L, int64_t D, int dtype) {
-  check(B >= 0 && L >= 0 && D >= 1, "adaln: need B, L >= 0 and D >= 1");
-  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "adaln: dtype code must be 0, 1 or 2");
-}
-
-// Second addends: three pointers (0: none) and their (stride over B, stride over L) pairs.
-struct Mod2 {
-  uintptr_t gate = 0, shift = 0, scale = 0;
-  int64_t gsb = 0, gsl = 0, ssb = 0, ssl = 0, csb = 0, csl = 0;
-};
-
-AdaLNParams make_fwd(int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
-                     uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
-                     const Mod2& m2, uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps,
-                     int dtype) {
-  check_common(B, L, D, dtype);
-  check(x && shift && scale && y && mean && rstd, "adaln_forward: null pointer");
-  check(!h || (gate && x2), "adaln_forward: gated form needs gate and x2");
-  AdaLNParams p;
-  p.B = B; p.L = L; p.D = D;
-  p.x = reinterpret_cast<const void*>(x);
-  p.h = reinterpret_cast<const void*>(h);
-  p.gate = reinterpret_cast<const void*>(gate);
-  p.shift = reinterpret_cast<const void*>(shift);
-  p.scale = reinterpret_cast<const void*>(scale);
-  p.gate_sb = gsb; p.gate_sl = gsl; p.shift_sb = ssb; p.shift_sl = ssl; p.scale_sb = csb; p.scale_sl = csl;
-  check(!m2.gate || h, "adaln_forward: gate2 without the gated form");
-  p.gate2 = reinterpret_cast<const void*>(m2.gate);
-  p.shift2 = reinterpret_cast<const void*>(m2.shift);
-  p.scale2 = reinterpret_cast<const void*>(m2.scale);
-  p.gate2_sb = m2.gsb; p.gate2_sl = m2.gsl; p.shift2_sb = m2.ssb; p.shift2_sl = m2.ssl;
-  p.scale2_sb = m2.csb; p.scale2_sl = m2.csl;
-  p.x2 = reinterpret_cast<void*>(x2);
-  p.y = reinterpret_cast<void*>(y);
-  p.mean = reinterpret_cast<float*>(mean);
-  p.rstd = reinterpret_cast<float*>(rstd);
-  p.eps = float(eps);
-  p.dtype = dtype;
-  return p;
-}
-
-AdaLNBwdParams make_bwd(int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin,
-                        uintptr_t h, uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb,
-                        int64_t csl, const Mod2& m2, uintptr_t mean, uintptr_t rstd, uintptr_t dxin, uintptr_t dh,
-                        uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype) {
-  check_common(B, L, D, dtype);
-  check(dy && xin && scale && mean && rstd && dxin, "adaln_backward: null pointer");
-  check(!h || (gate && dh), "adaln_backward: gated form needs gate and dh");
-  check(h || !dgate_tok, "adaln_backward: dgate_tok without the gated form");
-  AdaLNBwdParams p;
-  p.B = B; p.L = L; p.D = D;
-  p.dy = reinterpret_cast<const void*>(dy);
-  p.dx2_in = reinterpret_cast<const void*>(dx2_in);
-  p.xin = reinterpret_cast<const void*>(xin);
-  p.h = reinterpret_cast<const void*>(h);
-  p.gate = reinterpret_cast<const void*>(gate);
-  p.scale = reinterpret_cast<const void*>(scale);
-  p.gate_sb = gsb; p.gate_sl = gsl; p.scale_sb = csb; p.scale_sl = csl;
-  check(!m2.gate || h, "adaln_backward: gate2 without the gated form");
-  p.gate2 = reinterpret_cast<const void*>(m2.gate);
-  p.scale2 = reinterpret_cast<const void*>(m2.scale);
-  p.gate2_sb = m2.gsb; p.gate2_sl = m2.gsl; p.scale2_sb = m2.csb; p.scale2_sl = m2.csl;
-  p.mean = reinterpret_cast<const float*>(mean);
-  p.rstd = reinterpret_cast<const float*>(rstd);
-  p.dxin = reinterpret_cast<void*>(dxin);
-  p.dh = reinterpret_cast<void*>(dh);
-  p.dgate_tok = reinterpret_cast<void*>(dgate_tok);
-  p.dscale_tok = reinterpret_cast<void*>(dscale_tok);
-  p.dtype = dtype;
-  return p;
-}
-
 }  // namespace
 
+void validate(const AdaLNParams& p) {
+  check(p.B >= 0 && p.L >= 0 && p.D >= 1, "adaln_forward: need B, L >= 0 and D >= 1, got B=" + num(p.B) + " L=" +
+                                              num(p.L) + " D=" + num(p.D));
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
+        "adaln_forward: dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check(p.x && p.shift && p.scale && p.y && p.mean && p.rstd, "adaln_forward: null pointer among x, shift, scale, "
+                                                                "y, mean, rstd");
+  check(!p.h || (p.gate && p.x2), "adaln_forward: the gated form (h) needs gate and x2");
+  check(!p.gate2 || p.h, "adaln_forward: gate2 without the gated form");
+  check(p.gate_sb >= 0 && p.gate_sl >= 0 && p.shift_sb >= 0 && p.shift_sl >= 0 && p.scale_sb >= 0 &&
+            p.scale_sl >= 0 && p.gate2_sb >= 0 && p.gate2_sl >= 0 && p.shift2_sb >= 0 && p.shift2_sl >= 0 &&
+            p.scale2_sb >= 0 && p.scale2_sl >= 0,
+        "adaln_forward: modulation strides must be >= 0");
+  check(std::isfinite(p.eps) && p.eps >= 0.f, "adaln_forward: eps must be finite and >= 0");
+}
+
+void validate(const AdaLNBwdParams& p) {
+  check(p.B >= 0 && p.L >= 0 && p.D >= 1, "adaln_backward: need B, L >= 0 and D >= 1, got B=" + num(p.B) + " L=" +
+                                              num(p.L) + " D=" + num(p.D));
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
+        "adaln_backward: dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check(p.dy && p.xin && p.scale && p.mean && p.rstd && p.dxin, "adaln_backward: null pointer among dy, xin, "
+                                                                  "scale, mean, rstd, dxin");
+  check(!p.h || (p.gate && p.dh), "adaln_backward: the gated form (h) needs gate and dh");
+  check(p.h || !p.dgate_tok, "adaln_backward: dgate_tok without the gated form");
+  check(!p.gate2 || p.h, "adaln_backward: gate2 without the gated form");
+  check(p.gate_sb >= 0 && p.gate_sl >= 0 && p.scale_sb >= 0 && p.scale_sl >= 0 && p.gate2_sb >= 0 &&
+            p.gate2_sl >= 0 && p.scale2_sb >= 0 && p.scale2_sl >= 0,
+        "adaln_backward: modulation strides must be >= 0");
+}
+
 static Registrar reg_adaln([](pybind11::module_& m) {
+  ParamsClass<AdaLNParams>(m, "AdaLNParams", "arguments of adaln_forward_{cpu,cuda} (csrc/adaln.h)")
+      .field("B", &AdaLNParams::B).field("L", &AdaLNParams::L).field("D", &AdaLNParams::D)
+      .field("x", &AdaLNParams::x).field("h", &AdaLNParams::h).field("gate", &AdaLNParams::gate)
+      .field("shift", &AdaLNParams::shift).field("scale", &AdaLNParams::scale)
+      .field("gate_sb", &AdaLNParams::gate_sb).field("gate_sl", &AdaLNParams::gate_sl)
+      .field("shift_sb", &AdaLNParams::shift_sb).field("shift_sl", &AdaLNParams::shift_sl)
+      .field("scale_sb", &AdaLNParams::scale_sb).field("scale_sl", &AdaLNParams::scale_sl)
+      .field("gate2", &AdaLNParams::gate2).field("shift2", &AdaLNParams::shift2).field("scale2", &AdaLNParams::scale2)
+      .field("gate2_sb", &AdaLNParams::gate2_sb).field("gate2_sl", &AdaLNParams::gate2_sl)
+      .field("shift2_sb", &AdaLNParams::shift2_sb).field("shift2_sl", &AdaLNParams::shift2_sl)
+      .field("scale2_sb", &AdaLNParams::scale2_sb).field("scale2_sl", &AdaLNParams::scale2_sl)
+      .field("x2", &AdaLNParams::x2).field("y", &AdaLNParams::y).field("mean", &AdaLNParams::mean)
+      .field("rstd", &AdaLNParams::rstd).field("eps", &AdaLNParams::eps).field("dtype", &AdaLNParams::dtype);
+  ParamsClass<AdaLNBwdParams>(m, "AdaLNBwdParams", "arguments of adaln_backward_{cpu,cuda} (csrc/adaln.h)")
+      .field("B", &AdaLNBwdParams::B).field("L", &AdaLNBwdParams::L).field("D", &AdaLNBwdParams::D)
+      .field("dy", &AdaLNBwdParams::dy).field("dx2_in", &AdaLNBwdParams::dx2_in).field("xin", &AdaLNBwdParams::xin)
+      .field("h", &AdaLNBwdParams::h).field("gate", &AdaLNBwdParams::gate).field("scale", &AdaLNBwdParams::scale)
+      .field("gate_sb", &AdaLNBwdParams::gate_sb).field("gate_sl", &AdaLNBwdParams::gate_sl)
+      .field("scale_sb", &AdaLNBwdParams::scale_sb).field("scale_sl", &AdaLNBwdParams::scale_sl)
+      .field("gate2", &AdaLNBwdParams::gate2).field("scale2", &AdaLNBwdParams::scale2)
+      .field("gate2_sb", &AdaLNBwdParams::gate2_sb).field("gate2_sl", &AdaLNBwdParams::gate2_sl)
+      .field("scale2_sb", &AdaLNBwdParams::scale2_sb).field("scale2_sl", &AdaLNBwdParams::scale2_sl)
+      .field("mean", &AdaLNBwdParams::mean).field("rstd", &AdaLNBwdParams::rstd)
+      .field("dxin", &AdaLNBwdParams::dxin).field("dh", &AdaLNBwdParams::dh)
+      .field("dgate_tok", &AdaLNBwdParams::dgate_tok).field("dscale_tok", &AdaLNBwdParams::dscale_tok)
+      .field("dtype", &AdaLNBwdParams::dtype);
   m.def(
       "adaln_forward_cpu",
-      [](int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
-         uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
-         uintptr_t gate2, uintptr_t shift2, uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t s2sb,
-         int64_t s2sl, int64_t c2sb, int64_t c2sl,
-         uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int dtype, uintptr_t /*stream*/) {
-        const Mod2 m2{gate2, shift2, scale2, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl};
-        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, m2, x2, y, mean, rstd,
-                          eps, dtype);
+      [](const AdaLNParams& p) {
+        validate(p);
+        if (p.B * p.L == 0) return;
         pybind11::gil_scoped_release nogil;
         by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
       },
-      "Fused [gated residual ->] LayerNorm -> modulate, C++ CPU. Pointers/strides as integers.");
+      pybind11::arg("params"), "Fused [gated residual ->] LayerNorm -> modulate, C++ CPU.");
   m.def(
       "adaln_backward_cpu",
-      [](int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin, uintptr_t h,
-         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t gate2,
-         uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t c2sb, int64_t c2sl, uintptr_t mean,
-         uintptr_t rstd, uintptr_t dxin, uintptr_t dh, uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype,
-         uintptr_t /*stream*/) {
-        Mod2 m2;
-        m2.gate = gate2; m2.scale = scale2; m2.gsb = g2sb; m2.gsl = g2sl; m2.csb = c2sb; m2.csl = c2sl;
-        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, m2, mean, rstd, dxin, dh,
-                          dgate_tok, dscale_tok, dtype);
+      [](const AdaLNBwdParams& p) {
+        validate(p);
+        if (p.B * p.L == 0) return;
         pybind11::gil_scoped_release nogil;
         by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
       },
-      "Backward of the fused AdaLN family, C++ CPU.");
+      pybind11::arg("params"), "Backward of the fused AdaLN family, C++ CPU.");
 #ifdef OMNI2SOUND_WITH_CUDA
   m.def(
       "adaln_forward_cuda",
-      [](int64_t B, int64_t L, int64_t D, uintptr_t x, uintptr_t h, uintptr_t gate, uintptr_t shift,
-         uintptr_t scale, int64_t gsb, int64_t gsl, int64_t ssb, int64_t ssl, int64_t csb, int64_t csl,
-         uintptr_t gate2, uintptr_t shift2, uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t s2sb,
-         int64_t s2sl, int64_t c2sb, int64_t c2sl,
-         uintptr_t x2, uintptr_t y, uintptr_t mean, uintptr_t rstd, double eps, int dtype, uintptr_t stream) {
-        const Mod2 m2{gate2, shift2, scale2, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl};
-        auto p = make_fwd(B, L, D, x, h, gate, shift, scale, gsb, gsl, ssb, ssl, csb, csl, m2, x2, y, mean, rstd,
-                          eps, dtype);
+      [](const AdaLNParams& p, stream_handle stream) {
+        validate(p);
+        if (p.B * p.L == 0) return;
         adaln_forward_cuda_launch(p, stream);
       },
+      pybind11::arg("params"), pybind11::arg("stream"),
       "Fused [gated residual ->] LayerNorm -> modulate, CUDA, on the given stream.");
   m.def(
       "adaln_backward_cuda",
-      [](int64_t B, int64_t L, int64_t D, uintptr_t dy, uintptr_t dx2_in, uintptr_t xin, uintptr_t h,
-         uintptr_t gate, uintptr_t scale, int64_t gsb, int64_t gsl, int64_t csb, int64_t csl, uintptr_t gate2,
-         uintptr_t scale2, int64_t g2sb, int64_t g2sl, int64_t c2sb, int64_t c2sl, uintptr_t mean,
-         uintptr_t rstd, uintptr_t dxin, uintptr_t dh, uintptr_t dgate_tok, uintptr_t dscale_tok, int dtype,
-         uintptr_t stream) {
-        Mod2 m2;
-        m2.gate = gate2; m2.scale = scale2; m2.gsb = g2sb; m2.gsl = g2sl; m2.csb = c2sb; m2.csl = c2sl;
-        auto p = make_bwd(B, L, D, dy, dx2_in, xin, h, gate, scale, gsb, gsl, csb, csl, m2, mean, rstd, dxin, dh,
-                          dgate_tok, dscale_tok, dtype);
+      [](const AdaLNBwdParams& p, stream_handle stream) {
+        validate(p);
+        if (p.B * p.L == 0) return;
         adaln_backward_cuda_launch(p, stream);
       },
-      "Backward of the fused AdaLN family, CUDA, on the given stream.");
+      pybind11::arg("params"), pybind11::arg("stream"), "Backward of the fused AdaLN family, CUDA, on the given stream.");
 #endif
 });
 

@@ -11,7 +11,7 @@
 
 #include <string>
 
-#include "common.h"
+#include "adaln.h"
 #include "cuda_common.cuh"
 
 namespace o2s {
@@ -114,7 +114,8 @@ __global__ void adaln_fwd_kernel(AdaLNParams p) {
       }
     }
   }
-  const float rstd = rsqrtf(block_sum(ss, smem) / float(D) + p.eps);
+  const float ssum = block_sum(ss, smem);
+  const float rstd = isinf(ssum) ? __int_as_float(0x7fc00000) : rsqrtf(ssum / float(D) + p.eps);  // overflow: NaN
   if (threadIdx.x == 0) {
     p.mean[r] = mean;
     p.rstd[r] = rstd;

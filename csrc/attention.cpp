@@ -33,8 +33,9 @@
 #include <immintrin.h>
 #endif
 
-#include "common.h"
+#include "attention.h"
 #include "cpu_math.h"
+#include "params.h"
 #include "registry.h"
 
 namespace o2s {
@@ -76,20 +77,6 @@ inline vec vbroadcast(const float* x) {
 #endif
 }
 
-struct AttnParams {
-  int64_t B = 0, Tq = 0, Tk = 0, H = 0, Dh = 0;
-  const void* q = nullptr;
-  const void* k = nullptr;
-  const void* v = nullptr;
-  int64_t q_sb = 0, q_st = 0, q_sh = 0;
-  int64_t k_sb = 0, k_st = 0, k_sh = 0;
-  int64_t v_sb = 0, v_st = 0, v_sh = 0;
-  const int32_t* cu = nullptr;  // packed keys: int32 [B + 1]; null: dense, Tk per sample
-  void* out = nullptr;          // contiguous [B, Tq, H, Dh]
-  float* lse = nullptr;         // optional fp32 [B, H, Tq]
-  float scale = 1.0f;
-  int dtype = kFloat32;
-};
 
 // A 64-byte aligned fp32 scratch buffer (grown, never shrunk).
 struct Scratch {
@@ -282,40 +269,58 @@ void run_dtype(const AttnParams& p) {
   }
 }
 
-void attention_fwd_cpu(int64_t B, int64_t Tq, int64_t Tk, int64_t H, int64_t Dh, std::uintptr_t q, int64_t q_sb,
-                       int64_t q_st, int64_t q_sh, std::uintptr_t k, int64_t k_sb, int64_t k_st, int64_t k_sh,
-                       std::uintptr_t v, int64_t v_sb, int64_t v_st, int64_t v_sh, std::uintptr_t cu,
-                       std::uintptr_t out, std::uintptr_t lse, double scale, int dtype) {
-  check(B >= 0 && Tq >= 0 && Tk >= 0 && H > 0 && Dh > 0, "attention: bad shape");
-  check(Dh <= int64_t(kMaxNV) * VW, "attention: head dim larger than the kernel's register tile (" +
-                                        std::to_string(kMaxNV * VW) + ")");
-  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "attention: unknown dtype code");
-  AttnParams p;
-  p.B = B; p.Tq = Tq; p.Tk = Tk; p.H = H; p.Dh = Dh;
-  p.q = reinterpret_cast<const void*>(q);
-  p.k = reinterpret_cast<const void*>(k);
-  p.v = reinterpret_cast<const void*>(v);
-  p.q_sb = q_sb; p.q_st = q_st; p.q_sh = q_sh;
-  p.k_sb = k_sb; p.k_st = k_st; p.k_sh = k_sh;
-  p.v_sb = v_sb; p.v_st = v_st; p.v_sh = v_sh;
-  p.cu = reinterpret_cast<const int32_t*>(cu);
-  p.out = reinterpret_cast<void*>(out);
-  p.lse = reinterpret_cast<float*>(lse);
-  p.scale = float(scale);
-  p.dtype = dtype;
-  if (B * Tq == 0) return;
-  pybind11::gil_scoped_release nogil;
-  by_dtype(p, run_dtype<float>, run_dtype<half_t>, run_dtype<bf16_t>);
-}
-
 }  // namespace
 
+void validate(const AttnParams& p) {
+  const std::string where = "attention_fwd_cpu: ";
+  check(p.B >= 0 && p.Tq >= 0 && p.Tk >= 0 && p.H > 0 && p.Dh > 0 && p.Nk >= 0,
+        where + "need B, Tq, Tk, Nk >= 0 and H, Dh >= 1, got B=" + num(p.B) + " Tq=" + num(p.Tq) + " Tk=" +
+            num(p.Tk) + " H=" + num(p.H) + " Dh=" + num(p.Dh) + " Nk=" + num(p.Nk));
+  check(p.Dh <= int64_t(kMaxNV) * VW, where + "head dim " + num(p.Dh) + " is larger than the kernel's register tile (" +
+                                          num(int64_t(kMaxNV) * VW) + ")");
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
+        where + "dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check(std::isfinite(p.scale), where + "scale must be finite");
+  if (p.B * p.Tq == 0) return;
+  check(p.q && p.out, where + "null pointer for q or out");
+  check((p.cu ? p.Nk : p.Tk) == 0 || (p.k && p.v), where + "null pointer for k or v");   // (no keys: may be null)
+  check(p.q_sb >= 0 && p.q_st >= 0 && p.q_sh >= 0 && p.k_sb >= 0 && p.k_st >= 0 && p.k_sh >= 0 && p.v_sb >= 0 &&
+            p.v_st >= 0 && p.v_sh >= 0,
+        where + "strides must be >= 0");
+  if (p.cu) {
+    check(p.cu[0] == 0, where + "cu_seqlens_k[0] must be 0, got " + num(p.cu[0]));
+    for (int64_t b = 0; b < p.B; ++b) {
+      check(p.cu[b + 1] >= p.cu[b], where + "cu_seqlens_k must be non-decreasing, got cu[" + num(b) + "]=" +
+                                        num(p.cu[b]) + " > cu[" + num(b + 1) + "]=" + num(p.cu[b + 1]));
+    }
+    check(p.cu[p.B] <= p.Nk, where + "cu_seqlens_k[B]=" + num(p.cu[p.B]) + " is past the " + num(p.Nk) +
+                                 " packed key rows");
+  }
+}
+
 static Registrar reg_attention([](pybind11::module_& m) {
+  ParamsClass<AttnParams>(m, "AttnParams", "arguments of attention_fwd_cpu (csrc/attention.h)")
+      .field("B", &AttnParams::B).field("Tq", &AttnParams::Tq).field("Tk", &AttnParams::Tk)
+      .field("H", &AttnParams::H).field("Dh", &AttnParams::Dh).field("Nk", &AttnParams::Nk)
+      .field("q", &AttnParams::q).field("k", &AttnParams::k).field("v", &AttnParams::v)
+      .field("q_sb", &AttnParams::q_sb).field("q_st", &AttnParams::q_st).field("q_sh", &AttnParams::q_sh)
+      .field("k_sb", &AttnParams::k_sb).field("k_st", &AttnParams::k_st).field("k_sh", &AttnParams::k_sh)
+      .field("v_sb", &AttnParams::v_sb).field("v_st", &AttnParams::v_st).field("v_sh", &AttnParams::v_sh)
+      .field("cu", &AttnParams::cu).field("out", &AttnParams::out).field("lse", &AttnParams::lse)
+      .field("scale", &AttnParams::scale).field("dtype", &AttnParams::dtype);
   m.def("attention_cpu_max_head_dim", []() { return int64_t(kMaxNV) * VW; },
         "the largest head dim the C++ attention forward takes in this build (its register tiles)");
-  m.def("attention_fwd_cpu", &attention_fwd_cpu,
-        "attention forward (C++ CPU, no gradient): dense keys (cu = 0) or packed varlen keys (cu: int32 [B + 1]); "
-        "out contiguous [B, Tq, H, Dh], optional fp32 lse [B, H, Tq]");
+  m.def(
+      "attention_fwd_cpu",
+      [](const AttnParams& p) {
+        validate(p);
+        if (p.B * p.Tq == 0) return;
+        pybind11::gil_scoped_release nogil;
+        by_dtype(p, run_dtype<float>, run_dtype<half_t>, run_dtype<bf16_t>);
+      },
+      pybind11::arg("params"),
+      "attention forward (C++ CPU, no gradient): dense keys (cu = 0) or packed varlen keys (cu: int32 [B + 1]); "
+      "out contiguous [B, Tq, H, Dh], optional fp32 lse [B, H, Tq]");
 });
 
 }  // namespace o2s

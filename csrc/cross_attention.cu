@@ -14,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include "cross_attention.h"
 #include "cuda_common.cuh"
 #include <mma.h>
 
@@ -197,8 +198,8 @@ __device__ __forceinline__ void tile_pv(const typename Traits<T>::P* p_w, const 
 template <typename T, int D>
 __global__ void __launch_bounds__(kWarps * 32)
 cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                           const int32_t* __restrict__ cu, T* __restrict__ out, float* __restrict__ lse,
-                           int H, int Lq, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h,
+                           const int32_t* __restrict__ cu, int total_k, T* __restrict__ out,
+                           float* __restrict__ lse, int H, int Lq, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h,
                            int64_t sv_n, int64_t sv_h, float scale_log2, bool vec_ok) {
   static_assert(D % 32 == 0 && D <= 128, "head dim must be 32, 64, 96 or 128");
   using S = Smem<T, D>;
@@ -217,8 +218,11 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
   const int bh = blockIdx.x;
   const int b = bh / H, h = bh % H;
   const int m0 = blockIdx.y * kBlockM;
-  const int64_t k_start = cu[b];
-  const int n_k = cu[b + 1] - cu[b];
+  // Offsets clamped to the key rows (the host cannot check device memory without a sync): bad offsets give wrong
+  // numbers, never a read outside k and v. Valid ones pass unchanged.
+  const int k_lo = min(max(cu[b], 0), total_k);
+  const int64_t k_start = k_lo;
+  const int n_k = min(max(cu[b + 1], k_lo), total_k) - k_lo;
 
   const T* q_blk = q + b * sq_b + h * sq_h + m0 * sq_l;
   if (vec_ok) {
@@ -315,15 +319,13 @@ cross_attention_fwd_kernel(const T* __restrict__ q, const T* __restrict__ k, con
 }
 
 template <typename T, int D>
-void launch(const void* q, const void* k, const void* v, const int32_t* cu, void* out, float* lse, int64_t B,
-            int64_t Lq, int64_t H, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h, int64_t sv_n,
-            int64_t sv_h, float scale, cudaStream_t stream) {
+void launch(const CrossAttnParams& p, cudaStream_t stream) {
   using S = Smem<T, D>;
   constexpr int64_t kVec = 16 / sizeof(T);
-  auto aligned = [](const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; };
-  const bool vec_ok = aligned(q) && aligned(k) && aligned(v) && sq_b % kVec == 0 && sq_l % kVec == 0 &&
-                      sq_h % kVec == 0 && sk_n % kVec == 0 && sk_h % kVec == 0 && sv_n % kVec == 0 &&
-                      sv_h % kVec == 0;
+  auto aligned = [](const void* ptr) { return reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0; };
+  const bool vec_ok = aligned(p.q) && aligned(p.k) && aligned(p.v) && p.sq_b % kVec == 0 && p.sq_l % kVec == 0 &&
+                      p.sq_h % kVec == 0 && p.sk_n % kVec == 0 && p.sk_h % kVec == 0 && p.sv_n % kVec == 0 &&
+                      p.sv_h % kVec == 0;
   auto kernel = cross_attention_fwd_kernel<T, D>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(S::kBytes));
@@ -331,11 +333,11 @@ void launch(const void* q, const void* k, const void* v, const int32_t* cu, void
     throw std::runtime_error(std::string("omni2sound._C cross_attention_fwd_cuda: cannot reserve ") +
                              std::to_string(S::kBytes) + " bytes of shared memory: " + cudaGetErrorString(err));
   }
-  const dim3 grid(static_cast<unsigned>(B * H), static_cast<unsigned>((Lq + kBlockM - 1) / kBlockM));
+  const dim3 grid(static_cast<unsigned>(p.B * p.H), static_cast<unsigned>((p.Lq + kBlockM - 1) / kBlockM));
   kernel<<<grid, kWarps * 32, S::kBytes, stream>>>(
-      static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), cu, static_cast<T*>(out), lse,
-      static_cast<int>(H), static_cast<int>(Lq), sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale * 1.4426950408889634f,
-      vec_ok);
+      static_cast<const T*>(p.q), static_cast<const T*>(p.k), static_cast<const T*>(p.v), p.cu,
+      static_cast<int>(p.Nk), static_cast<T*>(p.out), p.lse, static_cast<int>(p.H), static_cast<int>(p.Lq), p.sq_b,
+      p.sq_l, p.sq_h, p.sk_n, p.sk_h, p.sv_n, p.sv_h, p.scale * 1.4426950408889634f, vec_ok);
   err = cudaGetLastError();
   if (err != cudaSuccess) {
     throw std::runtime_error(std::string("omni2sound._C cross_attention_fwd_cuda: kernel launch failed: ") +
@@ -344,30 +346,26 @@ void launch(const void* q, const void* k, const void* v, const int32_t* cu, void
 }
 
 template <typename T>
-void launch_d(int64_t D, const void* q, const void* k, const void* v, const int32_t* cu, void* out, float* lse,
-              int64_t B, int64_t Lq, int64_t H, int64_t sq_b, int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h,
-              int64_t sv_n, int64_t sv_h, float scale, cudaStream_t stream) {
-  switch (D) {
-    case 32: return launch<T, 32>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
-    case 64: return launch<T, 64>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
-    case 128: return launch<T, 128>(q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, stream);
+void launch_d(const CrossAttnParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch<T, 32>(p, stream);
+    case 64: return launch<T, 64>(p, stream);
+    case 128: return launch<T, 128>(p, stream);
     default: throw std::invalid_argument("omni2sound._C cross_attention_fwd_cuda: head dim must be 32, 64 or 128");
   }
 }
 
 }  // namespace xattn
 
-// Declared in cross_attention.cpp, which checks the arguments first. dtype: 0 fp32, 1 fp16, 2 bf16.
-void cross_attention_fwd_cuda_launch(const void* q, const void* k, const void* v, const int32_t* cu, void* out,
-                                     float* lse, int64_t B, int64_t Lq, int64_t H, int64_t D, int64_t sq_b,
-                                     int64_t sq_l, int64_t sq_h, int64_t sk_n, int64_t sk_h, int64_t sv_n,
-                                     int64_t sv_h, float scale, int dtype, std::uintptr_t stream) {
+// Declared in cross_attention.cpp, which checks the parameters first. dtype: 0 fp32, 1 fp16, 2 bf16.
+void cross_attention_fwd_cuda_launch(const CrossAttnParams& p, std::uintptr_t stream) {
   cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case 0: return xattn::launch_d<float>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
-    case 1: return xattn::launch_d<__half>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
-    case 2: return xattn::launch_d<__nv_bfloat16>(D, q, k, v, cu, out, lse, B, Lq, H, sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, scale, s);
-    default: throw std::invalid_argument("omni2sound._C cross_attention_fwd_cuda: unknown dtype code " + std::to_string(dtype));
+  switch (p.dtype) {
+    case 0: return xattn::launch_d<float>(p, s);
+    case 1: return xattn::launch_d<__half>(p, s);
+    case 2: return xattn::launch_d<__nv_bfloat16>(p, s);
+    default: throw std::invalid_argument("omni2sound._C cross_attention_fwd_cuda: unknown dtype code " +
+                                         std::to_string(p.dtype));
   }
 }
 

@@ -13,10 +13,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#include "common.h"
 #include "cpu_math.h"
+#include "gelu.h"
+#include "params.h"
 #include "registry.h"
 
 namespace o2s {
@@ -30,15 +32,6 @@ constexpr int64_t kBiasChunk = 64;                      // rows per dbias partia
 // cancellation of 1 - s when s is near 1 (the backward multiplies 1 - s by z * du/dz, ~750 at z = 15).
 inline float gelu_exp(float z) { return fast_exp(-kTwoSqrt2OverPi * (z + kCubic * z * z * z)); }
 
-struct GeluParams {
-  int64_t rows = 0, N = 0;
-  const void* x = nullptr;
-  const float* bias = nullptr;   // [N] fp32 or null
-  void* y = nullptr;             // forward output (may alias x); backward: dx (may alias dy)
-  const void* dy = nullptr;      // backward only
-  float* dbias = nullptr;        // backward only, null when no bias: [ceil(rows / kBiasChunk), N] fp32 partials
-  int dtype = kFloat32;
-};
 
 template <typename T>
 void forward_rows(const GeluParams& p) {
@@ -96,45 +89,45 @@ void backward_rows(const GeluParams& p) {
   }
 }
 
-GeluParams make_params(int64_t rows, int64_t N, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y, int dtype) {
-  check(rows >= 0 && N > 0, "bias_gelu: bad shape");
-  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "bias_gelu: unknown dtype code");
-  check(x != 0 && y != 0, "bias_gelu: null tensor");
-  GeluParams p;
-  p.rows = rows; p.N = N;
-  p.x = reinterpret_cast<const void*>(x);
-  p.bias = reinterpret_cast<const float*>(bias);
-  p.y = reinterpret_cast<void*>(y);
-  p.dtype = dtype;
-  return p;
-}
-
-void bias_gelu_forward_cpu(int64_t rows, int64_t N, std::uintptr_t x, std::uintptr_t bias, std::uintptr_t y,
-                           int dtype) {
-  if (rows == 0) return;
-  const GeluParams p = make_params(rows, N, x, bias, y, dtype);
-  pybind11::gil_scoped_release nogil;
-  by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
-}
-
-void bias_gelu_backward_cpu(int64_t rows, int64_t N, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t bias,
-                            std::uintptr_t dx, std::uintptr_t dbias_partials, int dtype) {
-  if (rows == 0) return;
-  GeluParams p = make_params(rows, N, x, bias, dx, dtype);
-  check(dy != 0, "bias_gelu: null dy");
-  check((bias == 0) == (dbias_partials == 0), "bias_gelu: dbias partials go with a bias");
-  p.dy = reinterpret_cast<const void*>(dy);
-  p.dbias = reinterpret_cast<float*>(dbias_partials);
-  pybind11::gil_scoped_release nogil;
-  by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
-}
-
 }  // namespace
 
+void validate(const GeluParams& p, bool backward) {
+  const std::string where = backward ? "bias_gelu_backward_cpu: " : "bias_gelu_forward_cpu: ";
+  check(p.rows >= 0 && p.N > 0, where + "need rows >= 0 and N >= 1, got rows=" + num(p.rows) + " N=" + num(p.N));
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
+        where + "dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  if (p.rows == 0) return;
+  check(p.x && p.y, where + "null pointer for x or y");
+  if (backward) {
+    check(p.dy, where + "null pointer for dy");
+    check((p.bias == nullptr) == (p.dbias == nullptr), where + "dbias partials go with a bias");
+  }
+}
+
 static Registrar reg_bias_gelu([](pybind11::module_& m) {
-  m.def("bias_gelu_forward_cpu", &bias_gelu_forward_cpu, "fused bias + tanh-GELU, forward (C++ CPU; y may alias x)");
-  m.def("bias_gelu_backward_cpu", &bias_gelu_backward_cpu,
-        "fused bias + tanh-GELU, backward (C++ CPU): dx and dbias partials per 64-row chunk");
+  ParamsClass<GeluParams>(m, "GeluParams", "arguments of bias_gelu_{forward,backward}_cpu (csrc/gelu.h)")
+      .field("rows", &GeluParams::rows).field("N", &GeluParams::N).field("x", &GeluParams::x)
+      .field("bias", &GeluParams::bias).field("y", &GeluParams::y).field("dy", &GeluParams::dy)
+      .field("dbias", &GeluParams::dbias).field("dtype", &GeluParams::dtype);
+  m.def(
+      "bias_gelu_forward_cpu",
+      [](const GeluParams& p) {
+        validate(p, false);
+        if (p.rows == 0) return;
+        pybind11::gil_scoped_release nogil;
+        by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
+      },
+      pybind11::arg("params"), "fused bias + tanh-GELU, forward (C++ CPU; y may alias x)");
+  m.def(
+      "bias_gelu_backward_cpu",
+      [](const GeluParams& p) {
+        validate(p, true);
+        if (p.rows == 0) return;
+        pybind11::gil_scoped_release nogil;
+        by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
+      },
+      pybind11::arg("params"), "fused bias + tanh-GELU, backward (C++ CPU): dx (into y) and dbias partials per "
+                               "64-row chunk");
   m.attr("bias_gelu_bias_chunk") = kBiasChunk;
 });
 

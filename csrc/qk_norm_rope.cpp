@@ -12,26 +12,16 @@
 // are over Dh contiguous floats and vectorise.
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
-#include "common.h"
+#include "params.h"
+#include "qk_norm_rope.h"
 #include "registry.h"
 
 namespace o2s {
 namespace {
 
-struct QKParams {
-  int64_t B = 0, T = 0, G = 2, H = 0, Dh = 0;
-  int64_t sb = 0, st = 0, sj = 0, sh = 0;   // x strides in elements
-  const void* x = nullptr;
-  const float* w = nullptr;                 // [G, Dh]
-  const float* cs = nullptr;                // [T, Dh / 2, 2]: (cos, sin); null: no rotation
-  void* y = nullptr;                        // forward output, or backward dx
-  const void* dy = nullptr;                 // backward only
-  float* dw_tok = nullptr;                  // backward only: [B * T, G, Dh] fp32 partials
-  float eps = 1e-6f;
-  int dtype = kFloat32;
-};
 
 // One head row to float in buf; returns its sum of squares.
 template <typename T>
@@ -139,51 +129,50 @@ void backward_tokens(const QKParams& p) {
   }
 }
 
-// The shared part of both entry points' parameters (out: y in the forward, dx in the backward), checked.
-QKParams make_params(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st, int64_t sj,
-                     int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs, std::uintptr_t out, double eps,
-                     int dtype) {
-  check(B >= 0 && T >= 0 && (G == 1 || G == 2) && H > 0 && Dh > 0 && (Dh % 2 == 0 || !cs),
-        "qk_norm_rope: bad shape (G must be 1 or 2; Dh must be even for RoPE)");
-  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, "qk_norm_rope: unknown dtype code");
-  QKParams p;
-  p.B = B; p.T = T; p.G = G; p.H = H; p.Dh = Dh; p.sb = sb; p.st = st; p.sj = sj; p.sh = sh;
-  p.x = reinterpret_cast<const void*>(x);
-  p.w = reinterpret_cast<const float*>(w);
-  p.cs = reinterpret_cast<const float*>(cs);
-  p.y = reinterpret_cast<void*>(out);
-  p.eps = float(eps);
-  p.dtype = dtype;
-  return p;
-}
-
-void qk_norm_rope_forward_cpu(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st,
-                              int64_t sj, int64_t sh, std::uintptr_t x, std::uintptr_t w, std::uintptr_t cs,
-                              std::uintptr_t y, double eps, int dtype) {
-  const QKParams p = make_params(B, T, G, H, Dh, sb, st, sj, sh, x, w, cs, y, eps, dtype);
-  if (B * T == 0) return;
-  pybind11::gil_scoped_release nogil;
-  by_dtype(p, forward_tokens<float>, forward_tokens<half_t>, forward_tokens<bf16_t>);
-}
-
-void qk_norm_rope_backward_cpu(int64_t B, int64_t T, int64_t G, int64_t H, int64_t Dh, int64_t sb, int64_t st,
-                               int64_t sj, int64_t sh, std::uintptr_t dy, std::uintptr_t x, std::uintptr_t w,
-                               std::uintptr_t cs, std::uintptr_t dx, std::uintptr_t dw_tok, double eps, int dtype) {
-  QKParams p = make_params(B, T, G, H, Dh, sb, st, sj, sh, x, w, cs, dx, eps, dtype);
-  p.dy = reinterpret_cast<const void*>(dy);
-  p.dw_tok = reinterpret_cast<float*>(dw_tok);
-  if (B * T == 0) return;
-  pybind11::gil_scoped_release nogil;
-  by_dtype(p, backward_tokens<float>, backward_tokens<half_t>, backward_tokens<bf16_t>);
-}
-
 }  // namespace
 
+void validate(const QKParams& p, bool backward) {
+  const std::string where = backward ? "qk_norm_rope_backward_cpu: " : "qk_norm_rope_forward_cpu: ";
+  check(p.B >= 0 && p.T >= 0 && (p.G == 1 || p.G == 2) && p.H > 0 && p.Dh > 0,
+        where + "need B, T >= 0, G in {1, 2}, H, Dh >= 1, got B=" + num(p.B) + " T=" + num(p.T) + " G=" + num(p.G) +
+            " H=" + num(p.H) + " Dh=" + num(p.Dh));
+  check(p.Dh % 2 == 0 || !p.cs, where + "RoPE needs an even head dim, got Dh=" + num(p.Dh));
+  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
+        where + "dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check(std::isfinite(p.eps) && p.eps >= 0.f, where + "eps must be finite and >= 0");
+  if (p.B * p.T == 0) return;
+  check(p.x && p.w && p.y, where + "null pointer among x, w, y");
+  check(p.sb >= 0 && p.st >= 0 && p.sj >= 0 && p.sh >= 0, where + "strides must be >= 0");
+  if (backward) check(p.dy && p.dw_tok, where + "null pointer for dy or dw_tok");
+}
+
 static Registrar reg_qk_norm_rope([](pybind11::module_& m) {
-  m.def("qk_norm_rope_forward_cpu", &qk_norm_rope_forward_cpu,
-        "fused q/k RMSNorm [+ RoPE], forward (C++ CPU); G = 1 or 2 head groups, cs = 0: no rotation");
-  m.def("qk_norm_rope_backward_cpu", &qk_norm_rope_backward_cpu,
-        "fused q/k RMSNorm + RoPE, backward (C++ CPU): dx and per-token weight-gradient partials");
+  ParamsClass<QKParams>(m, "QKParams", "arguments of qk_norm_rope_{forward,backward}_cpu (csrc/qk_norm_rope.h)")
+      .field("B", &QKParams::B).field("T", &QKParams::T).field("G", &QKParams::G).field("H", &QKParams::H)
+      .field("Dh", &QKParams::Dh).field("sb", &QKParams::sb).field("st", &QKParams::st).field("sj", &QKParams::sj)
+      .field("sh", &QKParams::sh).field("x", &QKParams::x).field("w", &QKParams::w).field("cs", &QKParams::cs)
+      .field("y", &QKParams::y).field("dy", &QKParams::dy).field("dw_tok", &QKParams::dw_tok)
+      .field("eps", &QKParams::eps).field("dtype", &QKParams::dtype);
+  m.def(
+      "qk_norm_rope_forward_cpu",
+      [](const QKParams& p) {
+        validate(p, false);
+        if (p.B * p.T == 0) return;
+        pybind11::gil_scoped_release nogil;
+        by_dtype(p, forward_tokens<float>, forward_tokens<half_t>, forward_tokens<bf16_t>);
+      },
+      pybind11::arg("params"), "fused q/k RMSNorm [+ RoPE], forward (C++ CPU); G = 1 or 2 head groups, cs = 0: no "
+                               "rotation");
+  m.def(
+      "qk_norm_rope_backward_cpu",
+      [](const QKParams& p) {
+        validate(p, true);
+        if (p.B * p.T == 0) return;
+        pybind11::gil_scoped_release nogil;
+        by_dtype(p, backward_tokens<float>, backward_tokens<half_t>, backward_tokens<bf16_t>);
+      },
+      pybind11::arg("params"), "fused q/k RMSNorm + RoPE, backward (C++ CPU): dx (into y) and per-token "
+                               "weight-gradient partials");
 });
 
 }  // namespace o2s

@@ -1,4 +1,4 @@
-// Host side of the Snake ops (omni2sound/ops/snake.py): argument checks, the C++ CPU kernels and the bindings
+// Host side of the Snake ops (omni2sound/ops/snake.py): the checks of the parameters (snake.h), the C++ CPU kernels and the bindings
 // of the CPU and CUDA entry points.
 //
 //   forward   s = x (+ residual);  y = s + q * sin^2(alpha * s),  q = 1 / (beta + eps)   (per channel c)
@@ -8,11 +8,13 @@
 // Tensors are contiguous [B, C, T]; a row r = b * C + c is T contiguous elements sharing alpha[c], beta[c].
 // OpenMP splits rows; inside a row the loop is branch-free so the compiler vectorises it, which needs a sin the
 // compiler can inline: fast_sincos below (glibc's vector sin is only exposed under -ffast-math).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
-#include "common.h"
+#include "params.h"
 #include "registry.h"
 #include "snake.h"
 
@@ -48,8 +50,10 @@ inline void fast_sincos(float x, float& s, float& c) {
   pc = pc * r2 - 0.5f;                                    // -1/2!
   const float cr = 1.0f + r2 * pc;
   const float sign = (static_cast<int32_t>(k) & 1) ? -1.0f : 1.0f;   // sin, cos change sign every pi
-  s = sign * sr;
-  c = sign * cr;
+  // Clamped to [-1, 1] (NaN passes): past |x| ~ 1e4 the reduction loses r and the series would grow without bound
+  // (|x| = 1e10 gave inf); there no fp32 sin is meaningful, but Snake's sin^2 term must stay within [0, 1].
+  s = std::min(std::max(sign * sr, -1.0f), 1.0f);
+  c = std::min(std::max(sign * cr, -1.0f), 1.0f);
 }
 
 template <typename T>
@@ -162,103 +166,89 @@ void backward_rows(const SnakeBwdParams& p) {
   }
 }
 
-void check_common(int64_t B, int64_t C, int64_t T, uintptr_t alpha, uintptr_t beta, double eps, int dtype) {
-  check(B >= 0 && C >= 0 && T >= 0, "snake: B, C, T must be >= 0, got " + std::to_string(B) + ", " +
-                                        std::to_string(C) + ", " + std::to_string(T));
-  check(dtype >= kFloat32 && dtype <= kBFloat16, "snake: dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
-                                                     std::to_string(dtype));
-  check(alpha != 0 && beta != 0, "snake: alpha and beta pointers must be non-null");
-  check(std::isfinite(eps) && eps >= 0, "snake: eps must be finite and >= 0");
-}
-
-SnakeParams make_fwd(int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t residual, uintptr_t alpha,
-                     uintptr_t beta, uintptr_t s, uintptr_t y, double eps, int dtype, int channels_last = 0) {
-  check_common(B, C, T, alpha, beta, eps, dtype);
-  check(x != 0 && y != 0, "snake_forward: x and y pointers must be non-null");
-  check(residual == 0 || s != 0, "snake_forward: with a residual, the s output pointer must be non-null");
-  SnakeParams p;
-  p.B = B; p.C = C; p.T = T;
-  p.x = reinterpret_cast<const void*>(x);
-  p.residual = reinterpret_cast<const void*>(residual);
-  p.alpha = reinterpret_cast<const float*>(alpha);
-  p.beta = reinterpret_cast<const float*>(beta);
-  p.s = reinterpret_cast<void*>(s);
-  p.y = reinterpret_cast<void*>(y);
-  p.eps = static_cast<float>(eps);
-  p.dtype = dtype;
-  p.channels_last = channels_last;
-  return p;
-}
-
-SnakeBwdParams make_bwd(int64_t B, int64_t C, int64_t T, uintptr_t dy, uintptr_t ds_out, uintptr_t s,
-                        uintptr_t residual, uintptr_t alpha, uintptr_t beta, uintptr_t ds, uintptr_t dalpha_rows,
-                        uintptr_t dbeta_rows, double eps, int dtype) {
-  check_common(B, C, T, alpha, beta, eps, dtype);
-  check(dy != 0 && s != 0 && ds != 0, "snake_backward: dy, s and ds pointers must be non-null");
-  check(dalpha_rows != 0 && dbeta_rows != 0, "snake_backward: dalpha_rows and dbeta_rows must be non-null");
-  SnakeBwdParams p;
-  p.B = B; p.C = C; p.T = T;
-  p.dy = reinterpret_cast<const void*>(dy);
-  p.ds_out = reinterpret_cast<const void*>(ds_out);
-  p.s = reinterpret_cast<const void*>(s);
-  p.residual = reinterpret_cast<const void*>(residual);
-  p.alpha = reinterpret_cast<const float*>(alpha);
-  p.beta = reinterpret_cast<const float*>(beta);
-  p.ds = reinterpret_cast<void*>(ds);
-  p.dalpha_rows = reinterpret_cast<float*>(dalpha_rows);
-  p.dbeta_rows = reinterpret_cast<float*>(dbeta_rows);
-  p.eps = static_cast<float>(eps);
-  p.dtype = dtype;
-  return p;
-}
-
 }  // namespace
 
+namespace {
+void check_common(const char* where, int64_t B, int64_t C, int64_t T, const float* alpha, const float* beta,
+                  float eps, int dtype) {
+  const std::string w = where;
+  check(B >= 0 && C >= 0 && T >= 0, w + "B, C, T must be >= 0, got " + num(B) + ", " + num(C) + ", " + num(T));
+  check(dtype >= kFloat32 && dtype <= kBFloat16, w + "dtype code must be 0 (fp32), 1 (fp16) or 2 (bf16), got " +
+                                                     num(dtype));
+  check(alpha != nullptr && beta != nullptr, w + "alpha and beta pointers must be non-null");
+  check(std::isfinite(eps) && eps >= 0, w + "eps must be finite and >= 0");
+}
+}  // namespace
+
+void validate(const SnakeParams& p) {
+  check_common("snake_forward: ", p.B, p.C, p.T, p.alpha, p.beta, p.eps, p.dtype);
+  check(p.x && p.y, "snake_forward: x and y pointers must be non-null");
+  check(!p.residual || p.s, "snake_forward: with a residual, the s output pointer must be non-null");
+  check(p.channels_last == 0 || p.channels_last == 1, "snake_forward: channels_last must be 0 or 1");
+}
+
+void validate(const SnakeBwdParams& p) {
+  check_common("snake_backward: ", p.B, p.C, p.T, p.alpha, p.beta, p.eps, p.dtype);
+  check(p.dy && p.s && p.ds, "snake_backward: dy, s and ds pointers must be non-null");
+  check(p.dalpha_rows && p.dbeta_rows, "snake_backward: dalpha_rows and dbeta_rows must be non-null");
+}
+
 static Registrar reg_snake([](pybind11::module_& m) {
+  ParamsClass<SnakeParams>(m, "SnakeParams", "arguments of snake_forward_{cpu,cuda} (csrc/snake.h)")
+      .field("B", &SnakeParams::B).field("C", &SnakeParams::C).field("T", &SnakeParams::T)
+      .field("x", &SnakeParams::x).field("residual", &SnakeParams::residual).field("alpha", &SnakeParams::alpha)
+      .field("beta", &SnakeParams::beta).field("s", &SnakeParams::s).field("y", &SnakeParams::y)
+      .field("eps", &SnakeParams::eps).field("dtype", &SnakeParams::dtype)
+      .field("channels_last", &SnakeParams::channels_last);
+  ParamsClass<SnakeBwdParams>(m, "SnakeBwdParams", "arguments of snake_backward_{cpu,cuda} (csrc/snake.h)")
+      .field("B", &SnakeBwdParams::B).field("C", &SnakeBwdParams::C).field("T", &SnakeBwdParams::T)
+      .field("dy", &SnakeBwdParams::dy).field("ds_out", &SnakeBwdParams::ds_out).field("s", &SnakeBwdParams::s)
+      .field("residual", &SnakeBwdParams::residual).field("alpha", &SnakeBwdParams::alpha)
+      .field("beta", &SnakeBwdParams::beta).field("ds", &SnakeBwdParams::ds)
+      .field("dalpha_rows", &SnakeBwdParams::dalpha_rows).field("dbeta_rows", &SnakeBwdParams::dbeta_rows)
+      .field("eps", &SnakeBwdParams::eps).field("dtype", &SnakeBwdParams::dtype);
   m.def(
       "snake_forward_cpu",
-      [](int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t residual, uintptr_t alpha, uintptr_t beta,
-         uintptr_t s, uintptr_t y, double eps, int dtype, uintptr_t /*stream*/, int channels_last) {
-        auto p = make_fwd(B, C, T, x, residual, alpha, beta, s, y, eps, dtype, channels_last);
+      [](const SnakeParams& p) {
+        validate(p);
+        if (p.B * p.C * p.T == 0) return;
         pybind11::gil_scoped_release nogil;
-        if (channels_last)
+        if (p.channels_last)
           by_dtype(p, forward_rows_cl<float>, forward_rows_cl<half_t>, forward_rows_cl<bf16_t>);
         else
           by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
       },
-      pybind11::arg("B"), pybind11::arg("C"), pybind11::arg("T"), pybind11::arg("x"), pybind11::arg("residual"),
-      pybind11::arg("alpha"), pybind11::arg("beta"), pybind11::arg("s"), pybind11::arg("y"), pybind11::arg("eps"),
-      pybind11::arg("dtype"), pybind11::arg("stream"), pybind11::arg("channels_last") = 0,
+      pybind11::arg("params"),
       "Snake [fused with the residual add], C++ CPU. x, residual, s, y dense [B, C, T] (channels_last=1: stored as "
       "[B, T, C]); alpha, beta fp32 [C].");
   m.def(
       "snake_backward_cpu",
-      [](int64_t B, int64_t C, int64_t T, uintptr_t dy, uintptr_t ds_out, uintptr_t s, uintptr_t residual,
-         uintptr_t alpha, uintptr_t beta, uintptr_t ds, uintptr_t dalpha_rows, uintptr_t dbeta_rows, double eps, int dtype,
-         uintptr_t /*stream*/) {
-        auto p = make_bwd(B, C, T, dy, ds_out, s, residual, alpha, beta, ds, dalpha_rows, dbeta_rows, eps, dtype);
+      [](const SnakeBwdParams& p) {
+        validate(p);
+        if (p.B * p.C * p.T == 0) return;
         pybind11::gil_scoped_release nogil;
         by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
       },
+      pybind11::arg("params"),
       "Backward of the Snake ops, C++ CPU: ds and per-row fp32 partial sums of dalpha, dbeta [B, C].");
 #ifdef OMNI2SOUND_WITH_CUDA
   m.def(
       "snake_forward_cuda",
-      [](int64_t B, int64_t C, int64_t T, uintptr_t x, uintptr_t residual, uintptr_t alpha, uintptr_t beta,
-         uintptr_t s, uintptr_t y, double eps, int dtype, uintptr_t stream) {
-        auto p = make_fwd(B, C, T, x, residual, alpha, beta, s, y, eps, dtype);
+      [](const SnakeParams& p, stream_handle stream) {
+        validate(p);
+        check(!p.channels_last, "snake_forward_cuda: channels_last memory runs on the CPU only");
+        if (p.B * p.C * p.T == 0) return;
         snake_forward_cuda_launch(p, stream);
       },
-      "Snake [fused with the residual add], CUDA, on the given stream.");
+      pybind11::arg("params"), pybind11::arg("stream"), "Snake [fused with the residual add], CUDA, on the given stream.");
   m.def(
       "snake_backward_cuda",
-      [](int64_t B, int64_t C, int64_t T, uintptr_t dy, uintptr_t ds_out, uintptr_t s, uintptr_t residual,
-         uintptr_t alpha, uintptr_t beta, uintptr_t ds, uintptr_t dalpha_rows, uintptr_t dbeta_rows, double eps, int dtype,
-         uintptr_t stream) {
-        auto p = make_bwd(B, C, T, dy, ds_out, s, residual, alpha, beta, ds, dalpha_rows, dbeta_rows, eps, dtype);
+      [](const SnakeBwdParams& p, stream_handle stream) {
+        validate(p);
+        if (p.B * p.C * p.T == 0) return;
         snake_backward_cuda_launch(p, stream);
       },
-      "Backward of the Snake ops, CUDA, on the given stream.");
+      pybind11::arg("params"), pybind11::arg("stream"), "Backward of the Snake ops, CUDA, on the given stream.");
 #endif
 });
 

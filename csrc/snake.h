@@ -34,4 +34,8 @@ struct SnakeBwdParams {
   int dtype = kFloat32;
 };
 
+// Throw std::invalid_argument (Python: ValueError) on parameters the kernels cannot index safely.
+void validate(const SnakeParams& p);
+void validate(const SnakeBwdParams& p);
+
 }  // namespace o2s

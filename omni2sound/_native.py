@@ -1,9 +1,11 @@
 """Access to the native extension ``omni2sound._C`` (C++ always, CUDA when built with nvcc).
 
 The extension does not link libtorch, so one build works with any torch version. Every entry point
-takes raw integers: data pointers, sizes, strides (in elements), a dtype code and, for CUDA, the
-stream handle of the current torch stream (never the legacy default stream, which would break CUDA
-graph capture).
+takes one parameter struct per op (``_C.AdaLNParams``, ``_C.AttnParams``, ...; their layout is in the op's header
+under ``csrc/``): data pointers as integers, sizes, strides (in elements) and a dtype code, filled by name; the CUDA
+entry points also take the handle of the current torch stream (never the legacy default stream, which would break
+CUDA graph capture). Each entry point checks its struct before a kernel runs (sizes, null pointers, the varlen offsets
+it reads) and raises ValueError.
 """
 from __future__ import annotations
 

@@ -177,7 +177,11 @@ def test_model_self_attention_runs_the_kernel_when_sampling():
 
 @needs_kernel
 def test_head_dims_past_the_kernels_tiles_run_the_reference():
+    """By default; with the cpu backend forced, such a call is an error (never a silent fallback)."""
     D = attn_mod.cpu_max_head_dim() + 8
     q, k, v = torch.randn(1, 5, 1, D), torch.randn(1, 6, 1, D), torch.randn(1, 6, 1, D)
     assert not attn_mod.cpu_kernel_takes(q, k, v)
-    torch.testing.assert_close(kernel(q, k, v), truth(q, k, v).float(), atol=2e-6, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.attention(q, k, v), truth(q, k, v).float(), atol=2e-6, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="cannot take this call"):
+        kernel(q, k, v)

@@ -35,7 +35,9 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, ME
         tl.store(X2 + r * D + cols, v.to(X2.dtype.element_ty), mask=m)
     mean = tl.sum(v, axis=0) / D
     c = tl.where(m, v - mean, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(c * c, axis=0) / D + eps)
+    ss = tl.sum(c * c, axis=0)
+    # ss - ss: 0 for a finite sum, NaN when it overflowed (|x - mean| ~ 1e19 and up: no meaningful statistics)
+    rstd = 1.0 / tl.sqrt(ss / D + eps) + (ss - ss)
     tl.store(MEAN + r, mean)
     tl.store(RSTD + r, rstd)
     sh = _mod(SHIFT, ssb, ssl, SHIFT2, s2sb, s2sl, b, l, cols, m, HAS_S2)

@@ -34,7 +34,7 @@ def _blocks(D: int, block_m, block_n, dtype: torch.dtype):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, CU, O, LSE,
+def _fwd_kernel(Q, K, V, CU, NK, O, LSE,
                 sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, so_b, so_l, so_h,
                 H, Lq, D, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -42,8 +42,10 @@ def _fwd_kernel(Q, K, V, CU, O, LSE,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    k_start = tl.load(CU + b).to(tl.int64)
-    n_k = tl.load(CU + b + 1) - tl.load(CU + b)
+    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
+    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
+    k_start = lo.to(tl.int64)
+    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -84,7 +86,7 @@ def _fwd_kernel(Q, K, V, CU, O, LSE,
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, CU, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, CU, NK, DO, LSE, DELTA, DK, DV,
                      sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, sdo_b, sdo_l, sdo_h, sdk_n, sdk_h, sdv_n, sdv_h,
                      H, Lq, D, scale, qk_scale,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -92,8 +94,10 @@ def _bwd_dkdv_kernel(Q, K, V, CU, DO, LSE, DELTA, DK, DV,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    k_start = tl.load(CU + b).to(tl.int64)
-    n_k = tl.load(CU + b + 1) - tl.load(CU + b)
+    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
+    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
+    k_start = lo.to(tl.int64)
+    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
     start_n = pid_n * BLOCK_N
     if start_n < n_k:  # the grid covers max_seqlen_k; shorter samples have idle programs
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -131,7 +135,7 @@ def _bwd_dkdv_kernel(Q, K, V, CU, DO, LSE, DELTA, DK, DV,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, CU, DO, LSE, DELTA, DQ,
+def _bwd_dq_kernel(Q, K, V, CU, NK, DO, LSE, DELTA, DQ,
                    sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, sdo_b, sdo_l, sdo_h, sdq_b, sdq_l, sdq_h,
                    H, Lq, D, scale, qk_scale,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
@@ -139,8 +143,10 @@ def _bwd_dq_kernel(Q, K, V, CU, DO, LSE, DELTA, DQ,
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
-    k_start = tl.load(CU + b).to(tl.int64)
-    n_k = tl.load(CU + b + 1) - tl.load(CU + b)
+    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
+    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
+    k_start = lo.to(tl.int64)
+    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -188,7 +194,7 @@ def cross_attention_fwd(q, k, v, cu_seqlens_k, max_seqlen_k: int, softmax_scale:
         return out, lse
     BM, BN, BD = _blocks(D, block_m, block_n, q.dtype)
     grid = (triton.cdiv(Lq, BM), B * H)
-    _fwd_kernel[grid](q, k, v, cu_seqlens_k, out, lse,
+    _fwd_kernel[grid](q, k, v, cu_seqlens_k, k.shape[0], out, lse,
                       q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                       out.stride(0), out.stride(1), out.stride(2),
                       H, Lq, D, softmax_scale * LOG2E,
@@ -216,12 +222,12 @@ def cross_attention_bwd(dout, q, k, v, out, lse, cu_seqlens_k, max_seqlen_k: int
               dout.stride(0), dout.stride(1), dout.stride(2))
     if k.shape[0] > 0 and max_seqlen_k > 0:
         _bwd_dkdv_kernel[(triton.cdiv(max_seqlen_k, BN), B * H)](
-            q, k, v, cu_seqlens_k, dout, lse, delta, dk, dv, *common,
+            q, k, v, cu_seqlens_k, k.shape[0], dout, lse, delta, dk, dv, *common,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             H, Lq, D, softmax_scale, softmax_scale * LOG2E,
             BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, num_warps=4)
     _bwd_dq_kernel[(triton.cdiv(Lq, BM), B * H)](
-        q, k, v, cu_seqlens_k, dout, lse, delta, dq, *common,
+        q, k, v, cu_seqlens_k, k.shape[0], dout, lse, delta, dq, *common,
         dq.stride(0), dq.stride(1), dq.stride(2),
         H, Lq, D, softmax_scale, softmax_scale * LOG2E,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_D=BD, PREC=prec, num_warps=4)

@@ -105,6 +105,19 @@ def _forced(op: str) -> Optional[str]:
     return None
 
 
+def forced_backend(op: str) -> Optional[str]:
+    """The backend an override names for ``op`` right now (None: the default picks). An op whose backend cannot take
+    a particular call (a gradient, a dtype, a head dim) runs another one only when nothing was forced; a forced one
+    raises instead."""
+    return _forced(op)
+
+
+def cannot_take(op: str, backend: str, why: str) -> RuntimeError:
+    """The error for a forced backend that cannot take this call."""
+    return RuntimeError(f"backend {backend!r} was requested for op {op!r} but cannot take this call: {why}; "
+                        f"request another backend (use_backend({op}=...)) or none")
+
+
 def available_backends(op: str, device: torch.device) -> list:
     checks = _REGISTRY[op]
     return [b for b in BACKENDS if b in checks and checks[b](torch.device(device))]

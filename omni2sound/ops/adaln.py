@@ -11,6 +11,9 @@ from 25 Hz sync features). Each modulation may also be a pair ``(a, b)`` of such
 DiT's modulation is a per-token part (sync, once per request) plus a per-sample part (timestep, once per step),
 and the kernels add the two as they load them instead of the model materialising the [B, L, D] sum per step.
 Statistics are always fp32; inputs fp32/fp16/bf16; outputs in the input dtype.
+Non-finite values: NaN / inf in any input propagate as in the reference. A row whose fp32 sum of squared deviations
+overflows (|x - mean| from ~1e19 up, D-dependent) has no meaningful statistics: the fused kernels give NaN for it
+(rstd = 0 would give finite nonsense); the reference gives NaN there once |x|^2 overflows and 0 just below.
 The fused kernels compute LN from the fp32 value of x2 before it is rounded to the input dtype.
 
 Backward (xhat = (x2 - mean) * rstd, g = dy * (1 + scale)):
@@ -34,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
+from ._checks import OpInputError, real, tensor
 from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
@@ -131,13 +135,22 @@ def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=N
 
         tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2, shift2, scale2)
         return x2, y, mean, rstd
-    fn = _native.lib().adaln_forward_cpu if backend == "cpu" else _native.lib().adaln_forward_cuda
-    fn(B, L, D, x.data_ptr(), _native.ptr(h), _native.ptr(gate), shift.data_ptr(), scale.data_ptr(),
-       *_mod_strides(gate), *_mod_strides(shift), *_mod_strides(scale),
-       _native.ptr(gate2), _native.ptr(shift2), _native.ptr(scale2),
-       *_mod_strides(gate2), *_mod_strides(shift2), *_mod_strides(scale2),
-       _native.ptr(x2), y.data_ptr(), mean.data_ptr(), rstd.data_ptr(), float(eps),
-       _native.dtype_code(x), _native.stream_of(x))
+    P = _native.lib().AdaLNParams()
+    P.B, P.L, P.D, P.eps, P.dtype = B, L, D, float(eps), _native.dtype_code(x)
+    P.x, P.h, P.x2, P.y, P.mean, P.rstd = x.data_ptr(), _native.ptr(h), _native.ptr(x2), y.data_ptr(), \
+        mean.data_ptr(), rstd.data_ptr()
+    P.gate, P.shift, P.scale = _native.ptr(gate), shift.data_ptr(), scale.data_ptr()
+    P.gate2, P.shift2, P.scale2 = _native.ptr(gate2), _native.ptr(shift2), _native.ptr(scale2)
+    P.gate_sb, P.gate_sl = _mod_strides(gate)
+    P.shift_sb, P.shift_sl = _mod_strides(shift)
+    P.scale_sb, P.scale_sl = _mod_strides(scale)
+    P.gate2_sb, P.gate2_sl = _mod_strides(gate2)
+    P.shift2_sb, P.shift2_sl = _mod_strides(shift2)
+    P.scale2_sb, P.scale2_sl = _mod_strides(scale2)
+    if backend == "cpu":
+        _native.lib().adaln_forward_cpu(P)
+    else:
+        _native.lib().adaln_forward_cuda(P, _native.stream_of(x))
     return x2, y, mean, rstd
 
 
@@ -161,12 +174,21 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
         tk.adaln_backward(dy, dx2_in, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2,
                           scale2)
         return dxin, dh, dgate_tok, dscale_tok
-    fn = _native.lib().adaln_backward_cpu if backend == "cpu" else _native.lib().adaln_backward_cuda
-    fn(B, L, D, dy.data_ptr(), _native.ptr(dx2_in), xin.data_ptr(), _native.ptr(h), _native.ptr(gate),
-       scale.data_ptr(), *_mod_strides(gate), *_mod_strides(scale), _native.ptr(gate2), _native.ptr(scale2),
-       *_mod_strides(gate2), *_mod_strides(scale2), mean.data_ptr(), rstd.data_ptr(),
-       dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), _native.ptr(dscale_tok),
-       _native.dtype_code(xin), _native.stream_of(xin))
+    P = _native.lib().AdaLNBwdParams()
+    P.B, P.L, P.D, P.dtype = B, L, D, _native.dtype_code(xin)
+    P.dy, P.dx2_in, P.xin, P.h = dy.data_ptr(), _native.ptr(dx2_in), xin.data_ptr(), _native.ptr(h)
+    P.gate, P.scale, P.gate2, P.scale2 = _native.ptr(gate), scale.data_ptr(), _native.ptr(gate2), _native.ptr(scale2)
+    P.gate_sb, P.gate_sl = _mod_strides(gate)
+    P.scale_sb, P.scale_sl = _mod_strides(scale)
+    P.gate2_sb, P.gate2_sl = _mod_strides(gate2)
+    P.scale2_sb, P.scale2_sl = _mod_strides(scale2)
+    P.mean, P.rstd = mean.data_ptr(), rstd.data_ptr()
+    P.dxin, P.dh, P.dgate_tok, P.dscale_tok = dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), \
+        _native.ptr(dscale_tok)
+    if backend == "cpu":
+        _native.lib().adaln_backward_cpu(P)
+    else:
+        _native.lib().adaln_backward_cuda(P, _native.stream_of(xin))
     return dxin, dh, dgate_tok, dscale_tok
 
 
@@ -309,31 +331,35 @@ def _parts(name: str, m: Mod) -> Tuple[Tensor, Optional[Tensor]]:
     """A modulation or a pair (a, b) meaning a + b -> (a, b or None)."""
     if isinstance(m, (tuple, list)):
         if len(m) != 2 or not all(isinstance(t, Tensor) for t in m):
-            raise TypeError(f"{name} must be a tensor or a pair of tensors (summed), got {len(m)} items")
+            raise OpInputError(f"{name} must be a tensor or a pair of tensors (summed), got {len(m)} items")
         return m[0], m[1]
     if not isinstance(m, Tensor):
-        raise TypeError(f"{name} must be a tensor or a pair of tensors, got {type(m).__name__}")
+        raise OpInputError(f"{name} must be a tensor or a pair of tensors, got {type(m).__name__}")
     return m, None
 
 
-def _check(x: Tensor, mods: dict, h: Optional[Tensor] = None) -> None:
+def _check(x: Tensor, mods: dict, eps, h: Optional[Tensor] = None, op: str = "adaln_modulate") -> None:
+    for name, t in {"h": h, **mods}.items():
+        tensor(op, name, t, optional=True)
+    real(op, "eps", eps, minimum=0.0)
     if x.dim() != 3:
-        raise ValueError(f"x must be [B, L, D], got shape {tuple(x.shape)}")
+        raise OpInputError(f"omni2sound.ops.{op}: x must be [B, L, D], got shape {tuple(x.shape)}")
     if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise OpInputError(f"omni2sound.ops.{op}: x must be float32, float16 or bfloat16, got {x.dtype}")
     B, L, D = x.shape
     if h is not None and h.shape != x.shape:
-        raise ValueError(f"h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
+        raise OpInputError(f"omni2sound.ops.{op}: h must have x's shape {tuple(x.shape)}, got {tuple(h.shape)}")
     for name, t in mods.items():
         if t is None:
             continue
         if t.dim() != 3 or t.shape[0] != B or t.shape[2] != D or t.shape[1] not in (1, L):
-            raise ValueError(f"{name} must be per-sample [B={B}, 1, D={D}] or per-token [B, L={L}, D], "
-                             f"got {tuple(t.shape)}")
+            raise OpInputError(f"omni2sound.ops.{op}: {name} must be per-sample [B={B}, 1, D={D}] or per-token "
+                               f"[B, L={L}, D], "
+                              f"got {tuple(t.shape)}")
     for name, t in {"h": h, **mods}.items():
         if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{name} must match x's dtype and device ({x.dtype}, {x.device}), "
-                            f"got ({t.dtype}, {t.device})")
+            raise OpInputError(f"omni2sound.ops.{op}: {name} must match x's dtype and device ({x.dtype}, {x.device}), "
+                              f"got ({t.dtype}, {t.device})")
 
 
 def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -344,9 +370,10 @@ def _last_dim_contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
 def adaln_modulate(x: Tensor, shift: Mod, scale: Mod, eps: float = 1e-6) -> Tensor:
     """``LayerNorm(x) * (1 + scale) + shift``; x ``[B, L, D]``, shift/scale ``[B, 1, D]`` or ``[B, L, D]``, or a
     pair of such tensors (their sum). Under autocast every input is cast to the autocast dtype first."""
+    tensor("adaln_modulate", "x", x)
     (shift, shift2), (scale, scale2) = _parts("shift", shift), _parts("scale", scale)
     x, shift, scale, shift2, scale2 = autocast_inputs(x.device, x, shift, scale, shift2, scale2)
-    _check(x, {"shift": shift, "scale": scale, "shift[1]": shift2, "scale[1]": scale2})
+    _check(x, {"shift": shift, "scale": scale, "shift[1]": shift2, "scale[1]": scale2}, eps)
     backend = select_backend("adaln_modulate", x.device)
     if backend == "reference":
         return adaln_modulate_reference(x, _sum(shift, shift2), _sum(scale, scale2), eps)
@@ -362,12 +389,14 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod
     x, h ``[B, L, D]``; gate, shift, scale ``[B, 1, D]`` (per sample) or ``[B, L, D]`` (per token), or a pair of
     such tensors (their sum, added inside the kernel). Under autocast every input is cast to the autocast dtype first.
     """
+    tensor("gated_residual_adaln", "x", x)
+    tensor("gated_residual_adaln", "h", h)
     (gate, gate2), (shift, shift2), (scale, scale2) = _parts("gate", gate), _parts("shift", shift), \
         _parts("scale", scale)
     x, h, gate, shift, scale, gate2, shift2, scale2 = autocast_inputs(x.device, x, h, gate, shift, scale, gate2,
                                                                       shift2, scale2)
     _check(x, {"gate": gate, "shift": shift, "scale": scale, "gate[1]": gate2, "shift[1]": shift2,
-               "scale[1]": scale2}, h=h)
+               "scale[1]": scale2}, eps, h=h, op="gated_residual_adaln")
     backend = select_backend("gated_residual_adaln", x.device)
     if backend == "reference":
         return gated_residual_adaln_reference(x, h, _sum(gate, gate2), _sum(shift, shift2), _sum(scale, scale2), eps)

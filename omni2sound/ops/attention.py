@@ -13,6 +13,8 @@ Backends:
               to 128 (256 on AVX-512 builds, 64 on baseline-SSE ones), a contiguous output (the layout the output
               projection reads: no copy after). The CPU default for calls that need no gradient (sampling); a call
               that does (training) runs the reference, as ``ops.linear``'s oneDNN GEMM does.
+Non-finite input: NaN / inf keys and values propagate as in SDPA; a NaN or inf query makes its output row NaN in
+the C++ kernel, where aten's CPU SDPA (the reference) can return a finite row.
 Why a kernel of ours on the CPU: at the sampling shapes (S: [2, 250, 12, 64]) aten's CPU SDPA ran at 70-120
 GFLOP/s on this 2-core box, about half its GEMMs' rate, and attention was 13% of an S sampling step
 (``python bench/bench_attention.py``; bench/RESULTS.md). ``ops.cross_attention`` runs its CPU forward on the same
@@ -28,7 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
-from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend
+from ._checks import KERNEL_DTYPES, fail, real, tensor
+from ._dispatch import autocast_inputs, cannot_take, forced_backend, needs_grad, register_op, select_backend
 
 OP = "attention"
 
@@ -69,40 +72,114 @@ def attention_cpu(q: Tensor, k: Tensor, v: Tensor, scale: float, cu_seqlens_k: O
     B, Tq, H, Dh = q.shape
     out = torch.empty((B, Tq, H, Dh), dtype=q.dtype)
     lse = torch.empty((B, H, Tq), dtype=torch.float32) if with_lse else None
+    P = _native.lib().AttnParams()
+    P.B, P.Tq, P.H, P.Dh, P.scale, P.dtype = B, Tq, H, Dh, float(scale), _native.dtype_code(q)
+    P.q, P.k, P.v, P.out, P.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), _native.ptr(lse)
+    P.q_sb, P.q_st, P.q_sh = q.stride()[:3]
     if cu_seqlens_k is None:
-        Tk, cu, ks, vs = k.shape[1], 0, k.stride()[:3], v.stride()[:3]
+        P.Tk = k.shape[1]
+        P.k_sb, P.k_st, P.k_sh = k.stride()[:3]
+        P.v_sb, P.v_st, P.v_sh = v.stride()[:3]
     else:
         cu_seqlens_k = cu_seqlens_k.contiguous()
-        Tk, cu = 0, cu_seqlens_k.data_ptr()
-        ks, vs = (0, k.stride(0), k.stride(1)), (0, v.stride(0), v.stride(1))
-    _native.lib().attention_fwd_cpu(B, Tq, Tk, H, Dh, q.data_ptr(), *q.stride()[:3], k.data_ptr(), *ks,
-                                    v.data_ptr(), *vs, cu, out.data_ptr(), _native.ptr(lse), float(scale),
-                                    _native.dtype_code(q))
+        P.cu, P.Nk = cu_seqlens_k.data_ptr(), k.shape[0]
+        P.k_st, P.k_sh, P.v_st, P.v_sh = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    _native.lib().attention_fwd_cpu(P)
     return out, lse
 
 
-def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
-    where = "omni2sound.ops.attention"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"{where}: q, k, v must be [B, T, H, Dh], got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+# ----------------------------------------------------------------------------------------------------
+# Custom op (opaque to autograd and torch.compile; the backend is an explicit argument). The default dispatch runs
+# the C++ forward directly only where no gradient is needed and nothing traces the call; a forced ``cpu`` backend
+# runs it through this op in every case, its backward recomputing the reference's (SDPA's) gradients.
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("omni2sound::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, softmax_scale: float, backend: str) -> Tensor:
+    if backend == "cpu":
+        return attention_cpu(q, k, v, softmax_scale)[0]
+    return attention_reference(q, k, v, softmax_scale).contiguous()
+
+
+@_attention_op.register_fake
+def _(q, k, v, softmax_scale, backend):
+    return q.new_empty(q.shape)
+
+
+@torch.library.custom_op("omni2sound::attention_backward", mutates_args=())
+def _attention_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, softmax_scale: float
+                           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) at (q, k, v) in fp32 math (the scores again, then P = softmax(S)):
+    dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dP P)), dQ = dS K s, dK = dS^T Q s."""
+    qf, kf, vf, df = q.float(), k.float(), v.float(), dout.float()
+    p = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", qf, kf) * softmax_scale, dim=-1)      # [B, H, Tq, Tk]
+    dv = torch.einsum("bhqk,bqhd->bkhd", p, df)
+    dp = torch.einsum("bqhd,bkhd->bhqk", df, vf)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = torch.einsum("bhqk,bkhd->bqhd", ds, kf) * softmax_scale
+    dk = torch.einsum("bhqk,bqhd->bkhd", ds, qf) * softmax_scale
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@_attention_backward_op.register_fake
+def _(dout, q, k, v, softmax_scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, softmax_scale, backend = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.softmax_scale = softmax_scale
+
+
+def _backward(ctx, dout):
+    q, k, v = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(dout.contiguous(), q, k, v, ctx.softmax_scale)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public function
+# ----------------------------------------------------------------------------------------------------
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, softmax_scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        tensor(OP, name, t, dims=(4,), shape="[B, T, H, Dh]")
+    tensor(OP, "q", q, dtypes=KERNEL_DTYPES + (torch.float64,))
+    tensor(OP, "k", k, like=q, like_name="q")
+    tensor(OP, "v", v, like=q, like_name="q")
     B, _, H, Dh = q.shape
+    if Dh < 1:
+        fail(OP, f"the head dim must be >= 1, got q of shape {tuple(q.shape)}")
     if k.shape[0] != B or k.shape[2:] != (H, Dh) or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{where}: k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, Tk, H={H}, Dh] with "
-                         f"k's Dh = {Dh}, v's Tk = k's")
+        fail(OP, f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [B={B}, Tk, H={H}, Dh] with k's Dh = {Dh}, "
+                 "v's Tk = k's")
     if v.shape[3] != Dh:
-        raise ValueError(f"{where}: v's head dim {v.shape[3]} must equal q's {Dh} (this op keeps one head dim)")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{where}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+        fail(OP, f"v's head dim {v.shape[3]} must equal q's {Dh} (this op keeps one head dim)")
+    real(OP, "softmax_scale", softmax_scale, optional=True)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tensor:
     """softmax(q k^T scale) v per (sample, head) for q [B, Tq, H, Dh], k, v [B, Tk, H, Dh] -> [B, Tq, H, Dh]
     (see the module docstring). No keys at all (Tk = 0) is left to the reference."""
+    tensor(OP, "q", q)
     q, k, v = autocast_inputs(q.device, q, k, v)
-    _check(q, k, v)
+    _check(q, k, v, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if select_backend(OP, q.device) == "cpu" and cpu_kernel_takes(q, k, v) and k.shape[1] > 0:
-        return attention_cpu(q, k, v, scale)[0]
+    backend = select_backend(OP, q.device)
+    if backend == "cpu":
+        if cpu_kernel_takes(q, k, v) and k.shape[1] > 0:
+            return attention_cpu(q, k, v, scale)[0]
+        if forced_backend(OP) == "cpu":
+            if q.dtype not in _native.DTYPE_CODES or q.shape[-1] > cpu_max_head_dim() or k.shape[1] == 0:
+                raise cannot_take(OP, "cpu", f"the C++ kernel takes float32 / float16 / bfloat16, head dims up to "
+                                             f"{cpu_max_head_dim()} and at least one key; got {q.dtype}, q "
+                                             f"{tuple(q.shape)}, k {tuple(k.shape)}")
+            q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+            return _attention_op(q, k, v, scale, "cpu")
     return attention_reference(q, k, v, scale)

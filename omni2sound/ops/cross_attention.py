@@ -19,6 +19,9 @@ varlen form, shared with ``ops.attention``; no gradient: a call that needs one r
 ``triton`` (flash-style online softmax, forward and backward; the GPU default), ``cuda`` (forward kernel in
 ``csrc/cross_attention.cu``; there is no CUDA backward: it uses the Triton backward when Triton can run, else the
 padded PyTorch math below). Softmax statistics and all accumulation are fp32 for every input dtype.
+Every argument is checked before a backend runs (offsets included: see ``cross_attention``); the kernels also clamp
+each offset to the key rows. Non-finite input: as ``ops.attention`` (a NaN / inf query gives a NaN row on the C++
+kernel).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
+from ._checks import KERNEL_DTYPES, OpInputError, cu_seqlens, fail, flag, real, tensor
 from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
 from .attention import attention_cpu, cpu_available, cpu_kernel_takes
 
@@ -45,12 +49,14 @@ def _lens_or_full(x: torch.Tensor, lens: Optional[torch.Tensor], name: str, chec
     if lens is None:
         return torch.full((B,), L, dtype=torch.int64, device=x.device)
     if lens.shape != (B,):
-        raise ValueError(f"pack_condition_tokens: {name}_lens must have shape [{B}], got {tuple(lens.shape)}")
+        raise OpInputError(f"pack_condition_tokens: {name}_lens must have shape [{B}], got {tuple(lens.shape)}")
     if lens.dtype.is_floating_point or lens.dtype == torch.bool:
-        raise TypeError(f"pack_condition_tokens: {name}_lens must be an integer tensor, got {lens.dtype}")
+        raise OpInputError(f"pack_condition_tokens: {name}_lens must be an integer tensor, got {lens.dtype}")
+    if lens.device != x.device and lens.device.type != "cpu":
+        raise OpInputError(f"pack_condition_tokens: {name}_lens is on {lens.device}, {name} on {x.device}")
     lens = lens.to(device=x.device, dtype=torch.int64)
     if check and bool(((lens < 0) | (lens > L)).any()):  # one host sync, once per request
-        raise ValueError(f"pack_condition_tokens: {name}_lens must be in [0, {L}] (at most the padded length "
+        raise OpInputError(f"pack_condition_tokens: {name}_lens must be in [0, {L}] (at most the padded length "
                          f"of {name}), got {lens.tolist()}")
     return lens
 
@@ -74,6 +80,9 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
     padding tokens after row cu_seqlens_k[-1], where no kernel reads them (their gradient is zero);
     max_seqlen_k = Lv + Lt, an upper bound. The lengths are not range-checked (that check reads them on the host).
     """
+    for name, t in (("video", video), ("video_lens", video_lens), ("text", text), ("text_lens", text_lens)):
+        tensor("pack_condition_tokens", name, t, optional=True)
+    flag("pack_condition_tokens", "static", static)
     ref = video if video is not None else text
     if ref is not None:                       # under autocast both modalities in the autocast dtype
         video, text = autocast_inputs(ref.device, video, text)
@@ -81,24 +90,24 @@ def pack_condition_tokens(video: Optional[torch.Tensor], video_lens: Optional[to
     for x, lens, name in ((video, video_lens, "video"), (text, text_lens, "text")):
         if x is None:
             if lens is not None and not static and bool((lens != 0).any()):
-                raise ValueError(f"pack_condition_tokens: {name} is None but {name}_lens has nonzero entries")
+                raise OpInputError(f"pack_condition_tokens: {name} is None but {name}_lens has nonzero entries")
             continue
         if x.dim() != 3:
-            raise ValueError(f"pack_condition_tokens: {name} must be [B, L, C], got shape {tuple(x.shape)}")
+            raise OpInputError(f"pack_condition_tokens: {name} must be [B, L, C], got shape {tuple(x.shape)}")
         lens = _lens_or_full(x, lens, name, check=not static)
         pos = torch.arange(x.shape[1], device=x.device)
         parts.append(x)
         masks.append(pos[None, :] < lens[:, None])  # [B, L] True on real tokens
     if not parts:
-        raise ValueError("pack_condition_tokens: video and text are both None; pass a [B, 0, C] tensor "
+        raise OpInputError("pack_condition_tokens: video and text are both None; pass a [B, 0, C] tensor "
                          "for a batch without conditions so that B and C are known")
     if len(parts) == 2:
         v, t = parts
         if v.shape[0] != t.shape[0] or v.shape[2] != t.shape[2]:
-            raise ValueError(f"pack_condition_tokens: video {tuple(v.shape)} and text {tuple(t.shape)} must share "
+            raise OpInputError(f"pack_condition_tokens: video {tuple(v.shape)} and text {tuple(t.shape)} must share "
                              "B and C (project both to the model width first)")
         if v.dtype != t.dtype or v.device != t.device:
-            raise ValueError(f"pack_condition_tokens: video ({v.dtype}, {v.device}) and text ({t.dtype}, "
+            raise OpInputError(f"pack_condition_tokens: video ({v.dtype}, {v.device}) and text ({t.dtype}, "
                              f"{t.device}) must share dtype and device")
     tokens = torch.cat(parts, dim=1) if len(parts) == 2 else parts[0]     # [B, Lv + Lt, C]
     real = torch.cat(masks, dim=1) if len(masks) == 2 else masks[0]       # [B, Lv + Lt]
@@ -261,7 +270,7 @@ def _run_forward(q, k, v, cu, max_seqlen_k, scale, backend):
     if backend in ("reference", "cpu"):
         out = _reference_padded(q, k, v, cu, max_seqlen_k, scale)
         return out.contiguous(), _lse_reference(q, k, cu, max_seqlen_k, scale)
-    raise ValueError(f"cross_attention: unknown backend {backend!r}")
+    raise OpInputError(f"cross_attention: unknown backend {backend!r}")
 
 
 def _cuda_forward(q, k, v, cu, max_seqlen_k, scale):
@@ -271,11 +280,13 @@ def _cuda_forward(q, k, v, cu, max_seqlen_k, scale):
     lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    _native.lib().cross_attention_fwd_cuda(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), out.data_ptr(), lse.data_ptr(),
-        B, Lq, H, D,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        float(scale), _native.dtype_code(q), _native.stream_of(q))
+    P = _native.lib().CrossAttnParams()
+    P.B, P.Lq, P.H, P.D, P.Nk, P.scale, P.dtype = B, Lq, H, D, k.shape[0], float(scale), _native.dtype_code(q)
+    P.q, P.k, P.v, P.cu, P.out, P.lse = q.data_ptr(), k.data_ptr(), v.data_ptr(), cu.data_ptr(), out.data_ptr(), \
+        lse.data_ptr()
+    P.sq_b, P.sq_l, P.sq_h = q.stride(0), q.stride(1), q.stride(2)
+    P.sk_n, P.sk_h, P.sv_n, P.sv_h = k.stride(0), k.stride(1), v.stride(0), v.stride(1)
+    _native.lib().cross_attention_fwd_cuda(P, _native.stream_of(q))
     return out, lse
 
 
@@ -332,27 +343,19 @@ _cross_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------------
-def _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k):
-    where = "omni2sound.ops.cross_attention"
-    if q.dim() != 4:
-        raise ValueError(f"{where}: q must be [B, Lq, H, D], got shape {tuple(q.shape)}")
+def _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale):
+    tensor(OP, "q", q, dims=(4,), shape="[B, Lq, H, D]", dtypes=KERNEL_DTYPES + (torch.float64,))
     B, Lq, H, D = q.shape
+    if D < 1:
+        fail(OP, f"the head dim must be >= 1, got q of shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
-        if t.dim() != 3 or t.shape[1:] != (H, D):
-            raise ValueError(f"{where}: {name} must be packed [total_k, H={H}, D={D}], got {tuple(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{where}: {name} ({t.dtype}, {t.device}) must match q ({q.dtype}, {q.device})")
+        tensor(OP, name, t, dims=(3,), shape="packed [total_k, H, D]", like=q, like_name="q")
+        if t.shape[1:] != (H, D):
+            fail(OP, f"{name} must be packed [total_k, H={H}, D={D}], got {tuple(t.shape)}")
     if k.shape[0] != v.shape[0]:
-        raise ValueError(f"{where}: k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
-    if cu_seqlens_k.dtype != torch.int32 or cu_seqlens_k.shape != (B + 1,):
-        raise ValueError(f"{where}: cu_seqlens_k must be int32 [B + 1 = {B + 1}], got {cu_seqlens_k.dtype} "
-                         f"{tuple(cu_seqlens_k.shape)} (pack_condition_tokens makes it)")
-    if cu_seqlens_k.device != q.device:
-        raise ValueError(f"{where}: cu_seqlens_k is on {cu_seqlens_k.device}, q on {q.device}")
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"{where}: q must be float32, float16, bfloat16 (or float64 for the reference), got {q.dtype}")
-    if not isinstance(max_seqlen_k, int) or max_seqlen_k < 0:
-        raise ValueError(f"{where}: max_seqlen_k must be a non-negative int, got {max_seqlen_k!r}")
+        fail(OP, f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    real(OP, "softmax_scale", softmax_scale, optional=True)
+    cu_seqlens(OP, cu_seqlens_k, B, k.shape[0], max_seqlen_k, q.device)
 
 
 def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_k: torch.Tensor,
@@ -360,13 +363,15 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     """Varlen cross-attention of dense queries over packed keys/values; see the module docstring.
 
     q [B, Lq, H, D]; k, v [total_k, H, D]; cu_seqlens_k int32 [B + 1]; max_seqlen_k = the largest
-    per-sample key count (from ``pack_condition_tokens``; not checked, which would cost a device sync);
-    softmax_scale defaults to 1/sqrt(D). D up to 128 (CUDA backend: 32, 64, 128).
+    per-sample key count (from ``pack_condition_tokens``); the offsets are checked (``_checks.cu_seqlens``: read
+    once per offsets tensor, one device sync for a GPU tensor's first use); softmax_scale defaults to 1/sqrt(D).
+    D up to 128 (CUDA backend: 32, 64, 128).
     Returns [B, Lq, H, D] in q's dtype; samples without keys give zeros. Under autocast q, k and v are cast to
     the autocast dtype first.
     """
+    tensor(OP, "q", q)
     q, k, v = autocast_inputs(q.device, q, k, v)
-    _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k)
+    _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     backend = select_backend(OP, q.device)
     if backend == "cpu" and cpu_kernel_takes(q, k, v):
@@ -375,6 +380,6 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         return cross_attention_reference(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
     if q.shape[-1] > MAX_HEAD_DIM or (backend == "cuda" and q.shape[-1] not in CUDA_HEAD_DIMS):
         allowed = CUDA_HEAD_DIMS if backend == "cuda" else f"up to {MAX_HEAD_DIM}"
-        raise ValueError(f"omni2sound.ops.cross_attention: the {backend} backend takes head dims {allowed}, "
+        raise OpInputError(f"omni2sound.ops.cross_attention: the {backend} backend takes head dims {allowed}, "
                          f"got {q.shape[-1]}; use another backend (use_backend(cross_attention=...))")
     return _cross_attention_op(q, k, v, cu_seqlens_k, max_seqlen_k, scale, backend)[0]

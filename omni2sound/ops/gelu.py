@@ -16,6 +16,9 @@ the same forward, 4x worse backward at large z), and in bf16 / fp16 at least as 
 
 Backends: C++ on the CPU (the default there), Triton on a GPU (not the GPU default: it has not run on one yet, and
 on a GPU cuBLAS already adds the bias in its epilogue, so only the GELU pass is left to fuse).
+
+Non-finite input: NaN and +inf as the reference; at x + b = -inf the C++ kernel gives -inf where the reference gives
+NaN (its exp saturates instead of overflowing).
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
+from ._checks import OpInputError, flag, tensor
 from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend, triton_available
-from .linear import linear
+from .linear import check_linear_args, linear
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch)
@@ -69,7 +73,10 @@ def _forward_native(x: Tensor, b32: Optional[Tensor], out: Tensor, backend: str)
 
         tk.bias_gelu_forward(x.view(M, N), b32, out.view(M, N))
         return
-    _native.lib().bias_gelu_forward_cpu(M, N, x.data_ptr(), _native.ptr(b32), out.data_ptr(), _native.dtype_code(x))
+    P = _native.lib().GeluParams()
+    P.rows, P.N, P.dtype = M, N, _native.dtype_code(x)
+    P.x, P.bias, P.y = x.data_ptr(), _native.ptr(b32), out.data_ptr()
+    _native.lib().bias_gelu_forward_cpu(P)
 
 
 def _backward_native(dy: Tensor, x: Tensor, b32: Optional[Tensor], backend: str) -> Tuple[Tensor, Optional[Tensor]]:
@@ -86,8 +93,10 @@ def _backward_native(dy: Tensor, x: Tensor, b32: Optional[Tensor], backend: str)
     if b32 is not None:     # one fp32 row per 64-row chunk, summed here in a fixed order: deterministic
         chunk = int(_native.lib().bias_gelu_bias_chunk)
         partial = torch.empty((M + chunk - 1) // chunk, N, device=x.device, dtype=torch.float32)
-    _native.lib().bias_gelu_backward_cpu(M, N, dy.data_ptr(), x.data_ptr(), _native.ptr(b32), dx.data_ptr(),
-                                         _native.ptr(partial), _native.dtype_code(x))
+    P = _native.lib().GeluParams()
+    P.rows, P.N, P.dtype = M, N, _native.dtype_code(x)
+    P.x, P.bias, P.y, P.dy, P.dbias = x.data_ptr(), _native.ptr(b32), dx.data_ptr(), dy.data_ptr(), _native.ptr(partial)
+    _native.lib().bias_gelu_backward_cpu(P)
     return dx, (None if partial is None else partial.sum(0))
 
 
@@ -159,15 +168,19 @@ _bias_gelu_op.register_autograd(_bwd, setup_context=_setup)
 
 
 def _check(x: Tensor, bias: Optional[Tensor]) -> None:
+    tensor("bias_gelu", "x", x)
+    tensor("bias_gelu", "bias", bias, optional=True)
     if x.dim() < 1:
-        raise ValueError("bias_gelu: x must have at least one dim (the channels, last)")
+        raise OpInputError("bias_gelu: x must have at least one dim (the channels, last)")
     if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"bias_gelu: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise OpInputError(f"bias_gelu: x must be float32, float16 or bfloat16, got {x.dtype}")
     if bias is not None:
         if tuple(bias.shape) != (x.shape[-1],):
-            raise ValueError(f"bias_gelu: bias must be [N={x.shape[-1]}] (x's last dim), got {tuple(bias.shape)}")
+            raise OpInputError(f"bias_gelu: bias must be [N={x.shape[-1]}] (x's last dim), got {tuple(bias.shape)}")
         if bias.device != x.device:
-            raise TypeError(f"bias_gelu: bias is on {bias.device}, x on {x.device}")
+            raise OpInputError(f"bias_gelu: bias is on {bias.device}, x on {x.device}")
+        if not bias.is_floating_point():
+            raise OpInputError(f"bias_gelu: bias must be a floating tensor, got {bias.dtype}")
 
 
 def _or_empty(bias: Optional[Tensor], x: Tensor) -> Tensor:
@@ -178,6 +191,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -
     """gelu_tanh(x + bias) over the last dim; ``inplace=True`` writes into x and returns it (only when no gradient
     is needed: the backward needs x)."""
     _check(x, bias)
+    flag("bias_gelu", "inplace", inplace)
     (x,) = autocast_inputs(x.device, x)      # bias stays as given: the kernels read it in fp32
     backend = select_backend("bias_gelu", x.device)
     if inplace:
@@ -185,7 +199,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -
             raise RuntimeError("bias_gelu(inplace=True) cannot be used when a gradient is needed (the backward "
                                "reads x); call it under torch.no_grad() or with inplace=False")
         if not x.is_contiguous():
-            raise ValueError("bias_gelu(inplace=True) needs a contiguous x")
+            raise OpInputError("bias_gelu(inplace=True) needs a contiguous x")
         if backend == "reference":
             return x.copy_(bias_gelu_reference(x, bias))
         _bias_gelu_inplace_op(x, _or_empty(bias, x), backend)
@@ -203,6 +217,7 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     the CPU by default). ``out``: a contiguous [prod(y.shape[:-1]), N] buffer in y's dtype that the result is
     written into when no gradient is needed and the GEMM runs on aten (a serving loop reuses one such buffer per
     shape: no fresh [M, N] allocation, whose page faults cost the CPU ~0.5 ms per 6 MB); ignored otherwise."""
+    check_linear_args("linear_gelu", y, weight, bias, out)
     backend = select_backend("bias_gelu", y.device)
     if backend == "reference":
         return linear_gelu_reference(y, weight, bias)

@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import autocast_dtype, needs_grad, register_op, select_backend
+from ._checks import fail, tensor
+from ._dispatch import autocast_dtype, cannot_take, forced_backend, needs_grad, register_op, select_backend
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -141,6 +142,81 @@ def runs_on_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     return onednn_takes(x.numel() // x.shape[-1], weight, bias, x.dtype)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Custom op (opaque to autograd and torch.compile; the backend is an explicit argument). The default dispatch calls
+# oneDNN directly where it runs (no gradient, eager: the sampling loop, where the op's own dispatch would cost ~1% of
+# a GEMM); a forced ``onednn`` backend runs every call it can take through this op, gradients included.
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("omni2sound::linear", mutates_args=())
+def _linear_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    if backend == "onednn" and x2.shape[0] > 0 and K > 0 and N > 0:
+        y = _onednn_op()(x2, weight.contiguous(), None if bias is None else bias.contiguous(), "none", [], "")
+    else:
+        y = F.linear(x2, weight, bias)
+    return y.reshape(*lead, N)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _linear_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = (dy2 @ weight).reshape(x.shape) if need[0] else None
+    dw = dy2.t() @ x.reshape(-1, x.shape[-1]) if need[1] else None
+    db = dy2.sum(0) if ctx.has_bias and need[2] else None
+    return dx, dw, db, None
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup)
+
+
+def _forced_onednn(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A call the default would leave on aten (a gradient, a small GEMM, a compiled graph) with ``onednn`` forced:
+    oneDNN's GEMM through the custom op, or an error where oneDNN cannot take it."""
+    dt = autocast_dtype(x.device)
+    if dt is not None or not (x.dtype == weight.dtype == torch.float32 and (bias is None or bias.dtype == x.dtype)):
+        raise cannot_take("linear", "onednn", f"oneDNN's GEMM here takes float32 x, weight and bias outside autocast; "
+                                              f"got {x.dtype} / {weight.dtype}"
+                                              + (f" / {bias.dtype}" if bias is not None else "")
+                                              + (f" under {dt} autocast" if dt is not None else ""))
+    return _linear_op(x, weight, bias, "onednn")
+
+
+def check_linear_args(op: str, x, weight, bias, out) -> None:
+    """x [..., K] floating, weight [N, K], bias [N] or None, out a tensor or None; one device; one dtype outside
+    autocast (under it, torch casts)."""
+    tensor(op, "x", x)
+    tensor(op, "weight", weight, dims=(2,), shape="[N, K]", like=x, same_dtype=False)
+    tensor(op, "bias", bias, optional=True, like=x, same_dtype=False)
+    tensor(op, "out", out, optional=True, like=x, same_dtype=False)
+    if x.dim() < 1:
+        fail(op, "x must be [..., K], got a 0-dim tensor")
+    if not x.is_floating_point():
+        fail(op, f"x must be a floating tensor, got {x.dtype}")
+    if x.shape[-1] != weight.shape[-1]:
+        fail(op, f"x has {x.shape[-1]} features but weight is {tuple(weight.shape)} [N, K]")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        fail(op, f"bias must be [N={weight.shape[0]}], got {tuple(bias.shape)}")
+    if autocast_dtype(x.device) is None:
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.dtype != x.dtype:
+                fail(op, f"{name} is {t.dtype} but x is {x.dtype} (outside autocast they must match)")
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:
     """x [..., K] @ weight[N, K]^T + bias [N] -> [..., N].
 
@@ -148,8 +224,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Option
     gradient is needed and no autocast is active (a serving loop's reusable buffer: no fresh allocation and its page
     faults); the oneDNN backend returns a new tensor. Either way the result is what is returned; do not rely on
     ``out`` holding it."""
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"linear: x has {x.shape[-1]} features but weight is {tuple(weight.shape)} [N, K]")
+    check_linear_args("linear", x, weight, bias, out)
+    if forced_backend("linear") == "onednn" and not runs_on_onednn(x, weight, bias):
+        return _forced_onednn(x, weight, bias)
     if torch.compiler.is_compiling():      # Inductor owns the GEMMs of a compiled graph
         return F.linear(x, weight, bias)
     lead, K, N = x.shape[:-1], x.shape[-1], weight.shape[0]

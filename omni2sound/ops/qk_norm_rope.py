@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _native
+from ._checks import OpInputError, real, tensor
 from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
@@ -69,8 +70,14 @@ _AVAILABLE = {
 register_op("qk_norm_rope", _AVAILABLE, default_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
 
 
-def _strides(qk: Tensor) -> tuple:
-    return qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3)
+def _params(qk: Tensor, w32: Tensor, cs: Optional[Tensor], out: Tensor, eps: float):
+    """The C++ kernels' parameters (csrc/qk_norm_rope.h); out is y (forward) or dx (backward)."""
+    P = _native.lib().QKParams()
+    P.B, P.T, P.G, P.H, P.Dh = qk.shape
+    P.sb, P.st, P.sj, P.sh = qk.stride(0), qk.stride(1), qk.stride(2), qk.stride(3)
+    P.x, P.w, P.cs, P.y = qk.data_ptr(), w32.data_ptr(), _native.ptr(cs), out.data_ptr()
+    P.eps, P.dtype = float(eps), _native.dtype_code(qk)
+    return P
 
 
 def _forward_native(qk: Tensor, w32: Tensor, cs: Optional[Tensor], eps: float, backend: str) -> Tensor:
@@ -83,8 +90,7 @@ def _forward_native(qk: Tensor, w32: Tensor, cs: Optional[Tensor], eps: float, b
 
         tk.qk_norm_rope_forward(qk, w32, cs, y, eps)
         return y
-    _native.lib().qk_norm_rope_forward_cpu(B, T, G, H, Dh, *_strides(qk), qk.data_ptr(), w32.data_ptr(),
-                                           _native.ptr(cs), y.data_ptr(), float(eps), _native.dtype_code(qk))
+    _native.lib().qk_norm_rope_forward_cpu(_params(qk, w32, cs, y, eps))
     return y
 
 
@@ -100,9 +106,9 @@ def _backward_native(dy: Tensor, qk: Tensor, w32: Tensor, cs: Optional[Tensor], 
         return dx, tk.qk_norm_rope_backward(dy, qk, w32, cs, dx, eps)
     # per-token partials, summed here: a deterministic two-level reduction
     dw_tok = torch.empty(B * T, G, Dh, device=qk.device, dtype=torch.float32)
-    _native.lib().qk_norm_rope_backward_cpu(B, T, G, H, Dh, *_strides(qk), dy.data_ptr(), qk.data_ptr(),
-                                            w32.data_ptr(), _native.ptr(cs), dx.data_ptr(), dw_tok.data_ptr(),
-                                            float(eps), _native.dtype_code(qk))
+    P = _params(qk, w32, cs, dx, eps)
+    P.dy, P.dw_tok = dy.data_ptr(), dw_tok.data_ptr()
+    _native.lib().qk_norm_rope_backward_cpu(P)
     return dx, dw_tok.sum(0)
 
 
@@ -159,22 +165,30 @@ def qk_norm_rope(qk: Tensor, weight: Tensor, cs: Optional[Tensor], eps: float = 
     qk ``[B, T, G, H, Dh]`` (G = 1 or 2, unit last stride), weight ``[G, Dh]``, cs fp32 ``[T, Dh / 2, 2]`` (cos, sin)
     or None.
     """
+    tensor("qk_norm_rope", "qk", qk)
+    tensor("qk_norm_rope", "weight", weight)
+    tensor("qk_norm_rope", "cs", cs, optional=True)
+    real("qk_norm_rope", "eps", eps, minimum=0.0)
     if qk.dim() != 5 or qk.shape[2] not in (1, 2):
-        raise ValueError(f"qk_norm_rope: qk must be [B, T, G, H, Dh] with G = 1 or 2, got shape {tuple(qk.shape)}")
+        raise OpInputError(f"qk_norm_rope: qk must be [B, T, G, H, Dh] with G = 1 or 2, got shape {tuple(qk.shape)}")
     B, T, G, H, Dh = qk.shape
+    if H < 1 or Dh < 1:
+        raise OpInputError(f"qk_norm_rope: need H >= 1 heads of Dh >= 1, got qk of shape {tuple(qk.shape)}")
+    if not weight.is_floating_point():
+        raise OpInputError(f"qk_norm_rope: weight must be a floating tensor, got {weight.dtype}")
     if cs is not None and Dh % 2:
-        raise ValueError(f"qk_norm_rope: the head dim must be even for RoPE's pairs, got {Dh}")
+        raise OpInputError(f"qk_norm_rope: the head dim must be even for RoPE's pairs, got {Dh}")
     if qk.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"qk_norm_rope: qk must be float32, float16 or bfloat16, got {qk.dtype}")
+        raise OpInputError(f"qk_norm_rope: qk must be float32, float16 or bfloat16, got {qk.dtype}")
     if tuple(weight.shape) != (G, Dh):
-        raise ValueError(f"qk_norm_rope: weight must be [G={G}, Dh={Dh}], got shape {tuple(weight.shape)}")
+        raise OpInputError(f"qk_norm_rope: weight must be [G={G}, Dh={Dh}], got shape {tuple(weight.shape)}")
     if cs is not None and (tuple(cs.shape) != (T, Dh // 2, 2) or cs.dtype != torch.float32):
-        raise ValueError(f"qk_norm_rope: cs must be float32 [T={T}, Dh/2={Dh // 2}, 2], got "
+        raise OpInputError(f"qk_norm_rope: cs must be float32 [T={T}, Dh/2={Dh // 2}, 2], got "
                          f"{cs.dtype} {tuple(cs.shape)}")
     if weight.device != qk.device or (cs is not None and cs.device != qk.device):
-        raise TypeError(f"qk_norm_rope: weight and cs must be on qk's device {qk.device}")
+        raise OpInputError(f"qk_norm_rope: weight and cs must be on qk's device {qk.device}")
     if cs is not None and cs.requires_grad:
-        raise ValueError("qk_norm_rope: cs (the RoPE table) is a constant and cannot require grad")
+        raise OpInputError("qk_norm_rope: cs (the RoPE table) is a constant and cannot require grad")
     (qk,) = autocast_inputs(qk.device, qk)
     backend = select_backend("qk_norm_rope", qk.device)
     if backend == "reference":
@@ -188,8 +202,10 @@ def head_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm of each head row: x ``[N, T, H, Dh]`` (or ``[N, H, Dh]``; unit last stride, other strides free),
     weight ``[Dh]`` -> contiguous, x's shape. The cross-attention's q (and its condition tokens' k) norm, through the
     fused op with one group and no rotation."""
+    tensor("head_rms_norm", "x", x)
+    tensor("head_rms_norm", "weight", weight, dims=(1,), shape="[Dh]")
     if x.dim() == 3:
         return head_rms_norm(x[None], weight, eps)[0]
     if x.dim() != 4:
-        raise ValueError(f"head_rms_norm: x must be [N, T, H, Dh] or [N, H, Dh], got shape {tuple(x.shape)}")
+        raise OpInputError(f"head_rms_norm: x must be [N, T, H, Dh] or [N, H, Dh], got shape {tuple(x.shape)}")
     return qk_norm_rope(x.unsqueeze(2), weight[None], None, eps).squeeze(2).contiguous()   # (reference: a no-op)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from .. import _native
+from ._checks import OpInputError, real, tensor
 from ._dispatch import register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,12 +112,15 @@ def _forward_native(x: Tensor, residual: Optional[Tensor], alpha: Tensor, beta: 
 
         tk.snake_forward(x, residual, a32, b32, s, y, eps, channels_last=_is_channels_last(x))
         return s, y
-    args = (B, C, T, x.data_ptr(), _native.ptr(residual), a32.data_ptr(), b32.data_ptr(), _native.ptr(s),
-            y.data_ptr(), float(eps), _native.dtype_code(x), _native.stream_of(x))
+    P = _native.lib().SnakeParams()
+    P.B, P.C, P.T, P.eps, P.dtype = B, C, T, float(eps), _native.dtype_code(x)
+    P.x, P.residual, P.alpha, P.beta, P.s, P.y = x.data_ptr(), _native.ptr(residual), a32.data_ptr(), b32.data_ptr(), \
+        _native.ptr(s), y.data_ptr()
     if backend == "cpu":
-        _native.lib().snake_forward_cpu(*args, int(_is_channels_last(x)))
+        P.channels_last = int(_is_channels_last(x))
+        _native.lib().snake_forward_cpu(P)
     else:
-        _native.lib().snake_forward_cuda(*args)
+        _native.lib().snake_forward_cuda(P, _native.stream_of(x))
     return s, y
 
 
@@ -143,10 +147,15 @@ def _backward_native(dy: Tensor, ds_out: Optional[Tensor], s: Tensor, residual: 
     # Per-row (b, c) partial sums in fp32, reduced over B here: a deterministic two-level reduction.
     dalpha_rows = torch.empty(B, C, device=s.device, dtype=torch.float32)
     dbeta_rows = torch.empty(B, C, device=s.device, dtype=torch.float32)
-    fn = _native.lib().snake_backward_cpu if backend == "cpu" else _native.lib().snake_backward_cuda
-    fn(B, C, T, dy.data_ptr(), _native.ptr(ds_out), s.data_ptr(), _native.ptr(residual), a32.data_ptr(),
-       b32.data_ptr(), ds.data_ptr(), dalpha_rows.data_ptr(), dbeta_rows.data_ptr(), float(eps),
-       _native.dtype_code(s), _native.stream_of(s))
+    P = _native.lib().SnakeBwdParams()
+    P.B, P.C, P.T, P.eps, P.dtype = B, C, T, float(eps), _native.dtype_code(s)
+    P.dy, P.ds_out, P.s, P.residual = dy.data_ptr(), _native.ptr(ds_out), s.data_ptr(), _native.ptr(residual)
+    P.alpha, P.beta, P.ds = a32.data_ptr(), b32.data_ptr(), ds.data_ptr()
+    P.dalpha_rows, P.dbeta_rows = dalpha_rows.data_ptr(), dbeta_rows.data_ptr()
+    if backend == "cpu":
+        _native.lib().snake_backward_cpu(P)
+    else:
+        _native.lib().snake_backward_cuda(P, _native.stream_of(s))
     return ds, dalpha_rows.sum(0), dbeta_rows.sum(0)
 
 
@@ -254,28 +263,31 @@ _snake_residual_op.register_autograd(_snake_residual_bwd, setup_context=_snake_r
 
 
 def _per_channel(name: str, t: Tensor, x: Tensor) -> Tensor:
+    tensor("snake", name, t)
     C = x.shape[1]
     if t.dim() == 3 and t.shape[0] == 1 and t.shape[2] == 1:
         t = t.reshape(-1)
     if t.dim() != 1 or t.shape[0] != C:
-        raise ValueError(f"snake: {name} must be per channel [C={C}] or [1, C, 1], got shape {tuple(t.shape)}")
+        raise OpInputError(f"snake: {name} must be per channel [C={C}] or [1, C, 1], got shape {tuple(t.shape)}")
     if t.device != x.device:
-        raise TypeError(f"snake: {name} must be on x's device {x.device}, got {t.device}")
+        raise OpInputError(f"snake: {name} must be on x's device {x.device}, got {t.device}")
     if not t.is_floating_point():
-        raise TypeError(f"snake: {name} must be a floating tensor, got {t.dtype}")
+        raise OpInputError(f"snake: {name} must be a floating tensor, got {t.dtype}")
     return t
 
 
-def _check_x(x: Tensor) -> None:
+def _check_x(x: Tensor, eps) -> None:
+    tensor("snake", "x", x)
+    real("snake", "eps", eps, minimum=0.0)
     if x.dim() != 3:
-        raise ValueError(f"snake: x must be [B, C, T], got shape {tuple(x.shape)}")
+        raise OpInputError(f"snake: x must be [B, C, T], got shape {tuple(x.shape)}")
     if x.dtype not in _native.DTYPE_CODES:
-        raise TypeError(f"snake: x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise OpInputError(f"snake: x must be float32, float16 or bfloat16, got {x.dtype}")
 
 
 def snake(x: Tensor, alpha: Tensor, beta: Tensor, eps: float = 1e-9) -> Tensor:
     """``x + 1 / (beta + eps) * sin^2(alpha * x)``; x ``[B, C, T]``, alpha/beta ``[C]`` or ``[1, C, 1]``."""
-    _check_x(x)
+    _check_x(x, eps)
     alpha, beta = _per_channel("alpha", alpha, x), _per_channel("beta", beta, x)
     backend = select_backend("snake", x.device)
     if backend == "reference":
@@ -289,11 +301,13 @@ def snake_residual(x: Tensor, alpha: Tensor, beta: Tensor, residual: Tensor, eps
 
     x, residual ``[B, C, T]`` (same dtype and device); alpha/beta ``[C]`` or ``[1, C, 1]``.
     """
-    _check_x(x)
+    _check_x(x, eps)
+    tensor("snake_residual", "residual", residual)
     if residual.shape != x.shape:
-        raise ValueError(f"snake_residual: residual must have x's shape {tuple(x.shape)}, got {tuple(residual.shape)}")
+        raise OpInputError(f"snake_residual: residual must have x's shape {tuple(x.shape)}, "
+                           f"got {tuple(residual.shape)}")
     if residual.dtype != x.dtype or residual.device != x.device:
-        raise TypeError(f"snake_residual: residual must match x's dtype and device ({x.dtype}, {x.device}), "
+        raise OpInputError(f"snake_residual: residual must match x's dtype and device ({x.dtype}, {x.device}), "
                         f"got ({residual.dtype}, {residual.device})")
     alpha, beta = _per_channel("alpha", alpha, x), _per_channel("beta", beta, x)
     backend = select_backend("snake_residual", x.device)
