@@ -472,20 +472,24 @@ def load_torch(path: PathLike, map_location="cpu") -> Any:
         raise BadFileError(path, f"truncated or not a torch checkpoint ({msg})") from None
 
 
-def content_hash(path: PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 of a file's bytes, hex."""
-    import hashlib
-
-    h = hashlib.sha256()
+def hash_file_into(h, path: PathLike, chunk: int = 1 << 20):
+    """Feed a file's bytes to the hash object ``h`` (hashlib's interface) in chunks; returns ``h``."""
     with open(path, "rb") as f:
         while True:
             b = f.read(chunk)
             if not b:
                 break
             h.update(b)
-    return h.hexdigest()
+    return h
+
+
+def content_hash(path: PathLike, chunk: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, hex."""
+    import hashlib
+
+    return hash_file_into(hashlib.sha256(), path, chunk).hexdigest()
 
 
 __all__ = ["BadFileError", "NoSpaceError", "TEMP_SUFFIX", "atomic_write", "check_writable", "content_hash",
-           "is_temp_name", "load_safetensors", "load_torch", "open_safetensors", "read_config", "read_json",
-           "remove_stale_temps", "safetensors_metadata", "temp_path_for", "write_json"]
+           "hash_file_into", "is_temp_name", "load_safetensors", "load_torch", "open_safetensors", "read_config",
+           "read_json", "remove_stale_temps", "safetensors_metadata", "temp_path_for", "write_json"]

@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..files import hash_file_into
+
 
 def load_media(record: dict, sample_rate: int, frames_fps: float, max_frames: int,
                frame_size: Optional[int] = None) -> tuple[np.ndarray, Optional[np.ndarray]]:
@@ -69,12 +71,7 @@ def content_hash(record: dict, chunk: int = 1 << 20) -> str:
     for name in ("audio", "video"):
         p = record.get(name)
         if p and os.path.isfile(p):
-            with open(p, "rb") as f:
-                while True:
-                    b = f.read(chunk)
-                    if not b:
-                        break
-                    h.update(b)
+            hash_file_into(h, p, chunk)
     return h.hexdigest()
 
 

@@ -1,13 +1,14 @@
 """The audio-embedder interface the metrics run on, and the batching that every embedder shares."""
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ...files import content_hash
 
 
 @dataclass
@@ -36,15 +37,9 @@ class AudioEmbedder:
         return self
 
 
-def sha256_file(path: str, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
+def sha256_file(path: str) -> str:
+    """The checkpoint's sha256 (recorded in metrics.json beside the scores it produced)."""
+    return content_hash(path, chunk=1 << 22)
 
 
 def load_torch_checkpoint(path: str, what: str) -> dict:
