@@ -68,7 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "device's free memory)")
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", "--cfg", dest="cfg", type=_guidance, default=4.5,
-                   help="classifier-free guidance: a scale, 'video,text' scales or none (--cfg is the same flag)")
+                   help="classifier-free guidance: a scale, 'video,text' scales or none (--cfg is the same flag); "
+                        "default joint 4.5, chosen on the toy world's validation prompts; '4.5,6' follows "
+                        "off-screen sounds in the text better at 1.5x the compute per step (README, Default guidance)")
     p.add_argument("--method", choices=("euler", "heun"), default="euler")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=default_device(), type=device_arg, help="default: cuda if visible, else cpu")
