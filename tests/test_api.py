@@ -91,16 +91,16 @@ def test_sampling_progress_bar_only_for_long_requests(capsys):
 
 
 def test_training_names_its_stages_and_the_overall_eta(capsys):
-    from omni2sound.train import TRAIN_PRESETS, _Overall, _stage_label
+    from omni2sound.schedule import TRAIN_PRESETS, _Overall, _stage_label, schedule, stage_named
     from omni2sound.trainer import DistInfo
     cfg = TRAIN_PRESETS["toy"]
-    assert [_stage_label(cfg, s) for s in cfg.stages()] == ["stage 1 of 4: vae", "stage 2 of 4: stage1",
-                                                            "stage 3 of 4: stage2", "stage 4 of 4: stage3"]
-    overall = _Overall(cfg, cfg.stages())
-    overall.start("vae", DistInfo())
+    assert [_stage_label(cfg, s) for s in schedule(cfg)] == ["stage 1 of 4: vae", "stage 2 of 4: stage1",
+                                                             "stage 3 of 4: stage2", "stage 4 of 4: stage3"]
+    overall = _Overall(cfg, schedule(cfg))
+    overall.start(stage_named(cfg, "vae"), DistInfo())
     overall.t0 -= 60                                  # the VAE stage took a minute
-    overall.finish("vae")
-    overall.start("stage1", DistInfo())
+    overall.finish(stage_named(cfg, "vae"))
+    overall.start(stage_named(cfg, "stage1"), DistInfo())
     out = capsys.readouterr().out
     assert "stage 1 of 4: vae (1500 steps)" in out and "stage 2 of 4: stage1 (300 steps)" in out
     assert "run 1500/3300 steps" in out and "overall ETA 1m12s" in out         # 60 s / 1500 steps x 1800 left
