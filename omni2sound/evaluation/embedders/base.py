@@ -42,6 +42,14 @@ def sha256_file(path: str) -> str:
     return content_hash(path, chunk=1 << 22)
 
 
+def load_strict(model: torch.nn.Module, sd: dict, path: str, what: str) -> None:
+    """Load a released state dict with strict=True; a mismatch is a ValueError naming the file and the model."""
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: not a {what} checkpoint: {str(e).splitlines()[0]}") from e
+
+
 def load_torch_checkpoint(path: str, what: str) -> dict:
     """A released `.pth`/`.pt` checkpoint's state dict, loaded on the CPU without unpickling code objects;
     unwraps the {"model": ...} / {"state_dict": ...} containers the releases use."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._dsp import mel_filterbank_slaney
-from .base import AudioEmbedder, AudioFeatures, load_torch_checkpoint, sha256_file
+from .base import AudioEmbedder, AudioFeatures, load_strict, load_torch_checkpoint, sha256_file
 
 
 class _STFT(nn.Module):
@@ -121,10 +121,7 @@ class PannsCnn14(AudioEmbedder):
         sd = load_torch_checkpoint(path, "PANNs Cnn14")
         classes = sd["fc_audioset.weight"].shape[0] if "fc_audioset.weight" in sd else 527
         model = Cnn14(classes=classes)
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a Cnn14 (16 kHz) checkpoint: {str(e).splitlines()[0]}") from e
+        load_strict(model, sd, path, "Cnn14 (16 kHz)")
         emb = cls(model, path, max_seconds)
         emb.sha256 = sha256_file(path)
         return emb

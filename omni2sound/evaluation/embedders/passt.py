@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AudioEmbedder, AudioFeatures, load_torch_checkpoint, sha256_file
+from .base import AudioEmbedder, AudioFeatures, load_strict, load_torch_checkpoint, sha256_file
 
 SAMPLE_RATE = 32000
 CLIP_SAMPLES = 320000
@@ -160,10 +160,7 @@ class PaSST(AudioEmbedder):
         frames = (sd["time_new_pos_embed"].shape[-1] - 1) * 10 + 16
         net = PasstNet(depth=depth, dim=dim, heads=max(1, dim // 64), frames=frames,
                        classes=sd["head_dist.weight"].shape[0])
-        try:
-            net.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a PaSST checkpoint: {str(e).splitlines()[0]}") from e
+        load_strict(net, sd, path, "PaSST")
         emb = cls(net, path)
         emb.sha256 = sha256_file(path)
         return emb

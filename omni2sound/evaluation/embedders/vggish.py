@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ._dsp import mel_filterbank_htk, periodic_hann
-from .base import AudioEmbedder, AudioFeatures, load_torch_checkpoint, sha256_file
+from .base import AudioEmbedder, AudioFeatures, load_strict, load_torch_checkpoint, sha256_file
 
 _LAYERS = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M")
 
@@ -80,10 +80,7 @@ class VGGish(AudioEmbedder):
         sd = load_torch_checkpoint(path, "VGGish")
         sd = {k: v for k, v in sd.items() if not k.startswith("pproc.")}          # PCA parameters: unused
         model = VGGishNet()
-        try:
-            model.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise ValueError(f"{path}: not a VGGish checkpoint: {str(e).splitlines()[0]}") from e
+        load_strict(model, sd, path, "VGGish")
         emb = cls(model, path)
         emb.sha256 = sha256_file(path)
         return emb
