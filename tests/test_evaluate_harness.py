@@ -220,7 +220,8 @@ def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
     """The scorer drives the package's LAION-CLAP and ImageBind adapters (tiny random models in the released
     layouts, built by their own tests' helpers) on toy VT2A items; the scores equal the mean cosines of the
     adapters' own embeddings (x100 for IB)."""
-    from test_embedders_clap import HTSAT, to_laion, write_bpe_tokenizer
+    from byte_bpe import write_bpe_tokenizer
+    from test_embedders_clap import HTSAT, to_laion
     from test_embedders_imagebind import CFG
     from transformers import ClapConfig, ClapModel
 
