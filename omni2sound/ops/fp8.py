@@ -97,6 +97,9 @@ def quantize_rows_reference(x2: Tensor, act_scale: str = "token") -> Tuple[Tenso
     """x2 [M, K] -> (xq [M, K] float8_e4m3fn, scale fp32 [M, 1]); ``act_scale="tensor"``: one scale for all rows,
     returned expanded to [M, 1] (what a row-wise scaled GEMM takes). No host synchronisation."""
     M, K = x2.shape
+    if M == 0 or K == 0:                                                           # nothing to take a max of
+        return (torch.zeros((M, K), dtype=FP8, device=x2.device),
+                torch.full((M, 1), AMAX_FLOOR / FP8_MAX, dtype=torch.float32, device=x2.device))
     if act_scale == "token":
         amax = torch.linalg.vector_norm(x2, float("inf"), dim=1, keepdim=True, dtype=torch.float32)  # [M, 1]
     else:
@@ -197,6 +200,8 @@ def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bo
     if needs_grad(x):
         raise RuntimeError("fp8_linear is an inference op: call it under torch.no_grad() (it has no gradient)")
     backend = select_backend("fp8_linear", x.device)
+    if x.numel() == 0:                                                             # no rows, or K = 0: no GEMM
+        backend = "reference"
     if backend == "scaled_mm" and not scaled_mm_takes(x, w):
         if forced_backend("fp8_linear") == "scaled_mm":
             from ._dispatch import cannot_take
