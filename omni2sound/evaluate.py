@@ -166,7 +166,7 @@ def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Opti
                 if it.item_id in done:
                     continue
                 path = os.path.join(out, "generated", it.track, safe_name(it.clip_id) + ".wav")
-                save_audio(path, wav, res.sample_rate)
+                save_audio(path, wav, res.sample_rate, float32=True)   # scored at the model's own level
                 rec.write(json.dumps({"item_id": it.item_id, "path": path}) + "\n")
                 rec.flush()
                 os.fsync(rec.fileno())
@@ -422,7 +422,8 @@ def main(argv=None) -> int:
         for t in tracks:
             for it in bench.tracks[t]:
                 p = os.path.join(args.export_references, t, safe_name(it.clip_id) + ".wav")
-                save_audio(p, torch.from_numpy(np.asarray(bench.reference(it), np.float32)), bench.sample_rate)
+                save_audio(p, torch.from_numpy(np.asarray(bench.reference(it), np.float32)), bench.sample_rate,
+                           float32=True)
                 lines.append(it.to_json())
         with open(os.path.join(args.export_references, "items.jsonl"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

@@ -121,15 +121,6 @@ class _Enc:
         return {"class": "test encoders", "version": 1}
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from omni2sound.vae import VAE_PRESETS, AudioVAE
-    torch.manual_seed(0)
-    d = str(tmp_path_factory.mktemp("vae"))
-    AudioVAE(VAE_PRESETS["tiny"]).save_pretrained(d)
-    return d
-
-
 def _clips(folder, n, start=0):
     recs = []
     for i in range(start, start + n):

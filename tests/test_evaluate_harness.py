@@ -176,11 +176,11 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
     import omni2sound.audio as audio_mod
     real_save, calls = audio_mod.save_audio, []
 
-    def dying_save(path, wav, sr):
+    def dying_save(path, wav, sr, **kw):
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         calls.append(path)
-        return real_save(path, wav, sr)
+        return real_save(path, wav, sr, **kw)
 
     monkeypatch.setattr(audio_mod, "save_audio", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -189,6 +189,9 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
     assert evaluate_main(args + ["--out", str(tmp_path / "a")]) == 0
     ids = [json.loads(line)["item_id"] for line in (tmp_path / "a" / "generated.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 3 + len(ToyBenchmark(3, duration=1.0).tracks["offscreen"])
+    # written as float WAV at the model's own level, so level-sensitive metrics see what the model made
+    import soundfile as sf
+    assert sf.info(calls[0]).subtype == "FLOAT"
     # the resumed run's audio equals an uninterrupted run's
     assert evaluate_main(args + ["--out", str(tmp_path / "b")]) == 0
     for p in sorted((tmp_path / "a" / "generated").rglob("*.wav")):
@@ -220,7 +223,8 @@ def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
     """The scorer drives the package's LAION-CLAP and ImageBind adapters (tiny random models in the released
     layouts, built by their own tests' helpers) on toy VT2A items; the scores equal the mean cosines of the
     adapters' own embeddings (x100 for IB)."""
-    from test_embedders_clap import HTSAT, to_laion, write_bpe_tokenizer
+    from byte_bpe import write_bpe_tokenizer
+    from test_embedders_clap import HTSAT, to_laion
     from test_embedders_imagebind import CFG
     from transformers import ClapConfig, ClapModel
 

@@ -57,7 +57,7 @@ _AVAILABLE = {
     "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("bias_gelu_forward_cpu"),
     "triton": lambda d: triton_available(d.type),
 }
-# GPU default: aten's GELU. Timed on an H200 (session 9, bench/RESULTS.md): the Triton kernel gave L sampling nothing
+# GPU default: aten's GELU. Timed on an H200 (2026-12-04, bench/RESULTS.md): the Triton kernel gave L sampling nothing
 # (99.5 -> 101.1 ms) and made the graphed L training step slower (152.6 -> 157.9 ms; its fwd+bwd 0.88x eager at
 # [8000, 6144]); it stays selectable with use_backend(bias_gelu="triton").
 register_op("bias_gelu", _AVAILABLE, default_order={"cuda": ("reference",), "cpu": ("cpu", "reference")})

@@ -29,7 +29,7 @@ blocked layout on every call (a read and a write of the weight: 7-9 MB for S's q
 does) and the packed copy is reused while the weight is unchanged (same storage, same version counter: an in-place
 update such as ``load_state_dict`` or an optimiser step repacks). The results are the same bits
 (tests/test_linear.py); S's step GEMMs ran 3-6% faster a call at 500 rows and 4-18% at the cross-attention's 250
-(`python bench/bench_linear.py`, column "onednn packed", two runs, session 12). The cost is memory: a second copy of
+(`python bench/bench_linear.py`, column "onednn packed", two runs, 2026-12-04). The cost is memory: a second copy of
 every weight the step multiplies on oneDNN (from the weights' sizes: S 0.40 GB, L 3.2 GB; the S bar's peak RSS rose
 by 0.43-0.47 GB), held while the weight lives (``clear_packed_weights()`` frees them).
 
@@ -73,9 +73,10 @@ register_op("linear", {"reference": lambda d: True, "onednn": _onednn_available}
             default_order={"cpu": ("onednn", "reference"), "cuda": ("reference",)})
 
 
-# Below this many multiply-adds per call oneDNN's fixed cost loses to MKL on this box (`python bench/bench_linear.py
-# --sweep`: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from ~2.5e8 on, 1.15-1.3x at S's qkv
-# and fc1; session 12, the Zen 4 box: 1.17x at S's cross-attention q / output projections, 250 x 768 x 768 = 1.5e8).
+# Below this many multiply-adds per call oneDNN's fixed cost loses to MKL (`python bench/bench_linear.py --sweep`,
+# 2-core AMD EPYC AVX2, 2026-11-28: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from
+# ~2.5e8 on, 1.15-1.3x at S's qkv and fc1; 2-core AMD EPYC AVX-512, 2026-12-04: 1.17x at S's cross-attention
+# q / output projections, 250 x 768 x 768 = 1.5e8).
 # Smaller GEMMs stay on aten.
 ONEDNN_MIN_MACS = 1 << 27
 
