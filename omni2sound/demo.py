@@ -94,7 +94,7 @@ class Generator:
             progress(0.0, desc="waiting for the model" if self._lock.locked() else "encoding the conditions")
         with self._lock:
             try:
-                result = self.pipe.generate(video=video, text=text, duration=duration, steps=steps, cfg=guidance,
+                result = self.pipe.generate(video=video, text=text, duration=duration, steps=steps, guidance=guidance,
                                             seed=int(seed or 0), progress=progress is not None)
             except (ValueError, OSError) as e:       # an undecodable frame deep in the video, a prompt too long
                 raise DemoError(_reason(e)) from None

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -597,9 +598,12 @@ class Trainer:
             self._resume()
             if self.info.main:
                 cut_log(log_path, self.step)     # rows logged after the checkpoint are logged again below
-        if self.info.main and not resume and os.path.exists(log_path):
-            os.remove(log_path)
-        tb = TensorBoardLog(self.out_dir, self.loop.tensorboard) if self.info.main else None
+        if self.info.main and not resume:
+            if os.path.exists(log_path):
+                os.remove(log_path)
+            shutil.rmtree(os.path.join(self.out_dir, "tb"), ignore_errors=True)    # a fresh run's curves only
+        tb = (TensorBoardLog(self.out_dir, self.loop.tensorboard, purge_step=self.step + 1 if resume else None)
+              if self.info.main else None)
         card = gpu_info() if self.info.device.startswith("cuda") else None     # once per run, in its first row
         bar = None
         if self.loop.progress and self.info.main:

@@ -304,3 +304,12 @@ def test_real_test_set_tracks_from_the_vggsound_csv(tmp_path, capsys):
     m = json.loads((res / "metrics.json").read_text())
     assert set(m["tracks"]) == {"t2a", "v2a", "vt2a", "offscreen"} and m["tracks"]["v2a"]["KL_logmel"] > 0
     assert not any(k.startswith("oracle") for k in m["tracks"]["v2a"])     # no truth events on real data
+
+
+def test_guidance_flag_and_its_cfg_alias():
+    from omni2sound.evaluate import parse_args
+    assert parse_args(["--model", "m", "--guidance", "2", "5"]).guidance == (2.0, 5.0)
+    assert parse_args(["--model", "m", "--cfg", "3"]).guidance == 3.0
+    assert parse_args(["--model", "m"]).guidance is None                      # the run's own
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--guidance", "1", "2", "3"])
