@@ -159,9 +159,8 @@ def main(argv=None):
             vae.decode_graphed(z)
             results["fused_graph"] = best_time(lambda: vae.decode_graphed(z), repeats, dev)
             # the default's conv forms against the others, each a copy with its own graph: the last conv (one output
-            # channel) left to cuDNN instead of the GEMM form (session 9); the residual units' dilated convs, which
-            # the default gives cuDNN or space to batch per shape by timing both (session 11), all to cuDNN, and all
-            # as space to batch
+            # channel) left to cuDNN instead of the GEMM form; the residual units' dilated convs, which the default
+            # gives cuDNN or space to batch per shape by timing both, all to cuDNN, and all as space to batch
             from omni2sound.vae import _DILATED_PAYS
             print("(dilated convs, space to batch chosen: " + ", ".join(
                 f"{k[2][1]}x{k[2][-1]} d{k[4]}: {v}" for k, v in _DILATED_PAYS.items()) + ")")
@@ -177,7 +176,8 @@ def main(argv=None):
                 conv_table(vae, z)
         if dev == "cuda":
             # cuDNN picks conv algorithms by heuristics unless asked to time them; bf16 conv1d at batch 1 was slower
-            # than fp32 (session 3), so measure both the baseline and the graphed decode with autotuned algorithms
+            # than fp32 (H100, 2026-11-27), so measure both the baseline and the graphed decode with autotuned
+            # algorithms
             with torch.backends.cudnn.flags(enabled=True, benchmark=True, deterministic=False,
                                             allow_tf32=torch.backends.cudnn.allow_tf32):
                 eager()

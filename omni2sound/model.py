@@ -235,6 +235,7 @@ class PreparedConditions:
     num_frames: int
     cross_rows: int = -1
     workspace: Optional[Dict[str, Tensor]] = None
+    key_mask: Optional[Tensor] = None        # bool [B, T]: the frames each row's self-attention reads (frame_mask)
 
     def __post_init__(self):
         if self.cross_rows < 0:
@@ -253,7 +254,8 @@ class PreparedConditions:
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
         out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, *self.sync_mod]
-        return out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
+        out = out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
+        return out + ([] if self.key_mask is None else [self.key_mask])
 
     def signature(self) -> tuple:
         """Shapes and dtypes that a captured graph depends on."""
@@ -327,7 +329,7 @@ class SelfAttention(nn.Module):
         qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
         q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
         v = v.squeeze(2)
-        o = ops.attention(q, k, v)                      # [B, T, H, Dh]; the CPU kernel's is contiguous (no copy)
+        o = ops.attention(q, k, v, key_mask=None if prep is None else prep.key_mask)   # [B, T, H, Dh]
         return dense(self.proj, o.reshape(B, T, D))                                      # [B, T, D]
 
 
@@ -469,7 +471,7 @@ class Omni2SoundDiT(nn.Module):
 
     # -- once per request ----------------------------------------------------------------------------
     def prepare_conditions(self, cond: Conditions, num_frames: int, sampling: bool = False,
-                           static: bool = False) -> PreparedConditions:
+                           static: bool = False, bucketed: bool = False) -> PreparedConditions:
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
@@ -483,7 +485,12 @@ class Omni2SoundDiT(nn.Module):
         static: no host synchronisation and shapes fixed by the padded token counts, not the lengths (a CUDA-graph
         capture of a training step, see graphed_step.py): the condition tokens are packed with their padding (see
         ops.pack_condition_tokens(static=True)) and only the shapes are checked here; the values (NaN, lengths
-        in range) are the caller's to check, once, outside the capture (Conditions.validate)."""
+        in range) are the caller's to check, once, outside the capture (Conditions.validate).
+
+        bucketed: a serving batch padded to a bucket (omni2sound.serving): the condition tokens packed with their
+        padding (shapes fixed by the padded sizes, so one captured sampling graph serves every batch of the bucket),
+        and each row's frames past its own duration (Conditions.duration) left out as self-attention keys
+        (PreparedConditions.key_mask), so a request samples as it would unpadded: every other op is per frame."""
         cfg, D = self.config, self.config.hidden_dim
         dt, dev = self.dtype, self.device
         if static and sampling:
@@ -495,7 +502,7 @@ class Omni2SoundDiT(nn.Module):
         video = self.video_proj(cond.video_tokens) + self.video_pos[:Lv]                # [B, Lv, D]
         text = self.text_proj(cond.text_tokens)                                         # [B, Lt, D]
         packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens,
-                                                      static=static)                    # [total, D]
+                                                      static=static or bucketed)        # [total, D]
         packed = self.cond_norm(packed)
 
         has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
@@ -520,7 +527,14 @@ class Omni2SoundDiT(nn.Module):
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
             batch_size=B, num_frames=num_frames,
             cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B,
+            key_mask=self.frame_mask(cond.duration, num_frames) if bucketed else None,
             workspace={} if sampling and dev.type == "cpu" else None)
+
+    def frame_mask(self, duration: Tensor, num_frames: int) -> Tensor:
+        """bool [B, num_frames]: True on the frames of each row's own duration (seconds [B])."""
+        # durations arrive as fp32 (Conditions.duration): a tolerance past its rounding, well under a frame
+        frames = torch.ceil(duration.to(self.device, torch.float64) * self.config.latent_rate - 1e-4).clamp(min=1)
+        return torch.arange(num_frames, device=self.device)[None, :] < frames[:, None]
 
     def _check_conditions(self, cond: Conditions, num_frames: int, values: bool = True) -> None:
         """Shapes always; values (NaN, lengths; host syncs) unless ``values`` is False."""
