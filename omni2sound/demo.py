@@ -45,7 +45,10 @@ class Generator:
     folder under ``root`` (mp4 / wav / png) and prunes old folders. One request at a time (a lock; the queue in
     front of it orders the waiting ones)."""
 
-    def __init__(self, pipe, limits: DemoLimits, root: str, guidance=(3.0, 6.0)):
+    def __init__(self, pipe, limits: DemoLimits, root: str, guidance=None):
+        if guidance is None:        # the sliders start where the CLI and the API do (SamplingOptions' default)
+            from .pipeline import SamplingOptions
+            guidance = SamplingOptions().guidance
         self.pipe, self.limits, self.root = pipe, limits, root
         self.default_guidance = guidance
         self._lock = threading.Lock()

@@ -94,6 +94,10 @@ class SamplingOptions:
     conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
     batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)
     cpu_packed_weights: bool = True           # CPU: the step's oneDNN GEMMs use weights reordered once (ops.linear)
+    # e4m3 GEMMs for the DiT blocks' projections (ops.fp8; weights quantised once per pipeline, activations per
+    # token, or per tensor with fp8_act_scale="tensor"); off by default until measured against bf16 on a GPU
+    fp8: bool = False
+    fp8_act_scale: str = "token"
     progress: bool = False                    # a bar over the eager sampling steps (after a second)
 
 
@@ -174,6 +178,7 @@ class Omni2SoundPipeline:
         self.dit, self.vae = dit.eval(), vae.eval()
         self.compile_step = compile_step
         self._compiled = None
+        self._fp8: Dict[str, tuple] = {}          # act_scale -> (Fp8Weights, the per-step function using it)
         self.config = config or PipelineConfig()
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
@@ -238,8 +243,30 @@ class Omni2SoundPipeline:
         std = torch.tensor(c.latent_std or [1.0] * z.shape[-1], device=z.device, dtype=z.dtype)
         return z * std + mean
 
-    def _predict(self):
-        """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``."""
+    def fp8_weights(self, act_scale: str = "token") -> "ops.Fp8Weights":
+        """The DiT blocks' projection weights in e4m3 (attention qkv and output, cross-attention q and output, MLP
+        fc1 and fc2), quantised on the first call for ``act_scale`` and kept (a weight changed since runs bf16)."""
+        return self._fp8_entry(act_scale)[0]
+
+    def _fp8_entry(self, act_scale: str) -> tuple:
+        entry = self._fp8.get(act_scale)
+        if entry is None:
+            layers = [m for b in self.dit.blocks
+                      for m in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2])]
+            table = ops.quantize_linears(layers, act_scale=act_scale)
+            base = self._predict()
+
+            def predict_fp8(x, t, prep):
+                with ops.fp8_gemms(table):
+                    return base(x, t, prep)
+            entry = self._fp8[act_scale] = (table, predict_fp8)
+        return entry
+
+    def _predict(self, opts: Optional["SamplingOptions"] = None):
+        """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``, its block projections in
+        fp8 when ``opts.fp8`` (one function per activation scaling, so each gets its own captured graph)."""
+        if opts is not None and opts.fp8:
+            return self._fp8_entry(opts.fp8_act_scale)[1]
         if not self.compile_step:
             return self.dit.predict_velocity
         if self._compiled is None:
@@ -385,7 +412,7 @@ class Omni2SoundPipeline:
     def generate(self, video=None, text=None, duration: Optional[float] = None, steps: int = 25,
                  guidance: Optional[Guidance] = 4.5, seed: Union[int, Sequence[int]] = 0, method: str = "euler",
                  plain: bool = False, cuda_graphs: bool = True, progress: bool = False,
-                 cfg: Union[Optional[Guidance], object] = _UNSET) -> GenerationResult:
+                 cfg: Union[Optional[Guidance], object] = _UNSET, fp8: bool = False) -> GenerationResult:
         """Generate audio for one request or a batch.
 
         Args:
@@ -409,6 +436,8 @@ class Omni2SoundPipeline:
             progress: a tqdm bar over the sampling steps, shown only if sampling takes over a second (the CLI
                 turns it on; off by default here).
             cfg: another name of ``guidance`` (give one of them).
+            fp8: the DiT blocks' projections as e4m3 GEMMs (``SamplingOptions.fp8``; a GPU of compute capability
+                >= 8.9 runs them natively, elsewhere they run the fp32 reference of the same quantisation).
 
         Returns:
             GenerationResult: ``audio`` float32 [B, N] on the CPU in [-1, 1] (N = round(duration *
@@ -425,7 +454,8 @@ class Omni2SoundPipeline:
         cond = self.encode(video, text, duration)
         t_enc = time.perf_counter() - t0
         out = self.generate_from_conditions(cond, steps=steps, guidance=guidance, seed=seed,
-                                            method=method, plain=plain, cuda_graphs=cuda_graphs, progress=progress)
+                                            method=method, plain=plain, cuda_graphs=cuda_graphs, progress=progress,
+                                            fp8=fp8)
         out.timings["encode"] = t_enc
         out.timings["total"] = time.perf_counter() - t0
         return out
@@ -434,11 +464,12 @@ class Omni2SoundPipeline:
     def generate_from_conditions(self, cond: Conditions, steps: int = 25, guidance: Optional[Guidance] = 4.5,
                                  seed: Union[int, Sequence[int]] = 0, method: str = "euler", plain: bool = False,
                                  cuda_graphs: bool = True, progress: bool = False,
-                                 cfg: Union[Optional[Guidance], object] = _UNSET) -> GenerationResult:
+                                 cfg: Union[Optional[Guidance], object] = _UNSET,
+                                 fp8: bool = False) -> GenerationResult:
         """Precomputed Conditions (e.g. CLIP + Synchformer features and text tokens) -> audio. The options are
         ``generate``'s."""
         opts = SamplingOptions(steps=steps, method=method, guidance=_guidance(guidance, cfg), plain=plain,
-                               cuda_graphs=cuda_graphs, progress=progress)
+                               cuda_graphs=cuda_graphs, progress=progress, fp8=fp8)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond.validate()
@@ -505,7 +536,7 @@ class Omni2SoundPipeline:
         # the forwards of one step: one over the whole CFG batch, or (ablation) one per CFG branch
         forwards = cfg_forwards(cond, scales, batched=opts.batched_cfg)
         k = sum(n for _, n in forwards)
-        predict = self._predict()
+        predict = self._predict(opts)
 
         def prepare(c: Conditions) -> PreparedConditions:
             with ops.packed_weights(False):           # once-per-request GEMMs: packing would cost, not save

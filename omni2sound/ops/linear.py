@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ._checks import fail, tensor
 from ._dispatch import autocast_dtype, cannot_take, forced_backend, needs_grad, register_op, select_backend
+from .fp8 import active_table, fp8_linear, fp8_weight_for
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -226,6 +227,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Option
     faults); the oneDNN backend returns a new tensor. Either way the result is what is returned; do not rely on
     ``out`` holding it."""
     check_linear_args("linear", x, weight, bias, out)
+    w8 = fp8_weight_for(x, weight, bias)                # inside ops.fp8_gemms(table), for the table's weights
+    if w8 is not None:
+        table = active_table()
+        return fp8_linear(x, w8, table.act_scale, table.fast_accum)
     if forced_backend("linear") == "onednn" and not runs_on_onednn(x, weight, bias):
         return _forced_onednn(x, weight, bias)
     if torch.compiler.is_compiling():      # Inductor owns the GEMMs of a compiled graph
