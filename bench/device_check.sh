@@ -22,8 +22,17 @@
 #                      profiled), and the eager step with both (profiled)
 #   train-compile      the compiled training step
 #   train-pad          the graph step with captions padded to 128 tokens (the trainer's max_text_tokens)
+#   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
+#                      activation scales), step time, GEMM time per step from a profile, latents' error vs bf16
+#   serve              serving L: clips / s of 10 s clips at batch 1, 8, 32 (graphs captured at start-up) and a
+#                      mixed-duration workload through buckets against one bucket
+#   synchformer        Synchformer's feature extraction, full size, batched against the per-segment loop
+#   extract            feature extraction throughput with full-size random encoders (bench_extract --full)
+#   speed              the H100 figure set, most wanted first, inside one budget: tests, fp8, serve, generate
+#                      (optimised path only), train, vae, kernels (quick), synchformer, extract; whatever the budget
+#                      cannot hold is skipped and named in the summary (run it as its own mode in a later call)
 #   all                tests, kernels, vae, generate, train
-#   everything         every mode above
+#   everything         every mode above but speed
 # e.g. `bash bench/device_check.sh tests 160`, `bash bench/device_check.sh vae,generate,train 420`.
 # SECONDS is this run's budget (default 540): each step gets min(its limit, what is left) and one that would start
 # with less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
@@ -42,12 +51,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $(( T_START + BUDGET - $(date +%s) )); }
 ALL_MODES="tests tests-vae tests-train kernels vae vae-compile vae-convs generate generate-compile generate-backends"
 ALL_MODES="$ALL_MODES generate-ablate profile train train-profile train-backends train-compile train-pad"
+ALL_MODES="$ALL_MODES fp8 serve synchformer extract"
 case ",$WHAT," in
   *,everything,*) WHAT=$(echo "$ALL_MODES" | tr ' ' ',') ;;
   *,all,*) WHAT="$WHAT,tests,kernels,vae,generate,train" ;;
+  *,speed,*) WHAT="$WHAT,tests" ;;
 esac
 for m in $(echo "$WHAT" | tr ',' ' '); do
-  case " $ALL_MODES all everything " in *" $m "*) ;; *) echo "unknown mode: $m (one of: $ALL_MODES all everything)"; exit 2 ;; esac
+  case " $ALL_MODES all everything speed " in *" $m "*) ;;
+    *) echo "unknown mode: $m (one of: $ALL_MODES all everything speed)"; exit 2 ;; esac
 done
 want() { case ",$WHAT," in *",$1,"*) return 0 ;; esac; return 1; }
 
@@ -56,7 +68,10 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem --format=csv; date -u;
-  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } > "$OUT/gpu.txt" 2>&1
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)";
+  # the card as NVML reports it (nvidia-ml-py): name, driver, clocks, memory, power, temperature
+  $PY -c "import json; from omni2sound.gpu_info import gpu_info; print('nvml', json.dumps(gpu_info()))"; } \
+  > "$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
 # Only the card's own architecture, to keep the build short (CI builds the full default list).
@@ -92,6 +107,10 @@ step() {  # name, limit seconds, command...: run with min(limit, time left - 10)
   echo "($name: rc=$rc, $(( $(date +%s) - t0 )) s)" | tee -a "$SUMMARY"
 }
 
+FP8_L="bench/bench_fp8.py --presets L --batches 1,8 --device cuda"
+SERVE_L="bench/bench_serve.py --preset L --batches 1,8,32 --device cuda"
+SYNC="bench/bench_synchformer.py --config full --seconds 10 --device cuda"
+EXTRACT="bench/bench_extract.py --full --device cuda --clips 16"
 TRAIN_L="bench/bench_train.py --presets L --batch 32 --seconds 10 --steps 6 --device cuda"
 GEN_L="bench/bench_generate.py --presets L --device cuda"
 VAE="bench/bench_vae.py --preset paper --device cuda --dtype bfloat16 --baseline-dtype float32"
@@ -100,6 +119,19 @@ if want tests; then
   # the Triton kernels' first compiles are CPU-bound, hence several workers; a hung test is cut at 90 s and reported
   XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
   step tests ${TESTS_LIMIT:-130} $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10 --timeout 90 $XDIST
+fi
+if want speed; then   # most wanted first: a step that would start with under 20 s left is skipped and named
+  step fp8_L 100 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+  step serve_L 110 $PY $SERVE_L --repeats 2 --mixed 48 --out "$RES/serve_L.json"
+  step generate_L 70 $PY $GEN_L --batches 1,8 --repeats 2 --no-plain --out "$RES/generate_L.json"
+  step train_L 70 $PY $TRAIN_L --graph --variants fused,fused+graph --out "$RES/train_L.json"
+  step vae 60 $PY $VAE --no-compile --out "$RES/vae.json"
+  step adaln 50 $PY bench/bench_adaln.py --quick --out "$RES/adaln.json"
+  step snake 25 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
+  step qk_norm_rope 35 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
+  step gelu 30 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
+  step synchformer 45 $PY $SYNC --out "$RES/synchformer.json"
+  step extract 70 $PY $EXTRACT --json "$RES/extract.json"
 fi
 want tests-vae && step tests_vae 100 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_vae.py \
   tests/test_pipeline.py -rf --timeout 80
@@ -144,6 +176,12 @@ want train-compile && step train_L_compile 150 $PY $TRAIN_L --compile --variants
   --out "$RES/train_L_compile.json"
 want train-pad && step train_L_pad128 60 $PY $TRAIN_L --graph --variants fused+graph --pad-text 128 \
   --out "$RES/train_L_pad128.json"
+want fp8 && step fp8_L 120 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+want serve && step serve_L 150 $PY $SERVE_L --repeats 3 --out "$RES/serve_L.json"
+want synchformer && step synchformer 60 $PY $SYNC --out "$RES/synchformer.json"
+want extract && step extract 90 $PY $EXTRACT --json "$RES/extract.json"
+$PY -c "import json; from omni2sound.gpu_info import gpu_info; print('nvml at the end', json.dumps(gpu_info()))" \
+  >> "$OUT/gpu.txt" 2>&1
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"
 echo "total: $(( $(date +%s) - T_START )) s"
 cat "$SUMMARY"

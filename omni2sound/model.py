@@ -222,7 +222,7 @@ class SelfAttention(nn.Module):
         qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
         q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
         v = v.squeeze(2)
-        o = ops.attention(q, k, v)                      # [B, T, H, Dh]; the CPU kernel's is contiguous (no copy)
+        o = ops.attention(q, k, v, key_mask=None if prep is None else prep.key_mask)   # [B, T, H, Dh]
         return dense(self.proj, o.reshape(B, T, D))                                      # [B, T, D]
 
 
@@ -364,7 +364,7 @@ class Omni2SoundDiT(nn.Module):
 
     # -- once per request ----------------------------------------------------------------------------
     def prepare_conditions(self, cond: Conditions, num_frames: int, sampling: bool = False,
-                           static: bool = False) -> PreparedConditions:
+                           static: bool = False, bucketed: bool = False) -> PreparedConditions:
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
@@ -377,7 +377,12 @@ class Omni2SoundDiT(nn.Module):
         static: no host synchronisation and shapes fixed by the padded token counts, not the lengths (a CUDA-graph
         capture of a training step, see graphed_step.py): the condition tokens are packed with their padding (see
         ops.pack_condition_tokens(static=True)) and only the shapes are checked here; the values (NaN, lengths
-        in range) are the caller's to check, once, outside the capture (Conditions.validate)."""
+        in range) are the caller's to check, once, outside the capture (Conditions.validate).
+
+        bucketed: a serving batch padded to a bucket (omni2sound.serving): the condition tokens packed with their
+        padding (shapes fixed by the padded sizes, so one captured sampling graph serves every batch of the bucket),
+        and each row's frames past its own duration (Conditions.duration) left out as self-attention keys
+        (PreparedConditions.key_mask), so a request samples as it would unpadded: every other op is per frame."""
         cfg, D = self.config, self.config.hidden_dim
         dt, dev = self.dtype, self.device
         if static and sampling:
@@ -389,7 +394,7 @@ class Omni2SoundDiT(nn.Module):
         video = self.video_proj(cond.video_tokens) + self.video_pos[:Lv]                # [B, Lv, D]
         text = self.text_proj(cond.text_tokens)                                         # [B, Lt, D]
         packed, cu, max_k = ops.pack_condition_tokens(video, cond.video_lens, text, cond.text_lens,
-                                                      static=static)                    # [total, D]
+                                                      static=static or bucketed)        # [total, D]
         packed = self.cond_norm(packed)
 
         has_video = cond.has_video.to(dt)[:, None, None]                                # [B, 1, 1]
@@ -412,8 +417,15 @@ class Omni2SoundDiT(nn.Module):
             duration_emb=self.duration_embed(cond.duration.to(dev)),
             rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
-            batch_size=B, num_frames=num_frames)
+            batch_size=B, num_frames=num_frames,
+            key_mask=self.frame_mask(cond.duration, num_frames) if bucketed else None)
         return prep.for_sampling() if sampling else prep
+
+    def frame_mask(self, duration: Tensor, num_frames: int) -> Tensor:
+        """bool [B, num_frames]: True on the frames of each row's own duration (seconds [B])."""
+        # durations arrive as fp32 (Conditions.duration): a tolerance past its rounding, well under a frame
+        frames = torch.ceil(duration.to(self.device, torch.float64) * self.config.latent_rate - 1e-4).clamp(min=1)
+        return torch.arange(num_frames, device=self.device)[None, :] < frames[:, None]
 
     def _check_conditions(self, cond: Conditions, num_frames: int, values: bool = True) -> None:
         """Shapes always; values (NaN, lengths; host syncs) unless ``values`` is False."""

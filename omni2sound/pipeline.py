@@ -98,6 +98,9 @@ class SamplingOptions:
     # token, or per tensor with fp8_act_scale="tensor"); off by default until measured against bf16 on a GPU
     fp8: bool = False
     fp8_act_scale: str = "token"
+    # a serving batch padded to a bucket (omni2sound.serving): shapes fixed by the padding, rows masked past their
+    # own duration (Omni2SoundDiT.prepare_conditions(bucketed=True))
+    bucketed: bool = False
     progress: bool = False                    # a bar over the eager sampling steps (after a second)
 
 
@@ -540,7 +543,7 @@ class Omni2SoundPipeline:
 
         def prepare(c: Conditions) -> PreparedConditions:
             with ops.packed_weights(False):           # once-per-request GEMMs: packing would cost, not save
-                p = self.dit.prepare_conditions(c, T, sampling=True)
+                p = self.dit.prepare_conditions(c, T, sampling=True, bucketed=opts.bucketed)
             if not opts.cpu_workspace:
                 p.workspace = None
             if not opts.skip_empty_cross_rows:

@@ -73,6 +73,7 @@ class PreparedConditions:
     num_frames: int
     cross_rows: int = -1
     workspace: Optional[Dict[str, Tensor]] = None
+    key_mask: Optional[Tensor] = None        # bool [B, T]: the frames each row's self-attention reads (frame_mask)
 
     def __post_init__(self):
         if self.cross_rows < 0:
@@ -101,7 +102,8 @@ class PreparedConditions:
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
         out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, *self.sync_mod]
-        return out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
+        out = out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
+        return out + ([] if self.key_mask is None else [self.key_mask])
 
     def signature(self) -> tuple:
         """Shapes and dtypes that a captured graph depends on."""

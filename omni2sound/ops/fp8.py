@@ -90,7 +90,7 @@ def quantize_weight(weight: Tensor, bias: Optional[Tensor] = None, weight_scale:
         amax = w.abs().amax().reshape(1) if w.numel() else w.new_zeros(1)
     scale = amax.clamp(min=AMAX_FLOOR) / FP8_MAX                                   # [N] or [1]
     q = (w / scale.view(-1, 1)).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
-    return Fp8Weight(q=q, scale=scale.contiguous(), bias=None if bias is None else bias.detach())
+    return Fp8Weight(q=q, scale=scale.contiguous(), bias=bias)       # the layer's own bias tensor (looked up by it)
 
 
 def quantize_rows_reference(x2: Tensor, act_scale: str = "token") -> Tuple[Tensor, Tensor]:
@@ -245,7 +245,7 @@ class Fp8Weights:
             return None
         w = entry[2]
         if bias is not w.bias:
-            w = Fp8Weight(w.q, w.scale, None if bias is None else bias.detach())
+            w = Fp8Weight(w.q, w.scale, bias)
         return w
 
     def __len__(self) -> int:
