@@ -7,12 +7,13 @@
     audio = server.generate([Request(duration=3.2, text_tokens=tok, seed=1), ...])   # [N_i] float32 per request
 
 A request goes to the smallest bucket (seconds) that holds its duration; a bucket's requests are cut into batches of
-at most the largest batch size, and each batch runs at the smallest configured batch size that holds it (the spare
-rows repeat its last request and are dropped). Every batch of a bucket and size has the same tensor shapes: video
-tokens padded to the bucket's 8 / s, sync features to its 24 / s (each request's last feature repeated, which is what
-the unpadded request's interpolation reads past its end), text to the DiT's ``max_text_tokens``, and the condition
-tokens packed with their padding (``prepare_conditions(bucketed=True)``). So the graph captured at start-up for that
-(bucket, size) replays for every batch, with no capture while serving.
+configured sizes at the least cost, rows run plus ``batch_overhead_rows`` per batch (12 requests with sizes 1, 8, 32:
+two batches of 8, not one of 32); a batch's spare rows repeat its last request and are dropped. Every batch of a
+bucket and size has the same tensor shapes: video tokens padded to the bucket's 8 / s, sync features to its 24 / s
+(each request's last feature repeated, which is what the unpadded request's interpolation reads past its end), text
+to the DiT's ``max_text_tokens``, and the condition tokens packed with their padding
+(``prepare_conditions(bucketed=True)``). So the graph captured at start-up for that (bucket, size) replays for every
+batch, with no capture while serving.
 
 A request sounds as it would alone, unpadded: its initial noise is its own seed's noise at its own length (zeros
 after), its duration embedding is its own, its frames past its own duration are left out of every self-attention
@@ -42,6 +43,9 @@ class ServeConfig:
     guidance: Optional[Guidance] = 4.5
     method: str = "euler"
     fp8: bool = False
+    # what one more batch costs in rows of work, for cutting a bucket's requests into batches (a small batch of the
+    # L model is launch-bound: one batch of 8 costs little more than one of 1)
+    batch_overhead_rows: int = 8
 
     def validate(self, max_duration: float) -> None:
         b, s = tuple(self.buckets), tuple(self.batch_sizes)
@@ -52,6 +56,8 @@ class ServeConfig:
                              "max_duration); longer audio is made in windows by Omni2SoundPipeline.generate")
         if not s or any(int(x) != x or x < 1 for x in s) or list(s) != sorted(set(s)):
             raise ValueError(f"ServeConfig.batch_sizes must be increasing positive integers, got {s}")
+        if self.batch_overhead_rows < 0:
+            raise ValueError(f"ServeConfig.batch_overhead_rows must be >= 0, got {self.batch_overhead_rows}")
         if self.steps < 1:
             raise ValueError(f"ServeConfig.steps must be >= 1, got {self.steps}")
 
@@ -84,19 +90,32 @@ def choose_batch_size(n: int, batch_sizes: Sequence[int]) -> int:
     raise ValueError(f"{n} requests are past the largest batch size {batch_sizes[-1]}")
 
 
+def batch_split(n: int, batch_sizes: Sequence[int], overhead_rows: int = 8) -> List[int]:
+    """Batch sizes (largest first) that hold n requests at the least cost, cost = rows run + overhead_rows per
+    batch."""
+    best: List[Tuple[int, List[int]]] = [(0, [])]                 # best[m]: (cost, sizes) for m requests
+    for m in range(1, n + 1):
+        options = []
+        for s in batch_sizes:
+            rest = best[max(0, m - s)]
+            options.append((rest[0] + s + overhead_rows, sorted(rest[1] + [s], reverse=True)))
+        best.append(min(options))
+    return best[n][1]
+
+
 def plan(durations: Sequence[float], config: ServeConfig) -> List[Tuple[float, int, List[int]]]:
     """(bucket, batch size, request indices) per batch: requests grouped by bucket (in order of arrival within
-    one), cut into batches of at most the largest batch size."""
+    one), cut into batches by ``batch_split``."""
     groups: Dict[float, List[int]] = {}
     for i, d in enumerate(durations):
         groups.setdefault(choose_bucket(d, config.buckets), []).append(i)
-    top = config.batch_sizes[-1]
     out = []
     for bucket in sorted(groups):
         idx = groups[bucket]
-        for j in range(0, len(idx), top):
-            chunk = idx[j:j + top]
-            out.append((bucket, choose_batch_size(len(chunk), config.batch_sizes), chunk))
+        j = 0
+        for size in batch_split(len(idx), config.batch_sizes, config.batch_overhead_rows):
+            out.append((bucket, size, idx[j:j + size]))
+            j += size
     return out
 
 

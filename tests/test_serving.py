@@ -3,7 +3,7 @@ it would alone, unpadded (the key mask of the padded frames, its own noise, dura
 import pytest
 import torch
 
-from omni2sound.serving import Request, ServeConfig, Server, choose_batch_size, choose_bucket, plan
+from omni2sound.serving import Request, ServeConfig, Server, batch_split, choose_batch_size, choose_bucket, plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,8 +20,15 @@ def test_bucket_and_batch_size_choice():
     # 6 requests of the 2 s bucket: one batch of 4 and one of 2 (run at size 4); the 1 s ones: one batch at size 1
     batches = plan([1.5, 0.5, 2.0, 1.2, 1.9, 1.1, 1.3], cfg)
     assert batches == [(1.0, 1, [1]), (2.0, 4, [0, 2, 3, 4]), (2.0, 4, [5, 6])]
+    # a bucket's requests cut at the least rows + 8 rows a batch: 12 -> two batches of 8, 40 -> 32 + 8, 2 -> 8
+    assert [batch_split(n, (1, 8, 32)) for n in (1, 2, 9, 12, 20, 40, 70)] == [
+        [1], [8], [8, 1], [8, 8], [32], [32, 8], [32, 32, 8]]
+    assert batch_split(3, (1, 8, 32), overhead_rows=0) == [1, 1, 1]
+    assert plan([1.0] * 12, ServeConfig(buckets=(1.0,), batch_sizes=(1, 8, 32))) == [
+        (1.0, 8, list(range(8))), (1.0, 8, list(range(8, 12)))]
     for bad, match in (({"buckets": (2.0, 1.0)}, "increasing"), ({"buckets": (20.0,)}, "max_duration"),
-                       ({"batch_sizes": (8, 1)}, "increasing"), ({"batch_sizes": (0,)}, "positive")):
+                       ({"batch_sizes": (8, 1)}, "increasing"), ({"batch_sizes": (0,)}, "positive"),
+                       ({"batch_overhead_rows": -1}, "batch_overhead_rows")):
         with pytest.raises(ValueError, match=match):
             ServeConfig(**bad).validate(10.0)
 
