@@ -88,7 +88,7 @@ def peak_memory_mb(device) -> float:
 
 def run_once(pipe, cond, args, plain: bool):
     t0 = time.perf_counter()
-    out = pipe.generate_from_conditions(cond, steps=args.steps, cfg=args.cfg, seed=0, plain=plain)
+    out = pipe.generate_from_conditions(cond, steps=args.steps, guidance=args.guidance, seed=0, plain=plain)
     out.timings["total"] = time.perf_counter() - t0
     return out
 
@@ -105,14 +105,14 @@ def bench_row(preset: str, batch: int, vae, args, device, dtype) -> dict:
     warm_steps = args.steps if device.type == "cuda" else 1
     for name, pipe in pipes.items():
         t0 = time.perf_counter()
-        pipe.generate_from_conditions(cond, steps=warm_steps, cfg=args.cfg, seed=0)
+        pipe.generate_from_conditions(cond, steps=warm_steps, guidance=args.guidance, seed=0)
         _sync(device)
         row[f"{name}_warmup_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if not args.no_plain:
         pipes["plain"] = pipes["opt"]
-        pipes["opt"].generate_from_conditions(cond, steps=1, cfg=args.cfg, seed=0, plain=True)
+        pipes["opt"].generate_from_conditions(cond, steps=1, guidance=args.guidance, seed=0, plain=True)
     runs = {name: [] for name in pipes}
     for _ in range(args.repeats):          # interleaved, so a noisy neighbour hits every path alike
         for name, pipe in pipes.items():
@@ -189,7 +189,7 @@ def ablate(preset: str, vae, args, device, dtype) -> dict:
     def per_step(name: str) -> float:
         changes = dict(ABLATIONS[name])
         backends = changes.pop("backends", {})
-        opts = SamplingOptions(steps=steps, guidance=args.cfg, **changes)
+        opts = SamplingOptions(steps=steps, guidance=args.guidance, **changes)
         timings = {}
         with torch.no_grad(), ops.use_backend(**backends):
             pipe._sample(cond, x0, opts, timings)
@@ -231,7 +231,7 @@ def profile_steps(preset: str, vae, args, device, dtype) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
     def measure(plain: bool, steps: int) -> dict:
-        opts = SamplingOptions(steps=steps, guidance=args.cfg, plain=plain, cuda_graphs=False)
+        opts = SamplingOptions(steps=steps, guidance=args.guidance, plain=plain, cuda_graphs=False)
         x0 = torch.randn(1, T, dit.config.latent_dim, device=device, dtype=dit.dtype)
         with (ops.use_backend("reference") if plain else nullcontext()), torch.no_grad():
             pipe._sample(cond, x0, opts, {})                                  # warm-up
@@ -272,7 +272,8 @@ def main():
     ap.add_argument("--batches", default=None, help="comma list (default 1,8; --quick: 1)")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=4.5,
+                    help="joint classifier-free guidance scale (--cfg is the same flag)")
     ap.add_argument("--text-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--vae", choices=("auto", "tiny", "paper"), default="auto",
@@ -324,8 +325,8 @@ def main():
     if args.ablate:
         args.ablate_steps = args.ablate_steps or (args.steps if device.type == "cuda" else 3)
         each_preset(ablate)
-        print(f"\n## bench_generate --ablate: ms per step (batch 1, CFG {args.cfg}, {args.duration:g} s) and the "
-              f"median paired ratio item-off / full, on {hardware(device)}\n")
+        print(f"\n## bench_generate --ablate: ms per step (batch 1, guidance {args.guidance}, {args.duration:g} s) and "
+              f"the median paired ratio item-off / full, on {hardware(device)}\n")
         for r in rows:
             items = [k[:-8] for k in r if k.endswith("_step_ms")]
             print("| preset | " + " | ".join(items) + " |")
@@ -357,7 +358,7 @@ def main():
             "optc_sample_ms", "optc_total_ms", "speedup_sample_compiled", "plain_sample_ms", "plain_total_ms",
             "speedup_sample", "speedup_total", "max_latent_diff", "opt_warmup_ms", "optc_warmup_ms", "peak_mem_MB"]
     cols = [c for c in cols if any(c in r for r in rows)]
-    print(f"\n## bench_generate: {args.duration:g} s audio, {args.steps} steps, CFG {args.cfg}, on {hw}\n")
+    print(f"\n## bench_generate: {args.duration:g} s audio, {args.steps} steps, guidance {args.guidance}, on {hw}\n")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

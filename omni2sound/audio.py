@@ -63,16 +63,20 @@ def is_silent(wav: torch.Tensor, threshold: float = SILENCE_PEAK) -> bool:
     return wav.numel() == 0 or float(wav.detach().abs().max()) < threshold
 
 
-def save_audio(path: PathLike, wav: torch.Tensor, sample_rate: int) -> Path:
+def save_audio(path: PathLike, wav: torch.Tensor, sample_rate: int, float32: bool = False) -> Path:
     """Write a mono waveform ([N] or [1, N]) as 16-bit WAV or FLAC (by suffix), atomically.
 
     A waveform whose peak exceeds 1 is scaled down to peak 1 (with a warning) rather than clipped: clipping
-    adds broadband distortion, a gain change does not.
+    adds broadband distortion, a gain change does not. ``float32=True`` writes a 32-bit float WAV instead, with
+    the samples exactly as given (no gain change, peaks above 1 kept): what scoring needs, since level-sensitive
+    metrics must see the model's own output level.
     """
     path = Path(path)
     fmt = _WRITE_FORMATS.get(path.suffix.lower())
     if fmt is None:
         raise AudioError(f"{path}: save_audio writes {sorted(_WRITE_FORMATS)} files, not {path.suffix!r}")
+    if float32 and fmt[0] != "WAV":
+        raise AudioError(f"{path}: float32 samples are written as .wav only (FLAC holds integer samples)")
     if sample_rate <= 0:
         raise ValueError(f"save_audio({path}): sample_rate must be positive, got {sample_rate}")
     wav = torch.as_tensor(wav).detach().float().cpu()
@@ -85,7 +89,9 @@ def save_audio(path: PathLike, wav: torch.Tensor, sample_rate: int) -> Path:
     if not torch.isfinite(wav).all():
         raise ValueError(f"save_audio({path}): the waveform holds NaN or infinite samples")
     peak = float(wav.abs().max())
-    if peak > 1.0:
+    if float32:
+        fmt = ("WAV", "FLOAT")
+    elif peak > 1.0:
         log.warning("save_audio(%s): peak %.3f > 1, scaling down by %.2f dB to avoid clipping",
                     path, peak, 20 * np.log10(peak))
         wav = wav / peak

@@ -332,7 +332,7 @@ def _generate_batch(pipe, batch: List[Item], args) -> List[dict]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)      # the rows were checked: none is unconditional
         result = pipe.generate(video=[it.video for it in batch], text=[it.text for it in batch], duration=duration,
-                               steps=args.steps, cfg=args.cfg, seed=[it.seed for it in batch],
+                               steps=args.steps, guidance=args.guidance, seed=[it.seed for it in batch],
                                method=args.method, plain=args.plain)
     outs = []
     for it, wav in zip(batch, result.audio):

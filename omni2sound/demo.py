@@ -45,7 +45,10 @@ class Generator:
     folder under ``root`` (mp4 / wav / png) and prunes old folders. One request at a time (a lock; the queue in
     front of it orders the waiting ones)."""
 
-    def __init__(self, pipe, limits: DemoLimits, root: str, guidance=(3.0, 6.0)):
+    def __init__(self, pipe, limits: DemoLimits, root: str, guidance=None):
+        if guidance is None:        # the sliders start where the CLI and the API do (SamplingOptions' default)
+            from .pipeline import SamplingOptions
+            guidance = SamplingOptions().guidance
         self.pipe, self.limits, self.root = pipe, limits, root
         self.default_guidance = guidance
         self._lock = threading.Lock()
@@ -94,7 +97,7 @@ class Generator:
             progress(0.0, desc="waiting for the model" if self._lock.locked() else "encoding the conditions")
         with self._lock:
             try:
-                result = self.pipe.generate(video=video, text=text, duration=duration, steps=steps, cfg=guidance,
+                result = self.pipe.generate(video=video, text=text, duration=duration, steps=steps, guidance=guidance,
                                             seed=int(seed or 0), progress=progress is not None)
             except (ValueError, OSError) as e:       # an undecodable frame deep in the video, a prompt too long
                 raise DemoError(_reason(e)) from None

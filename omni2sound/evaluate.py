@@ -142,10 +142,11 @@ def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Opti
     from .pipeline import Omni2SoundPipeline
     cfg = (run_meta or {}).get("config", {})
     steps = args.steps or int(cfg.get("sample_steps", 25))
-    guidance = args.cfg if args.cfg is not None else cfg.get("cfg_scale", 4.5)
+    # the run's report guidance (older runs' configs name it cfg_scale)
+    guidance = args.guidance if args.guidance is not None else cfg.get("guidance", cfg.get("cfg_scale", 4.5))
     if isinstance(guidance, list):
         guidance = tuple(guidance)
-    args.generation = {"model": os.path.abspath(args.model), "steps": steps, "cfg": guidance, "seed": args.seed,
+    args.generation = {"model": os.path.abspath(args.model), "steps": steps, "guidance": guidance, "seed": args.seed,
                        "batch_size": args.batch_size}
     pipe = Omni2SoundPipeline.from_pretrained(args.model, device=args.device or "cpu")
     record = os.path.join(out, "generated.jsonl")
@@ -155,17 +156,17 @@ def generate(args, bench: Benchmark, tracks: List[str], out: str, run_meta: Opti
     todo = [(k, b) for k, b in enumerate(batches) if any(it.item_id not in done for it in b)]
     n_todo = sum(sum(it.item_id not in done for it in b) for _, b in todo)
     print(f"[evaluate] {len(items)} items, {len(items) - n_todo} already generated, {n_todo} to go "
-          f"({steps} steps, CFG {guidance}, device {pipe.device})", file=sys.stderr)
+          f"({steps} steps, guidance {guidance}, device {pipe.device})", file=sys.stderr)
     with open(record, "a", encoding="utf-8") as rec, tqdm(total=n_todo, unit="item", desc="generate",
                                                            disable=args.quiet) as bar:
         for k, batch in todo:
             cond = conditions_for(pipe, bench, batch)
-            res = pipe.generate_from_conditions(cond, steps=steps, cfg=guidance, seed=args.seed + k)
+            res = pipe.generate_from_conditions(cond, steps=steps, guidance=guidance, seed=args.seed + k)
             for it, wav in zip(batch, res.audio):
                 if it.item_id in done:
                     continue
                 path = os.path.join(out, "generated", it.track, safe_name(it.clip_id) + ".wav")
-                save_audio(path, wav, res.sample_rate)
+                save_audio(path, wav, res.sample_rate, float32=True)   # scored at the model's own level
                 rec.write(json.dumps({"item_id": it.item_id, "path": path}) + "\n")
                 rec.flush()
                 os.fsync(rec.fileno())
@@ -379,7 +380,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=None, help="sampling steps (default: the run's)")
-    ap.add_argument("--cfg", type=float, nargs="+", default=None, help="guidance: one joint or video text scales")
+    ap.add_argument("--guidance", "--cfg", dest="guidance", type=float, nargs="+", default=None,
+                    help="classifier-free guidance: one joint scale or two (video text); default: the run's (--cfg is "
+                         "the same flag)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fp32", action="store_true", help="embedders in fp32 on a GPU (default bf16)")
     for name, what in (("panns", "Cnn14_16k_mAP=0.438.pth"), ("vggish", "vggish-10086976.pth"),
@@ -391,10 +394,10 @@ def parse_args(argv=None):
     ap.add_argument("--no-oracle", action="store_true")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.cfg is not None:
-        if len(args.cfg) not in (1, 2):
-            ap.error("--cfg takes one joint scale or two (video text)")
-        args.cfg = args.cfg[0] if len(args.cfg) == 1 else tuple(args.cfg)
+    if args.guidance is not None:
+        if len(args.guidance) not in (1, 2):
+            ap.error("--guidance takes one joint scale or two (video text)")
+        args.guidance = args.guidance[0] if len(args.guidance) == 1 else tuple(args.guidance)
     return args
 
 
@@ -419,7 +422,8 @@ def main(argv=None) -> int:
         for t in tracks:
             for it in bench.tracks[t]:
                 p = os.path.join(args.export_references, t, safe_name(it.clip_id) + ".wav")
-                save_audio(p, torch.from_numpy(np.asarray(bench.reference(it), np.float32)), bench.sample_rate)
+                save_audio(p, torch.from_numpy(np.asarray(bench.reference(it), np.float32)), bench.sample_rate,
+                           float32=True)
                 lines.append(it.to_json())
         with open(os.path.join(args.export_references, "items.jsonl"), "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

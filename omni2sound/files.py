@@ -445,10 +445,24 @@ def safetensors_metadata(path: PathLike) -> dict:
         return dict(f.metadata() or {})
 
 
-def load_torch(path: PathLike, map_location="cpu") -> Any:
+def _numpy_array_globals() -> list:
+    """What unpickling a plain numpy array needs (its class, its dtype and the array rebuild function): data only,
+    no callable that could run code. numpy 2 keeps the rebuild function in ``numpy._core``, numpy 1 in
+    ``numpy.core``."""
+    import numpy as np
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:                     # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [np.ndarray, np.dtype, _reconstruct] + [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None))
+                                                   if n.endswith("DType")]
+
+
+def load_torch(path: PathLike, map_location="cpu", numpy_arrays: bool = False) -> Any:
     """``torch.load(path, weights_only=True)``: tensors and plain containers (dict, list, tuple, str, int, float,
     bool, None) only, so the file cannot run code. One-line BadFileError when it is missing, empty, truncated or
-    holds anything else (the pickled object it refused is named)."""
+    holds anything else (the pickled object it refused is named). ``numpy_arrays=True`` also accepts plain numpy
+    arrays (resume checkpoints of earlier releases stored numpy's RNG state as one)."""
     import pickle
 
     import torch
@@ -456,6 +470,9 @@ def load_torch(path: PathLike, map_location="cpu") -> Any:
     path = os.fspath(path)
     _check_nonempty(path)
     try:
+        if numpy_arrays:
+            with torch.serialization.safe_globals(_numpy_array_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = " ".join(str(e).split())

@@ -17,7 +17,7 @@ without video, v_v = v_u and only s_t acts; without text, v_c = v_v and only s_v
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -59,10 +59,19 @@ def cfg_branches(cond: Conditions, scales: Optional[Tuple[float, float]]) -> Lis
     return [cond, cond.drop(keep_text=no), uncond]
 
 
+def cfg_forwards(cond: Conditions, scales: Optional[Tuple[float, float]], batched: bool = True
+                 ) -> List[Tuple[Conditions, int]]:
+    """The forward passes of one guided step, as (conditions, n): n CFG branches of ``cfg_branches`` stacked in one
+    batch (batched: one forward over all of them) or one forward per branch (n = 1 each)."""
+    branches = cfg_branches(cond, scales)
+    if not batched:
+        return [(c, 1) for c in branches]
+    return [(cond if len(branches) == 1 else Conditions.cat(branches), len(branches))]
+
+
 def cfg_conditions(cond: Conditions, scales: Optional[Tuple[float, float]]) -> Tuple[Conditions, int]:
     """The conditions of the CFG batch and how many copies of the latent it needs (1, 2 or 3)."""
-    branches = cfg_branches(cond, scales)
-    return (cond, 1) if len(branches) == 1 else (Conditions.cat(branches), len(branches))
+    return cfg_forwards(cond, scales)[0]
 
 
 def combine_guidance(v: Tensor, k: int, scales: Optional[Tuple[float, float]]) -> Tensor:
@@ -74,6 +83,21 @@ def combine_guidance(v: Tensor, k: int, scales: Optional[Tuple[float, float]]) -
         return v_u + scales[0] * (v_c - v_u)
     v_c, v_v, v_u = v.chunk(3)
     return v_u + scales[0] * (v_v - v_u) + scales[1] * (v_c - v_v)
+
+
+def guided_velocity(predict: Callable[[Tensor, Tensor, Any], Tensor], x: Tensor, t: Tensor,
+                    forwards: Sequence[Tuple[Any, int]], scales: Optional[Tuple[float, float]]) -> Tensor:
+    """The classifier-free-guided velocity [B, T, C] of the latent x [B, T, C] at times t [B].
+
+    The one implementation of guidance: ``FlowMatching.sample``, the pipeline's eager step and its CUDA-graph step
+    all call it. forwards: the step's forward passes as (conditions, n), in ``cfg_forwards``' order, each over n CFG
+    branches stacked in its batch (n copies of x); the conditions are whatever ``predict`` reads (a DiT's
+    PreparedConditions, or Conditions for a model's plain forward). predict(x [n B, T, C], t [n B], conditions)
+    -> v [n B, T, C].
+    """
+    vs = [predict(x.repeat(n, 1, 1) if n > 1 else x, t.repeat(n) if n > 1 else t, c) for c, n in forwards]
+    v = vs[0] if len(vs) == 1 else torch.cat(vs)                                       # [k B, T, C]
+    return combine_guidance(v, sum(n for _, n in forwards), scales)
 
 
 def time_grid(steps: int, device=None) -> Tensor:
@@ -162,9 +186,9 @@ class FlowMatching:
         x0 = torch.randn(batch, num_frames, channels, generator=generator, device=generator.device)
         return x0.to(device=device, dtype=dtype)
 
-    def guided_velocity(self, model, cond: Conditions, num_frames: int, guidance: Optional[Guidance],
-                        plain: bool = False) -> VelocityFn:
-        """The per-step velocity function with CFG.
+    def velocity_fn(self, model, cond: Conditions, num_frames: int, guidance: Optional[Guidance],
+                    plain: bool = False) -> VelocityFn:
+        """The per-step function (x, t) -> guided velocity of ``model`` under ``cond`` (``guided_velocity``).
 
         Optimised (default): the conditions of the whole CFG batch are prepared ONCE and every step is one
         batched forward. Plain (for benchmarks and equality tests): every step recomputes the conditions
@@ -172,21 +196,11 @@ class FlowMatching:
         """
         scales = guidance_scales(guidance)
         if plain:
-            branches = cfg_branches(cond, scales)
-            k = len(branches)
-
-            def plain_velocity(x: Tensor, t: Tensor) -> Tensor:
-                return combine_guidance(torch.cat([model(x, t, c) for c in branches]), k, scales)
-            return plain_velocity
-
-        batch_cond, k = cfg_conditions(cond, scales)
-        prep = model.prepare_conditions(batch_cond, num_frames, sampling=True)
-
-        def velocity(x: Tensor, t: Tensor) -> Tensor:
-            xk = x.repeat(k, 1, 1) if k > 1 else x                                     # [k B, T, C]
-            tk = t.repeat(k) if k > 1 else t
-            return combine_guidance(model.predict_velocity(xk, tk, prep), k, scales)
-        return velocity
+            forwards = cfg_forwards(cond, scales, batched=False)
+            return lambda x, t: guided_velocity(model, x, t, forwards, scales)
+        forwards = [(model.prepare_conditions(c, num_frames, sampling=True), n)
+                    for c, n in cfg_forwards(cond, scales)]
+        return lambda x, t: guided_velocity(model.predict_velocity, x, t, forwards, scales)
 
     @torch.no_grad()
     def sample(self, model, cond: Conditions, num_frames: int, steps: Optional[int] = None,
@@ -198,7 +212,7 @@ class FlowMatching:
                             device=model.device, dtype=model.dtype)
         if x0.shape[:2] != (cond.batch_size, num_frames):
             raise ValueError(f"x0 must be [B={cond.batch_size}, T={num_frames}, C], got {tuple(x0.shape)}")
-        fn = self.guided_velocity(model, cond, num_frames, guidance, plain=plain)
+        fn = self.velocity_fn(model, cond, num_frames, guidance, plain=plain)
         return integrate(fn, x0, steps or self.config.steps, method or self.config.method)
 
 

@@ -67,7 +67,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"at most {MAX_DURATION_S:g}, and refused up front when its estimated memory exceeds the "
                         "device's free memory)")
     p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--guidance", "--cfg", dest="cfg", type=_guidance, default=4.5,
+    p.add_argument("--guidance", "--cfg", dest="guidance", type=_guidance, default=4.5,
                    help="classifier-free guidance: a scale, 'video,text' scales or none (--cfg is the same flag); "
                         "default joint 4.5, chosen on the toy world's validation prompts; '4.5,6' follows "
                         "off-screen sounds in the text better at 1.5x the compute per step (README, Default guidance)")
@@ -141,7 +141,7 @@ def _run(args) -> int:
     duration = args.duration
     if duration is None:
         duration = default_duration(args.video)
-    opts = dict(steps=args.steps, cfg=args.cfg, seed=args.seed, method=args.method, plain=args.plain,
+    opts = dict(steps=args.steps, guidance=args.guidance, seed=args.seed, method=args.method, plain=args.plain,
                 progress=not args.no_progress)
     if args.clip_features or args.sync_features:
         from .encoders import load_features

@@ -1,6 +1,6 @@
 """The flow-matching training step captured once in a CUDA graph and replayed.
 
-Why: an L training step (batch 32 x 10 s) launches some 3000 kernels. On an H200 (session 9 profile) the GPU ran a
+Why: an L training step (batch 32 x 10 s) launches some 3000 kernels. On an H200 (profile of 2026-12-04) the GPU ran a
 step's kernels in 149 ms while the host took 225 ms to launch them: the step was bound by Python and the launch
 path, not by the GPU. A replay launches the whole step (forward, backward, AdamW) with one call.
 

@@ -142,7 +142,7 @@ TRACKS = {   # track: (task the model is asked, first test-split index, off-scre
     "vt2a": ("vt2a", 2000, False),
     "offscreen": ("vt2a", 3000, True),
 }
-# the learning bar of the issue, per track: metric >= value
+# the learning bar, per track: metric >= value
 BAR = {"v2a": {"onset_f1": 0.8, "class_acc": 0.8}, "t2a": {"class_acc": 0.8},
        "vt2a": {"onset_f1": 0.8, "class_acc": 0.8}, "offscreen": {"offscreen_recall": 0.7}}
 
@@ -154,13 +154,19 @@ def _truth(clip) -> list:
 def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
                  split: str = "test", progress: Optional[bool] = None) -> dict:
     """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
-    Also scores the VAE's reconstruction of the true audio (the ceiling any DiT can reach here).
-    split: "test" for the report; "val" to choose sampling settings (steps, CFG) without touching the test prompts."""
+
+    The audio comes from the sampler users run: the stage folder loaded as an ``Omni2SoundPipeline`` (as
+    ``python -m omni2sound.generate --model STAGE`` loads it, on the CPU) and ``generate_from_conditions`` on the
+    prompts' features, with ``cfg.sample_steps`` Euler steps, ``cfg.guidance`` and one seed for each track's batch.
+    vae_dir: the VAE that encodes the true audio (the features) and decodes the VAE ceiling, the oracle on VAE
+    reconstructions of the true audio (the best any DiT can reach here); the pipeline decodes with the VAE its
+    pipeline.json names (the run's, the same one).
+    split: "test" for the report; "val" to choose sampling settings (steps, guidance) without touching the test
+    prompts."""
     import torch
 
     from .extract import Encoders, encode_items
-    from .flow import FlowMatching
-    from .model import Omni2SoundDiT
+    from .pipeline import Omni2SoundPipeline
     from .toy import ToyConfig, ToyWorld
     from .vae import AudioVAE
 
@@ -168,12 +174,9 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
     progress = getattr(cfg, "progress", True) if progress is None else progress
     world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     vae = AudioVAE.from_pretrained(vae_dir).eval()
-    model = Omni2SoundDiT.from_pretrained(os.path.join(stage_dir, "dit")).eval()
-    from .files import read_json
-    stats = read_json(os.path.join(stage_dir, "latent_stats.json"))
-    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    pipe = Omni2SoundPipeline.from_pretrained(stage_dir, device="cpu")
     enc = enc or Encoders()
-    oracle, flow = Oracle(), FlowMatching()
+    oracle = Oracle()
     N = int(round(cfg.toy_duration * world.cfg.sample_rate))
     results, audio = {}, {}
     from tqdm import tqdm
@@ -189,10 +192,10 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
                                                         "frames_sync": c.frames_sync, "caption": c.caption,
                                                         "duration": c.duration} for c in clips], vae, enc))
         z_true, cond = table.batch(torch.arange(n), sample_latent=False)
+        out = pipe.generate_from_conditions(cond.for_task(task), steps=cfg.sample_steps, guidance=cfg.guidance,
+                                            seed=seed)
+        wav = out.audio[:, :N].numpy()                                                      # [n, N]
         with torch.no_grad():
-            z = flow.sample(model, cond.for_task(task), z_true.shape[1], steps=cfg.sample_steps,
-                            guidance=cfg.cfg_scale, seed=seed)
-            wav = vae.decode((z * std + mean).transpose(1, 2))[:, 0, :N].numpy()            # [n, N]
             recon = vae.decode(z_true.transpose(1, 2))[:, 0, :N].numpy()
         truths = [_truth(c) for c in clips]
         results[track] = {"task": task, **score([oracle.analyse(w) for w in wav], truths),
@@ -239,7 +242,7 @@ def _loss_png(path: str, run_root: str, stages: list) -> None:
     plt.close(fig)
 
 
-def _cfg_text(g) -> str:
+def _guidance_text(g) -> str:
     return f"video {g[0]:g} / text {g[1]:g} (separate scales)" if isinstance(g, (tuple, list)) else f"{g:g} (joint)"
 
 
@@ -254,8 +257,8 @@ def write_report(cfg, stage_dir: str, out_dir: Optional[str] = None, enc=None) -
     sr = 16000
     lines = [f"# Toy report: {cfg.name} (schedule {cfg.schedule}, sampled from {stage_dir})", "",
              f"{cfg.toy_eval_clips} held-out prompts per track (test split), {cfg.sample_steps} Euler steps, "
-             f"CFG {_cfg_text(cfg.cfg_scale)}. Oracle: onset within 40 ms and class right; class_acc = the set of "
-             "heard classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true "
+             f"guidance {_guidance_text(cfg.guidance)}. Oracle: onset within 40 ms and class right; class_acc = the "
+             "set of heard classes equals the truth; the VAE ceiling is the oracle on VAE reconstructions of the true "
              "audio.", "",
              "| track | task | onset F1 | class acc | class F1 | off-screen recall | bar | VAE ceiling F1 / acc |",
              "|---|---|---|---|---|---|---|---|"]

@@ -10,9 +10,10 @@ Checkpoint layout (``Omni2SoundPipeline.save_pretrained`` writes it, ``from_pret
 Phases of one request (gpt-fast style, each timed in ``GenerationResult.timings``):
   1. encode     condition encoders (text model, frame features, sync features)       once per request
   2. prepare    DiT projections, packing, every layer's cross-attention K/V, sync AdaLN once per request
-  3. sample     n denoising steps; each step is ONE batched forward over [cond, uncond(, video-only)];
-                on a GPU the step is a captured CUDA graph over static buffers (replayed n times; the only
-                work between replays is a device-side copy of t), with no host synchronisation
+  3. sample     n denoising steps of the guided velocity (``flow.guided_velocity``); each step is ONE batched
+                forward over [cond, uncond(, video-only)]; on a GPU the step is a captured CUDA graph over
+                static buffers (``sampling.GraphSampler``: replayed n times; the only work between replays is
+                a device-side copy of t), with no host synchronisation
   4. decode     the VAE                                                                once per request
 The low-latency switches, all on by default, are in ``SamplingOptions``; ``plain=True`` turns every one off
 (conditions recomputed every step, sequential CFG, reference ops, no graphs) for benchmarks and tests.
@@ -37,11 +38,11 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
-from .cuda_graphs import warm_up_on_side_stream
 from .device import default_device, resolve_device
 from .files import read_config, write_json
-from .flow import FlowMatching, Guidance, cfg_branches, combine_guidance, guidance_scales, time_grid
-from .model import Omni2SoundDiT, PreparedConditions
+from .flow import FlowMatching, Guidance, cfg_forwards, guidance_scales, guided_velocity, integrate
+from .model import Omni2SoundDiT
+from .sampling import GraphSampler, PreparedConditions
 
 PIPELINE_CONFIG = "pipeline.json"
 
@@ -93,6 +94,13 @@ class SamplingOptions:
     conditions_once: bool = True              # prepare the conditions once per request (False: once per step)
     batched_cfg: bool = True                  # one forward over all CFG branches (False: one forward per branch)
     cpu_packed_weights: bool = True           # CPU: the step's oneDNN GEMMs use weights reordered once (ops.linear)
+    # e4m3 GEMMs for the DiT blocks' projections (ops.fp8; weights quantised once per pipeline, activations per
+    # token, or per tensor with fp8_act_scale="tensor"); off by default until measured against bf16 on a GPU
+    fp8: bool = False
+    fp8_act_scale: str = "token"
+    # a serving batch padded to a bucket (omni2sound.serving): shapes fixed by the padding, rows masked past their
+    # own duration (Omni2SoundDiT.prepare_conditions(bucketed=True))
+    bucketed: bool = False
     progress: bool = False                    # a bar over the eager sampling steps (after a second)
 
 
@@ -128,74 +136,21 @@ def step_progress(velocity, opts: "SamplingOptions", enabled: bool):
         bar.close()
 
 
+_UNSET = object()
+
+
+def _guidance(guidance: Optional[Guidance], cfg) -> Optional[Guidance]:
+    """``guidance``, or the same value given under its other keyword name ``cfg``."""
+    if cfg is _UNSET:
+        return guidance
+    if guidance != 4.5 and guidance != cfg:
+        raise TypeError("give the guidance once: guidance=... or its other name cfg=..., not both")
+    return cfg
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# CUDA-graph sampler: static buffers, one captured step, replayed
-# ----------------------------------------------------------------------------------------------------
-class _GraphEntry:
-    def __init__(self, predict, prep: PreparedConditions, k: int, scales, steps: int,
-                 method: str, x0: Tensor):
-        self.prep = prep                                  # the static condition buffers (refilled per request)
-        self.x = x0.clone()                               # static latent [B, T, C]
-        B = x0.shape[0]
-        self.ts = time_grid(steps, x0.device).to(x0.dtype)
-        self.t = self.ts[0].expand(B).clone()             # static time of the step [B]
-        self.t_next = self.ts[1].expand(B).clone()
-        dt = 1.0 / steps
-
-        def velocity(x, t):
-            xk = x.repeat(k, 1, 1) if k > 1 else x
-            tk = t.repeat(k) if k > 1 else t
-            return combine_guidance(predict(xk, tk, self.prep), k, scales)
-
-        def step():
-            v = velocity(self.x, self.t)
-            if method == "euler":
-                self.x.add_(v, alpha=dt)
-            else:
-                v2 = velocity(self.x + dt * v, self.t_next)
-                self.x.add_(v + v2, alpha=0.5 * dt)
-
-        warm_up_on_side_stream(step, 2)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step()
-
-    def run(self, x0: Tensor, steps: int) -> Tensor:
-        self.x.copy_(x0)
-        for i in range(steps):
-            self.t.copy_(self.ts[i].expand_as(self.t))       # device-to-device, no host sync
-            self.t_next.copy_(self.ts[i + 1].expand_as(self.t))
-            self.graph.replay()
-        return self.x.clone()
-
-
-class GraphSampler:
-    """Caches one captured step per (condition shapes, batch, frames, steps, sampler, CFG form)."""
-
-    def __init__(self, max_entries: int = 4):
-        self.entries: Dict[tuple, _GraphEntry] = {}
-        self.max_entries = max_entries
-        self.captures = 0
-
-    @torch.no_grad()
-    def sample(self, predict, prep: PreparedConditions, k: int, scales, x0: Tensor, steps: int, method: str
-               ) -> Tensor:
-        """predict: (x [kB, T, C], t [kB], prep) -> v, i.e. the DiT's predict_velocity (maybe compiled)."""
-        key = (predict, prep.signature(), k, scales, steps, method, tuple(x0.shape), x0.dtype)
-        entry = self.entries.get(key)
-        if entry is None:
-            if len(self.entries) >= self.max_entries:
-                self.entries.pop(next(iter(self.entries)))
-            entry = self.entries[key] = _GraphEntry(predict, prep, k, scales, steps, method, x0)
-            self.captures += 1
-        elif entry.prep is not prep:
-            entry.prep.copy_(prep)
-        return entry.run(x0, steps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,6 +181,7 @@ class Omni2SoundPipeline:
         self.dit, self.vae = dit.eval(), vae.eval()
         self.compile_step = compile_step
         self._compiled = None
+        self._fp8: Dict[str, tuple] = {}          # act_scale -> (Fp8Weights, the per-step function using it)
         self.config = config or PipelineConfig()
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
@@ -290,8 +246,30 @@ class Omni2SoundPipeline:
         std = torch.tensor(c.latent_std or [1.0] * z.shape[-1], device=z.device, dtype=z.dtype)
         return z * std + mean
 
-    def _predict(self):
-        """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``."""
+    def fp8_weights(self, act_scale: str = "token") -> "ops.Fp8Weights":
+        """The DiT blocks' projection weights in e4m3 (attention qkv and output, cross-attention q and output, MLP
+        fc1 and fc2), quantised on the first call for ``act_scale`` and kept (a weight changed since runs bf16)."""
+        return self._fp8_entry(act_scale)[0]
+
+    def _fp8_entry(self, act_scale: str) -> tuple:
+        entry = self._fp8.get(act_scale)
+        if entry is None:
+            layers = [m for b in self.dit.blocks
+                      for m in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2])]
+            table = ops.quantize_linears(layers, act_scale=act_scale)
+            base = self._predict()
+
+            def predict_fp8(x, t, prep):
+                with ops.fp8_gemms(table):
+                    return base(x, t, prep)
+            entry = self._fp8[act_scale] = (table, predict_fp8)
+        return entry
+
+    def _predict(self, opts: Optional["SamplingOptions"] = None):
+        """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``, its block projections in
+        fp8 when ``opts.fp8`` (one function per activation scaling, so each gets its own captured graph)."""
+        if opts is not None and opts.fp8:
+            return self._fp8_entry(opts.fp8_act_scale)[1]
         if not self.compile_step:
             return self.dit.predict_velocity
         if self._compiled is None:
@@ -435,8 +413,9 @@ class Omni2SoundPipeline:
 
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, video=None, text=None, duration: Optional[float] = None, steps: int = 25,
-                 cfg: Optional[Guidance] = 4.5, seed: Union[int, Sequence[int]] = 0, method: str = "euler",
-                 plain: bool = False, cuda_graphs: bool = True, progress: bool = False) -> GenerationResult:
+                 guidance: Optional[Guidance] = 4.5, seed: Union[int, Sequence[int]] = 0, method: str = "euler",
+                 plain: bool = False, cuda_graphs: bool = True, progress: bool = False,
+                 cfg: Union[Optional[Guidance], object] = _UNSET, fp8: bool = False) -> GenerationResult:
         """Generate audio for one request or a batch.
 
         Args:
@@ -449,7 +428,7 @@ class Omni2SoundPipeline:
                 from its packets' timestamps: ``omni2sound.mux.video_duration``), or 10 s without video; the
                 CLI uses the same rule. Longer than the model's training length is made in overlapping windows.
             steps: ODE solver steps (25 by default; each costs one batched DiT forward, two with Heun).
-            cfg: classifier-free guidance: a number (one joint scale over video and text), a (video, text) pair
+            guidance: classifier-free guidance: a number (one joint scale over video and text), a (video, text) pair
                 of separate scales (the training report samples with (3, 6)), or None (no guidance: the
                 conditional model alone, half the compute).
             seed: the initial noise's seed: one int for the batch (request i gets row i of that draw), or one
@@ -459,6 +438,9 @@ class Omni2SoundPipeline:
             cuda_graphs: on a GPU, replay the sampling step and the VAE decode from CUDA graphs.
             progress: a tqdm bar over the sampling steps, shown only if sampling takes over a second (the CLI
                 turns it on; off by default here).
+            cfg: another name of ``guidance`` (give one of them).
+            fp8: the DiT blocks' projections as e4m3 GEMMs (``SamplingOptions.fp8``; a GPU of compute capability
+                >= 8.9 runs them natively, elsewhere they run the fp32 reference of the same quantisation).
 
         Returns:
             GenerationResult: ``audio`` float32 [B, N] on the CPU in [-1, 1] (N = round(duration *
@@ -467,26 +449,30 @@ class Omni2SoundPipeline:
             video with ``omni2sound.mux_audio(video, out.audio[i], out.sample_rate, "out.mp4")``.
         """
         from .mux import default_duration, warn_unconditional
+        guidance = _guidance(guidance, cfg)
         t0 = time.perf_counter()
         warn_unconditional(*self._batch(video, text))
         if duration is None:
             duration = default_duration(video)
         cond = self.encode(video, text, duration)
         t_enc = time.perf_counter() - t0
-        out = self.generate_from_conditions(cond, steps=steps, cfg=cfg, seed=seed, method=method, plain=plain,
-                                            cuda_graphs=cuda_graphs, progress=progress)
+        out = self.generate_from_conditions(cond, steps=steps, guidance=guidance, seed=seed,
+                                            method=method, plain=plain, cuda_graphs=cuda_graphs, progress=progress,
+                                            fp8=fp8)
         out.timings["encode"] = t_enc
         out.timings["total"] = time.perf_counter() - t0
         return out
 
     @torch.no_grad()
-    def generate_from_conditions(self, cond: Conditions, steps: int = 25, cfg: Optional[Guidance] = 4.5,
+    def generate_from_conditions(self, cond: Conditions, steps: int = 25, guidance: Optional[Guidance] = 4.5,
                                  seed: Union[int, Sequence[int]] = 0, method: str = "euler", plain: bool = False,
-                                 cuda_graphs: bool = True, progress: bool = False) -> GenerationResult:
+                                 cuda_graphs: bool = True, progress: bool = False,
+                                 cfg: Union[Optional[Guidance], object] = _UNSET,
+                                 fp8: bool = False) -> GenerationResult:
         """Precomputed Conditions (e.g. CLIP + Synchformer features and text tokens) -> audio. The options are
         ``generate``'s."""
-        opts = SamplingOptions(steps=steps, method=method, guidance=cfg, plain=plain, cuda_graphs=cuda_graphs,
-                               progress=progress)
+        opts = SamplingOptions(steps=steps, method=method, guidance=_guidance(guidance, cfg), plain=plain,
+                               cuda_graphs=cuda_graphs, progress=progress, fp8=fp8)
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
         cond.validate()
@@ -535,49 +521,50 @@ class Omni2SoundPipeline:
         if not opts.plain and not opts.fused_ops:          # the optimised path on the reference ops (ablation)
             with ops.use_backend("reference"):
                 return self._sample(cond, x0, replace(opts, fused_ops=True), timings)
+        scales = guidance_scales(opts.guidance)
         if opts.plain:                      # conditions every step, one forward per CFG branch, the reference ops
             t0 = time.perf_counter()
             with ops.use_backend("reference"):
-                fn = self.flow.guided_velocity(self.dit, cond, T, opts.guidance, plain=True)
-                from .flow import integrate
-                with step_progress(fn, opts, opts.progress) as fn:
+                forwards = cfg_forwards(cond, scales, batched=False)
+
+                def plain_velocity(x, t):
+                    return guided_velocity(self.dit, x, t, forwards, scales)
+                with step_progress(plain_velocity, opts, opts.progress) as fn:
                     x = integrate(fn, x0, opts.steps, opts.method)
             _sync(dev)
             timings["prepare"] = 0.0
             timings["sample"] = time.perf_counter() - t0
             return x
-        scales = guidance_scales(opts.guidance)
         t0 = time.perf_counter()
         # the forwards of one step: one over the whole CFG batch, or (ablation) one per CFG branch
-        branches = cfg_branches(cond, scales)
-        k = len(branches)
-        groups = [(cond if k == 1 else Conditions.cat(branches), k)] if opts.batched_cfg else [(c, 1) for c in branches]
+        forwards = cfg_forwards(cond, scales, batched=opts.batched_cfg)
+        k = sum(n for _, n in forwards)
+        predict = self._predict(opts)
 
         def prepare(c: Conditions) -> PreparedConditions:
             with ops.packed_weights(False):           # once-per-request GEMMs: packing would cost, not save
-                p = self.dit.prepare_conditions(c, T, sampling=True)
+                p = self.dit.prepare_conditions(c, T, sampling=True, bucketed=opts.bucketed)
             if not opts.cpu_workspace:
                 p.workspace = None
             if not opts.skip_empty_cross_rows:
                 p.cross_rows = p.batch_size
             return p
 
-        preps = [prepare(c) for c, _ in groups] if opts.conditions_once else None
+        if opts.conditions_once:
+            forwards = [(prepare(c), n) for c, n in forwards]
+        else:                                         # ablation: the conditions prepared again every step
+            predict_prepared = predict
+
+            def predict(x, t, c):
+                return predict_prepared(x, t, prepare(c))
         _sync(dev)
         t1 = time.perf_counter()
         timings["prepare"] = t1 - t0
         if dev.type == "cuda" and opts.cuda_graphs and opts.conditions_once and opts.batched_cfg:
-            x = self.graphs.sample(self._predict(), preps[0], k, scales, x0, opts.steps, opts.method)
+            x = self.graphs.sample(predict, forwards[0][0], k, scales, x0, opts.steps, opts.method)
         else:
-            from .flow import integrate
-            predict = self._predict()
-
             def velocity(x, t):
-                vs = []
-                for i, (c, n) in enumerate(groups):
-                    prep = preps[i] if preps is not None else prepare(c)       # ablation: once per step
-                    vs.append(predict(x.repeat(n, 1, 1) if n > 1 else x, t.repeat(n) if n > 1 else t, prep))
-                return combine_guidance(torch.cat(vs) if len(vs) > 1 else vs[0], k, scales)
+                return guided_velocity(predict, x, t, forwards, scales)
             with ops.packed_weights(opts.cpu_packed_weights and dev.type == "cpu"), \
                     step_progress(velocity, opts, opts.progress) as velocity:
                 x = integrate(velocity, x0, opts.steps, opts.method)

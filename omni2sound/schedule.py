@@ -41,6 +41,10 @@ from .trainer import DistInfo, LoopConfig, OptimConfig, Trainer, atomic_json, in
 STAGES = ("vae", "stage1", "stage2", "stage3")
 
 
+# old TrainConfig field name -> its name now; from_dict (and so --config and every saved run config) reads both
+RENAMED_FIELDS = {"cfg_scale": "guidance"}
+
+
 @dataclass
 class TrainConfig:
     name: str = "toy"
@@ -90,7 +94,7 @@ class TrainConfig:
     fsdp_bf16_params: bool = True     # FSDP2 with bf16 on GPU: weights gathered in bf16, gradients reduced in fp32
     # the report
     sample_steps: int = 25
-    cfg_scale: Union[float, tuple] = (3.0, 6.0)   # (video, text) guidance scales, or one joint scale
+    guidance: Union[float, tuple] = (3.0, 6.0)    # (video, text) guidance scales, or one joint scale
     progress: bool = True
     tensorboard: bool = True          # TensorBoard event files beside each stage's log.jsonl (tblog.py)
 
@@ -104,14 +108,25 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {sorted(SCHEDULES)}, got {self.schedule!r}")
 
+    @staticmethod
+    def renamed(d: dict) -> dict:
+        """A copy of the fields ``d`` with the old names of renamed fields (RENAMED_FIELDS) replaced by the new."""
+        d = dict(d)
+        for old, new in RENAMED_FIELDS.items():
+            if old in d:
+                if new in d and d[new] != d[old]:
+                    raise ValueError(f"TrainConfig: both {old!r} and its new name {new!r} are set; keep {new!r}")
+                d[new] = d.pop(old)
+        return d
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        d = cls.renamed(d)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}")
-        d = dict(d)
-        for k in ("task_probs", "cfg_scale"):
+        for k in ("task_probs", "guidance"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
         return cls(**d)

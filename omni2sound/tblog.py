@@ -18,7 +18,7 @@ _GROUPS = {"lr": "optim/lr", "grad_norm": "optim/grad_norm", "tokens_per_s": "sp
            "samples_per_s": "speed/samples_per_s", "mfu": "speed/mfu", "loss": "loss/all"}
 
 
-def _writer(folder: str):
+def _writer(folder: str, purge_step: Optional[int] = None):
     global _warned
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -28,14 +28,19 @@ def _writer(folder: str):
                           "to silence this)", RuntimeWarning, stacklevel=3)
             _warned = True
         return None
-    return SummaryWriter(folder)
+    return SummaryWriter(folder, purge_step=purge_step)
 
 
 class TensorBoardLog:
-    """Writes to ``out_dir/tb``; every method is a no-op when disabled or when tensorboard is missing."""
+    """Writes to ``out_dir/tb``; every method is a no-op when disabled or when tensorboard is missing.
 
-    def __init__(self, out_dir: str, enabled: bool = True):
-        self.writer = _writer(os.path.join(out_dir, "tb")) if enabled else None
+    ``purge_step`` (a resumed run: the checkpoint's step + 1) makes TensorBoard drop the events that earlier files
+    hold at that step or later, the rows a killed run logged after its last checkpoint and that the resumed run logs
+    again, so every step shows once, as in log.jsonl.
+    """
+
+    def __init__(self, out_dir: str, enabled: bool = True, purge_step: Optional[int] = None):
+        self.writer = _writer(os.path.join(out_dir, "tb"), purge_step) if enabled else None
 
     @property
     def active(self) -> bool:

@@ -23,7 +23,17 @@ import torch
 from .device import device_arg, resolve_device
 from .files import BadFileError, read_json
 from .runs import run_dir
-from .schedule import SCHEDULES, STAGES, TRAIN_PRESETS, TrainConfig, hms, run_stages, schedule, stage_dir
+from .schedule import (
+    RENAMED_FIELDS,
+    SCHEDULES,
+    STAGES,
+    TRAIN_PRESETS,
+    TrainConfig,
+    hms,
+    run_stages,
+    schedule,
+    stage_dir,
+)
 
 __all__ = ["TRAIN_PRESETS", "TrainConfig", "main", "parse_args", "run"]
 
@@ -66,13 +76,15 @@ def parse_args(argv=None) -> tuple:
         p.error(f"--init-from {a.init_from}: no such folder (a stage or vae folder of an earlier run)")
     if a.config:
         try:
-            cfg = TrainConfig.from_dict({**asdict(cfg), **read_json(a.config, dict, "TrainConfig fields")})
+            fields_ = TrainConfig.renamed(read_json(a.config, dict, "TrainConfig fields"))
+            cfg = TrainConfig.from_dict({**asdict(cfg), **fields_})
         except (OSError, ValueError) as e:          # missing, not JSON, unknown fields
             p.error(f"--config: {e}" if isinstance(e, BadFileError) else f"--config {a.config}: {e}")
     over = {}
     types = {f.name: f.type for f in fields(TrainConfig)}
     for kv in a.set:
         k, _, v = kv.partition("=")
+        k = RENAMED_FIELDS.get(k, k)
         if k not in types:
             raise SystemExit(f"--set {kv}: unknown TrainConfig field {k!r}")
         if types[k] in ("str", "Optional[str]"):        # taken as written: parallel=fsdp, data=features, name=123

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import warnings
@@ -199,12 +200,19 @@ def rng_state() -> dict:
 
 
 def set_rng_state(s: dict) -> None:
+    """Restore what ``rng_state`` saved; also takes the earlier layout (numpy's and Python's own state tuples)."""
     torch.set_rng_state(s["torch"])
     n = s["numpy"]
-    np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    if isinstance(n, (tuple, list)):
+        np.random.set_state(tuple(n))
+    else:
+        np.random.set_state((n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
     p = s["python"]
-    random.setstate((p["version"], tuple(int(w) for w in p["state"].tolist()), p["gauss_next"]))
+    if isinstance(p, (tuple, list)):
+        random.setstate((p[0], tuple(p[1]), p[2]))
+    else:
+        random.setstate((p["version"], tuple(int(w) for w in p["state"].tolist()), p["gauss_next"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -215,8 +223,9 @@ CHECKPOINT_KEYS = ("model", "ema", "optimizer", "scheduler", "step", "rng")
 
 def read_checkpoint(path: str) -> dict:
     """A resume checkpoint, loaded with ``weights_only=True`` (tensors and plain containers only: a crafted file
-    cannot run code). BadFileError, one line naming the file, when it is truncated, refused or incomplete."""
-    ck = load_torch(path)
+    cannot run code; plain numpy arrays are accepted for the RNG state of earlier checkpoints). BadFileError, one
+    line naming the file, when it is truncated, refused or incomplete."""
+    ck = load_torch(path, numpy_arrays=True)
     if not isinstance(ck, dict):
         raise BadFileError(path, f"holds a {type(ck).__name__}, expected a resume checkpoint (a dict)")
     missing = [k for k in CHECKPOINT_KEYS if k not in ck]
@@ -597,9 +606,12 @@ class Trainer:
             self._resume()
             if self.info.main:
                 cut_log(log_path, self.step)     # rows logged after the checkpoint are logged again below
-        if self.info.main and not resume and os.path.exists(log_path):
-            os.remove(log_path)
-        tb = TensorBoardLog(self.out_dir, self.loop.tensorboard) if self.info.main else None
+        if self.info.main and not resume:
+            if os.path.exists(log_path):
+                os.remove(log_path)
+            shutil.rmtree(os.path.join(self.out_dir, "tb"), ignore_errors=True)    # a fresh run's curves only
+        tb = (TensorBoardLog(self.out_dir, self.loop.tensorboard, purge_step=self.step + 1 if resume else None)
+              if self.info.main else None)
         card = gpu_info() if self.info.device.startswith("cuda") else None     # once per run, in its first row
         bar = None
         if self.loop.progress and self.info.main:

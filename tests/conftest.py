@@ -44,3 +44,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    """A folder holding a randomly initialised `tiny` AudioVAE (seed 0) saved with save_pretrained."""
+    from omni2sound.vae import VAE_PRESETS, AudioVAE
+    torch.manual_seed(0)
+    d = str(tmp_path_factory.mktemp("vae"))
+    AudioVAE(VAE_PRESETS["tiny"]).save_pretrained(d)
+    return d

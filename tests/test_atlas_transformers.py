@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from byte_bpe import byte_vocab
 
 from omni2sound.atlas import AgentConfig, AtlasConfig
 from omni2sound.atlas.backends import ChatAgent, TransformersBackend
@@ -23,15 +24,7 @@ TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['conten
 def _tokenizer():
     """A Qwen2 byte-level BPE tokenizer with one token per byte (no merges) and Qwen's special tokens."""
     from transformers import Qwen2TokenizerFast
-    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + n)
-            n += 1
-    vocab = {c: i for i, c in enumerate([table[b] for b in keep] + [table[b] for b in range(256) if b not in keep])}
+    vocab = byte_vocab()
     tok = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, bos_token=None, eos_token="<|im_end|>",
                              pad_token="<|endoftext|>")
     tok.add_special_tokens({"additional_special_tokens": SPECIAL})

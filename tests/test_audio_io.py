@@ -86,6 +86,17 @@ def test_save_scales_down_instead_of_clipping(tmp_path, caplog):
     torch.testing.assert_close(back, wav / wav.abs().max(), atol=2e-4, rtol=0)   # shape kept: no clipping
 
 
+def test_save_float32_keeps_level_and_peaks(tmp_path):
+    wav = torch.from_numpy(tone(300.0, 16000, 0.25, amp=2.5)) * torch.linspace(0.1, 1.0, 4000)
+    save_audio(tmp_path / "loud.wav", wav, 16000, float32=True)
+    assert sf.info(str(tmp_path / "loud.wav")).subtype == "FLOAT"
+    back, sr = sf.read(str(tmp_path / "loud.wav"), dtype="float32")
+    assert sr == 16000
+    torch.testing.assert_close(torch.from_numpy(back), wav, atol=0, rtol=0)     # bit-exact, peak 2.5 kept
+    with pytest.raises(AudioError, match="FLAC"):
+        save_audio(tmp_path / "a.flac", wav, 16000, float32=True)
+
+
 def test_save_rejects_bad_input(tmp_path):
     with pytest.raises(AudioError, match="mp3"):
         save_audio(tmp_path / "a.mp3", torch.zeros(10), 16000)

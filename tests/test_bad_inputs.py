@@ -67,6 +67,39 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert torch.equal(draws[0], again[0]) and np.array_equal(draws[1], again[1]) and draws[2:] == again[2:]
 
 
+def test_checkpoint_with_the_earlier_rng_layout_resumes_exactly(tmp_path):
+    """Earlier resume checkpoints stored numpy's and Python's RNG state as their own tuples (a numpy array inside):
+    they still resume, to the same losses; an object array smuggling a payload is still refused."""
+    full = _trainer(tmp_path / "full", steps=4).fit()
+    tr = _trainer(tmp_path / "run", steps=4)
+    tr.fit(stop_after=2)
+    path = os.path.join(tr.ckpt_dir, "step-0000002.pt")
+    ck = read_checkpoint(path)
+    n, p = ck["rng"]["numpy"], ck["rng"]["python"]
+    ck["rng"]["numpy"] = (n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                          n["cached_gaussian"])
+    ck["rng"]["python"] = (p["version"], tuple(p["state"].tolist()), p["gauss_next"])
+    from omni2sound.trainer import set_rng_state
+    np.random.seed(123)                                   # both generators elsewhere first
+    random.seed(5)
+    new = {**ck["rng"], "numpy": n, "python": p}
+    set_rng_state(new)
+    draws = (np.random.rand(3), random.random())
+    set_rng_state(ck["rng"])
+    assert np.array_equal(np.random.rand(3), draws[0]) and random.random() == draws[1]
+    torch.save(ck, path)
+    with pytest.raises(BadFileError):
+        files.load_torch(path)                   # plain weights_only load: numpy arrays need the opt-in
+    resumed = _trainer(tmp_path / "run", steps=4, seed=1)
+    assert [h["loss"] for h in resumed.fit(resume=True)] == [h["loss"] for h in full]
+    marker = tmp_path / "PAYLOAD_RAN"
+    ck["rng"]["numpy"] = np.array([_Payload(str(marker))], dtype=object)
+    torch.save(ck, path)
+    with pytest.raises(BadFileError, match="refused"):
+        read_checkpoint(path)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("where", ["top", "optimizer", "rng", "whole"])
 def test_pickle_payload_in_a_resume_checkpoint_does_not_run(tmp_path, where, capsys):
     marker = tmp_path / "PAYLOAD_RAN"
@@ -119,15 +152,6 @@ class _Enc:
 
     def spec_dict(self):
         return {"class": "test encoders", "version": 1}
-
-
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from omni2sound.vae import VAE_PRESETS, AudioVAE
-    torch.manual_seed(0)
-    d = str(tmp_path_factory.mktemp("vae"))
-    AudioVAE(VAE_PRESETS["tiny"]).save_pretrained(d)
-    return d
 
 
 def _clips(folder, n, start=0):

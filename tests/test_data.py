@@ -47,15 +47,6 @@ class SmallEncoders:
         return d[torch.linspace(0, len(d) - 1, int(len(d) * 24 / 25)).round().long()][:, None]
 
 
-@pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from omni2sound.vae import VAE_PRESETS, AudioVAE
-    torch.manual_seed(0)
-    d = str(tmp_path_factory.mktemp("vae"))
-    AudioVAE(VAE_PRESETS["tiny"]).save_pretrained(d)
-    return d
-
-
 # ----------------------------------------------------------------------------------------------------
 # Manifests
 # ----------------------------------------------------------------------------------------------------

@@ -150,3 +150,10 @@ def test_no_model_message(tmp_path):
     r = subprocess.run([sys.executable, "-m", "omni2sound.demo"], cwd=tmp_path, capture_output=True, text=True,
                        env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
     assert r.returncode == 2 and "runs/toy/stage3 does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sliders_start_at_the_pipeline_default_guidance(tmp_path):
+    from omni2sound.demo import DemoLimits, Generator
+    from omni2sound.pipeline import SamplingOptions
+    assert Generator(None, DemoLimits(), str(tmp_path)).default_guidance == SamplingOptions().guidance
+    assert Generator(None, DemoLimits(), str(tmp_path), guidance=(3.0, 6.0)).default_guidance == (3.0, 6.0)

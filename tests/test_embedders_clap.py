@@ -1,45 +1,14 @@
 """CLAP adapters: tiny randomly initialised models of the real architectures, saved in the released checkpoint
 layouts (LAION-CLAP's `.pt` with {"state_dict": {"module.<laion name>"}}, MS-CLAP's {"model": ...}) with
 byte-level BPE tokenizer files, loaded back through the adapters and compared with the original modules."""
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from byte_bpe import write_bpe_tokenizer
 
 from omni2sound.evaluation.embedders.clap import LaionClap, MsClap
-
-
-def _bytes_to_unicode() -> dict:
-    """GPT-2's reversible byte -> printable character table (byte-level BPE)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    out, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            out[b] = chr(b)
-        else:
-            out[b] = chr(256 + n)
-            n += 1
-    return {b: out[b] for b in keep + [b for b in range(256) if b not in keep]}
-
-
-def write_bpe_tokenizer(dst, kind: str) -> int:
-    """vocab.json + merges.txt (no merges: one token per byte) in the RoBERTa or GPT-2 layout; returns the size."""
-    chars = list(_bytes_to_unicode().values())
-    if kind == "roberta":
-        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + chars)}
-        cfg = {"tokenizer_class": "RobertaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-               "unk_token": "<unk>", "cls_token": "<s>", "sep_token": "</s>", "model_max_length": 512}
-    else:
-        vocab = {t: i for i, t in enumerate(chars + ["<|endoftext|>"])}      # "!" is id 0, as in GPT-2
-        cfg = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "model_max_length": 1024}
-    (dst / "vocab.json").write_text(json.dumps(vocab))
-    (dst / "merges.txt").write_text("#version: 0.2\n")
-    (dst / "tokenizer_config.json").write_text(json.dumps(cfg))
-    return len(vocab)
-
 
 HTSAT = dict(spec_size=256, num_mel_bins=64, patch_size=4, patch_stride=[4, 4], window_size=8, depths=[1, 1],
              num_attention_heads=[2, 2], patch_embeds_hidden_size=8, hidden_size=16)

@@ -148,7 +148,7 @@ def test_pipeline_loads_the_recorded_encoders_and_generates_from_raw_video(tmp_p
     assert type(pipe.video_encoder).__name__ == "VisionTowerEncoder" and pipe.text_encoder.dim == 24
     assert cond.video_tokens.shape[1:] == (7, 20) and int(cond.video_lens[0]) == 7
     assert cond.text_tokens.shape[-1] == 24 and int(cond.text_lens[0]) > 0
-    out = pipe.generate(video=str(tmp_path / "v.mp4"), text="a dog barks", duration=0.8, steps=1, cfg=2.0)
+    out = pipe.generate(video=str(tmp_path / "v.mp4"), text="a dog barks", duration=0.8, steps=1, guidance=2.0)
     assert out.audio.shape == (1, int(0.8 * pipe.sample_rate)) and torch.isfinite(out.audio).all()
 
 

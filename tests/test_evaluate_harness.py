@@ -176,11 +176,11 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
     import omni2sound.audio as audio_mod
     real_save, calls = audio_mod.save_audio, []
 
-    def dying_save(path, wav, sr):
+    def dying_save(path, wav, sr, **kw):
         if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         calls.append(path)
-        return real_save(path, wav, sr)
+        return real_save(path, wav, sr, **kw)
 
     monkeypatch.setattr(audio_mod, "save_audio", dying_save)
     with pytest.raises(KeyboardInterrupt):
@@ -189,6 +189,9 @@ def test_model_generation_resumes_each_item_once(tmp_path, monkeypatch):
     assert evaluate_main(args + ["--out", str(tmp_path / "a")]) == 0
     ids = [json.loads(line)["item_id"] for line in (tmp_path / "a" / "generated.jsonl").read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 3 + len(ToyBenchmark(3, duration=1.0).tracks["offscreen"])
+    # written as float WAV at the model's own level, so level-sensitive metrics see what the model made
+    import soundfile as sf
+    assert sf.info(calls[0]).subtype == "FLOAT"
     # the resumed run's audio equals an uninterrupted run's
     assert evaluate_main(args + ["--out", str(tmp_path / "b")]) == 0
     for p in sorted((tmp_path / "a" / "generated").rglob("*.wav")):
@@ -220,7 +223,8 @@ def test_clap_and_imagebind_through_the_package_adapters(tmp_path):
     """The scorer drives the package's LAION-CLAP and ImageBind adapters (tiny random models in the released
     layouts, built by their own tests' helpers) on toy VT2A items; the scores equal the mean cosines of the
     adapters' own embeddings (x100 for IB)."""
-    from test_embedders_clap import HTSAT, to_laion, write_bpe_tokenizer
+    from byte_bpe import write_bpe_tokenizer
+    from test_embedders_clap import HTSAT, to_laion
     from test_embedders_imagebind import CFG
     from transformers import ClapConfig, ClapModel
 
@@ -300,3 +304,12 @@ def test_real_test_set_tracks_from_the_vggsound_csv(tmp_path, capsys):
     m = json.loads((res / "metrics.json").read_text())
     assert set(m["tracks"]) == {"t2a", "v2a", "vt2a", "offscreen"} and m["tracks"]["v2a"]["KL_logmel"] > 0
     assert not any(k.startswith("oracle") for k in m["tracks"]["v2a"])     # no truth events on real data
+
+
+def test_guidance_flag_and_its_cfg_alias():
+    from omni2sound.evaluate import parse_args
+    assert parse_args(["--model", "m", "--guidance", "2", "5"]).guidance == (2.0, 5.0)
+    assert parse_args(["--model", "m", "--cfg", "3"]).guidance == 3.0
+    assert parse_args(["--model", "m"]).guidance is None                      # the run's own
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "m", "--guidance", "1", "2", "3"])

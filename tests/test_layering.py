@@ -30,7 +30,8 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
                "omni2sound.encoders", "omni2sound.synchformer", "omni2sound.encoder_spec", "omni2sound.data",
                "omni2sound.data.*", "omni2sound.toy"]),
     # what runs the model: the sampling pipeline, the training loop and steps
-    ("pipeline", ["omni2sound.pipeline", "omni2sound.trainer", "omni2sound.graphed_step", "omni2sound.vae_train"]),
+    ("pipeline", ["omni2sound.pipeline", "omni2sound.serving", "omni2sound.trainer", "omni2sound.graphed_step",
+                  "omni2sound.vae_train"]),
     # the package's public names (``from omni2sound import Omni2SoundPipeline``), loaded on first use
     ("api", ["omni2sound"]),
     # command-line programs and the jobs behind them (the training schedule, extraction, the toy oracle)

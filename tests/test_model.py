@@ -9,8 +9,9 @@ import torch
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
-from omni2sound.model import DIT_PRESETS, Omni2SoundDiT, PreparedConditions, dit_config, resample_sync
+from omni2sound.model import DIT_PRESETS, Omni2SoundDiT, dit_config, resample_sync
 from omni2sound.ops import use_backend
+from omni2sound.sampling import PreparedConditions
 
 
 @pytest.fixture(autouse=True)

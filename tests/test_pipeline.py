@@ -56,16 +56,16 @@ def test_layout_and_roundtrip(saved, pipe):
 def test_generate_all_tasks_in_one_batch_optimised_equals_plain(saved, pipe):
     video = [str(saved / "clip.mp4"), str(saved / "clip.mp4"), None, None]
     text = ["a red block slides and stops", None, "a bell rings", None]   # VT2A, V2A, T2A, unconditional
-    a = pipe.generate(video=video, text=text, duration=1.2, steps=3, cfg=3.0, seed=5)
+    a = pipe.generate(video=video, text=text, duration=1.2, steps=3, guidance=3.0, seed=5)
     assert a.audio.shape == (4, 19200) and a.sample_rate == 16000 and torch.isfinite(a.audio).all()
     assert {"encode", "prepare", "sample", "decode", "total"} <= set(a.timings)
-    b = pipe.generate(video=video, text=text, duration=1.2, steps=3, cfg=3.0, seed=5, plain=True)
+    b = pipe.generate(video=video, text=text, duration=1.2, steps=3, guidance=3.0, seed=5, plain=True)
     torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.audio, b.audio, atol=1e-5, rtol=1e-4)
     # seeds: same seed same audio, new seed new audio; separate scales run too
-    c = pipe.generate(video=video[:1], text=text[:1], duration=1.2, steps=3, cfg=3.0, seed=5)
+    c = pipe.generate(video=video[:1], text=text[:1], duration=1.2, steps=3, guidance=3.0, seed=5)
     torch.testing.assert_close(c.latents, a.latents[:1], atol=1e-5, rtol=1e-5)
-    d = pipe.generate(video=video[:1], text=text[:1], duration=1.2, steps=3, cfg=(2.0, 4.0), seed=6)
+    d = pipe.generate(video=video[:1], text=text[:1], duration=1.2, steps=3, guidance=(2.0, 4.0), seed=6)
     assert (d.latents - c.latents).abs().max() > 1e-3
 
 
@@ -94,8 +94,8 @@ def test_latent_normalisation_is_undone_before_decoding(saved, tmp_path):
     C = base.dit.config.latent_dim
     mean, std = torch.linspace(-1, 1, C).tolist(), torch.linspace(0.5, 2, C).tolist()
     normed = Omni2SoundPipeline(base.dit, base.vae, PipelineConfig(latent_mean=mean, latent_std=std))
-    a = base.generate(text=["rain"], duration=0.8, steps=2, cfg=2.0, seed=4)
-    b = normed.generate(text=["rain"], duration=0.8, steps=2, cfg=2.0, seed=4)
+    a = base.generate(text=["rain"], duration=0.8, steps=2, guidance=2.0, seed=4)
+    b = normed.generate(text=["rain"], duration=0.8, steps=2, guidance=2.0, seed=4)
     torch.testing.assert_close(b.latents, a.latents * torch.tensor(std) + torch.tensor(mean), atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         want = base.vae.decode(b.latents.transpose(1, 2))[:, 0, :b.audio.shape[1]]
@@ -105,8 +105,8 @@ def test_latent_normalisation_is_undone_before_decoding(saved, tmp_path):
     base.vae.save_pretrained(str(tmp_path / "vae"))
     cfg = {"vae_dir": "../vae", "latent_mean": mean, "latent_std": std}
     (tmp_path / "stage" / "pipeline.json").write_text(json.dumps(cfg))
-    c = Omni2SoundPipeline.from_pretrained(tmp_path / "stage").generate(text=["rain"], duration=0.8, steps=2, cfg=2.0,
-                                                                         seed=4)
+    c = Omni2SoundPipeline.from_pretrained(tmp_path / "stage").generate(text=["rain"], duration=0.8, steps=2,
+                                                                         guidance=2.0, seed=4)
     torch.testing.assert_close(c.latents, b.latents, atol=1e-5, rtol=1e-5)
     (tmp_path / "stage" / "pipeline.json").write_text(json.dumps({**cfg, "vae_dir": "../nowhere"}))
     with pytest.raises(FileNotFoundError, match="no vae/ folder"):
@@ -116,9 +116,9 @@ def test_latent_normalisation_is_undone_before_decoding(saved, tmp_path):
 
 
 def test_no_video_no_text_and_shared_prompt(pipe):
-    out = pipe.generate(duration=0.5, steps=2, cfg=2.0, seed=0)
+    out = pipe.generate(duration=0.5, steps=2, guidance=2.0, seed=0)
     assert out.audio.shape == (1, 8000) and torch.isfinite(out.audio).all()
-    out = pipe.generate(text=["a bell", "a drum", "wind"], duration=0.4, steps=1, cfg=None, seed=0)
+    out = pipe.generate(text=["a bell", "a drum", "wind"], duration=0.4, steps=1, guidance=None, seed=0)
     assert out.audio.shape == (3, 6400)
 
 
@@ -130,8 +130,8 @@ def test_windowed_generation_longer_than_training_length(pipe):
     feats = [torch.randn(40, pipe.dit.config.video_dim)]
     sync = [torch.randn(120, pipe.dit.config.sync_dim)]
     cond = pipe.conditions_from_features(video_features=feats, sync_features=sync, text=["rain"], duration=5.0)
-    a = pipe.generate_from_conditions(cond, steps=2, cfg=2.0, seed=1)
-    b = pipe.generate_from_conditions(cond, steps=2, cfg=2.0, seed=1, plain=True)
+    a = pipe.generate_from_conditions(cond, steps=2, guidance=2.0, seed=1)
+    b = pipe.generate_from_conditions(cond, steps=2, guidance=2.0, seed=1, plain=True)
     assert a.audio.shape == (1, 80000) and a.latents.shape == (1, T, 16)
     torch.testing.assert_close(a.latents, b.latents, atol=1e-5, rtol=1e-5)
     # the crossfade is continuous: no jump at window edges larger than the typical frame-to-frame step
@@ -140,11 +140,24 @@ def test_windowed_generation_longer_than_training_length(pipe):
     # the first window alone equals a 2 s generation with the same noise and the first 2 s of features
     short = pipe.conditions_from_features(video_features=[feats[0][:16]], sync_features=[sync[0][:48]],
                                           text=["rain"], duration=2.0)
-    first = pipe.generate_from_conditions(short, steps=2, cfg=2.0, seed=1)
+    first = pipe.generate_from_conditions(short, steps=2, guidance=2.0, seed=1)
     x0 = pipe.flow.noise(1, starts[-1] + 50, 16, seed=1)
     torch.testing.assert_close(first.latents[0, :5], pipe.flow.sample(
         pipe.dit, short, 50, steps=2, guidance=2.0, x0=x0[:, :50])[0, :5], atol=1e-5, rtol=1e-5)
     assert (first.latents[0, :25] - a.latents[0, :25]).abs().max() < 1e-4    # frames only window 0 covers
+
+
+def test_guidance_keyword_and_its_cfg_alias(pipe):
+    cond = pipe.conditions_from_features(video_features=[torch.randn(8, pipe.dit.config.video_dim)], text=["rain"],
+                                         duration=0.8)
+    a = pipe.generate_from_conditions(cond, steps=2, guidance=(2.0, 3.0), seed=1)
+    b = pipe.generate_from_conditions(cond, steps=2, cfg=(2.0, 3.0), seed=1)
+    torch.testing.assert_close(a.latents, b.latents, atol=0, rtol=0)
+    assert (pipe.generate_from_conditions(cond, steps=2, seed=1).latents - a.latents).abs().max() > 1e-4
+    with pytest.raises(TypeError, match="guidance once"):
+        pipe.generate_from_conditions(cond, steps=2, guidance=2.0, cfg=3.0)
+    with pytest.raises(TypeError, match="guidance once"):
+        pipe.generate(text="rain", duration=0.8, steps=1, guidance=2.0, cfg=3.0)
 
 
 def test_conditions_from_features_and_errors(saved, pipe):
@@ -225,20 +238,20 @@ def test_cuda_graph_path_equals_eager_and_plain():
 
     for guidance in (3.0, (2.0, 4.0)):
         c = cond(0)
-        a = pipe.generate_from_conditions(c, steps=4, cfg=guidance, seed=1)
-        b = pipe.generate_from_conditions(c, steps=4, cfg=guidance, seed=1, cuda_graphs=False)
-        p = pipe.generate_from_conditions(c, steps=4, cfg=guidance, seed=1, plain=True)
+        a = pipe.generate_from_conditions(c, steps=4, guidance=guidance, seed=1)
+        b = pipe.generate_from_conditions(c, steps=4, guidance=guidance, seed=1, cuda_graphs=False)
+        p = pipe.generate_from_conditions(c, steps=4, guidance=guidance, seed=1, plain=True)
         torch.testing.assert_close(a.latents, b.latents, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(a.latents, p.latents, atol=2e-4, rtol=2e-4)
         captures = pipe.graphs.captures
         c2 = cond(1)  # same shapes, new values: the captured graph is refilled, not recaptured
-        a2 = pipe.generate_from_conditions(c2, steps=4, cfg=guidance, seed=2)
-        b2 = pipe.generate_from_conditions(c2, steps=4, cfg=guidance, seed=2, cuda_graphs=False)
+        a2 = pipe.generate_from_conditions(c2, steps=4, guidance=guidance, seed=2)
+        b2 = pipe.generate_from_conditions(c2, steps=4, guidance=guidance, seed=2, cuda_graphs=False)
         assert pipe.graphs.captures == captures
         torch.testing.assert_close(a2.latents, b2.latents, atol=1e-4, rtol=1e-4)
         assert (a2.latents - a.latents).abs().max() > 1e-3
     # bf16 DiT: close to fp32 relative to the latents' scale
-    ref = pipe.generate_from_conditions(cond(0), steps=4, cfg=3.0, seed=1).latents.float()
+    ref = pipe.generate_from_conditions(cond(0), steps=4, guidance=3.0, seed=1).latents.float()
     pipe.dit.to(torch.bfloat16)
-    low = pipe.generate_from_conditions(cond(0), steps=4, cfg=3.0, seed=1).latents.float()
+    low = pipe.generate_from_conditions(cond(0), steps=4, guidance=3.0, seed=1).latents.float()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()

@@ -261,7 +261,7 @@ def test_dispatch_defaults(monkeypatch):
     monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rope=reference, snake=reference")
     assert ops.select_backend("qk_norm_rope", torch.device("cpu")) == "reference"
     assert ops.select_backend("adaln_modulate", torch.device("cpu")) == "cpu"
-    # on a GPU, Triton first (timed on an H200 in session 9), the reference where Triton is missing
+    # on a GPU, Triton first (timed on an H200, 2026-12-04), the reference where Triton is missing
     from omni2sound.ops import _dispatch
     assert _dispatch._DEFAULT_ORDER["qk_norm_rope"]["cuda"] == ("triton", "reference")
     monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rope=fast")

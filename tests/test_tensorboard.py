@@ -38,6 +38,26 @@ def test_training_writes_event_files_beside_the_jsonl(tmp_path):
     assert [e.value for e in acc.Scalars("loss/all")] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
 
 
+def test_resumed_run_shows_each_step_once(tmp_path):
+    """Killed after step 3 with the last checkpoint at step 2: step 3 is logged again after the resume, and the
+    event files must show it once, with the resumed run's value, as log.jsonl does."""
+    out = str(tmp_path / "r")
+    part = _trainer(out, synthetic_table(8), 5)
+    part.loop = replace(part.loop, ckpt_every=2)
+    part.fit(stop_after=3)
+    assert len(_events(tmp_path / "r" / "tb").Scalars("loss/all")) == 3
+    again = _trainer(out, synthetic_table(8), 5)
+    again.loop = replace(again.loop, ckpt_every=2)
+    again.fit(resume=True)
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "log.jsonl")]
+    events = _events(tmp_path / "r" / "tb").Scalars("loss/all")
+    assert [e.step for e in events] == [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert [e.value for e in events] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    fresh = _trainer(out, synthetic_table(8), 2)             # a fresh run in the same folder starts new curves
+    fresh.fit()
+    assert [e.step for e in _events(tmp_path / "r" / "tb").Scalars("loss/all")] == [1, 2]
+
+
 def test_off_switch_and_missing_package(tmp_path, monkeypatch):
     t = _trainer(str(tmp_path / "off"), synthetic_table(8), 2)
     t.loop = replace(t.loop, tensorboard=False)

@@ -511,6 +511,20 @@ def test_cli_set_parses_by_field_type():
         parse_args(["--set", "lrate=1"])
 
 
+def test_guidance_reads_configs_that_name_it_cfg_scale(tmp_path):
+    from omni2sound.schedule import TrainConfig
+    from omni2sound.train import parse_args
+    assert TrainConfig.from_dict({"cfg_scale": [2.0, 5.0]}).guidance == (2.0, 5.0)
+    assert TrainConfig.from_dict({"cfg_scale": 4.0, "guidance": 4.0}).guidance == 4.0
+    with pytest.raises(ValueError, match="cfg_scale"):
+        TrainConfig.from_dict({"cfg_scale": 4.0, "guidance": 3.0})
+    (tmp_path / "old.json").write_text('{"cfg_scale": [1.5, 2.5], "lr": 0.002}')
+    cfg, _ = parse_args(["--config", str(tmp_path / "old.json")])
+    assert cfg.guidance == (1.5, 2.5) and cfg.lr == 0.002
+    assert parse_args(["--set", "cfg_scale=3"])[0].guidance == 3
+    assert parse_args(["--set", "guidance=[2, 4]"])[0].guidance == (2, 4)
+
+
 def test_cli_refuses_a_bad_config_or_init_folder(tmp_path, capsys):
     from omni2sound.train import parse_args
     (tmp_path / "c.json").write_text('{"lrr": 1}')

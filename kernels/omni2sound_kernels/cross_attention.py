@@ -34,18 +34,24 @@ def _blocks(D: int, block_m, block_n, dtype: torch.dtype):
 
 
 @triton.jit
+def _sample_keys(pid_bh, CU, NK, H):
+    """(sample b, head h, its first key row, its key count) of program column pid_bh = b H + h. The offsets are
+    clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v."""
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
+    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
+    return b, h, lo.to(tl.int64), n_k
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, CU, NK, O, LSE,
                 sq_b, sq_l, sq_h, sk_n, sk_h, sv_n, sv_h, so_b, so_l, so_h,
                 H, Lq, D, qk_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
-    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
-    k_start = lo.to(tl.int64)
-    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
+    b, h, k_start, n_k = _sample_keys(pid_bh, CU, NK, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -92,12 +98,7 @@ def _bwd_dkdv_kernel(Q, K, V, CU, NK, DO, LSE, DELTA, DK, DV,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
-    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
-    k_start = lo.to(tl.int64)
-    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
+    b, h, k_start, n_k = _sample_keys(pid_bh, CU, NK, H)
     start_n = pid_n * BLOCK_N
     if start_n < n_k:  # the grid covers max_seqlen_k; shorter samples have idle programs
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -141,12 +142,7 @@ def _bwd_dq_kernel(Q, K, V, CU, NK, DO, LSE, DELTA, DQ,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    # offsets clamped to the NK key rows: a bad one gives wrong numbers, never a read outside k and v
-    lo = tl.minimum(tl.maximum(tl.load(CU + b), 0), NK)
-    k_start = lo.to(tl.int64)
-    n_k = tl.minimum(tl.maximum(tl.load(CU + b + 1), lo), NK) - lo
+    b, h, k_start, n_k = _sample_keys(pid_bh, CU, NK, H)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

@@ -7,6 +7,7 @@ Backends, in the order the default picks them:
   cpu       - the C++ kernels of the native extension (tensor on the CPU)
   reference - plain PyTorch, shipped in the package, always available
   onednn    - a library's kernel reached through torch (only ``linear``: oneDNN's GEMM on the CPU)
+  scaled_mm - ``torch._scaled_mm``, torch's fp8 GEMM (only ``fp8_linear``: cuBLASLt / CUTLASS on a GPU)
 
 Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
 variable (one backend for every op, or per op: ``OMNI2SOUND_BACKEND=qk_norm_rope=triton,snake=cuda``) >
@@ -27,7 +28,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn", "scaled_mm")
 
 _local = threading.local()
 # op name -> backend name -> availability check(device) -> bool

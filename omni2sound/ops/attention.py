@@ -164,13 +164,28 @@ def _check(q: Tensor, k: Tensor, v: Tensor, softmax_scale) -> None:
     real(OP, "softmax_scale", softmax_scale, optional=True)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = None,
+              key_mask: Optional[Tensor] = None) -> Tensor:
     """softmax(q k^T scale) v per (sample, head) for q [B, Tq, H, Dh], k, v [B, Tk, H, Dh] -> [B, Tq, H, Dh]
-    (see the module docstring). No keys at all (Tk = 0) is left to the reference."""
+    (see the module docstring). No keys at all (Tk = 0) is left to the reference.
+
+    key_mask: None, or bool [B, Tk], True on the keys each sample attends to (a batch of sequences padded to one
+    length: the padding's keys are left out, so each real row is what it would be unpadded). Masked calls run the
+    reference (SDPA with a boolean mask); every sample needs at least one True key."""
     tensor(OP, "q", q)
     q, k, v = autocast_inputs(q.device, q, k, v)
     _check(q, k, v, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        tensor(OP, "key_mask", key_mask, dims=(2,), shape="[B, Tk]", dtypes=(torch.bool,), like=q, like_name="q",
+               same_dtype=False)
+        if tuple(key_mask.shape) != (q.shape[0], k.shape[1]):
+            fail(OP, f"key_mask must be [B={q.shape[0]}, Tk={k.shape[1]}], got {tuple(key_mask.shape)}")
+        if forced_backend(OP) == "cpu":
+            raise cannot_take(OP, "cpu", "the C++ kernel has no key mask")
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           attn_mask=key_mask[:, None, None, :], scale=scale)
+        return o.transpose(1, 2)
     backend = select_backend(OP, q.device)
     if backend == "cpu":
         if cpu_kernel_takes(q, k, v) and k.shape[1] > 0:

@@ -31,6 +31,7 @@ from torch import Tensor
 from .. import _native
 from ._checks import OpInputError, flag, tensor
 from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend, triton_available
+from .fp8 import active_table, fp8_linear, fp8_weight_for
 from .linear import check_linear_args, linear
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,7 +58,7 @@ _AVAILABLE = {
     "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("bias_gelu_forward_cpu"),
     "triton": lambda d: triton_available(d.type),
 }
-# GPU default: aten's GELU. Timed on an H200 (session 9, bench/RESULTS.md): the Triton kernel gave L sampling nothing
+# GPU default: aten's GELU. Timed on an H200 (2026-12-04, bench/RESULTS.md): the Triton kernel gave L sampling nothing
 # (99.5 -> 101.1 ms) and made the graphed L training step slower (152.6 -> 157.9 ms; its fwd+bwd 0.88x eager at
 # [8000, 6144]); it stays selectable with use_backend(bias_gelu="triton").
 register_op("bias_gelu", _AVAILABLE, default_order={"cuda": ("reference",), "cpu": ("cpu", "reference")})
@@ -219,6 +220,11 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     shape: no fresh [M, N] allocation, whose page faults cost the CPU ~0.5 ms per 6 MB); ignored otherwise."""
     check_linear_args("linear_gelu", y, weight, bias, out)
     backend = select_backend("bias_gelu", y.device)
+    w8 = fp8_weight_for(y, weight, bias)                # inside ops.fp8_gemms(table): the GEMM (and bias) in fp8
+    if w8 is not None:
+        table = active_table()
+        h = fp8_linear(y, w8, table.act_scale, table.fast_accum)
+        return F.gelu(h, approximate="tanh") if backend == "reference" else bias_gelu(h, None, inplace=True)
     if backend == "reference":
         return linear_gelu_reference(y, weight, bias)
     if needs_grad(y, weight, bias):

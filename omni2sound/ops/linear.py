@@ -29,7 +29,7 @@ blocked layout on every call (a read and a write of the weight: 7-9 MB for S's q
 does) and the packed copy is reused while the weight is unchanged (same storage, same version counter: an in-place
 update such as ``load_state_dict`` or an optimiser step repacks). The results are the same bits
 (tests/test_linear.py); S's step GEMMs ran 3-6% faster a call at 500 rows and 4-18% at the cross-attention's 250
-(`python bench/bench_linear.py`, column "onednn packed", two runs, session 12). The cost is memory: a second copy of
+(`python bench/bench_linear.py`, column "onednn packed", two runs, 2026-12-04). The cost is memory: a second copy of
 every weight the step multiplies on oneDNN (from the weights' sizes: S 0.40 GB, L 3.2 GB; the S bar's peak RSS rose
 by 0.43-0.47 GB), held while the weight lives (``clear_packed_weights()`` frees them).
 
@@ -51,6 +51,7 @@ from torch import Tensor
 
 from ._checks import fail, tensor
 from ._dispatch import autocast_dtype, cannot_take, forced_backend, needs_grad, register_op, select_backend
+from .fp8 import active_table, fp8_linear, fp8_weight_for
 
 
 def linear_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -73,9 +74,10 @@ register_op("linear", {"reference": lambda d: True, "onednn": _onednn_available}
             default_order={"cpu": ("onednn", "reference"), "cuda": ("reference",)})
 
 
-# Below this many multiply-adds per call oneDNN's fixed cost loses to MKL on this box (`python bench/bench_linear.py
-# --sweep`: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from ~2.5e8 on, 1.15-1.3x at S's qkv
-# and fc1; session 12, the Zen 4 box: 1.17x at S's cross-attention q / output projections, 250 x 768 x 768 = 1.5e8).
+# Below this many multiply-adds per call oneDNN's fixed cost loses to MKL (`python bench/bench_linear.py --sweep`,
+# 2-core AMD EPYC AVX2, 2026-11-28: 0.3-0.9x at M K N <= 1e8, e.g. the tiny preset's projections; >= 1.0x from
+# ~2.5e8 on, 1.15-1.3x at S's qkv and fc1; 2-core AMD EPYC AVX-512, 2026-12-04: 1.17x at S's cross-attention
+# q / output projections, 250 x 768 x 768 = 1.5e8).
 # Smaller GEMMs stay on aten.
 ONEDNN_MIN_MACS = 1 << 27
 
@@ -225,6 +227,10 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Option
     faults); the oneDNN backend returns a new tensor. Either way the result is what is returned; do not rely on
     ``out`` holding it."""
     check_linear_args("linear", x, weight, bias, out)
+    w8 = fp8_weight_for(x, weight, bias)                # inside ops.fp8_gemms(table), for the table's weights
+    if w8 is not None:
+        table = active_table()
+        return fp8_linear(x, w8, table.act_scale, table.fast_accum)
     if forced_backend("linear") == "onednn" and not runs_on_onednn(x, weight, bias):
         return _forced_onednn(x, weight, bias)
     if torch.compiler.is_compiling():      # Inductor owns the GEMMs of a compiled graph

@@ -64,7 +64,7 @@ _AVAILABLE = {
     "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("qk_norm_rope_forward_cpu"),
     "triton": lambda d: triton_available(d.type),
 }
-# GPU default: Triton, measured on an H200 (session 9, bench/RESULTS.md): L sampling 99.5 -> 77.6 ms (25 steps),
+# GPU default: Triton, measured on an H200 (2026-12-04, bench/RESULTS.md): L sampling 99.5 -> 77.6 ms (25 steps),
 # the graphed L training step 179.5 -> 152.6 ms; fwd+bwd 2.1-2.8x eager at the training shapes. The reference is
 # the fallback where Triton is missing.
 register_op("qk_norm_rope", _AVAILABLE, default_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})

@@ -1,0 +1,174 @@
+"""FP8 sampling against bf16, same run, same weights, same noise: the sampling step's GEMM time and total, and the
+quality guard (the fp8 latents against the bf16 ones).
+
+    python bench/bench_fp8.py --presets L --batches 1,8 --device cuda       # the GPU figures (Hopper / Ada)
+    python bench/bench_fp8.py --quick                                        # CPU: tiny, 2 steps: proves it runs
+
+Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
+as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), each the optimised path
+(batched CFG, conditions once, CUDA-graph replay of the step on a GPU). Every row generates ``--duration`` s (10 s =
+250 latent frames) with ``--steps`` Euler steps and joint CFG from random conditions and random N(0, 0.02) weights.
+
+Columns:
+  step_ms      median wall time of one sampling step (the whole sampling over ``--steps``, graphed on a GPU), over
+               ``--repeats`` samplings run interleaved across the variants
+  x bf16       bf16 step / this step
+  gemm_ms      per step, the device time of the GEMM kernels (a profile of eager steps, no graph: cuBLAS / cuBLASLt /
+               CUTLASS kernels on a GPU; aten's mm / addmm / _scaled_mm and oneDNN's linear on the CPU)
+  quant_ms     per step, the activation quantisation (the Triton row kernel, or the reference's kernels)
+  kernels_ms   per step, every kernel's device time (GPU) / every top-level op's time (CPU)
+  rel_err, cos the final latents against the bf16 variant's: ||a - b|| / ||b|| and the cosine
+The GPU and its clocks, driver, memory and power come from ``nvidia-ml-py`` (``omni2sound.gpu_info``) and are
+written with the rows.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
+from bench_generate import random_conditions, random_dit  # noqa: E402
+
+from omni2sound.gpu_info import gpu_info  # noqa: E402
+from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig, SamplingOptions  # noqa: E402
+
+VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"}}
+GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "scaled_mm", "sm90_", "sm89_", "addmm", "aten::mm",
+              "linear_pointwise", "_linear")
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> dict:
+    """Per step: GEMM, quantisation and all-kernel time (ms) from a profile of ``steps`` eager steps."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    eager = SamplingOptions(**{**opts.__dict__, "steps": steps, "cuda_graphs": False})
+    pipe._sample(cond, x0, eager, {})                                     # warm-up (compiles, quantises)
+    _sync(device)
+    with profile(activities=acts) as prof:
+        pipe._sample(cond, x0, eager, {})
+        _sync(device)
+    gemm = quant = total = 0.0
+    if device.type == "cuda":
+        for e in prof.events():
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue
+            us = e.time_range.elapsed_us()                               # the kernel's own duration
+            name = e.name.lower()
+            total += us
+            if "quantize_rows" in name:
+                quant += us
+            elif any(k in name for k in GEMM_NAMES):
+                gemm += us
+    else:
+        for e in prof.key_averages():
+            name = e.key.lower()
+            if name in ("aten::mm", "aten::addmm", "aten::_scaled_mm", "mkldnn::_linear_pointwise"):
+                gemm += e.self_cpu_time_total
+            if name in ("aten::linalg_vector_norm", "aten::div"):
+                quant += e.self_cpu_time_total
+        total = sum(e.self_cpu_time_total for e in prof.key_averages())
+    return {"gemm_ms": round(gemm / 1e3 / steps, 3), "quant_ms": round(quant / 1e3 / steps, 3),
+            "kernels_ms": round(total / 1e3 / steps, 3)}
+
+
+@torch.no_grad()
+def bench(preset: str, batch: int, args, device, dtype) -> list:
+    from omni2sound.vae import VAE_PRESETS, AudioVAE
+    vae = AudioVAE(VAE_PRESETS["tiny"]).to(device)               # not timed: only its latent size matters
+    dit = random_dit(preset, device, dtype, vae.config.latent_dim)
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    cond = random_conditions(dit.config, batch, args.duration, args.text_tokens)
+    T = dit.config.num_frames(args.duration)
+    x0 = pipe.flow.noise(batch, T, dit.config.latent_dim, seed=0, device=device, dtype=dtype)
+    variants = [v for v in args.variants.split(",") if v]
+    opts = {v: SamplingOptions(steps=args.steps, guidance=args.cfg, **VARIANTS[v]) for v in variants}
+    t0 = time.perf_counter()
+    for v in variants:                                             # warm-up: quantisation, graph capture
+        pipe._sample(cond, x0, opts[v], {})
+    _sync(device)
+    warm = time.perf_counter() - t0
+    times = {v: [] for v in variants}
+    latents = {}
+    for _ in range(args.repeats):                                  # interleaved: drift hits every variant alike
+        for v in variants:
+            tm = {}
+            latents[v] = pipe._sample(cond, x0, opts[v], tm)
+            times[v].append(tm["sample"])
+    rows = []
+    base = statistics.median(times[variants[0]]) / args.steps
+    ref = latents[variants[0]].float()
+    for v in variants:
+        step = statistics.median(times[v]) / args.steps
+        lat = latents[v].float()
+        row = {"preset": preset, "batch": batch, "variant": v, "dtype": str(dtype).replace("torch.", ""),
+               "step_ms": round(step * 1e3, 3), "sample_ms": round(step * args.steps * 1e3, 1),
+               f"x {variants[0]}": round(base / step, 3),
+               "rel_err": round(((lat - ref).norm() / ref.norm()).item(), 5),
+               "cos": round(F.cosine_similarity(lat.flatten(), ref.flatten(), dim=0).item(), 6)}
+        if not args.no_profile:
+            row.update(kernel_times(pipe, cond, x0, opts[v], args.profile_steps, device))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    rows[0]["warmup_s"] = round(warm, 1)
+    if "fp8" in variants:
+        rows[0]["fp8_weights_MB"] = round(pipe.fp8_weights().nbytes() / 2**20, 1)
+    del pipe, dit
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny at batch 1, 2 steps, 1 s (CPU: proves it runs)")
+    ap.add_argument("--presets", default="L")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}; first = base")
+    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--text-tokens", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile-steps", type=int, default=2)
+    ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", help="write the rows (+ the card) as JSON here")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.presets, args.batches, args.steps, args.duration, args.repeats = "tiny", "1", 2, 1.0, 1
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for preset in args.presets.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            rows += bench(preset, batch, args, device, dtype)
+    hw = hardware(device.type)
+    card = gpu_info() if device.type == "cuda" else None
+    print(f"\nfp8 vs bf16 sampling, {args.steps} steps, CFG {args.cfg}, {args.duration:g} s, on {hw}, "
+          f"torch {torch.__version__}\n")
+    cols = [c for c in rows[0] if c not in ("warmup_s", "fp8_weights_MB", "sample_ms")]
+    print_table(rows, cols)
+    if card:
+        print(f"\ncard: {card}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"hardware": hw, "gpu": card, "torch": torch.__version__, "command": " ".join(sys.argv),
+                       "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
