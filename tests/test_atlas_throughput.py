@@ -199,3 +199,24 @@ def test_transport_is_aiohttp_with_the_extra_and_httpx_without(toy_manifest, tmp
             summary = runner.run(records[:2])
             assert summary["status"] == {"kept": 2} and len(s.requests) == 6
         assert runner.agents["junior"].backend.transport == want
+
+
+# ------------------------------------------------------------------------------------------------ cost
+def test_openai_preset_sets_the_thinking_budgets_the_bill_assumes(toy_manifest, tmp_path):
+    """The toy world bills the junior no thinking tokens and the senior the paper's 128: the preset for real
+    Gemini models asks for exactly that (Flash thinks by default, billed as output)."""
+    from omni2sound.atlas import preset
+    records, _ = read_input_manifest(toy_manifest)
+    cfg = preset("openai")
+    with ChatServer() as s:
+        for a in cfg.agents.values():
+            a.base_url = s.base_url
+        cfg.av_scorer, cfg.clap_scorer, cfg.fsync = "const:0.5", "const:0.32", False    # handed off, then verified
+        Runner(cfg, str(tmp_path), progress=False).run(records[:1])
+        role = lambda b: next(r for p, r in (("You describe", "vision"), ("You write one", "caption"),
+                                             ("You check an", "verifier")) if b["messages"][0]["content"].startswith(p))
+        budget = {(role(b), b["model"]):
+                  (b.get("extra_body") or {}).get("google", {}).get("thinking_config", {}).get("thinking_budget")
+                  for b in s.requests}
+    assert budget == {("vision", "qwen2.5-vl-7b"): None, ("caption", "gemini-2.5-flash"): 0,
+                      ("caption", "gemini-2.5-pro"): 128, ("verifier", "gemini-2.5-flash"): None}
