@@ -94,7 +94,7 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
     T = dit.config.num_frames(args.duration)
     x0 = pipe.flow.noise(batch, T, dit.config.latent_dim, seed=0, device=device, dtype=dtype)
     variants = [v for v in args.variants.split(",") if v]
-    opts = {v: SamplingOptions(steps=args.steps, guidance=args.cfg, **VARIANTS[v]) for v in variants}
+    opts = {v: SamplingOptions(steps=args.steps, guidance=args.guidance, **VARIANTS[v]) for v in variants}
     t0 = time.perf_counter()
     for v in variants:                                             # warm-up: quantisation, graph capture
         pipe._sample(cond, x0, opts[v], {})
@@ -139,7 +139,8 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {list(VARIANTS)}; first = base")
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=4.5,
+                    help="joint classifier-free guidance scale (--cfg is the same flag)")
     ap.add_argument("--text-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=2)
@@ -157,7 +158,7 @@ def main(argv=None):
             rows += bench(preset, batch, args, device, dtype)
     hw = hardware(device.type)
     card = gpu_info() if device.type == "cuda" else None
-    print(f"\nfp8 vs bf16 sampling, {args.steps} steps, CFG {args.cfg}, {args.duration:g} s, on {hw}, "
+    print(f"\nfp8 vs bf16 sampling, {args.steps} steps, guidance {args.guidance}, {args.duration:g} s, on {hw}, "
           f"torch {torch.__version__}\n")
     cols = [c for c in rows[0] if c not in ("warmup_s", "fp8_weights_MB", "sample_ms")]
     print_table(rows, cols)

@@ -73,7 +73,8 @@ def main(argv=None):
     ap.add_argument("--buckets", default="2.5,5,7.5,10", help="the mixed workload's buckets (seconds)")
     ap.add_argument("--mixed", type=int, default=64, help="requests of the mixed workload (0: none)")
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--cfg", type=float, default=4.5)
+    ap.add_argument("--guidance", "--cfg", dest="guidance", type=float, default=4.5,
+                    help="joint classifier-free guidance scale (--cfg is the same flag)")
     ap.add_argument("--text-tokens", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--fp8", action="store_true", help="the DiT blocks' projections in fp8 (SamplingOptions.fp8)")
@@ -95,7 +96,7 @@ def main(argv=None):
     pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
     cfg = dit.config
     batches = [int(b) for b in args.batches.split(",")]
-    common = dict(steps=args.steps, guidance=args.cfg, fp8=args.fp8)
+    common = dict(steps=args.steps, guidance=args.guidance, fp8=args.fp8)
     rows = []
 
     fixed = Server(pipe, ServeConfig(buckets=(args.duration,), batch_sizes=tuple(batches), **common))
@@ -133,8 +134,8 @@ def main(argv=None):
         r.setdefault("x one bucket", "")
     hw = hardware(device.type)
     card = gpu_info() if device.type == "cuda" else None
-    print(f"\nserving {args.preset}{' fp8' if args.fp8 else ''}, {args.steps} steps, CFG {args.cfg}, VAE {vae_name}, "
-          f"on {hw}, torch {torch.__version__}; start-up {warm:.1f} s\n")
+    print(f"\nserving {args.preset}{' fp8' if args.fp8 else ''}, {args.steps} steps, guidance {args.guidance}, "
+          f"VAE {vae_name}, on {hw}, torch {torch.__version__}; start-up {warm:.1f} s\n")
     print_table(rows, ["workload", "batch", "sample_ms", "total_ms", "clips_per_s", "audio_s_per_s", "x one bucket"])
     if card:
         print(f"\ncard: {card}")

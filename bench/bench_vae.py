@@ -62,7 +62,7 @@ def profile_decode(name: str, fn, calls: int = 3) -> None:
 def conv_table(vae, z) -> None:
     """GPU: every conv of one decode, timed alone in its own CUDA graph of 20 calls (us per call): cuDNN's form and
     the decoder's alternatives (dilated: space to batch; one output channel: GEMM + shifted adds)."""
-    from omni2sound.vae import conv1d_as_gemm, conv1d_dilated_as_batch
+    from omni2sound.vae_forms import conv1d_as_gemm, conv1d_dilated_as_batch
     dec, seen = vae.decoder, []
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen.append((n, m, a[0].clone())))
              for n, m in dec.named_modules() if isinstance(m, (torch.nn.Conv1d, torch.nn.ConvTranspose1d))]
@@ -161,9 +161,9 @@ def main(argv=None):
             # the default's conv forms against the others, each a copy with its own graph: the last conv (one output
             # channel) left to cuDNN instead of the GEMM form; the residual units' dilated convs, which the default
             # gives cuDNN or space to batch per shape by timing both, all to cuDNN, and all as space to batch
-            from omni2sound.vae import _DILATED_PAYS
+            from omni2sound.vae_forms import DILATED_PAYS
             print("(dilated convs, space to batch chosen: " + ", ".join(
-                f"{k[2][1]}x{k[2][-1]} d{k[4]}: {v}" for k, v in _DILATED_PAYS.items()) + ")")
+                f"{k[2][1]}x{k[2][-1]} d{k[4]}: {v}" for k, v in DILATED_PAYS.items()) + ")")
             for name, attr, flag in (("fused_graph_cudnn_out_conv", "out_conv_as_gemm", False),
                                      ("fused_graph_cudnn_dilated", "dilated_as_batch", False),
                                      ("fused_graph_all_dilated_as_batch", "dilated_as_batch", True)):

@@ -21,11 +21,10 @@ The chain between the sublayers goes through the fused ops: ``gated_residual_ada
 The cross-attention's query norm is the same op with shift = scale = 0 and its residual gate is 1.
 The per-head RMSNorms are fused too: ``ops.qk_norm_rope`` (self-attention q and k, then RoPE) and
 ``ops.head_rms_norm`` (the cross-attention's q, and its condition tokens' k). Both attentions go through ``ops``
-(``ops.attention``: SDPA, or when sampling on the CPU our C++ forward; ``ops.cross_attention``). The MLP's first
-Linear + tanh-GELU
-is ``ops.linear_gelu`` (a GEMM without bias, then the fused bias + GELU). Every
-projection's GEMM goes through ``ops.linear`` (``dense``): the module's own F.linear in training, oneDNN's GEMM for
-the large ones when sampling on the CPU.
+(``ops.attention``, ``ops.cross_attention``). The MLP's first Linear + tanh-GELU is ``ops.linear_gelu`` (a GEMM
+without bias, then the fused bias + GELU), and every projection's GEMM goes through ``ops.linear``. Which kernel runs
+each op on which device is ``ops``' choice, never the network's; what a request prepares for sampling (and its
+reusable buffers) is ``omni2sound.sampling``'s.
 
 The network knows nothing of noise schedules: ``t`` in [0, 1] comes from ``omni2sound.flow``.
 """
@@ -35,7 +34,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -45,6 +44,7 @@ from torch import Tensor
 from . import ops
 from .conditions import Conditions
 from .files import atomic_write, load_safetensors, read_config
+from .sampling import PreparedConditions, dense, gemm_buffer, linear_into
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -169,15 +169,6 @@ def rope_table(num_frames: int, head_dim: int, base: float, device) -> Tensor:
     return torch.polar(torch.ones_like(ang), ang)
 
 
-def _leading_rows_with_tokens(cu_seqlens: Tensor) -> int:
-    """The number of rows before the trailing run of rows with zero tokens (one host read)."""
-    lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    n = len(lens)
-    while n and lens[n - 1] == 0:
-        n -= 1
-    return n
-
-
 def resample_sync(sync: Tensor, num_frames: int, sync_rate: float, latent_rate: float) -> Tensor:
     """Linear interpolation of [B, Ts, Ds] features at ``sync_rate`` to the centres of ``num_frames``
     latent frames at ``latent_rate`` -> [B, T, Ds]. Frames past the last feature hold its value; no
@@ -194,110 +185,12 @@ def resample_sync(sync: Tensor, num_frames: int, sync_rate: float, latent_rate: 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Per-request conditions
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class PreparedConditions:
-    """Everything that does not depend on the noisy latent, computed once per request.
-
-    kv            per layer (k, v), each [total_k, H, Dh]: the cross-attention keys/values
-    cu_seqlens_k  int32 [B + 1];  max_seqlen_k  int
-    sync_mod      depth x [B, T, 6, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2),
-                  views of the ada_sync outputs. A list, not one stacked tensor, and split with ONE unbind(2) per
-                  block per step: in training, indexing ([k]) a shared tensor makes autograd build a zero-filled
-                  full-size gradient per index and add them up (one [depth, ...] tensor indexed per block: 36% of
-                  an L step at batch 32 in add_ and fill_ kernels on an H100), while unbind's backward is one
-                  stack into the layout the Linear's backward reads
-    final_sync_mod [B, T, 2, D]
-    duration_emb  [B, D]
-    rope          fp32 [T, Dh / 2, 2]: (cos, sin) of RoPE's angle per frame and pair
-    ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
-    cross_rows    the cross-attention runs on rows [0, cross_rows) only: the rows after have no condition tokens,
-                  so their attention output is exactly 0 and the sublayer's output exactly proj.bias (the CFG
-                  batch puts its unconditional rows last; skipping them saves their query and output GEMMs)
-    workspace     None, or (CPU sampling) reusable scratch tensors by name: when the GEMMs run on aten (``ops.linear``'s
-                  reference backend; oneDNN, the default, has no out= form) the qkv projection [B T, 3D] and the MLP's
-                  hidden activation [B T, 4D] are written into buffers that every block and step reuses (the CPU
-                  analogue of a CUDA graph's static memory: fresh 5-6 MB tensors are served by mmap and page-fault
-                  on first touch, 12k-38k faults per S step, and the qkv GEMM's bias fill into a fresh tensor took
-                  1.8 ms of its 18). oneDNN's GEMM is faster even with those faults (bench/RESULTS.md)
-    """
-    kv: List[Tuple[Tensor, Tensor]]
-    cu_seqlens_k: Tensor
-    max_seqlen_k: int
-    sync_mod: List[Tensor]
-    final_sync_mod: Tensor
-    duration_emb: Tensor
-    rope: Tensor
-    ones: Tensor
-    zeros: Tensor
-    batch_size: int
-    num_frames: int
-    cross_rows: int = -1
-    workspace: Optional[Dict[str, Tensor]] = None
-    key_mask: Optional[Tensor] = None        # bool [B, T]: the frames each row's self-attention reads (frame_mask)
-
-    def __post_init__(self):
-        if self.cross_rows < 0:
-            self.cross_rows = self.batch_size
-
-    def buffer(self, name: str, shape: Tuple[int, ...], like: Tensor) -> Optional[Tensor]:
-        """The workspace tensor ``name`` of ``shape`` (like's dtype and device), made on first use; None without a
-        workspace. Its contents are garbage between uses."""
-        if self.workspace is None or torch.compiler.is_compiling():      # a compiled step plans its own memory
-            return None
-        t = self.workspace.get(name)
-        if t is None or tuple(t.shape) != tuple(shape) or t.dtype != like.dtype or t.device != like.device:
-            t = self.workspace[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return t
-
-    def tensors(self) -> List[Tensor]:
-        """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
-        out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, *self.sync_mod]
-        out = out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
-        return out + ([] if self.key_mask is None else [self.key_mask])
-
-    def signature(self) -> tuple:
-        """Shapes and dtypes that a captured graph depends on."""
-        return (self.batch_size, self.num_frames, self.max_seqlen_k, self.cross_rows,
-                tuple((tuple(t.shape), t.dtype) for t in self.tensors()))
-
-    def copy_(self, other: "PreparedConditions") -> "PreparedConditions":
-        if self.signature() != other.signature():
-            raise ValueError("PreparedConditions.copy_: shapes differ; capture a new graph for this request")
-        for dst, src in zip(self.tensors(), other.tensors()):
-            dst.copy_(src)
-        return self
-
-
-# ----------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------
-def gemm_buffer(prep: Optional[PreparedConditions], name: str, y: Tensor, lin: nn.Linear) -> Optional[Tensor]:
-    """The request's workspace buffer [prod(y.shape[:-1]), N] for ``lin(y)``'s output, y [..., K], or None: no
-    workspace, or the GEMM runs on oneDNN (``ops.linear``'s CPU default for large no-grad GEMMs), which always
-    writes a new tensor."""
-    if prep is None or prep.workspace is None or ops.runs_on_onednn(y, lin.weight, lin.bias):
-        return None
-    return prep.buffer(name, (y.numel() // y.shape[-1], lin.out_features), y)
-
-
-def dense(lin: nn.Linear, x: Tensor) -> Tensor:
-    """lin(x) through ``ops.linear``: the same as the module with gradients on (training); without, on the CPU,
-    oneDNN's GEMM when it is large enough to win (L: 1.15-1.3x aten's on every projection; S: its qkv and MLP fc1)."""
-    return ops.linear(x, lin.weight, lin.bias)
-
-
-def linear_into(x: Tensor, lin: nn.Linear, prep: Optional[PreparedConditions], name: str) -> Tensor:
-    """lin(x) for x [..., K] through ``ops.linear``, into the request's buffer ``name`` when there is one."""
-    return ops.linear(x, lin.weight, lin.bias, out=gemm_buffer(prep, name, x, lin))
-
-
 def per_token_linear(lin: nn.Linear, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]]) -> Tensor:
     """lin(s) for s [B, T, D] -> [B, T, N]. rows: None, or (full, const) row indices, where the ``const`` rows of s
     are known to be the same at every frame: those are computed on frame 0 and broadcast. These are the largest
-    GEMMs of a request (T x D x 6D per block), so they go through ``ops.linear`` (oneDNN's on the CPU without
-    grad)."""
+    GEMMs of a request (T x D x 6D per block)."""
     if rows is None or rows[1].numel() == 0:
         return ops.linear(s, lin.weight, lin.bias)
     full, const = rows
@@ -318,7 +211,7 @@ class SelfAttention(nn.Module):
 
     def forward(self, y: Tensor, rope: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
         """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]. prep: the request's conditions, whose
-        workspace (no-grad sampling on the CPU) may hold a buffer for the qkv projection (``gemm_buffer``)."""
+        workspace (when sampling) may hold a buffer for the qkv projection (``sampling.linear_into``)."""
         B, T, D = y.shape
         qkv = linear_into(y, self.qkv, prep, "qkv").view(B, T, 3, self.heads, D // self.heads)  # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
@@ -403,7 +296,7 @@ class DiTBlock(nn.Module):
 
     def mlp_forward(self, y: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
         """self.mlp(y) for y [B, T, D] -> [B, T, D]; the first Linear + GELU through ``ops.linear_gelu`` (fused bias +
-        GELU, its [B T, 4D] output in the request's workspace buffer when sampling on the CPU)."""
+        GELU, its [B T, 4D] output in the request's workspace buffer when it has one)."""
         fc1, fc2 = self.mlp[0], self.mlp[2]
         buf = gemm_buffer(prep, "mlp_hidden", y, fc1)
         return dense(fc2, ops.linear_gelu(y, fc1.weight, fc1.bias, out=buf))            # [B, T, 4D] -> [B, T, D]
@@ -475,12 +368,11 @@ class Omni2SoundDiT(nn.Module):
         """Projections, packing, every layer's cross-attention K/V, sync resampling and the duration
         embedding for a batch of conditions and ``num_frames`` latent frames (host syncs allowed here).
 
-        sampling: prepared for many denoising steps (on the CPU: with a workspace, see PreparedConditions): on the
-        CPU, trailing rows with no condition tokens skip the
-        cross-attention (exact; see PreparedConditions.cross_rows: 7% of an S step's GEMM FLOPs; not on a GPU,
-        where at batch 1 both row counts fit in one wave of GEMM tiles, so halving M saves no time and the
-        concatenation adds a kernel per layer; unmeasured there). Off for training, where it costs more than it
-        saves: the dropped rows are scattered, and a data-dependent row count would recompile a compiled step.
+        sampling: prepared for many denoising steps (``PreparedConditions.for_sampling``: where it pays on the
+        device, trailing rows with no condition tokens skip the cross-attention, exact, and the projections get a
+        workspace), and the rows without video compute their sync modulation on one frame. Off for training, where
+        it costs more than it saves: the dropped rows are scattered, and a data-dependent row count would recompile
+        a compiled step.
 
         static: no host synchronisation and shapes fixed by the padded token counts, not the lengths (a CUDA-graph
         capture of a training step, see graphed_step.py): the condition tokens are packed with their padding (see
@@ -520,15 +412,14 @@ class Omni2SoundDiT(nn.Module):
         kv = [k_v for k_v, _ in per_block]                                              # depth x [total, H, Dh] x 2
         sync_mod = [m.view(B, num_frames, 6, D) for _, m in per_block]                  # depth x [B, T, 6, D]
         final_sync_mod = per_token_linear(self.final_ada_sync, s, rows).view(B, num_frames, 2, D)  # [B, T, 2, D]
-        return PreparedConditions(
+        prep = PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
             rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
             batch_size=B, num_frames=num_frames,
-            cross_rows=_leading_rows_with_tokens(cu) if sampling and dev.type == "cpu" else B,
-            key_mask=self.frame_mask(cond.duration, num_frames) if bucketed else None,
-            workspace={} if sampling and dev.type == "cpu" else None)
+            key_mask=self.frame_mask(cond.duration, num_frames) if bucketed else None)
+        return prep.for_sampling() if sampling else prep
 
     def frame_mask(self, duration: Tensor, num_frames: int) -> Tensor:
         """bool [B, num_frames]: True on the frames of each row's own duration (seconds [B])."""
@@ -573,8 +464,8 @@ class Omni2SoundDiT(nn.Module):
         D = self.config.hidden_dim
         c = F.silu(self.t_embed(t) + prep.duration_emb)                                  # [B, D]
         # Every block's modulation is sync_mod[i] (per token, per request) + t_mod (per sample, per step); the
-        # fused ops take the two as a pair and add them as they load them (the sum was a [6, B, T, D] tensor
-        # written and read once per block and step). Each is split once (see PreparedConditions.sync_mod).
+        # fused ops take the two as a pair and add them as they load them (summing first would write and read a
+        # [6, B, T, D] tensor per block and step). Each is split once (see PreparedConditions.sync_mod).
         t_mod = [m[:, None] for m in self.t_mod(c).view(B, 6, D).unbind(1)]               # 6 x [B, 1, D]
         final_t = [m[:, None] for m in self.final_ada_t(c).view(B, 2, D).unbind(1)]       # 2 x [B, 1, D]
         tok = [m.unbind(2) for m in prep.sync_mod] + [prep.final_sync_mod.unbind(2)]      # 6 (2) x [B, T, D]

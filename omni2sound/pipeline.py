@@ -10,9 +10,10 @@ Checkpoint layout (``Omni2SoundPipeline.save_pretrained`` writes it, ``from_pret
 Phases of one request (gpt-fast style, each timed in ``GenerationResult.timings``):
   1. encode     condition encoders (text model, frame features, sync features)       once per request
   2. prepare    DiT projections, packing, every layer's cross-attention K/V, sync AdaLN once per request
-  3. sample     n denoising steps; each step is ONE batched forward over [cond, uncond(, video-only)];
-                on a GPU the step is a captured CUDA graph over static buffers (replayed n times; the only
-                work between replays is a device-side copy of t), with no host synchronisation
+  3. sample     n denoising steps of the guided velocity (``flow.guided_velocity``); each step is ONE batched
+                forward over [cond, uncond(, video-only)]; on a GPU the step is a captured CUDA graph over
+                static buffers (``sampling.GraphSampler``: replayed n times; the only work between replays is
+                a device-side copy of t), with no host synchronisation
   4. decode     the VAE                                                                once per request
 The low-latency switches, all on by default, are in ``SamplingOptions``; ``plain=True`` turns every one off
 (conditions recomputed every step, sequential CFG, reference ops, no graphs) for benchmarks and tests.
@@ -37,11 +38,11 @@ from torch import Tensor
 
 from . import ops
 from .conditions import Conditions
-from .cuda_graphs import warm_up_on_side_stream
 from .device import default_device, resolve_device
 from .files import read_config, write_json
-from .flow import FlowMatching, Guidance, cfg_forwards, guidance_scales, guided_velocity, integrate, time_grid
-from .model import Omni2SoundDiT, PreparedConditions
+from .flow import FlowMatching, Guidance, cfg_forwards, guidance_scales, guided_velocity, integrate
+from .model import Omni2SoundDiT
+from .sampling import GraphSampler, PreparedConditions
 
 PIPELINE_CONFIG = "pipeline.json"
 
@@ -150,71 +151,6 @@ def _guidance(guidance: Optional[Guidance], cfg) -> Optional[Guidance]:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# CUDA-graph sampler: static buffers, one captured step, replayed
-# ----------------------------------------------------------------------------------------------------
-class _GraphEntry:
-    def __init__(self, predict, prep: PreparedConditions, k: int, scales, steps: int,
-                 method: str, x0: Tensor):
-        self.prep = prep                                  # the static condition buffers (refilled per request)
-        self.x = x0.clone()                               # static latent [B, T, C]
-        B = x0.shape[0]
-        self.ts = time_grid(steps, x0.device).to(x0.dtype)
-        self.t = self.ts[0].expand(B).clone()             # static time of the step [B]
-        self.t_next = self.ts[1].expand(B).clone()
-        dt = 1.0 / steps
-
-        forwards = [(prep, k)]                            # one forward over the whole CFG batch
-
-        def velocity(x, t):
-            return guided_velocity(predict, x, t, forwards, scales)
-
-        def step():
-            v = velocity(self.x, self.t)
-            if method == "euler":
-                self.x.add_(v, alpha=dt)
-            else:
-                v2 = velocity(self.x + dt * v, self.t_next)
-                self.x.add_(v + v2, alpha=0.5 * dt)
-
-        warm_up_on_side_stream(step, 2)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            step()
-
-    def run(self, x0: Tensor, steps: int) -> Tensor:
-        self.x.copy_(x0)
-        for i in range(steps):
-            self.t.copy_(self.ts[i].expand_as(self.t))       # device-to-device, no host sync
-            self.t_next.copy_(self.ts[i + 1].expand_as(self.t))
-            self.graph.replay()
-        return self.x.clone()
-
-
-class GraphSampler:
-    """Caches one captured step per (condition shapes, batch, frames, steps, sampler, CFG form)."""
-
-    def __init__(self, max_entries: int = 4):
-        self.entries: Dict[tuple, _GraphEntry] = {}
-        self.max_entries = max_entries
-        self.captures = 0
-
-    @torch.no_grad()
-    def sample(self, predict, prep: PreparedConditions, k: int, scales, x0: Tensor, steps: int, method: str
-               ) -> Tensor:
-        """predict: (x [kB, T, C], t [kB], prep) -> v, i.e. the DiT's predict_velocity (maybe compiled)."""
-        key = (predict, prep.signature(), k, scales, steps, method, tuple(x0.shape), x0.dtype)
-        entry = self.entries.get(key)
-        if entry is None:
-            if len(self.entries) >= self.max_entries:
-                self.entries.pop(next(iter(self.entries)))
-            entry = self.entries[key] = _GraphEntry(predict, prep, k, scales, steps, method, x0)
-            self.captures += 1
-        elif entry.prep is not prep:
-            entry.prep.copy_(prep)
-        return entry.run(x0, steps)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -45,8 +45,15 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from . import ops
-from .cuda_graphs import graphed_time_us, warm_up_on_side_stream
+from .cuda_graphs import warm_up_on_side_stream
 from .files import atomic_write, load_safetensors, read_config, safetensors_metadata
+from .vae_forms import (
+    conv_channels_last,
+    conv_transpose_channels_last,
+    decodes_channels_last,
+    dilated_conv_form,
+    out_conv,
+)
 
 CONFIG_NAME = "config.json"
 RESIDUAL_GAIN = 0.1   # init scale of each residual branch's output conv (see _wn)
@@ -205,79 +212,6 @@ def _wn(conv: nn.Module, gain: float = 1.0) -> nn.Module:
     return weight_norm(conv)
 
 
-def conv1d_as_gemm(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int, dilation: int = 1) -> Tensor:
-    """A stride-1 conv1d with few output channels as one GEMM and K shifted adds (any memory layout of x).
-
-    x [B, Cin, T], weight [Cout, Cin, K] -> [B, Cout, T + 2 padding - dilation (K - 1)]:
-    P[b, o, k, t] = sum_c weight[o, c, k] x[b, c, t] (the GEMM reads x once), then
-    out[b, o, t] = sum_k P[b, o, k, t + k dilation - padding] (zero outside [0, T)).
-    """
-    Cout, _, K = weight.shape
-    B, _, T = x.shape
-    p = torch.matmul(weight.permute(0, 2, 1).reshape(Cout * K, -1).to(x.dtype), x)      # [B, Cout * K, T]
-    p = F.pad(p, (padding, padding)).view(B, Cout, K, T + 2 * padding)
-    T_out = T + 2 * padding - dilation * (K - 1)
-    out = p[:, :, 0, :T_out].clone()
-    for k in range(1, K):
-        out += p[:, :, k, k * dilation:k * dilation + T_out]
-    return out if bias is None else out + bias.to(out.dtype)[None, :, None]
-
-
-def conv1d_dilated_as_batch(x: Tensor, weight: Tensor, bias: Optional[Tensor], padding: int,
-                            dilation: int) -> Tensor:
-    """A stride-1 dilated conv1d as an undilated one over ``dilation`` interleaved sub-sequences (space to batch).
-
-    x [B, Cin, T], weight [Cout, Cin, K], padding a multiple of the dilation d -> [B, Cout, T + 2 padding - d (K - 1)].
-    With x zero-padded to T' = d J and s_r[j] = x[j d + r] (r < d): out[j d + r] = conv(s_r, weight, padding / d)[j],
-    since the taps of a dilated conv at t are t + (k - K // 2) d, all in t's residue class. The zeros appended past T
-    are the conv's own zero padding, so the result is exact. Why: cuDNN (9.x, H200, bf16, session 11) runs dilation 9
-    at 512 x 2 500 and 256 x 20 000 with a legacy kernel (605 and 800 us) where this form takes 65 and 121 us; for
-    dilation 3, and 9 at longer rates, its own kernels win (~2x). The decoder picks per shape by timing both
-    (``_dilated_pays``).
-    """
-    d = dilation
-    if padding % d:
-        raise ValueError(f"conv1d_dilated_as_batch: padding {padding} must be a multiple of the dilation {d}")
-    B, C, T = x.shape
-    K = weight.shape[-1]
-    J = -(-T // d)
-    if J * d != T:
-        x = F.pad(x, (0, J * d - T))
-    s = x.reshape(B, C, J, d).permute(0, 3, 1, 2).reshape(B * d, C, J)        # [B d, Cin, J]: s_r for each r
-    o = F.conv1d(s, weight, bias, padding=padding // d)                      # [B d, Cout, J_out]
-    J_out = o.shape[-1]
-    T_out = T + 2 * padding - d * (K - 1)
-    out = o.reshape(B, d, -1, J_out).permute(0, 2, 3, 1).reshape(B, -1, J_out * d)     # [B, Cout, d J_out]
-    return out[:, :, :T_out].contiguous()                  # a copy only where the reshape gave a view
-
-
-# (device, dtype, input shape, conv shape) -> whether conv1d_dilated_as_batch beat cuDNN's form (timed once)
-_DILATED_PAYS: Dict[tuple, bool] = {}
-
-
-def _dilated_pays(m: nn.Conv1d, y: Tensor) -> bool:
-    """Whether ``conv1d_dilated_as_batch`` runs conv m on y faster than cuDNN's own form: timed once per device,
-    dtype and shape (a few ms; ``AudioVAE.decode_graphed`` warms up, and so times, before it captures). Inside a
-    capture that nobody warmed up, cuDNN's form (nothing can be timed there)."""
-    key = (y.device, y.dtype, tuple(y.shape), tuple(m.weight.shape), m.dilation[0], m.padding[0])
-    got = _DILATED_PAYS.get(key)
-    if got is None:
-        if torch.cuda.is_current_stream_capturing():
-            return False
-        x = y.detach().clone()
-        w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
-        batch_us = graphed_time_us(lambda: conv1d_dilated_as_batch(x, w, b, m.padding[0], m.dilation[0]))
-        cudnn_us = graphed_time_us(lambda: F.conv1d(x, w, b, padding=m.padding[0], dilation=m.dilation[0]))
-        got = _DILATED_PAYS[key] = batch_us < cudnn_us
-    return got
-
-
-def _conv_channels_last(m: nn.Module, x: Tensor) -> Tensor:
-    """Conv1d module m on x [B, Cin, T] stored channels-last, as the 2-D conv of that layout -> [B, Cout, T']."""
-    return F.conv2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
-                    padding=(0, m.padding[0]), dilation=(1, m.dilation[0])).squeeze(2)
-
-
 def _conv(cin: int, cout: int, k: int, stride: int = 1, dilation: int = 1, bias: bool = True,
           gain: float = 1.0) -> nn.Module:
     pad = (dilation * (k - 1)) // 2 if stride == 1 else math.ceil(stride / 2)
@@ -424,14 +358,11 @@ class Decoder(nn.Module):
         else:
             self.conv_out = _conv(widths[-1], 1, cfg.kernel_size, bias=False, gain=0.2)   # start near audio level
             self.synth = None
-        # The waveform head's last conv (64 -> 1 channel, k 7, at the sample rate) as one GEMM and K shifted adds:
-        # None = on CUDA only. Timed alone on an H200 (bf16, 160 000 samples, session 11): 39.7 us against cuDNN's
-        # 70.9. (Session 9 blamed this conv for a legacy cuDNN kernel; session 11 found that kernel in two dilated
-        # convs instead, see conv1d_dilated_as_batch.)
+        # The conv forms (omni2sound.vae_forms; exact): the waveform head's last conv (64 -> 1 channel, k 7, at the
+        # sample rate) as one GEMM and K shifted adds, and the residual units' dilated convs as undilated convs over
+        # interleaved sub-sequences. True / False forces a form; None leaves the choice to vae_forms (by device, and
+        # for the dilated convs by timing both forms once per shape on a GPU).
         self.out_conv_as_gemm: Optional[bool] = None
-        # The residual units' dilated convs as undilated convs over interleaved sub-sequences
-        # (``conv1d_dilated_as_batch``, exact): True / False for every dilated conv; None = CUDA inference picks per
-        # conv and input shape whichever form a timing of both found faster (once per shape and process), else off.
         self.dilated_as_batch: Optional[bool] = None
 
     def _snakes_after_adds(self):
@@ -452,7 +383,7 @@ class Decoder(nn.Module):
     def frames(self, z: Tensor) -> Tensor:
         """z [B, C, T] -> the last conv's output: the waveform [B, 1, T * hop] (waveform head) or the STFT frames
         [B, 2 * n_bins, T * hop / stft_hop] (stft head) that ``_head`` synthesises."""
-        if not torch.is_grad_enabled() and ops.select_backend("snake_residual", z.device) == "cpu":
+        if decodes_channels_last(z):
             return self._forward_channels_last(z)
         # Every residual add is followed by a Snake, so both run as one fused op: (h, y) = (x + r, snake(x + r)),
         # h the running residual stream, y the next conv's input.
@@ -468,42 +399,21 @@ class Decoder(nn.Module):
         return self._conv_out(y)                             # [B, 1, T * hop] or [B, 2 n_bins, frames]
 
     def _branch(self, unit: "ResidualUnit", y: Tensor) -> Tensor:
-        """``unit.branch(y)``, its dilated conv as ``conv1d_dilated_as_batch`` where that is on (or pays)."""
-        m = unit.conv1
-        if not (m.dilation[0] > 1 and m.padding[0] % m.dilation[0] == 0 and m.padding_mode == "zeros"):
-            return unit.branch(y)
-        on = self.dilated_as_batch
-        if on is None:
-            on = y.is_cuda and not torch.is_grad_enabled() and _dilated_pays(m, y)
-        if not on:
-            return unit.branch(y)
-        return unit.branch(y, lambda t: conv1d_dilated_as_batch(t, m.weight, m.bias, m.padding[0], m.dilation[0]))
+        """``unit.branch(y)``, its dilated conv in the form ``vae_forms.dilated_conv_form`` picks."""
+        return unit.branch(y, dilated_conv_form(unit.conv1, y, self.dilated_as_batch))
 
     def _conv_out(self, y: Tensor) -> Tensor:
-        m = self.conv_out
-        gemm = self.out_conv_as_gemm if self.out_conv_as_gemm is not None else y.is_cuda
-        if gemm and m.out_channels <= 4 and m.stride[0] == 1 and m.groups == 1 and m.padding_mode == "zeros":
-            return conv1d_as_gemm(y, m.weight, m.bias, m.padding[0], m.dilation[0])
-        if y.stride(1) == 1 and y.shape[1] > 1:              # channels-last storage: the 2-D conv of that layout
-            return _conv_channels_last(m, y).contiguous()
-        return m(y)
+        return out_conv(self.conv_out, y, self.out_conv_as_gemm)
 
     def _head(self, out: Tensor) -> Tensor:
         """The last conv's output -> waveform: itself (waveform head) or its inverse STFT (stft head)."""
         return self.synth(out) if self.synth is not None else out
 
     def _forward_channels_last(self, z: Tensor) -> Tensor:
-        """The same decoder for CPU inference, activations stored channels-last ([B, C, 1, T] as [B, T, C]).
-
-        oneDNN runs 1-D convs expressed as channels-last 2-D convs 1.7-2.3x faster than PyTorch's conv1d (measured
-        on this project's CPU box: no layout reorder around every call); the C++ Snake kernels read and write that
-        layout directly. Same weights and math as ``forward``: only the memory layout differs.
+        """The same decoder with activations stored channels-last ([B, C, 1, T] as [B, T, C]), for CPU inference
+        (``vae_forms.decodes_channels_last``). Same weights and math as ``frames``: only the memory layout differs.
         """
-        conv = _conv_channels_last
-        def up(m: nn.Module, x: Tensor) -> Tensor:
-            return F.conv_transpose2d(x.unsqueeze(2), m.weight.unsqueeze(2), m.bias, stride=(1, m.stride[0]),
-                                      padding=(0, m.padding[0])).squeeze(2)
-
+        conv, up = conv_channels_last, conv_transpose_channels_last
         after = iter(self._snakes_after_adds())
         z4 = z.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         h = conv(self.conv_in, z4.squeeze(2))                  # [B, W0, T]

@@ -35,13 +35,22 @@ def _size_hw(size: Size) -> Optional[Tuple[int, int]]:
     return int(size[0]), int(size[1])
 
 
+def _sampled(t0: float, t1: float, start: float, fps: float, tol: float = 1e-6) -> bool:
+    """Whether a frame shown from t0 until t1 is the one some grid time start + k / fps (k >= 0) samples
+    (sample-and-hold as in `read_video`, widened by tol so that rounding never leaves a sampled frame out)."""
+    k = max(0, math.ceil((t0 - 1e-9 - tol - start) * fps))
+    return start + k / fps + 1e-9 < t1 + tol
+
+
 def read_video(path: str, fps: float, size: Size = None, max_seconds: Optional[float] = None,
-               start: float = 0.0) -> np.ndarray:
+               start: float = 0.0, threads: bool = True) -> np.ndarray:
     """Decode ``path`` and resample it to ``fps`` -> uint8 [T, H, W, 3], T = ceil(duration * fps) (>= 1).
 
     size: output (height, width) or a square side; None keeps the source size. ``start`` / ``max_seconds``
-    select a window of the clip (seconds). Missing file -> FileNotFoundError; anything PyAV cannot decode
-    (corrupt, not a video, no video stream, no frames) -> VideoError naming the file.
+    select a window of the clip (seconds). threads: FFmpeg's frame/slice threads, which speed up one long
+    video; many short clips decoded side by side are cheaper without them (each open starts its threads).
+    Only the frames the grid samples are converted to RGB and kept. Missing file -> FileNotFoundError;
+    anything PyAV cannot decode (corrupt, not a video, no video stream, no frames) -> VideoError naming the file.
     """
     import av
 
@@ -51,13 +60,15 @@ def read_video(path: str, fps: float, size: Size = None, max_seconds: Optional[f
     if not os.path.isfile(path):
         raise FileNotFoundError(f"read_video: no such video file: {path}")
     hw = _size_hw(size)
-    times, frames = [], []
+    rgb = lambda fr: fr.to_ndarray(format="rgb24", width=hw[1] if hw else None, height=hw[0] if hw else None)
+    times, kept, prev = [], {}, None        # kept: frame index -> RGB of the frames a grid time samples
     try:
         with av.open(path) as container:
             if not container.streams.video:
                 raise VideoError(f"read_video: {path} has no video stream")
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            if threads:
+                stream.thread_type = "AUTO"
             duration = None
             if stream.duration is not None and stream.time_base is not None:
                 duration = float(stream.duration * stream.time_base)
@@ -65,18 +76,20 @@ def read_video(path: str, fps: float, size: Size = None, max_seconds: Optional[f
                 duration = container.duration / 1e6
             end = None if max_seconds is None else start + max_seconds
             for frame in container.decode(stream):
-                t = frame.time if frame.time is not None else len(frames) / float(stream.average_rate or fps)
+                t = frame.time if frame.time is not None else len(times) / float(stream.average_rate or fps)
                 if end is not None and t >= end:
                     break
-                img = frame.to_ndarray(format="rgb24", width=hw[1] if hw else None,
-                                       height=hw[0] if hw else None)
+                if prev is not None and (len(times) == 1 or _sampled(times[-1], t, start, fps)):
+                    kept[len(times) - 1] = rgb(prev)      # the first frame also stands for grid times before it
                 times.append(t)
-                frames.append(img)
+                prev = frame
+            if prev is not None:
+                kept[len(times) - 1] = rgb(prev)
     except VideoError:
         raise
     except (av.error.FFmpegError, UnicodeDecodeError, ValueError, IndexError) as e:
         raise VideoError(f"read_video: cannot decode {path}: {e}") from e
-    if not frames:
+    if not times:
         raise VideoError(f"read_video: {path} contains no decodable video frame")
     # Clip duration: the container's if known, else last frame time + one source frame period.
     src_period = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 1.0 / fps
@@ -87,8 +100,8 @@ def read_video(path: str, fps: float, size: Size = None, max_seconds: Optional[f
     n = max(1, int(math.ceil((stop - start) * fps - 1e-6)))
     grid = start + np.arange(n) / fps
     # sample-and-hold: the last frame whose time is <= the grid time (the first one before it starts)
-    idx = np.clip(np.searchsorted(np.asarray(times), grid + 1e-9, side="right") - 1, 0, len(frames) - 1)
-    return np.stack([frames[i] for i in idx])
+    idx = np.clip(np.searchsorted(np.asarray(times), grid + 1e-9, side="right") - 1, 0, len(times) - 1)
+    return np.stack([kept[int(i)] for i in idx])
 
 
 def write_video(path: str, frames: Union[np.ndarray, Sequence[np.ndarray]], fps: float,

@@ -9,8 +9,9 @@ import torch
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
-from omni2sound.model import DIT_PRESETS, Omni2SoundDiT, PreparedConditions, dit_config, resample_sync
+from omni2sound.model import DIT_PRESETS, Omni2SoundDiT, dit_config, resample_sync
 from omni2sound.ops import use_backend
+from omni2sound.sampling import PreparedConditions
 
 
 @pytest.fixture(autouse=True)
@@ -312,3 +313,15 @@ def test_sampling_prepares_rows_without_video_on_one_frame(video_lens):
                 assert torch.equal(fast.sync_mod[0][i], fast.sync_mod[0][i, :1].expand_as(fast.sync_mod[0][i]))
         torch.testing.assert_close(model.predict_velocity(x, t, fast), model.predict_velocity(x, t, full),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_the_network_asks_no_device_or_backend():
+    # which kernel runs each op is ops' choice, and what a sampling loop keeps per device (workspace, rows that skip
+    # the cross-attention) is ops.sampling_plan's through omni2sound.sampling: the network's source names neither
+    import inspect
+
+    import omni2sound.model as network
+    src = inspect.getsource(network)
+    for asks in ("select_backend", "available_backends", "runs_on_onednn", "onednn_takes", "is_cuda", "device.type",
+                 "dev.type", '"cuda"', '"cpu"', "torch.cuda"):
+        assert asks not in src, asks

@@ -334,7 +334,7 @@ def test_gpu_graphed_decode_equals_decode(preset):
 def test_gpu_dilated_convs_pick_a_form_per_shape_and_decode_the_same(dtype):
     # the GPU default times cuDNN's form and space to batch once per dilated conv shape (before any capture) and
     # keeps the faster; every choice decodes what nn.Conv1d's form does, graphed too
-    from omni2sound.vae import _DILATED_PAYS
+    from omni2sound.vae_forms import DILATED_PAYS as _DILATED_PAYS
     _DILATED_PAYS.clear()
     torch.manual_seed(0)
     vae = AudioVAE(VAE_PRESETS["paper"]).fold_weight_norm().eval().to("cuda", dtype)
@@ -382,7 +382,7 @@ def test_deepcopy_leaves_the_decode_graphs_behind(tiny):
 def test_conv1d_as_gemm_equals_conv1d(cout, k, dilation, bias, channels_last):
     # the decoder's last conv on a GPU (one output channel: cuDNN has no tensor-core kernel for it): forward and
     # every gradient against F.conv1d in float64, an odd length, both memory layouts of the input
-    from omni2sound.vae import conv1d_as_gemm
+    from omni2sound.vae_forms import conv1d_as_gemm
     x = torch.randn(2, 5, 37, dtype=torch.float64)
     if channels_last:
         x = x.transpose(1, 2).contiguous().transpose(1, 2)          # [B, C, T] with the channels innermost
@@ -405,7 +405,7 @@ def test_conv1d_as_gemm_equals_conv1d(cout, k, dilation, bias, channels_last):
 def test_conv1d_dilated_as_batch_equals_conv1d(T, k, dilation, pad):
     # the decoder's dilated convs on a GPU: forward and every gradient against F.conv1d in float64, lengths that the
     # dilation divides and ones it does not (down to one sample), same-length and shorter/longer outputs
-    from omni2sound.vae import conv1d_dilated_as_batch
+    from omni2sound.vae_forms import conv1d_dilated_as_batch
     if T + 2 * pad - dilation * (k - 1) < 1:
         pytest.skip("no output")
     x = torch.randn(2, 5, T, dtype=torch.float64)

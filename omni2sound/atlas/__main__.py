@@ -45,6 +45,9 @@ def main(argv=None) -> int:
                     help="override a config field (JSON value), e.g. --set clap_handoff=0.3 "
                          "--set agents.junior.base_url=http://127.0.0.1:8000/v1")
     ap.add_argument("--shard", help="K/N: this process captions manifest lines K, K+N, K+2N, ...")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="N processes on this machine, each captioning shard k of N with a 1/N share of the bounds "
+                         "in flight (one Python process uses one core); outputs are finalized once at the end")
     ap.add_argument("--toy", type=int, default=200, help="toy clips to make when no --manifest is given")
     ap.add_argument("--limit", type=int, help="only the first LIMIT records of the manifest")
     ap.add_argument("--retry-failed", action="store_true", help="caption again the clips recorded as failed")
@@ -52,10 +55,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from .config import AtlasConfig
-    from .runner import Runner, parse_shard, read_input_manifest
+    from .runner import Runner, parse_shard, read_input_manifest, run_workers
     try:
         cfg = build_config(args)
         shard = parse_shard(args.shard)
+        if args.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {args.workers}")
+        if args.workers > 1 and shard != (0, 1):
+            raise ValueError("--workers splits the whole manifest on this machine; with --shard, run one process "
+                             "per shard instead")
     except (ValueError, TypeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -81,7 +89,16 @@ def main(argv=None) -> int:
     if os.path.exists(cfg_path) and AtlasConfig.load(cfg_path).content_hash() != cfg.content_hash():
         print(f"note: {cfg_path} holds another config; records of both are kept, keyed by config", file=sys.stderr)
     cfg.save(cfg_path)
-    summary = Runner(cfg, args.out, shard, progress=not args.no_progress, retry_failed=args.retry_failed).run(records)
+    if args.workers > 1:
+        try:
+            summary = run_workers(cfg, args.out, records, args.workers, retry_failed=args.retry_failed,
+                                  progress=not args.no_progress)
+        except (ValueError, RuntimeError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    else:
+        summary = Runner(cfg, args.out, shard, progress=not args.no_progress,
+                         retry_failed=args.retry_failed).run(records)
     print(json.dumps(summary, indent=1))
     return 0
 

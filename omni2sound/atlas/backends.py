@@ -79,6 +79,48 @@ class ChatBackend:
         pass
 
 
+class EncodedPart(dict):
+    """A message part whose JSON text is made once: a clip's base64 audio or JPEG frame, which several
+    requests of the clip carry (re-escaping ~100 kB of base64 for every request costs more than sending it)."""
+    __slots__ = ("json",)
+
+    def __init__(self, part: dict):
+        super().__init__(part)
+        self.json = _dumps(part)
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _object(d: dict, key: str, raw: str) -> str:
+    """JSON of the object `d`, its field `key` written as the JSON text `raw`."""
+    return "{" + ",".join(_dumps(k) + ":" + (raw if k == key else _dumps(v)) for k, v in d.items()) + "}"
+
+
+def chat_body_bytes(body: dict) -> bytes:
+    """The chat-completions request body as JSON bytes (what `json.dumps` writes, compact), taking each
+    EncodedPart's JSON text as made instead of encoding it again."""
+    msgs = []
+    for m in body["messages"]:
+        c = m["content"]
+        raw = "[" + ",".join(p.json if isinstance(p, EncodedPart) else _dumps(p) for p in c) + "]" \
+            if isinstance(c, list) else _dumps(c)
+        msgs.append(_object(m, "content", raw))
+    return _object(body, "messages", "[" + ",".join(msgs) + "]").encode()
+
+
+def _httpx_module(client_cls):
+    """The httpx package (httpx or httpx2) an openai HTTP client class is built on, for its Limits."""
+    import importlib
+    for c in client_cls.__mro__:
+        root = c.__module__.split(".")[0]
+        if c.__name__ == "AsyncClient" and root in ("httpx", "httpx2"):
+            return importlib.import_module(root)
+    import httpx
+    return httpx
+
+
 class OpenAIBackend(ChatBackend):
     def __init__(self, agent: AgentConfig, cfg: AtlasConfig):
         self.agent, self.cfg = agent, cfg       # agent: the first agent on this server (its url and key)
@@ -87,37 +129,66 @@ class OpenAIBackend(ChatBackend):
         self._turn = 0
         self._sem: Optional[asyncio.Semaphore] = None
         self._rng = random.Random()
+        self._send_bytes = False
+        self.transport = ""
         self.in_flight = 0
         self.max_seen_in_flight = 0
+        self._import()
+
+    @staticmethod
+    def _import():
+        try:
+            import openai
+        except ImportError as e:
+            raise ImportError("the chat backend needs the openai client: pip install 'omni2sound[atlas]'") from e
+        return openai
 
     def _ensure(self):
-        """The clients, made inside the running event loop. The requests in flight are spread over several
-        clients of at most 16 connections: httpx's pool scans all its connections for every request it
-        places, which at 64+ connections costs more CPU than the rest of the request."""
-        if self._clients is None:
+        """The clients, made inside the running event loop, with as many connections as requests in flight.
+        The transport is aiohttp where the `openai[aiohttp]` extra is installed (the client's
+        `DefaultAioHttpClient`: a fraction of httpx's CPU per request, which is what bounds a 2-core worker);
+        otherwise httpx, spread over clients of at most 16 connections, since httpx's pool scans every
+        connection (a system call each) for every request it places."""
+        if self._clients is not None:
+            return
+        import inspect
+        openai = self._import()
+        AsyncOpenAI = openai.AsyncOpenAI
+        limit, timeout = self.cfg.max_requests_in_flight, self.cfg.request_timeout
+        key = os.environ.get(self.agent.api_key_env) or "none"
+        make = lambda http: AsyncOpenAI(base_url=self.agent.base_url, api_key=key, max_retries=0, timeout=timeout,
+                                        http_client=http)
+        aio = getattr(openai, "DefaultAioHttpClient", None)
+        if aio is not None:
+            hx = _httpx_module(aio)
             try:
-                from openai import AsyncOpenAI
-            except ImportError as e:
-                raise ImportError("the chat backend needs the openai client: pip install 'omni2sound[atlas]'") from e
+                http = aio(limits=hx.Limits(max_connections=limit, max_keepalive_connections=limit), timeout=timeout)
+            except (RuntimeError, ImportError):      # the aiohttp extra is not installed
+                http = None
+            if http is not None:
+                self._clients, self.transport = [make(http)], "aiohttp"
+        if self._clients is None:
             import httpx
-            limit = self.cfg.max_requests_in_flight
             n = max(1, -(-limit // 16))
             per = -(-limit // n)
             ssl_ctx = httpx.create_ssl_context()      # one certificate store for all clients (0.2 s each to load)
-            self._clients = [AsyncOpenAI(
-                base_url=self.agent.base_url, api_key=os.environ.get(self.agent.api_key_env) or "none",
-                max_retries=0, timeout=self.cfg.request_timeout,
-                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=per, max_keepalive_connections=per),
-                                              timeout=self.cfg.request_timeout, verify=ssl_ctx)) for _ in range(n)]
-            self._sem = asyncio.Semaphore(limit)
+            self._clients = [make(httpx.AsyncClient(limits=httpx.Limits(max_connections=per,
+                                                                        max_keepalive_connections=per),
+                                                    timeout=timeout, verify=ssl_ctx)) for _ in range(n)]
+            self.transport = "httpx"
+        # clients whose post() takes the body as bytes get it spliced from the clip's pre-encoded parts
+        self._send_bytes = "content" in inspect.signature(self._clients[0].post).parameters
+        self._sem = asyncio.Semaphore(limit)
 
-    async def _post(self, body: dict):
-        """One chat-completions request through the client's low-level post: the request body is sent as built
-        (the typed `create()` walks every base64 frame and audio string of the messages, ~40 ms a request)."""
-        from openai.types.chat import ChatCompletion
+    async def _post(self, body: dict) -> dict:
+        """One chat-completions request through the client's low-level post, the answer read as plain JSON:
+        the typed `create()` walks every base64 frame and audio string of the messages, and the typed
+        answer costs a pydantic model per request for the three fields read here."""
         self._turn = (self._turn + 1) % len(self._clients)
-        return await self._clients[self._turn].post("/chat/completions", cast_to=ChatCompletion, body=body,
-                                                    options={"timeout": self.cfg.request_timeout})
+        client, opts = self._clients[self._turn], {"timeout": self.cfg.request_timeout}
+        if self._send_bytes:
+            return await client.post("/chat/completions", cast_to=object, content=chat_body_bytes(body), options=opts)
+        return await client.post("/chat/completions", cast_to=object, body=body, options=opts)
 
     async def complete(self, messages: list, agent: AgentConfig) -> Reply:
         import openai
@@ -133,7 +204,7 @@ class OpenAIBackend(ChatBackend):
                     body = {"model": agent.model, "messages": messages, "max_tokens": agent.max_tokens,
                             "temperature": agent.temperature, **(agent.extra_body or {})}
                     resp = await self._post(body)
-                    text = resp.choices[0].message.content if resp.choices else None
+                    text = resp["choices"][0]["message"]["content"]
                     if not isinstance(text, str):
                         raise ValueError("the answer has no message content")
                 except openai.APIStatusError as e:
@@ -148,7 +219,7 @@ class OpenAIBackend(ChatBackend):
                 except openai.APIConnectionError as e:
                     last, continue_ = f"connection error: {e.__cause__ or e}", True
                 except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, AttributeError,
-                        IndexError, TypeError) as e:
+                        IndexError, KeyError, TypeError) as e:
                     last, continue_ = f"unreadable answer: {type(e).__name__}: {str(e)[:200]}", True
                 else:
                     continue_ = False
@@ -160,14 +231,14 @@ class OpenAIBackend(ChatBackend):
                 await asyncio.sleep(backoff_delay(attempt, self.cfg, retry_after, self._rng))
         raise AgentCallError(f"openai:{agent.model}: failed after {self.cfg.max_attempts} attempts; last: {last}")
 
-    def _reply(self, resp, text: str, prices: dict, attempts: int, name: str) -> Reply:
-        u = resp.usage
-        pt = int(getattr(u, "prompt_tokens", 0) or 0) if u else 0
-        ct = int(getattr(u, "completion_tokens", 0) or 0) if u else 0
-        ptd = getattr(u, "prompt_tokens_details", None) if u else None
-        ctd = getattr(u, "completion_tokens_details", None) if u else None
-        audio = int(getattr(ptd, "audio_tokens", 0) or 0) if ptd else 0
-        reasoning = int(getattr(ctd, "reasoning_tokens", 0) or 0) if ctd else 0
+    @staticmethod
+    def _reply(resp: dict, text: str, prices: dict, attempts: int, name: str) -> Reply:
+        u = resp.get("usage")
+        u = u if isinstance(u, dict) else {}
+        n = lambda d, k: int(d.get(k) or 0) if isinstance(d, dict) else 0
+        pt, ct = n(u, "prompt_tokens"), n(u, "completion_tokens")
+        audio = n(u.get("prompt_tokens_details"), "audio_tokens")
+        reasoning = n(u.get("completion_tokens_details"), "reasoning_tokens")
         cost = (pt - audio) * prices["input"] + audio * prices["audio_input"] + ct * prices["output"]
         return Reply(text=text, prompt_tokens=pt, completion_tokens=ct, reasoning_tokens=reasoning, cost=cost,
                      agent=name, attempts=attempts)
@@ -275,20 +346,30 @@ class ChatAgent:
         self.role, self.agent, self.cfg, self.backend = role, agent, cfg, backend
         self.name = f"{agent.backend}:{agent.model}"
 
+    def prepare(self, clip: Clip, frames: bool = True) -> None:
+        """Encode the media this agent sends (the frames only if `frames`) once per clip, shared with the
+        other agents; the runner calls this in a media thread, so the event loop only splices ready JSON."""
+        if frames:
+            self._frames(clip)
+        self._audio(clip)
+
     def _frames(self, clip: Clip) -> list:
         """Image parts of the clip's frames (encoded once per clip, shared by every agent that sends them)."""
         if clip.frames is None or not self.agent.send_frames:
             return []
         if "jpeg" not in clip.encoded:
-            clip.encoded["jpeg"] = [jpeg_data_url(f) for f in clip.frames]
-        return [{"type": "image_url", "image_url": {"url": u}} for u in clip.encoded["jpeg"]]
+            clip.encoded["jpeg"] = [EncodedPart({"type": "image_url", "image_url": {"url": jpeg_data_url(f)}})
+                                    for f in clip.frames]
+        return list(clip.encoded["jpeg"])
 
     def _audio(self, clip: Clip) -> list:
         if not self.agent.send_audio:
             return []
         if "wav" not in clip.encoded:
-            clip.encoded["wav"] = wav_base64(clip.audio, clip.sample_rate)
-        return [{"type": "input_audio", "input_audio": {"data": clip.encoded["wav"], "format": "wav"}}]
+            clip.encoded["wav"] = EncodedPart({"type": "input_audio",
+                                               "input_audio": {"data": wav_base64(clip.audio, clip.sample_rate),
+                                                               "format": "wav"}})
+        return [clip.encoded["wav"]]
 
     async def describe_video(self, clip: Clip) -> Reply:
         frames = self._frames(clip)

@@ -16,7 +16,8 @@ Actions (a dict; pushed ones are used first, in order, then `responder(body)` de
     {"malformed": true}                 200 with a body that is not JSON
     {"drop": true}                      close the connection without answering
 
-    python -m omni2sound.atlas.loopback --latency 0.2      # serve until killed; prints "PORT <n>"
+    python -m omni2sound.atlas.loopback --latency 0.2      # prints "PORT <n>", serves until SIGTERM / SIGINT,
+                                                           # then prints {"served": ..., "max_in_flight": ...}
 """
 from __future__ import annotations
 
@@ -205,14 +206,18 @@ def main(argv=None) -> int:
     server = ChatServer(latency=args.latency, port=args.port, keep_requests=False)
 
     async def go():
+        import signal
         await server.serve()
         print(f"PORT {server.port}", flush=True)
-        await asyncio.Event().wait()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        # what a benchmark reads back: requests served and the most that were open at once
+        print(json.dumps({"served": server.served, "max_in_flight": server.max_in_flight}), flush=True)
 
-    try:
-        asyncio.run(go())
-    except KeyboardInterrupt:
-        pass
+    asyncio.run(go())
     return 0
 
 

@@ -29,7 +29,7 @@ def load_media(record: dict, sample_rate: int, frames_fps: float, max_frames: in
     frames = None
     if record.get("video"):
         from ..video import read_video
-        frames = read_video(record["video"], frames_fps, None, max_seconds=dur, start=start)
+        frames = read_video(record["video"], frames_fps, None, max_seconds=dur, start=start, threads=False)
         if len(frames) > max_frames:
             frames = frames[np.linspace(0, len(frames) - 1, max_frames).round().astype(int)]
         if frame_size and min(frames.shape[1:3]) > frame_size:
@@ -83,9 +83,16 @@ def jpeg_data_url(frame: np.ndarray, quality: int = 85) -> str:
 
 
 def wav_base64(audio: np.ndarray, sample_rate: int) -> str:
-    import soundfile as sf
+    """Base64 of a 16-bit mono WAV of float audio [N] (scaled by 32768 and clipped, so 16-bit sources come
+    back bit-exact through soundfile's float reading), written with the standard library's `wave`."""
+    import wave
+    pcm = np.clip(np.rint(np.asarray(audio, np.float32) * 32768.0), -32768, 32767).astype("<i2")
     buf = io.BytesIO()
-    sf.write(buf, np.clip(audio, -1, 1), sample_rate, format="WAV", subtype="PCM_16")
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(int(sample_rate))
+        w.writeframes(pcm.tobytes())
     return base64.b64encode(buf.getvalue()).decode()
 
 

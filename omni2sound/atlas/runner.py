@@ -12,6 +12,8 @@ are rewritten from all records in the folder.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import glob
 import hashlib
 import json
@@ -21,7 +23,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
+from typing import Callable, Optional
 
 from .backends import make_agents
 from .config import AtlasConfig
@@ -177,9 +179,9 @@ def training_fields(rec: dict, caption: Optional[str], route_: str) -> dict:
 
 class Runner:
     def __init__(self, cfg: AtlasConfig, out_dir: str, shard: tuple[int, int] = (0, 1), progress: bool = True,
-                 retry_failed: bool = False):
+                 retry_failed: bool = False, on_record: Optional[Callable[[], None]] = None):
         self.cfg, self.out_dir, self.shard = cfg, out_dir, shard
-        self.progress, self.retry_failed = progress, retry_failed
+        self.progress, self.retry_failed, self.on_record = progress, retry_failed, on_record
         self.config_hash = cfg.content_hash()
         os.makedirs(out_dir, exist_ok=True)
         self.agents = None
@@ -198,11 +200,8 @@ class Runner:
         base = {k: v for k, v in rec.items() if not k.startswith("_")}
         atlas = {"key": key, "config": self.config_hash, "status": "failed"}
         try:
-            audio, frames = await loop.run_in_executor(pool, load_media, rec, cfg.audio_sample_rate,
-                                                       cfg.frames_fps, cfg.max_frames, cfg.frame_size)
-            clip = Clip(index=rec["_line"], record=rec, key=key, audio=audio, sample_rate=cfg.audio_sample_rate,
-                        frames=frames, frames_fps=cfg.frames_fps)
-            av = await self._av_batch(clip) if frames is not None else None
+            clip = await loop.run_in_executor(pool, self._load_clip, rec, key)
+            av = await self._av_batch(clip) if clip.frames is not None else None
             r = route(av, cfg) if av is not None else "audio-only"
             atlas["scores"] = {"av": av}
             base.update(av_score=av, route=r)
@@ -210,6 +209,7 @@ class Runner:
                 atlas.update(status="discarded", reason=f"av {av:.3f} < {cfg.discard_below:g}")
                 base.pop("caption", None)
                 return self._finish(base, atlas, trace, t0)
+            await loop.run_in_executor(pool, self._prepare, clip, r == ENHANCED)
             context = await vision_to_language(clip, self.agents["vision"], trace) if r == ENHANCED else None
 
             async def clap_score(caption: str) -> float:
@@ -233,6 +233,20 @@ class Runner:
         except Exception as e:       # one clip's failure never stops the run: it is recorded with its reason
             atlas.update(status="failed", reason=f"{type(e).__name__}: {e}"[:500])
         return self._finish(base, atlas, trace, t0)
+
+    def _load_clip(self, rec: dict, key: str) -> Clip:
+        cfg = self.cfg
+        audio, frames = load_media(rec, cfg.audio_sample_rate, cfg.frames_fps, cfg.max_frames, cfg.frame_size)
+        return Clip(index=rec["_line"], record=rec, key=key, audio=audio, sample_rate=cfg.audio_sample_rate,
+                    frames=frames, frames_fps=cfg.frames_fps)
+
+    def _prepare(self, clip: Clip, frames: bool) -> None:
+        """Encode the media the chat agents will send (a media thread's work): the audio, and the frames on
+        the enhanced path only (the audio-only path never sends them)."""
+        for agent in self.agents.values():
+            prepare = getattr(agent, "prepare", None)
+            if prepare is not None:
+                prepare(clip, frames)
 
     def _finish(self, base: dict, atlas: dict, trace: Trace, t0: float) -> dict:
         atlas.update(turns=len(trace.calls), calls=trace.calls,
@@ -286,6 +300,8 @@ class Runner:
                 sem.release()
                 if bar is not None:
                     bar.update(1)
+                if self.on_record is not None:
+                    self.on_record()
 
         tasks = set()
         try:
@@ -308,11 +324,123 @@ class Runner:
                     await b.aclose()
         return stats
 
-    def run(self, records: list) -> dict:
-        stats = asyncio.run(self.run_async(records))
+    def run(self, records: list, finalize_outputs: bool = True) -> dict:
+        """Caption this runner's shard of `records`; then (finalize_outputs) rewrite the folder's
+        manifest.jsonl, soundatlas.jsonl and summary.json from every records file in it."""
+        self._setup()                   # the models and clients load before the collector freezes what is alive
+        with quiet_gc():
+            stats = asyncio.run(self.run_async(records))
+        if not finalize_outputs:
+            return stats
         summary = finalize(self.out_dir)
         summary.update(stats)
         return summary
+
+
+def _share(total: int, k: int, n: int) -> int:
+    """Worker k's share of a bound of `total` split over n workers (the shares add up to total)."""
+    return total // n + (k < total % n)
+
+
+def _shard_worker(cfg_dict: dict, out_dir: str, records: list, shard: tuple, retry_failed: bool, counter,
+                  results) -> None:
+    """One worker process of `run_workers`: its shard, its own event loop and clients; sends back its
+    counts and the CPU seconds its run took (start-up excluded)."""
+    import traceback
+    k = shard[0]
+    try:
+        def tick():
+            with counter.get_lock():
+                counter.value += 1
+        runner = Runner(AtlasConfig.from_dict(cfg_dict), out_dir, shard, progress=False, retry_failed=retry_failed,
+                        on_record=tick)
+        runner._setup()
+        c0, t0 = time.process_time(), time.perf_counter()
+        stats = runner.run(records, finalize_outputs=False)
+        stats.update(cpu_s=time.process_time() - c0, wall_s=time.perf_counter() - t0)
+        results.put((k, stats))
+    except BaseException as e:
+        results.put((k, {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"}))
+        raise SystemExit(1)
+
+
+def run_workers(cfg: AtlasConfig, out_dir: str, records: list, workers: int, retry_failed: bool = False,
+                progress: bool = True) -> dict:
+    """Caption `records` with `workers` processes on this machine: worker k takes shard k of N (manifest
+    lines k, k+N, ...; its records go to records.k-of-N.jsonl) and a 1/N share of max_clips_in_flight and
+    max_requests_in_flight, so the server sees the configured bound in total. One Python process is bound
+    by one core (the GIL); N of them use N. The folder's outputs are finalized once, after every worker;
+    a worker that dies loses nothing written, its shard resumes on the next run, and the run reports it.
+
+    Returns the summary (as `Runner.run`) plus "workers": each worker's counts, CPU and wall seconds."""
+    if workers <= 1:
+        return Runner(cfg, out_dir, progress=progress, retry_failed=retry_failed).run(records)
+    if workers > cfg.max_requests_in_flight:
+        raise ValueError(f"{workers} workers need max_requests_in_flight >= {workers} "
+                         f"(got {cfg.max_requests_in_flight}): each worker needs one request in flight")
+    import multiprocessing as mp
+    import queue
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = mp.get_context("spawn")     # fork would copy the parent's threads' locks mid-use
+    counter, results = ctx.Value("q", 0), ctx.Queue()
+    procs = []
+    for k in range(workers):
+        d = cfg.to_dict()
+        d["max_requests_in_flight"] = _share(cfg.max_requests_in_flight, k, workers)
+        d["max_clips_in_flight"] = max(1, _share(cfg.max_clips_in_flight, k, workers))
+        p = ctx.Process(target=_shard_worker, name=f"soundatlas-{k}-of-{workers}",
+                        args=(d, out_dir, records, (k, workers), retry_failed, counter, results))
+        p.start()
+        procs.append(p)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(records), desc=f"soundatlas x{workers}", unit="clip", file=sys.stderr)
+    got: dict = {}
+    try:
+        while len(got) < workers:
+            try:
+                k, res = results.get(timeout=0.25)
+                got[k] = res
+            except queue.Empty:
+                for k, p in enumerate(procs):
+                    if k not in got and not p.is_alive() and p.exitcode not in (None, 0):
+                        got[k] = {"error": f"worker {k} of {workers} died with exit code {p.exitcode}"}
+            if bar is not None:
+                bar.n = counter.value
+                bar.refresh()
+    finally:
+        for p in procs:
+            p.join()
+        if bar is not None:
+            bar.n = counter.value
+            bar.close()
+    summary = finalize(out_dir)
+    per = [got[k] for k in range(workers)]
+    summary.update(skipped=sum(w.get("skipped", 0) for w in per), written=sum(w.get("written", 0) for w in per),
+                   workers=per)
+    failed = [f"shard {k}/{workers}: {w['error'].splitlines()[0]}" for k, w in enumerate(per) if "error" in w]
+    if failed:
+        raise RuntimeError("worker(s) failed (their finished records are kept; rerun to resume): " + "; ".join(failed))
+    return summary
+
+
+@contextlib.contextmanager
+def quiet_gc(young: int = 10000):
+    """Cyclic garbage collection kept off the hot path while a run lasts: what is alive at the start (the
+    imported clients, the manifest) is frozen out of collections, and the young generation is collected
+    every `young` allocations instead of 700. Every request allocates hundreds of short-lived objects,
+    and at the default thresholds the collector took a fifth of the event loop's CPU; nothing the run
+    makes lives in reference cycles for long."""
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(young, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
 
 
 def _atomic_write(path: str, text: str) -> None:

@@ -25,6 +25,8 @@ from .types import Clip
 
 
 class ConstScorer:
+    inline = True          # costs nothing: called on the event loop, not in a worker thread
+
     def __init__(self, value: float):
         self.value = float(value)
         self.name = f"const:{value:g}"
@@ -136,6 +138,9 @@ class Batcher:
 
     async def __call__(self, clip: Clip, caption: Optional[str] = None) -> float:
         loop = asyncio.get_running_loop()
+        if getattr(self.scorer, "inline", False):
+            self.calls += 1
+            return float(self.scorer.score(clip) if caption is None else self.scorer.score(clip, caption))
         if not self.batched:
             self.calls += 1
             args = (clip,) if caption is None else (clip, caption)

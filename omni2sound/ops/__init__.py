@@ -24,6 +24,7 @@ from .fp8 import (
 from .gelu import bias_gelu, bias_gelu_reference, linear_gelu, linear_gelu_reference
 from .linear import clear_packed_weights, linear, linear_reference, onednn_takes, packed_weights, runs_on_onednn
 from .qk_norm_rope import head_rms_norm, qk_norm_rope, qk_norm_rope_reference
+from .sampling_plan import sampling_workspace, skips_rows_without_keys
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
@@ -34,6 +35,6 @@ __all__ = [
     "Fp8Weight", "Fp8Weights", "fp8_gemms", "fp8_linear", "fp8_linear_reference", "fp8_supported", "quantize_linears",
     "quantize_rows", "quantize_rows_reference", "quantize_weight",
     "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
-    "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference",
+    "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference", "sampling_workspace", "skips_rows_without_keys",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",
 ]
