@@ -36,6 +36,7 @@ def flash_module() -> Optional[Tuple[str, object]]:
     return None
 
 
+@torch.compiler.assume_constant_result          # checked inside compiled steps: a constant to Dynamo, never traced
 def flash_available(device: torch.device) -> bool:
     return device.type == "cuda" and flash_module() is not None
 
