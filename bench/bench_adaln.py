@@ -1,7 +1,9 @@
 """Benchmark the fused AdaLN chain against eager PyTorch and torch.compile of the same math, same run.
 
     python bench/bench_adaln.py            # CPU: fp32; GPU: bf16 (forward under CUDA graphs)
-    python bench/bench_adaln.py --quick    # fewer repeats
+    python bench/bench_adaln.py --quick    # fewer repeats, inference shape only
+    OMP_NUM_THREADS=1 python bench/bench_adaln.py --quick --threads 1,2 --shapes inference,training
+                                           # CPU: both shapes on 1 and 2 threads, then the summary table
 
 Modulations per sample, per token, and as the DiT passes them each step: a per-token part plus a per-sample
 part (rows "token+sample pair": the baselines and "<backend>+add" sum the parts first, "<backend> pairs" passes the
@@ -11,7 +13,9 @@ Reports us per call, the ratio to eager and to torch.compile, and GB/s of the by
 copy of the same bytes measured in the same run: on a GPU a device-to-device copy; on the CPU ``copy_`` on one and on
 two threads (columns pct_copy_1t / pct_copy_2t), and the CPU times are best of the repeats (a shared box's noise
 only ever adds time). Shapes: inference [2, 250, 1536], training
-[32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536].
+[32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536]. On the CPU, ``--threads`` runs the whole set on each
+intra-op thread count (torch.compile recompiled for each: its generated loops are parallel or not by the count at
+compile time) and ends with a summary: per layout, the C++ op against torch.compile and against both copies.
 """
 from __future__ import annotations
 
@@ -85,8 +89,44 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write the rows as JSON here")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    ap.add_argument("--threads", help="CPU: comma-separated intra-op thread counts to run in turn (default: as set)")
+    ap.add_argument("--shapes", help="comma-separated labels among inference, training (default: both; --quick on "
+                                     "the CPU: inference)")
     args = ap.parse_args()
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    rows = []
+    for k in threads:
+        if not args.device.startswith("cuda"):
+            torch.set_num_threads(k)
+            torch._dynamo.reset()
+        rows += run(args)
+    summary(rows)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"hardware": rows[0]["hardware"] if rows else None, "gpu": card(torch.device(args.device)),
+                       "torch": torch.__version__, "rows": rows}, f, indent=1)
 
+
+def summary(rows):
+    """One line per shape, thread count and layout: the C++ op (the pairs variant for the pair layout) against
+    torch.compile and against the 1- and 2-thread copy_ of the same bytes."""
+    ours = [r for r in rows if r["variant"] in ("cpu", "cpu pairs")]
+    if not ours:
+        return
+    print(f"\n# summary: C++ op vs torch.compile and copy_, load average {os.getloadavg()[0]:.1f} "
+          f"(read the ratios, not the times, on a shared box)")
+    out = []
+    for r in ours:
+        comp = next((c for c in rows if c["variant"] == "compile" and c["shape"] == r["shape"] and
+                     c["threads"] == r["threads"] and c["op"] == r["op"] and c["modulation"] == r["modulation"]), None)
+        out.append({"shape": r["shape"], "threads": r["threads"], "op": r["op"], "modulation": r["modulation"],
+                    "C++ us": r["us"], "compile us": comp["us"] if comp else None, "C++ vs compile": r["x_compile"],
+                    "C++ GB/s": r["GB/s"], "% copy 1t": r.get("pct_copy_1t"), "% copy 2t": r.get("pct_copy_2t")})
+    print_table(out, list(out[0]))
+
+
+def run(args):
+    """Every shape, layout and variant on the current thread count: the rows (and their markdown table)."""
     dev = torch.device(args.device)
     gpu = dev.type == "cuda"
     dtype = torch.bfloat16 if gpu else torch.float32
@@ -95,6 +135,11 @@ def main():
     shapes = [("inference", (2, 250, 1536)), ("training", (32, 250, 1536))]
     if gpu:
         shapes.append(("bandwidth", (16, 4096, 1536)))
+    if args.shapes:
+        want = args.shapes.split(",")
+        shapes = [s for s in shapes if s[0] in want]
+    elif args.quick and not gpu:
+        shapes = shapes[:1]
     repeats = 5 if args.quick else 20
     copy_gbs = copy_bandwidth_gbs() if gpu else None
     backends = [b for b in ops.available_backends("gated_residual_adaln", dev) if b != "reference"]
@@ -151,6 +196,7 @@ def main():
                 row = {
                     "hardware": hw, "dtype": str(dtype).replace("torch.", ""), "shape": list(shape),
                     "label": label, "op": op_name, "modulation": MODULATION[per_token],
+                    "threads": None if gpu else torch.get_num_threads(),
                     "variant": name, "us": round(us, 2),
                     "x_eager": round(times["eager"] / us, 2),
                     "x_compile": round(times["compile"] / us, 2) if "compile" in times else None,
@@ -162,21 +208,18 @@ def main():
                     row[f"copy_{k}t_GB/s"] = round(gbs, 1)
                     row[f"pct_copy_{k}t"] = round(100 * row["GB/s"] / gbs, 1)
                 rows.append(row)
-        if args.quick and not gpu:
-            break
 
     print(f"\n# bench_adaln on {hw}, {dtype}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f}"
           + (f", measured copy bandwidth {copy_gbs:.0f} GB/s" if copy_gbs else ""))
-    cols = ["label", "shape", "op", "modulation", "variant", "us", "x_eager", "x_compile", "GB/s"]
+    cols = ["label", "shape", "threads", "op", "modulation", "variant", "us", "x_eager", "x_compile", "GB/s"]
     if copy_gbs:
         cols.append("pct_copy_bw")
     else:
         cols += ["copy_1t_GB/s", "pct_copy_1t", "copy_2t_GB/s", "pct_copy_2t"]
     print_table(rows, cols)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": card(dev), "copy_GBps": copy_gbs, "torch": torch.__version__,
-                       "rows": rows}, f, indent=1)
+    for r in rows:
+        r["copy_GBps"] = copy_gbs
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 // Host side of the AdaLN family: the C++ CPU kernels (OpenMP across rows, loops the compiler vectorises, fp32
 // statistics), the checks of the parameters (adaln.h) and the bindings of the CPU and CUDA entry points.
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -35,106 +36,152 @@ const T* row_or_null(const void* base, int64_t b, int64_t l, int64_t sb, int64_t
   return base ? static_cast<const T*>(base) + b * sb + l * sl : nullptr;
 }
 
-// Asks for the cache lines of one row of D elements of T (null: nothing), so the next row's loads are in flight while
-// this row's statistics are computed from L1: without it the passes that read memory and the passes that only
-// compute alternate, and neither overlaps the other (the per-token layout streams five rows per token).
+// Floats a vector register holds on the build's ISA: the row reductions below keep several accumulators of this
+// width (one accumulator would serialise the row on the add latency, and the statistics of a 1536-wide row would
+// then take as long as streaming it from L3).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+typedef float vec __attribute__((vector_size(VW * sizeof(float))));
+constexpr int NACC = 4;   // independent accumulators: covers the add latency (4 cycles) at one add a cycle
+
+inline vec vloadu(const float* p) {
+  vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline float hsum(vec v) {
+  float s = 0.f;
+  for (int i = 0; i < VW; ++i) s += v[i];
+  return s;
+}
+
+// sum(v[0:D]) over a cached fp32 row.
+inline float row_sum(const float* v, int64_t D) {
+  vec acc[NACC] = {};
+  int64_t d = 0;
+  for (; d + NACC * VW <= D; d += NACC * VW)
+    for (int k = 0; k < NACC; ++k) acc[k] += vloadu(v + d + k * VW);
+  float s = 0.f;
+  for (; d < D; ++d) s += v[d];
+  for (int k = 0; k < NACC; ++k) s += hsum(acc[k]);
+  return s;
+}
+
+// sum((v[0:D] - mean)^2) over a cached fp32 row: the variance about the mean, exact enough in fp32 even for
+// |x| ~ 1e4, unlike E[x^2] - E[x]^2.
+inline float row_ssd(const float* v, int64_t D, float mean) {
+  vec acc[NACC] = {};
+  const vec m = vec{} + mean;
+  int64_t d = 0;
+  for (; d + NACC * VW <= D; d += NACC * VW)
+    for (int k = 0; k < NACC; ++k) {
+      const vec c = vloadu(v + d + k * VW) - m;
+      acc[k] += c * c;
+    }
+  float s = 0.f;
+  for (; d < D; ++d) s += (v[d] - mean) * (v[d] - mean);
+  for (int k = 0; k < NACC; ++k) s += hsum(acc[k]);
+  return s;
+}
+
+// Asks for the cache lines of one output row of D elements of T with intent to write, so that the row's stores hit
+// lines already owned instead of each waiting for its read-for-ownership (two of the seven rows a token moves are
+// written). The inputs are left to the hardware's stream prefetcher: asking for them too (five more rows, 30 KB at
+// width 1536 fp32) evicted the row being worked on and was slower in every layout measured.
 template <typename T>
-inline void prefetch_row(const T* row, int64_t D) {
-  if (!row) return;
-  const char* p = reinterpret_cast<const char*>(row);
+inline void prefetch_for_write(T* row, int64_t D) {
+  char* p = reinterpret_cast<char*>(row);
   const int64_t bytes = D * int64_t(sizeof(T));
-  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 0, 3);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o, 1, 3);
 }
 
-// The row's modulation in fp32: the tensor itself when it is fp32 with no second addend (no copy), else summed /
-// converted into buf.
-template <typename T>
-inline const float* mod_ptr(float* buf, const T* a, const T* a2, int64_t D) {
-  if constexpr (std::is_same<T, float>::value) {
-    if (!a2) return a;
-  }
-  mod_row(buf, a, a2, D);
-  return buf;
+// One modulation of a row: the element a[d] (+ a2[d] when the modulation is a pair).
+template <typename T, bool Pair>
+inline float mod_at(const T* a, const T* a2, int64_t d) {
+  if constexpr (Pair) return to_float(a[d]) + to_float(a2[d]);
+  else return to_float(a[d]);
 }
 
-template <typename T>
-void forward_rows(const AdaLNParams& p) {
+// Gated: h given (x2 = x + gate * h is written and normalised). Pair: some modulation has a second addend (those
+// without one read a row of zeros), added as it is loaded: no per-row buffer, no extra pass.
+template <typename T, bool Gated, bool Pair>
+void forward_rows(const AdaLNParams& p, const T* zeros) {
   const int64_t rows = p.B * p.L, D = p.D;
   const T* x = static_cast<const T*>(p.x);
   const T* h = static_cast<const T*>(p.h);
-  const T* gate = static_cast<const T*>(p.gate);
-  const T* shift = static_cast<const T*>(p.shift);
-  const T* scale = static_cast<const T*>(p.scale);
   T* x2 = static_cast<T*>(p.x2);
   T* y = static_cast<T*>(p.y);
-  // Row r's modulation rows (second addends: null when absent).
+  // The k-th modulation tensor (gate, shift, scale, then their second addends) with its strides over B and L; a
+  // missing second addend is the zero row with stride 0.
+  const void* mb[6] = {p.gate, p.shift, p.scale, p.gate2, p.shift2, p.scale2};
+  const int64_t msb[6] = {p.gate_sb, p.shift_sb, p.scale_sb, p.gate2_sb, p.shift2_sb, p.scale2_sb};
+  const int64_t msl[6] = {p.gate_sl, p.shift_sl, p.scale_sl, p.gate2_sl, p.shift2_sl, p.scale2_sl};
+  const int nmod = Pair ? 6 : 3;
   auto mods = [&](int64_t r, const T** m) {
     const int64_t b = r / p.L, l = r % p.L;
-    m[0] = h ? gate + b * p.gate_sb + l * p.gate_sl : nullptr;
-    m[1] = h ? row_or_null<T>(p.gate2, b, l, p.gate2_sb, p.gate2_sl) : nullptr;
-    m[2] = shift + b * p.shift_sb + l * p.shift_sl;
-    m[3] = row_or_null<T>(p.shift2, b, l, p.shift2_sb, p.shift2_sl);
-    m[4] = scale + b * p.scale_sb + l * p.scale_sl;
-    m[5] = row_or_null<T>(p.scale2, b, l, p.scale2_sb, p.scale2_sl);
+    for (int k = 0; k < nmod; ++k)
+      m[k] = mb[k] ? static_cast<const T*>(mb[k]) + b * msb[k] + l * msl[k] : zeros;
   };
 #pragma omp parallel
   {
-    std::vector<float> buf(4 * D);
-    float* v = buf.data();
-    float* gb = v + D;       // the row's gate, shift and scale in fp32 when they need a sum or a conversion
-    float* shb = v + 2 * D;
-    float* scb = v + 3 * D;
+    std::vector<float> buf(D);
+    float* v = buf.data();   // the row being normalised (x2, or x converted to fp32), fp32
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const T* m[6];
       mods(r, m);
       if (r + 1 < rows) {
-        const T* mn[6];
-        mods(r + 1, mn);
-        prefetch_row(x + (r + 1) * D, D);
-        prefetch_row(h ? h + (r + 1) * D : nullptr, D);
-        for (int k = 0; k < 6; ++k)
-          if (mn[k] != m[k]) prefetch_row(mn[k], D);   // per-sample rows are already in cache
+        if constexpr (Gated) prefetch_for_write(x2 + (r + 1) * D, D);
+        prefetch_for_write(y + (r + 1) * D, D);
       }
       const T* xr = x + r * D;
-      float s = 0.f;
-      if (h) {
+      const float* vr = v;
+      if constexpr (Gated) {
         const T* hr = h + r * D;
-        const float* gm = mod_ptr(gb, m[0], m[1], D);
         T* x2r = x2 + r * D;
-#pragma omp simd reduction(+ : s)
+#pragma omp simd
         for (int64_t d = 0; d < D; ++d) {
-          v[d] = to_float(xr[d]) + gm[d] * to_float(hr[d]);
+          v[d] = to_float(xr[d]) + mod_at<T, Pair>(m[0], m[3], d) * to_float(hr[d]);
           x2r[d] = from_float<T>(v[d]);
-          s += v[d];
         }
+      } else if constexpr (std::is_same<T, float>::value) {
+        vr = xr;   // fp32 x is normalised in place of a copy
       } else {
-#pragma omp simd reduction(+ : s)
-        for (int64_t d = 0; d < D; ++d) {
-          v[d] = to_float(xr[d]);
-          s += v[d];
-        }
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) v[d] = to_float(xr[d]);
       }
-      // Variance about the mean over the cached row: exact enough in fp32 even for |x| ~ 1e4, unlike
-      // E[x^2]-E[x]^2.
-      const float mean = s / float(D);
-      float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t d = 0; d < D; ++d) {
-        const float c = v[d] - mean;
-        ss += c * c;
-      }
+      const float mean = row_sum(vr, D) / float(D);
+      const float ss = row_ssd(vr, D, mean);
       // A row whose fp32 sum of squares overflows (|x - mean| ~ 1e19 and up) has no meaningful statistics: NaN,
       // never finite values from rstd = 0 (the reference gives NaN or 0 there, by magnitude).
       const float rstd = std::isinf(ss) ? std::numeric_limits<float>::quiet_NaN() : 1.0f / std::sqrt(ss / float(D) + p.eps);
       p.mean[r] = mean;
       p.rstd[r] = rstd;
-      const float* shm = mod_ptr(shb, m[2], m[3], D);
-      const float* scm = mod_ptr(scb, m[4], m[5], D);
       T* yr = y + r * D;
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) yr[d] = from_float<T>((v[d] - mean) * rstd * (1.0f + scm[d]) + shm[d]);
+      for (int64_t d = 0; d < D; ++d)
+        yr[d] = from_float<T>((vr[d] - mean) * rstd * (1.0f + mod_at<T, Pair>(m[2], m[5], d)) +
+                              mod_at<T, Pair>(m[1], m[4], d));
     }
+  }
+}
+
+template <typename T>
+void forward(const AdaLNParams& p) {
+  const bool pair = p.gate2 || p.shift2 || p.scale2;
+  std::vector<T> zeros(pair ? p.D : 0, from_float<T>(0.f));
+  if (p.h) {
+    if (pair) forward_rows<T, true, true>(p, zeros.data());
+    else forward_rows<T, true, false>(p, nullptr);
+  } else {
+    if (pair) forward_rows<T, false, true>(p, zeros.data());
+    else forward_rows<T, false, false>(p, nullptr);
   }
 }
 
@@ -269,7 +316,7 @@ static Registrar reg_adaln([](pybind11::module_& m) {
         validate(p);
         if (p.B * p.L == 0) return;
         pybind11::gil_scoped_release nogil;
-        by_dtype(p, forward_rows<float>, forward_rows<half_t>, forward_rows<bf16_t>);
+        by_dtype(p, forward<float>, forward<half_t>, forward<bf16_t>);
       },
       pybind11::arg("params"), "Fused [gated residual ->] LayerNorm -> modulate, C++ CPU.");
   m.def(

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from .. import _native
 from ._checks import OpInputError, real, tensor
-from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from ._dispatch import autocast_inputs, direct_call, register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -377,8 +377,10 @@ def adaln_modulate(x: Tensor, shift: Mod, scale: Mod, eps: float = 1e-6) -> Tens
     backend = select_backend("adaln_modulate", x.device)
     if backend == "reference":
         return adaln_modulate_reference(x, _sum(shift, shift2), _sum(scale, scale2), eps)
-    y, _, _ = _adaln_modulate_op(x.contiguous(), _last_dim_contiguous(shift), _last_dim_contiguous(scale),
-                                 _last_dim_contiguous(shift2), _last_dim_contiguous(scale2), float(eps), backend)
+    x, shift, scale, shift2, scale2 = x.contiguous(), *map(_last_dim_contiguous, (shift, scale, shift2, scale2))
+    if direct_call(x, shift, scale, shift2, scale2):
+        return _forward_native(x, None, None, shift, scale, float(eps), backend, None, shift2, scale2)[1]
+    y, _, _ = _adaln_modulate_op(x, shift, scale, shift2, scale2, float(eps), backend)
     return y
 
 
@@ -400,8 +402,9 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod
     backend = select_backend("gated_residual_adaln", x.device)
     if backend == "reference":
         return gated_residual_adaln_reference(x, h, _sum(gate, gate2), _sum(shift, shift2), _sum(scale, scale2), eps)
-    x2, y, _, _ = _gated_residual_adaln_op(x.contiguous(), h.contiguous(), _last_dim_contiguous(gate),
-                                           _last_dim_contiguous(shift), _last_dim_contiguous(scale),
-                                           _last_dim_contiguous(gate2), _last_dim_contiguous(shift2),
-                                           _last_dim_contiguous(scale2), float(eps), backend)
+    x, h = x.contiguous(), h.contiguous()
+    gate, shift, scale, gate2, shift2, scale2 = map(_last_dim_contiguous, (gate, shift, scale, gate2, shift2, scale2))
+    if direct_call(x, h, gate, shift, scale, gate2, shift2, scale2):
+        return _forward_native(x, h, gate, shift, scale, float(eps), backend, gate2, shift2, scale2)[:2]
+    x2, y, _, _ = _gated_residual_adaln_op(x, h, gate, shift, scale, gate2, shift2, scale2, float(eps), backend)
     return x2, y

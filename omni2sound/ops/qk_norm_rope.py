@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import _native
 from ._checks import OpInputError, real, tensor
-from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from ._dispatch import autocast_inputs, direct_call, register_op, select_backend, triton_available
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -195,7 +195,10 @@ def qk_norm_rope(qk: Tensor, weight: Tensor, cs: Optional[Tensor], eps: float = 
         return qk_norm_rope_reference(qk, weight, cs, eps)
     if qk.stride(4) != 1:
         qk = qk.contiguous()
-    return _qk_norm_rope_op(qk, weight, None if cs is None else cs.contiguous(), float(eps), backend)
+    cs = None if cs is None else cs.contiguous()
+    if direct_call(qk, weight, cs):
+        return _forward_native(qk, weight.float().contiguous(), cs, float(eps), backend)
+    return _qk_norm_rope_op(qk, weight, cs, float(eps), backend)
 
 
 def head_rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
