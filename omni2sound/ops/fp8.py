@@ -142,6 +142,7 @@ def fp8_linear_reference(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> T
     return y.to(x.dtype).reshape(*lead, w.out_features)
 
 
+@torch.compiler.assume_constant_result          # checked inside compiled steps: a constant to Dynamo, never traced
 def _scaled_mm_device(device: torch.device) -> bool:
     if not hasattr(torch, "_scaled_mm"):
         return False
