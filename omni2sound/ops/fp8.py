@@ -243,7 +243,10 @@ class Fp8Weights:
     def get(self, weight: Tensor, bias: Optional[Tensor] = None) -> Optional[Fp8Weight]:
         """The quantised weight (with ``bias``), or None: not in the table, or changed since it was quantised."""
         entry = self._table.get(id(weight))
-        if entry is None or entry[0]() is not weight or entry[1] != weight._version:
+        if entry is None or entry[0]() is not weight:
+            return None
+        # a compiled step is traced once, after the table was made (its version counter is no constant to Dynamo)
+        if not torch.compiler.is_compiling() and entry[1] != weight._version:
             return None
         w = entry[2]
         if bias is not w.bias:
