@@ -125,7 +125,13 @@ void forward_rows(const AdaLNParams& p, const T* zeros) {
       }
       const T* xr = x + r * D;
       const float* vr = v;
-      if constexpr (Gated) {
+      if constexpr (Gated && std::is_same<T, float>::value) {
+        const T* hr = h + r * D;
+        T* x2r = x2 + r * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) x2r[d] = xr[d] + mod_at<T, Pair>(m[0], m[3], d) * hr[d];
+        vr = x2r;   // fp32 x2 is the exact value normalised: no second store of the row
+      } else if constexpr (Gated) {
         const T* hr = h + r * D;
         T* x2r = x2 + r * D;
 #pragma omp simd
@@ -152,19 +158,6 @@ void forward_rows(const AdaLNParams& p, const T* zeros) {
         yr[d] = from_float<T>((vr[d] - mean) * rstd * (1.0f + mod_at<T, Pair>(m[2], m[5], d)) +
                               mod_at<T, Pair>(m[1], m[4], d));
     }
-  }
-}
-
-template <typename T>
-void forward(const AdaLNParams& p) {
-  const bool pair = p.gate2 || p.shift2 || p.scale2;
-  std::vector<T> zeros(pair ? p.D : 0, from_float<T>(0.f));
-  if (p.h) {
-    if (pair) forward_rows<T, true, true>(p, zeros.data());
-    else forward_rows<T, true, false>(p, nullptr);
-  } else {
-    if (pair) forward_rows<T, false, true>(p, zeros.data());
-    else forward_rows<T, false, false>(p, nullptr);
   }
 }
 
@@ -254,17 +247,37 @@ void backward_rows(const AdaLNBwdParams& p, const T* zeros) {
   }
 }
 
-template <typename T>
-void backward(const AdaLNBwdParams& p) {
-  const bool pair = p.gate2 || p.scale2;
+// Runs Rows<T, gated, pair>(params, zero row) for the params' form: with or without h, with or without a second
+// addend to some modulation (the zero row, D elements, stands in for the missing ones).
+template <template <typename, bool, bool> class Rows, typename T, typename P>
+void by_form(const P& p, bool pair) {
   std::vector<T> zeros(pair ? p.D : 0, from_float<T>(0.f));
   if (p.h) {
-    if (pair) backward_rows<T, true, true>(p, zeros.data());
-    else backward_rows<T, true, false>(p, nullptr);
+    if (pair) Rows<T, true, true>::run(p, zeros.data());
+    else Rows<T, true, false>::run(p, nullptr);
   } else {
-    if (pair) backward_rows<T, false, true>(p, zeros.data());
-    else backward_rows<T, false, false>(p, nullptr);
+    if (pair) Rows<T, false, true>::run(p, zeros.data());
+    else Rows<T, false, false>::run(p, nullptr);
   }
+}
+
+template <typename T, bool Gated, bool Pair>
+struct ForwardRows {
+  static void run(const AdaLNParams& p, const T* zeros) { forward_rows<T, Gated, Pair>(p, zeros); }
+};
+template <typename T, bool Gated, bool Pair>
+struct BackwardRows {
+  static void run(const AdaLNBwdParams& p, const T* zeros) { backward_rows<T, Gated, Pair>(p, zeros); }
+};
+
+template <typename T>
+void forward(const AdaLNParams& p) {
+  by_form<ForwardRows, T>(p, p.gate2 || p.shift2 || p.scale2);
+}
+
+template <typename T>
+void backward(const AdaLNBwdParams& p) {
+  by_form<BackwardRows, T>(p, p.gate2 || p.scale2);
 }
 
 }  // namespace
