@@ -7,7 +7,7 @@ after `latency` seconds. Every clip takes the enhanced path without handoff (con
 needs 3 calls (vision, junior, verifier); with `in_flight` requests open at once the ideal is
 in_flight / latency / 3 clips/s. Each entry of --workers is one run (a fresh server, a fresh output folder):
 1 is one process (`Runner.run`), N > 1 is `run_workers` (N processes, shard k of N each, the in-flight
-bound split between them so the server still sees at most `in_flight`).
+bound split between them so the server still sees at most `in_flight`; forked where that is safe, else spawned).
 
 Reported per run: clips/s and its share of the ideal, the most requests the server had open at once,
 and CPU time per clip: the pipeline's (media decoding, JPEG/WAV encoding, the openai client, record
@@ -86,7 +86,8 @@ def one_run(records: list, workers: int, args) -> dict:
     stats = json.loads(tail.strip().splitlines()[-1]) if tail.strip() else {}
     n = len(records)
     ideal = args.in_flight / args.latency / 3
-    return {"workers": workers, "transport": transport, "clips": n, "kept": summary["status"].get("kept", 0),
+    return {"workers": workers, "start_method": summary.get("start_method"), "transport": transport, "clips": n,
+            "kept": summary["status"].get("kept", 0),
             "wall_s": round(wall, 2),
             "clips_per_s": round(n / wall, 1), "share_of_ideal": round(n / wall / ideal, 3),
             # N processes: from the moment the slowest had started (each imports the client first)

@@ -6,8 +6,10 @@ quality guard (the fp8 latents against the bf16 ones).
 
 Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
 as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), each the optimised path
-(batched CFG, conditions once, CUDA-graph replay of the step on a GPU). Every row generates ``--duration`` s (10 s =
-250 latent frames) with ``--steps`` Euler steps and joint CFG from random conditions and random N(0, 0.02) weights.
+(batched CFG, conditions once, CUDA-graph replay of the step on a GPU); ``--compile`` compiles the step of every
+variant (the fp8 variants' activation quantisation then fused by Inductor instead of the Triton kernel). Every row
+generates ``--duration`` s (10 s = 250 latent frames) with ``--steps`` Euler steps and joint CFG from random
+conditions and random N(0, 0.02) weights.
 
 Columns:
   step_ms      median wall time of one sampling step (the whole sampling over ``--steps``, graphed on a GPU), over
@@ -89,7 +91,7 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
     from omni2sound.vae import VAE_PRESETS, AudioVAE
     vae = AudioVAE(VAE_PRESETS["tiny"]).to(device)               # not timed: only its latent size matters
     dit = random_dit(preset, device, dtype, vae.config.latent_dim)
-    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig())
+    pipe = Omni2SoundPipeline(dit, vae, PipelineConfig(), compile_step=args.compile)
     cond = random_conditions(dit.config, batch, args.duration, args.text_tokens)
     T = dit.config.num_frames(args.duration)
     x0 = pipe.flow.noise(batch, T, dit.config.latent_dim, seed=0, device=device, dtype=dtype)
@@ -145,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile-steps", type=int, default=2)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the step (every variant; Inductor fuses the activation quantisation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write the rows (+ the card) as JSON here")
     args = ap.parse_args(argv)
@@ -158,8 +162,8 @@ def main(argv=None):
             rows += bench(preset, batch, args, device, dtype)
     hw = hardware(device.type)
     card = gpu_info() if device.type == "cuda" else None
-    print(f"\nfp8 vs bf16 sampling, {args.steps} steps, guidance {args.guidance}, {args.duration:g} s, on {hw}, "
-          f"torch {torch.__version__}\n")
+    print(f"\nfp8 vs bf16 sampling{' (compiled step)' if args.compile else ''}, {args.steps} steps, guidance "
+          f"{args.guidance}, {args.duration:g} s, on {hw}, torch {torch.__version__}\n")
     cols = [c for c in rows[0] if c not in ("warmup_s", "fp8_weights_MB", "sample_ms")]
     print_table(rows, cols)
     if card:

@@ -24,6 +24,7 @@
 #   train-pad          the graph step with captions padded to 128 tokens (the trainer's max_text_tokens)
 #   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
 #                      activation scales), step time, GEMM time per step from a profile, latents' error vs bf16
+#   fp8-compile        the same with the compiled step (Inductor fuses the fp8 activation quantisation), batch 1
 #   serve              serving L: clips / s of 10 s clips at batch 1, 8, 32 (graphs captured at start-up) and a
 #                      mixed-duration workload through buckets against one bucket
 #   synchformer        Synchformer's feature extraction, full size, batched against the per-segment loop
@@ -51,7 +52,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $(( T_START + BUDGET - $(date +%s) )); }
 ALL_MODES="tests tests-vae tests-train kernels vae vae-compile vae-convs generate generate-compile generate-backends"
 ALL_MODES="$ALL_MODES generate-ablate profile train train-profile train-backends train-compile train-pad"
-ALL_MODES="$ALL_MODES fp8 serve synchformer extract"
+ALL_MODES="$ALL_MODES fp8 fp8-compile serve synchformer extract"
 case ",$WHAT," in
   *,everything,*) WHAT=$(echo "$ALL_MODES" | tr ' ' ',') ;;
   *,all,*) WHAT="$WHAT,tests,kernels,vae,generate,train" ;;
@@ -177,6 +178,8 @@ want train-compile && step train_L_compile 150 $PY $TRAIN_L --compile --variants
 want train-pad && step train_L_pad128 60 $PY $TRAIN_L --graph --variants fused+graph --pad-text 128 \
   --out "$RES/train_L_pad128.json"
 want fp8 && step fp8_L 120 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+want fp8-compile && step fp8_L_compile 240 $PY bench/bench_fp8.py --presets L --batches 1 --device cuda --compile \
+  --repeats 3 --out "$RES/fp8_L_compile.json"
 want serve && step serve_L 150 $PY $SERVE_L --repeats 3 --out "$RES/serve_L.json"
 want synchformer && step synchformer 60 $PY $SYNC --out "$RES/synchformer.json"
 want extract && step extract 90 $PY $EXTRACT --json "$RES/extract.json"

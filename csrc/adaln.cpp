@@ -19,23 +19,6 @@ void adaln_backward_cuda_launch(const AdaLNBwdParams& p, stream_handle stream);
 
 namespace {
 
-// One modulation row in fp32: a [+ a2] (a2 null: no second addend).
-template <typename T>
-inline void mod_row(float* out, const T* a, const T* a2, int64_t D) {
-  if (a2) {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] = to_float(a[d]) + to_float(a2[d]);
-  } else {
-#pragma omp simd
-    for (int64_t d = 0; d < D; ++d) out[d] = to_float(a[d]);
-  }
-}
-
-template <typename T>
-const T* row_or_null(const void* base, int64_t b, int64_t l, int64_t sb, int64_t sl) {
-  return base ? static_cast<const T*>(base) + b * sb + l * sl : nullptr;
-}
-
 // Floats a vector register holds on the build's ISA: the row reductions below keep several accumulators of this
 // width (one accumulator would serialise the row on the add latency, and the statistics of a 1536-wide row would
 // then take as long as streaming it from L3).
@@ -185,68 +168,102 @@ void forward(const AdaLNParams& p) {
   }
 }
 
-template <typename T>
-void backward_rows(const AdaLNBwdParams& p) {
+// Gated and Pair as in forward_rows. Two passes over the row: the first streams x, dy and the scale in (writing the
+// per-token dscale as it goes) and reduces; the second writes dx and, gated, dh and the per-token dgate.
+template <typename T, bool Gated, bool Pair>
+void backward_rows(const AdaLNBwdParams& p, const T* zeros) {
   const int64_t rows = p.B * p.L, D = p.D;
   const T* dy = static_cast<const T*>(p.dy);
   const T* dx2_in = static_cast<const T*>(p.dx2_in);
   const T* xin = static_cast<const T*>(p.xin);
   const T* h = static_cast<const T*>(p.h);
-  const T* gate = static_cast<const T*>(p.gate);
-  const T* scale = static_cast<const T*>(p.scale);
   T* dxin = static_cast<T*>(p.dxin);
   T* dh = static_cast<T*>(p.dh);
   T* dgate_tok = static_cast<T*>(p.dgate_tok);
   T* dscale_tok = static_cast<T*>(p.dscale_tok);
+  const void* mb[4] = {p.gate, p.scale, p.gate2, p.scale2};
+  const int64_t msb[4] = {p.gate_sb, p.scale_sb, p.gate2_sb, p.scale2_sb};
+  const int64_t msl[4] = {p.gate_sl, p.scale_sl, p.gate2_sl, p.scale2_sl};
 #pragma omp parallel
   {
-    std::vector<float> buf(4 * D);
+    std::vector<float> buf(2 * D);
     float* xhat = buf.data();
-    float* g = buf.data() + D;
-    float* scm = buf.data() + 2 * D;   // the row's scale and gate in fp32 (both addends summed)
-    float* gm = buf.data() + 3 * D;
+    float* g = buf.data() + D;   // dy * (1 + scale), then dx (fp32)
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t b = r / p.L, l = r % p.L;
+      const T* m[4];   // gate, scale, gate2, scale2 rows (a missing one: the zero row)
+      for (int k = 0; k < 4; ++k) m[k] = mb[k] ? static_cast<const T*>(mb[k]) + b * msb[k] + l * msl[k] : zeros;
       const float mean = p.mean[r], rstd = p.rstd[r];
       const T* xr = xin + r * D;
       const T* dyr = dy + r * D;
-      mod_row(scm, scale + b * p.scale_sb + l * p.scale_sl, row_or_null<T>(p.scale2, b, l, p.scale2_sb, p.scale2_sl),
-              D);
       float sg = 0.f, sgx = 0.f;
-#pragma omp simd reduction(+ : sg, sgx)
-      for (int64_t d = 0; d < D; ++d) {
-        xhat[d] = (to_float(xr[d]) - mean) * rstd;
-        g[d] = to_float(dyr[d]) * (1.0f + scm[d]);
-        sg += g[d];
-        sgx += g[d] * xhat[d];
-      }
       if (dscale_tok) {
         T* dsc = dscale_tok + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dsc[d] = from_float<T>(to_float(dyr[d]) * xhat[d]);
+#pragma omp simd reduction(+ : sg, sgx)
+        for (int64_t d = 0; d < D; ++d) {
+          const float dyd = to_float(dyr[d]);
+          xhat[d] = (to_float(xr[d]) - mean) * rstd;
+          g[d] = dyd * (1.0f + mod_at<T, Pair>(m[1], m[3], d));
+          dsc[d] = from_float<T>(dyd * xhat[d]);
+          sg += g[d];
+          sgx += g[d] * xhat[d];
+        }
+      } else {
+#pragma omp simd reduction(+ : sg, sgx)
+        for (int64_t d = 0; d < D; ++d) {
+          xhat[d] = (to_float(xr[d]) - mean) * rstd;
+          g[d] = to_float(dyr[d]) * (1.0f + mod_at<T, Pair>(m[1], m[3], d));
+          sg += g[d];
+          sgx += g[d] * xhat[d];
+        }
       }
       const float mg = sg / float(D), mgx = sgx / float(D);
       T* dxr = dxin + r * D;
       const T* d2r = dx2_in ? dx2_in + r * D : nullptr;
+      if (d2r) {
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) {
-        g[d] = rstd * (g[d] - mg - xhat[d] * mgx) + (d2r ? to_float(d2r[d]) : 0.f);   // g becomes dx (fp32)
-        dxr[d] = from_float<T>(g[d]);
+        for (int64_t d = 0; d < D; ++d) g[d] = rstd * (g[d] - mg - xhat[d] * mgx) + to_float(d2r[d]);
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) g[d] = rstd * (g[d] - mg - xhat[d] * mgx);
       }
-      if (h) {
+      if constexpr (Gated) {
         const T* hr = h + r * D;
-        mod_row(gm, gate + b * p.gate_sb + l * p.gate_sl, row_or_null<T>(p.gate2, b, l, p.gate2_sb, p.gate2_sl), D);
         T* dhr = dh + r * D;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) dhr[d] = from_float<T>(gm[d] * g[d]);
         if (dgate_tok) {
           T* dgt = dgate_tok + r * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) dgt[d] = from_float<T>(to_float(hr[d]) * g[d]);
+          for (int64_t d = 0; d < D; ++d) {
+            dxr[d] = from_float<T>(g[d]);
+            dhr[d] = from_float<T>(mod_at<T, Pair>(m[0], m[2], d) * g[d]);
+            dgt[d] = from_float<T>(to_float(hr[d]) * g[d]);
+          }
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) {
+            dxr[d] = from_float<T>(g[d]);
+            dhr[d] = from_float<T>(mod_at<T, Pair>(m[0], m[2], d) * g[d]);
+          }
         }
+      } else {
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) dxr[d] = from_float<T>(g[d]);
       }
     }
+  }
+}
+
+template <typename T>
+void backward(const AdaLNBwdParams& p) {
+  const bool pair = p.gate2 || p.scale2;
+  std::vector<T> zeros(pair ? p.D : 0, from_float<T>(0.f));
+  if (p.h) {
+    if (pair) backward_rows<T, true, true>(p, zeros.data());
+    else backward_rows<T, true, false>(p, nullptr);
+  } else {
+    if (pair) backward_rows<T, false, true>(p, zeros.data());
+    else backward_rows<T, false, false>(p, nullptr);
   }
 }
 
@@ -325,7 +342,7 @@ static Registrar reg_adaln([](pybind11::module_& m) {
         validate(p);
         if (p.B * p.L == 0) return;
         pybind11::gil_scoped_release nogil;
-        by_dtype(p, backward_rows<float>, backward_rows<half_t>, backward_rows<bf16_t>);
+        by_dtype(p, backward<float>, backward<half_t>, backward<bf16_t>);
       },
       pybind11::arg("params"), "Backward of the fused AdaLN family, C++ CPU.");
 #ifdef OMNI2SOUND_WITH_CUDA

@@ -126,8 +126,8 @@ class Server:
         self.pipe = pipe
         self.config = config or ServeConfig()
         self.config.validate(pipe.dit.config.max_duration)
-        n = len(self.config.buckets) * len(self.config.batch_sizes)
-        pipe.graphs.max_entries = max(pipe.graphs.max_entries, n)      # keep every start-up graph
+        # room for every start-up graph beside what the pipeline's cache holds already (another server's, say)
+        pipe.graphs.max_entries += len(self.config.buckets) * len(self.config.batch_sizes)
 
     @property
     def options(self) -> SamplingOptions:

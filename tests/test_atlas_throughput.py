@@ -148,6 +148,7 @@ def test_workers_write_every_record_once_and_share_the_bound(toy_manifest, tmp_p
         assert r.returncode == 0, r.stderr[-2000:]
         assert s.max_in_flight <= 3 and len(s.requests) == 3 * 8
     summary = json.loads(r.stdout)
+    assert summary["start_method"] == ("fork" if sys.platform.startswith("linux") else "spawn")
     assert sorted(p.name for p in out.glob("records*.jsonl")) == ["records.0-of-2.jsonl", "records.1-of-2.jsonl"]
     lines = [json.loads(x) for p in out.glob("records*.jsonl") for x in p.read_text().splitlines()]
     keys = [x["atlas"]["key"] for x in lines]
@@ -164,6 +165,17 @@ def test_workers_write_every_record_once_and_share_the_bound(toy_manifest, tmp_p
         again = Runner(chat_config(s.base_url), str(out), progress=False).run(records)
         assert s.requests == []
     assert again["skipped"] == 8 and again["written"] == 0 and again["records"] == 8
+
+
+def test_spawned_workers(toy_manifest, tmp_path):
+    """The start method used where fork is not safe (here: the test's server thread runs in this process)."""
+    records, _ = read_input_manifest(toy_manifest)
+    with ChatServer() as s:
+        summary = run_workers(chat_config(s.base_url), str(tmp_path), records[:4], 2, progress=False)
+        assert len(s.requests) == 3 * 4
+    assert summary["start_method"] == "spawn" and summary["records"] == 4 and summary["written"] == 4
+    keys = [json.loads(x)["atlas"]["key"] for p in tmp_path.glob("records*.jsonl") for x in p.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 4
 
 
 def test_workers_argument_errors(toy_manifest, tmp_path):
@@ -199,3 +211,24 @@ def test_transport_is_aiohttp_with_the_extra_and_httpx_without(toy_manifest, tmp
             summary = runner.run(records[:2])
             assert summary["status"] == {"kept": 2} and len(s.requests) == 6
         assert runner.agents["junior"].backend.transport == want
+
+
+# ------------------------------------------------------------------------------------------------ cost
+def test_openai_preset_sets_the_thinking_budgets_the_bill_assumes(toy_manifest, tmp_path):
+    """The toy world bills the junior no thinking tokens and the senior the paper's 128: the preset for real
+    Gemini models asks for exactly that (Flash thinks by default, billed as output)."""
+    from omni2sound.atlas import preset
+    records, _ = read_input_manifest(toy_manifest)
+    cfg = preset("openai")
+    with ChatServer() as s:
+        for a in cfg.agents.values():
+            a.base_url = s.base_url
+        cfg.av_scorer, cfg.clap_scorer, cfg.fsync = "const:0.5", "const:0.32", False    # handed off, then verified
+        Runner(cfg, str(tmp_path), progress=False).run(records[:1])
+        role = lambda b: next(r for p, r in (("You describe", "vision"), ("You write one", "caption"),
+                                             ("You check an", "verifier")) if b["messages"][0]["content"].startswith(p))
+        budget = {(role(b), b["model"]):
+                  (b.get("extra_body") or {}).get("google", {}).get("thinking_config", {}).get("thinking_budget")
+                  for b in s.requests}
+    assert budget == {("vision", "qwen2.5-vl-7b"): None, ("caption", "gemini-2.5-flash"): 0,
+                      ("caption", "gemini-2.5-pro"): 128, ("verifier", "gemini-2.5-flash"): None}

@@ -218,7 +218,8 @@ def test_dispatch_checks_trace_under_fullgraph_compile():
     def fn(x):
         flags = [_native.has_cpu(), _native.has_cuda(), _native.has_symbol("snake_forward_cuda")]
         n = sum(len(ops.available_backends(op, torch.device(d)))
-                for op in ("gated_residual_adaln", "adaln_modulate", "cross_attention", "snake", "snake_residual")
+                for op in ("gated_residual_adaln", "adaln_modulate", "cross_attention", "snake", "snake_residual",
+                           "attention", "fp8_linear", "fp8_quantize")
                 for d in ("cuda", "cpu"))
         return x * (1 + sum(int(f) for f in flags)) + n
 

@@ -3,9 +3,13 @@
 Thresholds are the paper's (audio-visual routing at 0.30 / 0.20 on the ImageBind score, handoff when
 CLAP(caption, audio) < 0.35, or < 0.15 for music). The post-hoc CLAP filter's threshold is not given in
 the paper; 0.30 (0.10 for music) keeps what the handoff let through unless the final caption still scores
-poorly. Prices are USD per million tokens; the defaults of the toy agents are the list prices of the
-models the paper used (Gemini 2.5 Flash as junior, Gemini 2.5 Pro as senior, mid-2025 list prices) so the
-toy world's cost ratios are those of the real pipeline, not a real bill.
+poorly. Prices are USD per million tokens; the toy agents are priced as the models the paper used: Gemini 2.5
+Flash (junior, verifier) and Gemini 2.5 Pro (senior, prompts under 200k tokens), Google's Gemini API list prices
+(ai.google.dev/gemini-api/docs/pricing, standard tier, unchanged from the models' general availability in June
+2025 to this writing, December 2026), so the toy world's cost ratios are those of the real pipeline, not a real
+bill. Thinking tokens are billed as output: the `openai` preset turns the junior's thinking off and caps the
+senior's at the paper's 128 tokens (Gemini's OpenAI-compatible `thinking_budget`), as the toy agents bill them;
+left at its default, Gemini 2.5 Flash thinks on every caption and the junior is no longer cheap.
 
 The config is saved as `config.json` beside the records; its hash (without the run-time fields, which do
 not change what a record says) is part of every record's key, so a changed threshold never reuses old work.
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 # USD per 1M tokens: input (text, image, video), audio input (None: the input price), output (reasoning included)
+# (Gemini API list prices, see above; Pro's audio input is billed as text)
 PRICES = {
     "gemini-2.5-flash": {"input": 0.30, "audio_input": 1.00, "output": 2.50},
     "gemini-2.5-pro": {"input": 1.25, "audio_input": None, "output": 10.0},
@@ -172,6 +177,12 @@ class AtlasConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _thinking_budget(tokens: int) -> dict:
+    """The request field of Gemini's OpenAI-compatible endpoint that sets a 2.5 model's thinking budget
+    (0 turns Flash's off; Pro's least is 128). Other servers ignore or reject it: set `extra_body` per agent."""
+    return {"extra_body": {"google": {"thinking_config": {"thinking_budget": tokens}}}}
+
+
 def preset(name: str) -> AtlasConfig:
     """Named presets: "toy" (rule-based agents, the default), "toy-junior-only", "toy-senior-only",
     "openai" (every agent on one OpenAI-compatible server; set base_url and models in a JSON config)."""
@@ -184,8 +195,10 @@ def preset(name: str) -> AtlasConfig:
     if name == "openai":
         agents = {
             "vision": AgentConfig(backend="openai", model="qwen2.5-vl-7b", send_audio=False, max_tokens=96),
-            "junior": AgentConfig(backend="openai", model="gemini-2.5-flash", max_tokens=128),
-            "senior": AgentConfig(backend="openai", model="gemini-2.5-pro", max_tokens=384, reasoning_tokens=128),
+            "junior": AgentConfig(backend="openai", model="gemini-2.5-flash", max_tokens=128,
+                                  extra_body=_thinking_budget(0)),
+            "senior": AgentConfig(backend="openai", model="gemini-2.5-pro", max_tokens=384, reasoning_tokens=128,
+                                  extra_body=_thinking_budget(128)),
             "verifier": AgentConfig(backend="openai", model="gemini-2.5-flash", max_tokens=32),
         }
         return AtlasConfig(agents=agents, av_scorer="imagebind:imagebind_huge.pth",

@@ -8,6 +8,7 @@ Backends, in the order the default picks them:
   reference - plain PyTorch, shipped in the package, always available
   onednn    - a library's kernel reached through torch (only ``linear``: oneDNN's GEMM on the CPU)
   scaled_mm - ``torch._scaled_mm``, torch's fp8 GEMM (only ``fp8_linear``: cuBLASLt / CUTLASS on a GPU)
+  flash     - the flash-attn package where installed (``attention``, ``cross_attention``; a GPU; not a default)
 
 Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
 variable (one backend for every op, or per op: ``OMNI2SOUND_BACKEND=qk_norm_rope=triton,snake=cuda``) >
@@ -28,7 +29,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn", "scaled_mm")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn", "scaled_mm", "flash")
 
 _local = threading.local()
 # op name -> backend name -> availability check(device) -> bool

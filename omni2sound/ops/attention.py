@@ -32,6 +32,7 @@ from torch import Tensor
 from .. import _native
 from ._checks import KERNEL_DTYPES, fail, real, tensor
 from ._dispatch import autocast_inputs, cannot_take, forced_backend, needs_grad, register_op, select_backend
+from .flash import flash_attention, flash_available, flash_takes
 
 OP = "attention"
 
@@ -52,7 +53,7 @@ def cpu_available(device: torch.device) -> bool:
     return device.type == "cpu" and _native.has_cpu() and _native.has_symbol("attention_fwd_cpu")
 
 
-register_op(OP, {"reference": lambda d: True, "cpu": cpu_available},
+register_op(OP, {"reference": lambda d: True, "cpu": cpu_available, "flash": flash_available},
             default_order={"cpu": ("cpu", "reference"), "cuda": ("reference",)}, family="attention")
 
 
@@ -187,6 +188,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, softmax_scale: Optional[float] = 
                                            attn_mask=key_mask[:, None, None, :], scale=scale)
         return o.transpose(1, 2)
     backend = select_backend(OP, q.device)
+    if backend == "flash":
+        if flash_takes(q) and k.shape[1] > 0:
+            return flash_attention(q, k, v, scale)
+        raise cannot_take(OP, "flash", f"flash-attn takes float16 / bfloat16, head dims multiples of 8 up to 256 "
+                                       f"and at least one key; got {q.dtype}, q {tuple(q.shape)}, k {tuple(k.shape)}")
     if backend == "cpu":
         if cpu_kernel_takes(q, k, v) and k.shape[1] > 0:
             return attention_cpu(q, k, v, scale)[0]

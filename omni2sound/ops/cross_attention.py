@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 from .. import _native
 from ._checks import KERNEL_DTYPES, OpInputError, cu_seqlens, fail, flag, real, tensor
-from ._dispatch import autocast_inputs, register_op, select_backend, triton_available
+from ._dispatch import autocast_inputs, cannot_take, register_op, select_backend, triton_available
 from .attention import attention_cpu, cpu_available, cpu_kernel_takes
+from .flash import flash_available, flash_cross_attention, flash_takes
 
 OP = "cross_attention"
 MAX_HEAD_DIM = 128  # the Triton and CUDA kernels keep a whole head row in registers
@@ -253,7 +254,7 @@ def _cuda_available(device: torch.device) -> bool:
 # WMMA CUDA kernel and 14.5 us for padded SDPA; the CUDA kernel stays selectable (use_backend) and is
 # the fallback where Triton is missing.
 register_op(OP, {"reference": lambda d: True, "cpu": cpu_available, "triton": _triton_available,
-                 "cuda": _cuda_available},
+                 "cuda": _cuda_available, "flash": flash_available},
             default_order={"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}, family="attention")
 
 
@@ -374,6 +375,11 @@ def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     _check_inputs(q, k, v, cu_seqlens_k, max_seqlen_k, softmax_scale)
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     backend = select_backend(OP, q.device)
+    if backend == "flash":
+        if flash_takes(q):
+            return flash_cross_attention(q, k, v, cu_seqlens_k, max_seqlen_k, scale)
+        raise cannot_take(OP, "flash", f"flash-attn takes float16 / bfloat16 and head dims multiples of 8 up to 256; "
+                                       f"got {q.dtype}, q {tuple(q.shape)}")
     if backend == "cpu" and cpu_kernel_takes(q, k, v):
         return attention_cpu(q, k, v, scale, cu_seqlens_k=cu_seqlens_k)[0]
     if backend in ("reference", "cpu") or q.dtype == torch.float64:
