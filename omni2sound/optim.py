@@ -48,6 +48,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         self.masters: Dict[Tensor, Tensor] = {}     # parameter -> its fp32 master (the parameter's former .data)
         self.copies: Dict[Tensor, Tensor] = {}      # parameter -> its bf16 copy (its .data while swapped in)
         self.swapped_in = False
+        self._lr_bufs: Dict[int, Tensor] = {}
         if bf16_weights:
             for group in self.param_groups:
                 for p in group["params"]:
@@ -143,6 +144,13 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 steps.append(st["step"])
             torch._foreach_add_(steps, 1.0)
             lr = group["lr"]
+            if not torch.is_tensor(lr) and live[0].device.type == "cuda":
+                # the Triton kernel reads lr from the device: a float goes into a buffer (a captured graph replays
+                # the value it had at the capture, as torch's capturable AdamW does with a float lr)
+                buf = self._lr_bufs.get(id(group))
+                if buf is None or buf.device != live[0].device:
+                    buf = self._lr_bufs[id(group)] = torch.zeros((), device=live[0].device)
+                lr = buf.fill_(lr)
             for p in live:
                 if p.grad.is_sparse:
                     raise RuntimeError("MasterWeightAdamW does not take sparse gradients")
