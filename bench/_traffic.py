@@ -29,6 +29,8 @@ LAYOUT_OPS = {"cat", "stack", "clone", "copy", "index", "index_put", "slice_back
 REDUCTION_OPS = {"sum", "mean", "amax", "max", "min", "norm", "var", "std", "var_mean", "_foreach_norm"}
 # views whose schema does not say so (they return a fresh TensorImpl over the same storage)
 ALIASING_OPS = {"aten::_unsafe_view", "aten::alias", "aten::lift_fresh"}
+# arguments an op writes without reading them (its schema marks them written, which the counter would count as read too)
+WRITE_ONLY_ARGS = {"omni2sound::adamw_step_": ("copy",)}
 Row = List[float]                # [calls, bytes read, bytes written, GEMM FLOPs]
 
 
@@ -82,7 +84,10 @@ class TrafficCounter(TorchDispatchMode):
         new_returns = [r.alias_info is None for r in schema.returns]
         if (not written_args and not any(new_returns)) or schema.name in ALIASING_OPS:
             return out                                                        # a view: no traffic
-        flat_in = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        skip = WRITE_ONLY_ARGS.get(schema.name, ())
+        read_args = [kwargs.get(a.name, args[i] if i < len(args) else None) for i, a in enumerate(schema.arguments)
+                     if a.name not in skip]
+        flat_in = [t for t in tree_flatten(read_args)[0] if isinstance(t, torch.Tensor)]
         outs = out if isinstance(out, (tuple, list)) else (out,)
         created = [t for is_new, o in zip(new_returns, outs) if is_new
                    for t in tree_flatten(o)[0] if isinstance(t, torch.Tensor)]

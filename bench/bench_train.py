@@ -8,6 +8,7 @@ Reports us per step, samples/s, latent tokens/s, and on GPU the model FLOP utili
     python bench/bench_train.py --quick                 # CPU: tiny and S at small batch
     python bench/bench_train.py --presets tiny S L --batch 32 --seconds 10 --out train.json   # GPU
     python bench/bench_train.py --audit --presets L --batch 32     # bytes per op category of one L step (any CPU)
+    python bench/bench_train.py --audit --bf16-weights --presets L --batch 32   # also with bf16 weight copies
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from omni2sound.flow import FlowMatching
 from omni2sound.gpu_info import gpu_info
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
+from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights
 from omni2sound.trainer import peak_flops
 
 
@@ -44,8 +46,9 @@ def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16:
     """Seconds per training step. graph: the step replayed from a CUDA graph (GraphedTrainStep: its draws and
     input copies, made outside the graph, are timed with it); the first call captures it."""
     flow = FlowMatching()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 and device.startswith("cuda") \
-        else contextlib.nullcontext()
+    # bf16 weight copies (MasterWeightAdamW) need autocast on the CPU too
+    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) \
+        if bf16 and (device.startswith("cuda") or holds_bf16_weights(model)) else contextlib.nullcontext()
     g = torch.Generator(device=device).manual_seed(0) if device.startswith("cuda") else torch.Generator()
 
     if graph:
@@ -96,12 +99,14 @@ def gpu_default_backends() -> dict:
     return out
 
 
-def audit_step(cfg, batch: int, seconds: float, backends: dict) -> dict:
-    """Traffic of one training step (bf16 autocast loss + backward + fused AdamW step) on the CPU, per category."""
+def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bool = False) -> dict:
+    """Traffic of one training step (bf16 autocast loss + backward + fused AdamW step) on the CPU, per category.
+    bf16_weights: the matrix weights as bf16 copies that the optimiser step writes (MasterWeightAdamW)."""
     from _traffic import TrafficCounter
     torch.manual_seed(0)
     model = Omni2SoundDiT(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-4) if bf16_weights else \
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     x1, cond = random_batch(cfg, batch, seconds, "cpu", torch.Generator().manual_seed(1))
     counter = TrafficCounter()
 
@@ -119,21 +124,24 @@ def audit_step(cfg, batch: int, seconds: float, backends: dict) -> dict:
     return dict(counter.rows)
 
 
-def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: float, flops_peak: float) -> list:
+def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: float, flops_peak: float,
+          bf16_weights: bool = False) -> list:
     """Bytes moved per op category by one training step of each preset at (its depth, ``batch``), extrapolated from a
     2 x 2 grid of CPU runs at depth 1-2 and batch 2-3 (exact: see _traffic.extrapolate; not batch 1, where a
     strided [1, ...] view counts as contiguous and skips copies that every larger batch makes)."""
     from _traffic import extrapolate, summarize
     backends = gpu_default_backends() if backends_name == "gpu" else {}
     results = []
-    for name in presets:
+    for name, copies in [(n, c) for n in presets for c in ((False, True) if bf16_weights else (False,))]:
         cfg = dit_config(name)
-        grid = {(d, b): audit_step(dit_config(name, depth=d), b, seconds, backends) for d in (1, 2) for b in (2, 3)}
+        grid = {(d, b): audit_step(dit_config(name, depth=d), b, seconds, backends, copies)
+                for d in (1, 2) for b in (2, 3)}
         rows = summarize(extrapolate(grid, cfg.depth, batch), bandwidth, flops_peak)
         non_gemm = sum(r["floor_ms"] for r in rows if r["category"] != "gemm")
         gemm = sum(r["floor_ms"] for r in rows if r["category"] == "gemm")
+        weights = "bf16 weight copies written by the optimiser" if copies else "fp32 weights cast by autocast"
         print(f"\nTraffic of one training step, {name} (depth {cfg.depth}), batch {batch} x {seconds} s, "
-              f"bf16 autocast, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: "
+              f"bf16 autocast, {weights}, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: "
               f"{backends or 'defaults'}\n"
               f"floors at {bandwidth / 1e12:.2f} TB/s and {flops_peak / 1e12:.0f} TFLOP/s: non-GEMM {non_gemm:.1f} ms, "
               f"GEMM {gemm:.1f} ms\n")
@@ -144,9 +152,28 @@ def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: fl
                 print(f"| {r['category']} | {r['calls']:.0f} | {r['read_GB']:.2f} | {r['written_GB']:.2f} | "
                       f"{r['gemm_TFLOP']:.1f} | {r['floor_ms']:.2f} |")
         results.append({"preset": name, "batch": batch, "seconds": seconds, "backends": backends,
-                        "bandwidth": bandwidth, "flops_peak": flops_peak, "non_gemm_floor_ms": non_gemm,
-                        "gemm_floor_ms": gemm, "rows": rows})
+                        "bf16_weights": copies, "bandwidth": bandwidth, "flops_peak": flops_peak,
+                        "non_gemm_floor_ms": non_gemm, "gemm_floor_ms": gemm, "rows": rows})
+        if copies:
+            _print_comparison(results[-2], results[-1])
     return results
+
+
+def _print_comparison(before: dict, after: dict) -> None:
+    """GB per category (read + written), fp32 weights under autocast against bf16 copies, the same preset."""
+    gb = [{r["category"]: r["read_GB"] + r["written_GB"] for r in res["rows"] if r["category"] != "gemm"}
+          for res in (before, after)]
+    print(f"\n{before['preset']}: GB per step, fp32 weights + autocast -> bf16 weight copies\n")
+    print("| category | fp32 weights | bf16 copies | change |")
+    print("|---|---|---|---|")
+    for k in sorted(set(gb[0]) | set(gb[1]), key=lambda k: -max(gb[0].get(k, 0), gb[1].get(k, 0))):
+        a, b = gb[0].get(k, 0.0), gb[1].get(k, 0.0)
+        if max(a, b) >= 0.05:
+            print(f"| {k} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
+    a, b = sum(gb[0].values()), sum(gb[1].values())
+    print(f"| **all non-GEMM ops** | **{a:.2f}** | **{b:.2f}** | **{b - a:+.2f}** |")
+    print(f"| non-GEMM floor at {before['bandwidth'] / 1e12:.2f} TB/s | {before['non_gemm_floor_ms']:.1f} ms | "
+          f"{after['non_gemm_floor_ms']:.1f} ms | {after['non_gemm_floor_ms'] - before['non_gemm_floor_ms']:+.1f} ms |")
 
 
 def main(argv=None) -> None:
@@ -172,10 +199,13 @@ def main(argv=None) -> None:
                    help="gpu: each op on the CPU backend that moves the bytes its GPU default moves")
     p.add_argument("--audit-bandwidth", type=float, default=3.35e12, help="bytes/s for the floor (H100 SXM HBM3)")
     p.add_argument("--audit-flops", type=float, default=989e12, help="GEMM FLOP/s for the floor (H100 SXM bf16)")
+    p.add_argument("--bf16-weights", action="store_true",
+                   help="also train with bf16 weight copies written by the optimiser step (omni2sound/optim.py): "
+                        "timed as the variants <v>+bf16w; --audit: both ways and the difference")
     a = p.parse_args(argv)
     if a.audit:
         res = audit(a.presets or ["L"], a.batch or 32, a.seconds or 10.0, a.audit_backends, a.audit_bandwidth,
-                    a.audit_flops)
+                    a.audit_flops, a.bf16_weights)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"torch": torch.__version__, "audit": res}, f, indent=2)
@@ -196,6 +226,8 @@ def main(argv=None) -> None:
             variants.append(("fused+compile", None, "compile"))
         if a.graph:
             variants.append(("fused+graph", None, "graph"))
+        if a.bf16_weights:
+            variants += [(label + "+bf16w", backend, mode) for label, backend, mode in variants if label != "reference"]
         if a.variants:
             variants = [v for v in variants if v[0] in a.variants.split(",")]
         for label, backend, mode in variants:
@@ -203,8 +235,11 @@ def main(argv=None) -> None:
             with torch.device(a.device):                 # init on the device: seconds, not a minute, for L
                 model = Omni2SoundDiT(cfg)
             # as the trainer; a graph replays the optimiser's step too, so its state (the step count) lives on the GPU
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device),
-                                    **({"capturable": True} if mode == "graph" and cuda else {}))
+            if label.endswith("+bf16w"):        # capturable as it is: lr and the step counts on the device
+                opt = MasterWeightAdamW(model.parameters(), lr=1e-4)
+            else:
+                opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device),
+                                        **({"capturable": True} if mode == "graph" and cuda else {}))
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
             run_model = torch.compile(model) if mode == "compile" else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()

@@ -13,7 +13,8 @@ What a capture needs, and how this module meets it:
   draws what the eager step would from the same generator.
 - a capturable optimiser (``AdamW(..., capturable=True)``: its step count lives on the GPU) and gradients that live
   in the graph's memory: they are set to None before the capture, and the captured backward writes them.
-- the autocast weight-cast cache is off inside (a cached cast would outlive the capture's memory).
+- the autocast weight-cast cache is off inside (a cached cast would outlive the capture's memory); with bf16 weight
+  copies (``LoopConfig.bf16_weights``) there is nothing to cast: the optimiser step writes them.
 
 - warm-up before the capture (cuBLAS / cuDNN workspaces, Triton compiles, the optimiser's state), on a side stream
   as the capture documentation asks, with the learning rate at 0 and the optimiser's state put back afterwards:
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from .conditions import Conditions
 from .flow import FlowMatching
+from .optim import holds_bf16_weights
 
 _COND_FIELDS = ("text_tokens", "text_lens", "video_tokens", "video_lens", "sync", "duration")
 
@@ -71,9 +73,13 @@ class GraphedTrainStep:
         return self.model.predict_velocity(x_t, t, prep)
 
     def _autocast(self):
-        if self.autocast_dtype is None or self.device.type != "cuda":
+        if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
+        if holds_bf16_weights(self.model):          # bf16 weight copies (optim.py): the forward needs autocast here too
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+        return contextlib.nullcontext()
 
     def _step(self, x1: Tensor, cond: Conditions, draws: Tuple[Tensor, Tensor]) -> Tuple[Tensor, dict]:
         with self._autocast():

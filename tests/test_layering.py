@@ -23,7 +23,7 @@ LAYERS: List[Tuple[str, Sequence[str]]] = [
     # shared utilities with no model in them: devices, atomic files, media I/O, CUDA graphs, run folders, logs
     ("support", ["omni2sound.device", "omni2sound.gpu_info", "omni2sound.files", "omni2sound.audio",
                  "omni2sound.video", "omni2sound.mux", "omni2sound.cuda_graphs", "omni2sound.runs",
-                 "omni2sound.tblog"]),
+                 "omni2sound.tblog", "omni2sound.optim"]),
     # the paper's pieces: conditions, flow matching, the DiT, the VAE, encoders, data, the synthetic world
     ("model", ["omni2sound.conditions", "omni2sound.flow", "omni2sound.model", "omni2sound.sampling",
                "omni2sound.vae", "omni2sound.vae_forms", "omni2sound.vae_loss", "omni2sound.vae_gan",

@@ -39,3 +39,19 @@ def test_grid_extrapolation_is_exact():
     for k, row in want.items():
         assert got[k] == pytest.approx(row, rel=1e-9, abs=1e-6), k
     assert sum(v for k, v in got.items() if k not in want for v in v) == pytest.approx(0, abs=1e-6)
+
+
+def test_the_master_weight_step_moves_28_bytes_a_parameter():
+    # AdamW on fp32 masters with bf16 gradients, writing the bf16 copy: read p, g, m, v (4 + 2 + 4 + 4 B), write p, m,
+    # v and the copy (4 + 4 + 4 + 2 B); the copy is written, never read
+    from omni2sound.optim import MasterWeightAdamW
+    w = torch.nn.Parameter(torch.randn(64, 48))
+    opt = MasterWeightAdamW([w], lr=1e-3)
+    w.grad = torch.randn(64, 48).to(torch.bfloat16)
+    opt.step()                                      # the first step creates the state
+    w.grad = torch.randn(64, 48).to(torch.bfloat16)
+    with TrafficCounter() as c:
+        opt.step()
+    n, scalars = w.numel(), 4 + 4                   # the step count and the lr, one fp32 number each
+    row = c.rows["omni2sound::adamw_step_"]
+    assert row[:3] == [1, 14 * n + scalars, 14 * n]

@@ -138,12 +138,12 @@ def test_lr_schedule():
 
 
 def _trainer(out_dir, table, steps, info=None, accum=1, micro=4, model=None, cuda_graph=False, parallel="ddp",
-             grad_checkpointing=False, fsdp_bf16_params=True):
+             grad_checkpointing=False, fsdp_bf16_params=True, bf16_weights=False):
     cfg = replace(TrainConfig(), p_null=0.2, seed=3)
     info = info or DistInfo()
     loop = LoopConfig(steps=steps, micro_batch=micro, accum=accum, log_every=1, ckpt_every=1, keep_last=2,
                       progress=False, cuda_graph=cuda_graph, parallel=parallel, grad_checkpointing=grad_checkpointing,
-                      fsdp_bf16_params=fsdp_bf16_params)
+                      fsdp_bf16_params=fsdp_bf16_params, bf16_weights=bf16_weights)
     opt = OptimConfig(lr=1e-3, warmup=2, ema_decay=0.9)
     loss = make_dit_loss(cfg, stage_named(cfg, "stage2"), table, None, micro, info, accum)
     return Trainer(model or small_dit(), loss, loop, opt, out_dir, info, graph_step=loss.graph_step)
@@ -233,6 +233,36 @@ def test_cuda_graph_loop_trains_like_the_plain_loop(tmp_path):
     part.fit(stop_after=2)
     resumed = _trainer(str(tmp_path / "c"), table, 5, model=small_dit(seed=99), cuda_graph=True)
     assert [h["loss"] for h in resumed.fit(resume=True)] == [h["loss"] for h in h_graph]
+
+
+def test_bf16_weight_copies_train_resume_exactly_and_save_fp32(tmp_path):
+    # LoopConfig.bf16_weights: the matrix weights train as bf16 copies of fp32 masters (bf16 autocast, here on the
+    # CPU); the plain loop and the graph loop agree, a killed run resumes to the same losses and masters, and the
+    # checkpoints and the model after fit() are fp32, as without copies
+    table = synthetic_table(10)
+    full = _trainer(str(tmp_path / "a"), table, 5, bf16_weights=True)
+    assert full.model.blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    h_full = full.fit()
+    assert all(p.dtype == torch.float32 for p in full.model.parameters())
+    ck = torch.load(os.path.join(full.ckpt_dir, full.checkpoints()[-1]), weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ck["model"].items() if v.is_floating_point())
+    assert all(torch.equal(ck["model"][k], v) for k, v in full.model.state_dict().items())
+    plain = _trainer(str(tmp_path / "p"), table, 5)                      # fp32, no autocast on the CPU
+    h_plain = plain.fit()
+    assert [h["task"] for h in h_full] == [h["task"] for h in h_plain]
+    assert [h["loss"] for h in h_full] == pytest.approx([h["loss"] for h in h_plain], rel=3e-2)
+    part = _trainer(str(tmp_path / "b"), table, 5, bf16_weights=True)
+    part.fit(stop_after=2)
+    resumed = _trainer(str(tmp_path / "b"), table, 5, model=small_dit(seed=99), bf16_weights=True)
+    assert [h["loss"] for h in resumed.fit(resume=True)] == [h["loss"] for h in h_full]
+    for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    for k in full.ema.shadow:
+        assert torch.equal(full.ema.shadow[k], resumed.ema.shadow[k]), k
+    graphed = _trainer(str(tmp_path / "g"), table, 5, cuda_graph=True, bf16_weights=True)
+    assert [h["loss"] for h in graphed.fit()] == pytest.approx([h["loss"] for h in h_full], rel=1e-3)
+    with pytest.raises(ValueError, match="bf16_weights needs bf16"):
+        Trainer(small_dit(), None, LoopConfig(bf16=False, bf16_weights=True), OptimConfig(), str(tmp_path / "x"))
 
 
 def test_cuda_graph_loop_refuses_what_it_cannot_capture(tmp_path):

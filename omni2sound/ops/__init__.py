@@ -7,6 +7,7 @@ it (see ``_dispatch``).
 """
 from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
 from .adaln import Mod, adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
+from .adamw import adamw_step_, adamw_step_reference
 from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference, pack_condition_tokens
 from .fp8 import (
@@ -28,7 +29,7 @@ from .sampling_plan import sampling_workspace, skips_rows_without_keys
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
-    "BACKENDS", "available_backends", "select_backend", "use_backend",
+    "BACKENDS", "available_backends", "select_backend", "use_backend", "adamw_step_", "adamw_step_reference",
     "attention", "attention_reference", "cross_attention", "cross_attention_reference", "pack_condition_tokens",
     "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference", "linear", "linear_reference",
     "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
