@@ -1,7 +1,7 @@
 """Benchmark the fused AdaLN chain against eager PyTorch and torch.compile of the same math, same run.
 
     python bench/bench_adaln.py            # CPU: fp32; GPU: bf16 (forward under CUDA graphs)
-    python bench/bench_adaln.py --quick    # fewer repeats, inference shape only
+    python bench/bench_adaln.py --quick    # fewer repeats (CPU: the inference shape only)
     OMP_NUM_THREADS=1 python bench/bench_adaln.py --quick --threads 1,2 --shapes inference,training
                                            # CPU: both shapes on 1 and 2 threads, then the summary table
 
