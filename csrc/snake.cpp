@@ -35,6 +35,12 @@ inline void fast_sincos(float x, float& s, float& c) {
   float r = x - k * 3.140625f;
   r = r - k * 9.67502593994140625e-4f;
   r = r - k * 1.509957990978376432e-7f;
+  // Past |x| ~ 1e4 the reduction is inexact and r leaves [-pi/2, pi/2], where the series grows without bound
+  // (|x| = 1e10 gave inf); no fp32 sin is meaningful there, but Snake's sin^2 term must stay bounded, so r is held
+  // to the series' interval (NaN passes). Below that |r| <= pi/2 already (to rounding), so the results are
+  // unchanged. The outputs are not clamped instead: that also changes how the compiler contracts the callers'
+  // products with them, i.e. every trained model's numerics.
+  r = std::min(std::max(r, -1.57079637f), 1.57079637f);
   const float r2 = r * r;
   float ps = -2.50521083854417187751e-8f;                 // -1/11!
   ps = ps * r2 + 2.75573192239858906526e-6f;              // 1/9!
@@ -50,10 +56,8 @@ inline void fast_sincos(float x, float& s, float& c) {
   pc = pc * r2 - 0.5f;                                    // -1/2!
   const float cr = 1.0f + r2 * pc;
   const float sign = (static_cast<int32_t>(k) & 1) ? -1.0f : 1.0f;   // sin, cos change sign every pi
-  // Clamped to [-1, 1] (NaN passes): past |x| ~ 1e4 the reduction loses r and the series would grow without bound
-  // (|x| = 1e10 gave inf); there no fp32 sin is meaningful, but Snake's sin^2 term must stay within [0, 1].
-  s = std::min(std::max(sign * sr, -1.0f), 1.0f);
-  c = std::min(std::max(sign * cr, -1.0f), 1.0f);
+  s = sign * sr;
+  c = sign * cr;
 }
 
 template <typename T>
