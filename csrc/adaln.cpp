@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <string>
 #include <type_traits>
 #include <vector>
 
@@ -282,11 +283,18 @@ void backward(const AdaLNBwdParams& p) {
 
 }  // namespace
 
+namespace {
+// The sizes and dtype code both directions check, with the entry point's name ("adaln_forward: ") in the message.
+void check_sizes(const std::string& where, int64_t B, int64_t L, int64_t D, int dtype) {
+  check(B >= 0 && L >= 0 && D >= 1, where + "need B, L >= 0 and D >= 1, got B=" + num(B) + " L=" + num(L) + " D=" +
+                                        num(D));
+  check(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
+        where + "dtype code must be 0, 1 or 2, got " + num(dtype));
+}
+}  // namespace
+
 void validate(const AdaLNParams& p) {
-  check(p.B >= 0 && p.L >= 0 && p.D >= 1, "adaln_forward: need B, L >= 0 and D >= 1, got B=" + num(p.B) + " L=" +
-                                              num(p.L) + " D=" + num(p.D));
-  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
-        "adaln_forward: dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check_sizes("adaln_forward: ", p.B, p.L, p.D, p.dtype);
   check(p.x && p.shift && p.scale && p.y && p.mean && p.rstd, "adaln_forward: null pointer among x, shift, scale, "
                                                                 "y, mean, rstd");
   check(!p.h || (p.gate && p.x2), "adaln_forward: the gated form (h) needs gate and x2");
@@ -299,10 +307,7 @@ void validate(const AdaLNParams& p) {
 }
 
 void validate(const AdaLNBwdParams& p) {
-  check(p.B >= 0 && p.L >= 0 && p.D >= 1, "adaln_backward: need B, L >= 0 and D >= 1, got B=" + num(p.B) + " L=" +
-                                              num(p.L) + " D=" + num(p.D));
-  check(p.dtype == kFloat32 || p.dtype == kFloat16 || p.dtype == kBFloat16,
-        "adaln_backward: dtype code must be 0, 1 or 2, got " + num(p.dtype));
+  check_sizes("adaln_backward: ", p.B, p.L, p.D, p.dtype);
   check(p.dy && p.xin && p.scale && p.mean && p.rstd && p.dxin, "adaln_backward: null pointer among dy, xin, "
                                                                   "scale, mean, rstd, dxin");
   check(!p.h || (p.gate && p.dh), "adaln_backward: the gated form (h) needs gate and dh");
