@@ -3,8 +3,8 @@
 Every aten op and omni2sound custom op that runs (forward, backward and optimizer alike) passes through
 ``TrafficCounter`` (a TorchDispatchMode, which sits under autocast and autograd, so it sees the casts autocast
 inserts and every backward kernel). Per op it adds the bytes of its tensor inputs (read) and of the tensors it
-creates or writes in place (written); views cost nothing. Expanded inputs count their real extent (a stride-0
-dim reads one element), so a per-sample [B, 1, D] modulation broadcast over L counts as B x D.
+creates or writes in place (written); views and allocations (``empty``) cost nothing. Expanded inputs count their
+real extent (a stride-0 dim reads one element), so a per-sample [B, 1, D] modulation broadcast over L counts as B x D.
 
 Why count instead of time: the L training step's non-GEMM kernels are memory-bound on a GPU, so their bytes bound
 their time from below (bytes / HBM bandwidth), and bytes can be counted on any machine, exactly, without noise.
@@ -29,8 +29,13 @@ LAYOUT_OPS = {"cat", "stack", "clone", "copy", "index", "index_put", "slice_back
 REDUCTION_OPS = {"sum", "mean", "amax", "max", "min", "norm", "var", "std", "var_mean", "_foreach_norm"}
 # views whose schema does not say so (they return a fresh TensorImpl over the same storage)
 ALIASING_OPS = {"aten::_unsafe_view", "aten::alias", "aten::lift_fresh"}
+# allocations: memory, no traffic (the op that later fills the tensor counts the write)
+ALLOCATION_OPS = {"aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided",
+                  "aten::new_empty_strided"}
 # arguments an op writes without reading them (its schema marks them written, which the counter would count as read too)
-WRITE_ONLY_ARGS = {"omni2sound::adamw_step_": ("copy",)}
+WRITE_ONLY_ARGS = {"omni2sound::adamw_step_": ("copy",),
+                   "omni2sound::gated_residual_adaln_backward": ("dgate_out", "dscale_out", "dshift_out"),
+                   "omni2sound::adaln_modulate_backward": ("dscale_out", "dshift_out")}
 Row = List[float]                # [calls, bytes read, bytes written, GEMM FLOPs]
 
 
@@ -82,8 +87,8 @@ class TrafficCounter(TorchDispatchMode):
         schema = func._schema
         written_args = [a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write]
         new_returns = [r.alias_info is None for r in schema.returns]
-        if (not written_args and not any(new_returns)) or schema.name in ALIASING_OPS:
-            return out                                                        # a view: no traffic
+        if (not written_args and not any(new_returns)) or schema.name in ALIASING_OPS | ALLOCATION_OPS:
+            return out                                                        # a view or an allocation: no traffic
         skip = WRITE_ONLY_ARGS.get(schema.name, ())
         read_args = [kwargs.get(a.name, args[i] if i < len(args) else None) for i, a in enumerate(schema.arguments)
                      if a.name not in skip]

@@ -9,6 +9,7 @@ Reports us per step, samples/s, latent tokens/s, and on GPU the model FLOP utili
     python bench/bench_train.py --presets tiny S L --batch 32 --seconds 10 --out train.json   # GPU
     python bench/bench_train.py --audit --presets L --batch 32     # bytes per op category of one L step (any CPU)
     python bench/bench_train.py --audit --bf16-weights --presets L --batch 32   # also with bf16 weight copies
+    python bench/bench_train.py --audit --modulation-grads both --presets L     # modulation gradients stacked vs not
 """
 from __future__ import annotations
 
@@ -99,9 +100,12 @@ def gpu_default_backends() -> dict:
     return out
 
 
-def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bool = False) -> dict:
+def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bool = False,
+               modulation_grad_buffer: bool = True) -> dict:
     """Traffic of one training step (bf16 autocast loss + backward + fused AdamW step) on the CPU, per category.
-    bf16_weights: the matrix weights as bf16 copies that the optimiser step writes (MasterWeightAdamW)."""
+    bf16_weights: the matrix weights as bf16 copies that the optimiser step writes (MasterWeightAdamW).
+    modulation_grad_buffer: False cuts the per-token modulations with unbind (their gradients stacked), as
+    ``ops.modulation_grad_buffer(False)``."""
     from _traffic import TrafficCounter
     torch.manual_seed(0)
     model = Omni2SoundDiT(cfg)
@@ -117,32 +121,39 @@ def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bo
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    with ops.use_backend(**backends):
+    with ops.use_backend(**backends), ops.modulation_grad_buffer(modulation_grad_buffer):
         step()                      # the first step also creates AdamW's state (zeros_like of every parameter)
         with counter:
             step()
     return dict(counter.rows)
 
 
+LAYOUTS = {"buffer": (True,), "stack": (False,), "both": (False, True)}
+
+
 def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: float, flops_peak: float,
-          bf16_weights: bool = False) -> list:
+          bf16_weights: bool = False, modulation_grads: str = "buffer") -> list:
     """Bytes moved per op category by one training step of each preset at (its depth, ``batch``), extrapolated from a
     2 x 2 grid of CPU runs at depth 1-2 and batch 2-3 (exact: see _traffic.extrapolate; not batch 1, where a
-    strided [1, ...] view counts as contiguous and skips copies that every larger batch makes)."""
+    strided [1, ...] view counts as contiguous and skips copies that every larger batch makes).
+    modulation_grads: the modulations' gradients in one buffer (``buffer``), stacked (``stack``), or both and the
+    difference (``both``)."""
     from _traffic import extrapolate, summarize
     backends = gpu_default_backends() if backends_name == "gpu" else {}
     results = []
-    for name, copies in [(n, c) for n in presets for c in ((False, True) if bf16_weights else (False,))]:
+    for name, copies, buffer in [(n, c, b) for n in presets for c in ((False, True) if bf16_weights else (False,))
+                                 for b in LAYOUTS[modulation_grads]]:
         cfg = dit_config(name)
-        grid = {(d, b): audit_step(dit_config(name, depth=d), b, seconds, backends, copies)
+        grid = {(d, b): audit_step(dit_config(name, depth=d), b, seconds, backends, copies, buffer)
                 for d in (1, 2) for b in (2, 3)}
         rows = summarize(extrapolate(grid, cfg.depth, batch), bandwidth, flops_peak)
         non_gemm = sum(r["floor_ms"] for r in rows if r["category"] != "gemm")
         gemm = sum(r["floor_ms"] for r in rows if r["category"] == "gemm")
         weights = "bf16 weight copies written by the optimiser" if copies else "fp32 weights cast by autocast"
+        layout = "in one buffer" if buffer else "stacked"
         print(f"\nTraffic of one training step, {name} (depth {cfg.depth}), batch {batch} x {seconds} s, "
-              f"bf16 autocast, {weights}, backends as on a {'GPU' if backends_name == 'gpu' else 'CPU'}: "
-              f"{backends or 'defaults'}\n"
+              f"bf16 autocast, {weights}, modulation gradients {layout}, backends as on a "
+              f"{'GPU' if backends_name == 'gpu' else 'CPU'}: {backends or 'defaults'}\n"
               f"floors at {bandwidth / 1e12:.2f} TB/s and {flops_peak / 1e12:.0f} TFLOP/s: non-GEMM {non_gemm:.1f} ms, "
               f"GEMM {gemm:.1f} ms\n")
         print("| category | calls | read GB | written GB | GEMM TFLOP | floor ms |")
@@ -152,26 +163,35 @@ def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: fl
                 print(f"| {r['category']} | {r['calls']:.0f} | {r['read_GB']:.2f} | {r['written_GB']:.2f} | "
                       f"{r['gemm_TFLOP']:.1f} | {r['floor_ms']:.2f} |")
         results.append({"preset": name, "batch": batch, "seconds": seconds, "backends": backends,
-                        "bf16_weights": copies, "bandwidth": bandwidth, "flops_peak": flops_peak,
-                        "non_gemm_floor_ms": non_gemm, "gemm_floor_ms": gemm, "rows": rows})
-        if copies:
-            _print_comparison(results[-2], results[-1])
+                        "bf16_weights": copies, "modulation_grad_buffer": buffer, "bandwidth": bandwidth,
+                        "flops_peak": flops_peak, "non_gemm_floor_ms": non_gemm, "gemm_floor_ms": gemm, "rows": rows})
+    last = LAYOUTS[modulation_grads][-1]
+    for before in results:                          # each pair that differs in one setting
+        for after in results:
+            same = before["preset"] == after["preset"]
+            if same and not before["bf16_weights"] and after["bf16_weights"] and \
+                    before["modulation_grad_buffer"] == after["modulation_grad_buffer"] == last:
+                _print_comparison(before, after, "fp32 weights + autocast", "bf16 weight copies")
+            if same and before["bf16_weights"] == after["bf16_weights"] and \
+                    not before["modulation_grad_buffer"] and after["modulation_grad_buffer"]:
+                _print_comparison(before, after, "modulation gradients stacked", "in one buffer")
     return results
 
 
-def _print_comparison(before: dict, after: dict) -> None:
-    """GB per category (read + written), fp32 weights under autocast against bf16 copies, the same preset."""
+def _print_comparison(before: dict, after: dict, label_before: str, label_after: str) -> None:
+    """GB per category (read + written), two audits of the same preset."""
     gb = [{r["category"]: r["read_GB"] + r["written_GB"] for r in res["rows"] if r["category"] != "gemm"}
           for res in (before, after)]
-    print(f"\n{before['preset']}: GB per step, fp32 weights + autocast -> bf16 weight copies\n")
-    print("| category | fp32 weights | bf16 copies | change |")
+    weights = "bf16 weight copies" if after["bf16_weights"] else "fp32 weights + autocast"
+    print(f"\n{before['preset']}: GB per step, {label_before} -> {label_after} ({weights})\n")
+    print(f"| category | {label_before} | {label_after} | change |")
     print("|---|---|---|---|")
     for k in sorted(set(gb[0]) | set(gb[1]), key=lambda k: -max(gb[0].get(k, 0), gb[1].get(k, 0))):
         a, b = gb[0].get(k, 0.0), gb[1].get(k, 0.0)
         if max(a, b) >= 0.05:
             print(f"| {k} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
     a, b = sum(gb[0].values()), sum(gb[1].values())
-    print(f"| **all non-GEMM ops** | **{a:.2f}** | **{b:.2f}** | **{b - a:+.2f}** |")
+    print(f"| **all non-GEMM ops** | **{a:.2f}** | **{b:.2f}** | **{b - a:+.2f} ({100 * (b - a) / a:+.1f}%)** |")
     print(f"| non-GEMM floor at {before['bandwidth'] / 1e12:.2f} TB/s | {before['non_gemm_floor_ms']:.1f} ms | "
           f"{after['non_gemm_floor_ms']:.1f} ms | {after['non_gemm_floor_ms'] - before['non_gemm_floor_ms']:+.1f} ms |")
 
@@ -202,10 +222,13 @@ def main(argv=None) -> None:
     p.add_argument("--bf16-weights", action="store_true",
                    help="also train with bf16 weight copies written by the optimiser step (omni2sound/optim.py): "
                         "timed as the variants <v>+bf16w; --audit: both ways and the difference")
+    p.add_argument("--modulation-grads", choices=tuple(LAYOUTS), default="buffer",
+                   help="the AdaLN modulations' gradients in one buffer (the default) or stacked by unbind's backward; "
+                        "--audit with both: each and the difference; timing with both: the variants <v>+stack too")
     a = p.parse_args(argv)
     if a.audit:
         res = audit(a.presets or ["L"], a.batch or 32, a.seconds or 10.0, a.audit_backends, a.audit_bandwidth,
-                    a.audit_flops, a.bf16_weights)
+                    a.audit_flops, a.bf16_weights, a.modulation_grads)
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"torch": torch.__version__, "audit": res}, f, indent=2)
@@ -228,14 +251,17 @@ def main(argv=None) -> None:
             variants.append(("fused+graph", None, "graph"))
         if a.bf16_weights:
             variants += [(label + "+bf16w", backend, mode) for label, backend, mode in variants if label != "reference"]
-        if a.variants:
-            variants = [v for v in variants if v[0] in a.variants.split(",")]
+        if a.modulation_grads == "both":
+            variants += [(label + "+stack", backend, mode) for label, backend, mode in variants if label != "reference"]
+        if a.variants:      # in the order given (interleave repeats: fused,fused+stack,fused+stack,fused)
+            want = a.variants.split(",")
+            variants = [v for w in want for v in variants if v[0] == w]
         for label, backend, mode in variants:
             torch.manual_seed(0)
             with torch.device(a.device):                 # init on the device: seconds, not a minute, for L
                 model = Omni2SoundDiT(cfg)
             # as the trainer; a graph replays the optimiser's step too, so its state (the step count) lives on the GPU
-            if label.endswith("+bf16w"):        # capturable as it is: lr and the step counts on the device
+            if "+bf16w" in label:               # capturable as it is: lr and the step counts on the device
                 opt = MasterWeightAdamW(model.parameters(), lr=1e-4)
             else:
                 opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused_adamw_ok(a.device),
@@ -243,7 +269,8 @@ def main(argv=None) -> None:
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
             run_model = torch.compile(model) if mode == "compile" else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-            with ctx:
+            stacked = a.modulation_grads == "stack" or label.endswith("+stack")
+            with ctx, ops.modulation_grad_buffer(not stacked):
                 dt = time_steps(run_model, opt, x1, cond, steps, 3 if mode == "compile" else 1, a.device, True,
                                 profile=a.profile and label != "reference", graph=mode == "graph",
                                 pad_text_to=a.pad_text)

@@ -175,6 +175,7 @@ void backward_rows(const AdaLNBwdParams& p, const T* zeros) {
   T* dh = static_cast<T*>(p.dh);
   T* dgate_tok = static_cast<T*>(p.dgate_tok);
   T* dscale_tok = static_cast<T*>(p.dscale_tok);
+  T* dshift_tok = static_cast<T*>(p.dshift_tok);
   const void* mb[4] = {p.gate, p.scale, p.gate2, p.scale2};
   const int64_t msb[4] = {p.gate_sb, p.scale_sb, p.gate2_sb, p.scale2_sb};
   const int64_t msl[4] = {p.gate_sl, p.scale_sl, p.gate2_sl, p.scale2_sl};
@@ -192,8 +193,9 @@ void backward_rows(const AdaLNBwdParams& p, const T* zeros) {
       const T* xr = xin + r * D;
       const T* dyr = dy + r * D;
       float sg = 0.f, sgx = 0.f;
+      if (dshift_tok) std::memcpy(dshift_tok + r * p.dshift_rs, dyr, D * sizeof(T));   // dy's row, still in L1 below
       if (dscale_tok) {
-        T* dsc = dscale_tok + r * D;
+        T* dsc = dscale_tok + r * p.dscale_rs;
 #pragma omp simd reduction(+ : sg, sgx)
         for (int64_t d = 0; d < D; ++d) {
           const float dyd = to_float(dyr[d]);
@@ -226,7 +228,7 @@ void backward_rows(const AdaLNBwdParams& p, const T* zeros) {
         const T* hr = h + r * D;
         T* dhr = dh + r * D;
         if (dgate_tok) {
-          T* dgt = dgate_tok + r * D;
+          T* dgt = dgate_tok + r * p.dgate_rs;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) {
             dxr[d] = from_float<T>(g[d]);
@@ -316,6 +318,10 @@ void validate(const AdaLNBwdParams& p) {
   check(p.gate_sb >= 0 && p.gate_sl >= 0 && p.scale_sb >= 0 && p.scale_sl >= 0 && p.gate2_sb >= 0 &&
             p.gate2_sl >= 0 && p.scale2_sb >= 0 && p.scale2_sl >= 0,
         "adaln_backward: modulation strides must be >= 0");
+  check((!p.dgate_tok || p.dgate_rs >= p.D) && (!p.dscale_tok || p.dscale_rs >= p.D) &&
+            (!p.dshift_tok || p.dshift_rs >= p.D),
+        "adaln_backward: the row stride of each per-token gradient (dgate_rs, dscale_rs, dshift_rs) must be >= D, "
+        "got " + num(p.dgate_rs) + ", " + num(p.dscale_rs) + ", " + num(p.dshift_rs) + " for D=" + num(p.D));
 }
 
 static Registrar reg_adaln([](pybind11::module_& m) {
@@ -344,6 +350,8 @@ static Registrar reg_adaln([](pybind11::module_& m) {
       .field("mean", &AdaLNBwdParams::mean).field("rstd", &AdaLNBwdParams::rstd)
       .field("dxin", &AdaLNBwdParams::dxin).field("dh", &AdaLNBwdParams::dh)
       .field("dgate_tok", &AdaLNBwdParams::dgate_tok).field("dscale_tok", &AdaLNBwdParams::dscale_tok)
+      .field("dshift_tok", &AdaLNBwdParams::dshift_tok).field("dgate_rs", &AdaLNBwdParams::dgate_rs)
+      .field("dscale_rs", &AdaLNBwdParams::dscale_rs).field("dshift_rs", &AdaLNBwdParams::dshift_rs)
       .field("dtype", &AdaLNBwdParams::dtype);
   m.def(
       "adaln_forward_cpu",

@@ -150,6 +150,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
     if (i < nvec) {
       float dy[VEC], scv[VEC], dsc[VEC];
       load_vec<T, VEC>(static_cast<const T*>(p.dy) + r * D + i * VEC, dy);
+      if (p.dshift_tok) store_vec<T, VEC>(static_cast<T*>(p.dshift_tok) + r * p.dshift_rs + i * VEC, dy);  // exact
       load_vec<T, VEC>(static_cast<const T*>(p.xin) + r * D + i * VEC, xhat[k]);
       load_mod<T, VEC>(p.scale, p.scale_sb, p.scale_sl, p.scale2, p.scale2_sb, p.scale2_sl, b, l, i, scv);
 #pragma unroll
@@ -160,7 +161,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
         sg += g[k][e];
         sgx += g[k][e] * xhat[k][e];
       }
-      if (p.dscale_tok) store_vec<T, VEC>(static_cast<T*>(p.dscale_tok) + r * D + i * VEC, dsc);
+      if (p.dscale_tok) store_vec<T, VEC>(static_cast<T*>(p.dscale_tok) + r * p.dscale_rs + i * VEC, dsc);
     }
   }
   const float mg = block_sum(sg, smem) / float(D);
@@ -191,7 +192,7 @@ __global__ void adaln_bwd_kernel(AdaLNBwdParams p) {
           load_vec<T, VEC>(static_cast<const T*>(p.h) + r * D + i * VEC, hv);
 #pragma unroll
           for (int e = 0; e < VEC; ++e) dg[e] = hv[e] * dx[e];
-          store_vec<T, VEC>(static_cast<T*>(p.dgate_tok) + r * D + i * VEC, dg);
+          store_vec<T, VEC>(static_cast<T*>(p.dgate_tok) + r * p.dgate_rs + i * VEC, dg);
         }
       }
     }
@@ -267,9 +268,9 @@ void fwd_dtype(const AdaLNParams& p, cudaStream_t s) {
 template <typename T>
 void bwd_dtype(const AdaLNBwdParams& p, cudaStream_t s) {
   if (can_vectorise<T>(p.D, {p.dy, p.dx2_in, p.xin, p.h, p.gate, p.scale, p.gate2, p.scale2, p.dxin, p.dh,
-                             p.dgate_tok, p.dscale_tok},
+                             p.dgate_tok, p.dscale_tok, p.dshift_tok},
                        {p.gate_sb, p.gate_sl, p.scale_sb, p.scale_sl, p.gate2_sb, p.gate2_sl, p.scale2_sb,
-                        p.scale2_sl}))
+                        p.scale2_sl, p.dgate_rs, p.dscale_rs, p.dshift_rs}))
     bwd_typed<T, 16 / sizeof(T)>(p, s);
   else
     bwd_typed<T, 1>(p, s);

@@ -38,8 +38,12 @@ struct AdaLNParams {
 // dh (gated only) in the input dtype; dgate_tok and dscale_tok per token in the input dtype, each optional (null:
 // autograd does not need it, e.g. the DiT's constant ones / zeros). In the input dtype because the per-token
 // modulations they belong to are in it (under autocast: bf16 projections), so fp32 here only meant a cast
-// afterwards; the caller sums them over L (fp32 accumulation) for per-sample modulation. dshift is dy itself and is
-// left to the caller.
+// afterwards; the caller sums them over L (fp32 accumulation) for per-sample modulation. dshift is dy itself: the
+// kernels write it only where the caller gives dshift_tok (a per-token shift whose gradient lives in a shared buffer,
+// see below), otherwise the caller uses dy.
+// The per-token outputs are rows r = b * L + l at base + r * rs (rs: their row stride in elements, >= D), so that
+// they may be slices of one [B, L, n, D] buffer (rs = n D): the gradient of a modulation split into n views lands
+// in one tensor without a stack.
 struct AdaLNBwdParams {
   int64_t B = 0, L = 0, D = 0;
   const void* dy = nullptr;
@@ -58,6 +62,8 @@ struct AdaLNBwdParams {
   void* dh = nullptr;
   void* dgate_tok = nullptr;      // optional, gated only
   void* dscale_tok = nullptr;     // optional
+  void* dshift_tok = nullptr;     // optional: dy copied
+  int64_t dgate_rs = 0, dscale_rs = 0, dshift_rs = 0;   // row strides of the three above (elements)
   int dtype = kFloat32;
 };
 

@@ -468,7 +468,8 @@ class Omni2SoundDiT(nn.Module):
         # [6, B, T, D] tensor per block and step). Each is split once (see PreparedConditions.sync_mod).
         t_mod = [m[:, None] for m in self.t_mod(c).view(B, 6, D).unbind(1)]               # 6 x [B, 1, D]
         final_t = [m[:, None] for m in self.final_ada_t(c).view(B, 2, D).unbind(1)]       # 2 x [B, 1, D]
-        tok = [m.unbind(2) for m in prep.sync_mod] + [prep.final_sync_mod.unbind(2)]      # 6 (2) x [B, T, D]
+        # split_modulation, not unbind: in training the AdaLN backward writes the six gradients into one buffer
+        tok = [ops.split_modulation(m) for m in (*prep.sync_mod, prep.final_sync_mod)]    # 6 (2) x [B, T, D]
         per = [t_mod] * len(prep.sync_mod) + [final_t]
 
         x = self.x_embed(x_t.to(self.dtype))                                              # [B, T, D]

@@ -383,9 +383,226 @@ def test_opcheck(backend):
             torch.library.opcheck(mod._gated_residual_adaln_backward_op,
                                   (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2,
                                    mean, rstd, need_dgate, need_dscale, backend))
+            # the per-token gradients written into slots of a [B, L, 6, D] buffer (row stride 6 D)
+            slots = torch.empty(2, 3, 6, 12).unbind(2)
+            torch.library.opcheck(mod._gated_residual_adaln_backward_op,
+                                  (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2,
+                                   mean, rstd, need_dgate, need_dscale, backend, slots[2] if need_dgate else None,
+                                   slots[1] if need_dscale else None, slots[0]))
         for need_dscale in (True, False):
             torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
                                                                     rstd, need_dscale, backend))
+            slots = torch.empty(2, 3, 2, 12).unbind(2)
+            torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
+                                                                    rstd, need_dscale, backend,
+                                                                    slots[1] if need_dscale else None, slots[0]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Modulation gradients in one buffer: strided outputs of the backward, split_modulation
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,D", [(2, 5, 7), (1, 3, 24), (3, 1, 16), (2, 0, 8), (2, 4, 1)])
+@pytest.mark.parametrize("gated", [True, False])
+def test_backward_into_buffer_slots_equals_fresh_outputs(backend, dtype, B, L, D, gated):
+    # dgate / dscale written into slots of a [B, L, 6, D] buffer (row stride 6 D) and dy copied into a third: the same
+    # bits as the backward's own new tensors, the other slots untouched
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    from omni2sound.ops import adaln as mod
+    x, h, gate, _, scale = make_inputs(B, L, D, per_token=True, dtype=dtype, gated=gated)
+    gate2 = torch.randn(B, 1, D).to(dtype) if gated else None
+    scale2 = torch.randn(B, 1, D).to(dtype)
+    dy, dx2 = torch.randn(B, L, D).to(dtype), (torch.randn(B, L, D).to(dtype) if gated else None)
+    mean, rstd = mod._stats_reference(x, 1e-6)
+    args = (dy, dx2, x, h, gate, scale, mean, rstd)
+    fresh = mod._backward_native(*args, backend, gate2, scale2, gated, True)
+    buf = torch.full((B, L, 6, D), float("nan"), dtype=dtype)
+    slots = buf.unbind(2)
+    got = mod._backward_native(*args, backend, gate2, scale2, gated, True, slots[5] if gated else None, slots[4],
+                               slots[3])
+    assert got[3] is slots[4] and (got[2] is slots[5] if gated else got[2] is None)
+    for a, b in zip(got[:2], fresh[:2]):
+        assert (a is None and b is None) or torch.equal(a, b)
+    assert torch.equal(slots[4], fresh[3]) and torch.equal(slots[3], dy)
+    if gated:
+        assert torch.equal(slots[5], fresh[2])
+    assert buf[:, :, :3].isnan().all()
+    if backend != "reference" and dtype == torch.float32:              # and the reference's values
+        ref = mod._backward_native(*args, "reference", gate2, scale2, gated, True)
+        for a, b in zip((slots[5] if gated else None, slots[4]), ref[2:]):
+            if b is not None:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_rejects_bad_gradient_row_strides():
+    from omni2sound.ops import adaln as mod
+    P = _native.lib().AdaLNBwdParams()
+    x = torch.randn(2, 3, 8)
+    mean, rstd = mod._stats_reference(x, 1e-6)
+    P.B, P.L, P.D, P.dtype = 2, 3, 8, 0
+    P.dy = P.xin = P.scale = x.data_ptr()
+    P.mean, P.rstd, P.dxin = mean.data_ptr(), rstd.data_ptr(), torch.empty_like(x).data_ptr()
+    P.dscale_tok, P.dscale_rs = torch.empty(2, 3, 8).data_ptr(), 4
+    with pytest.raises(ValueError, match="row stride"):
+        _native.lib().adaln_backward_cpu(P)
+    with pytest.raises(ValueError, match="fixed stride"):                    # rows not at one stride
+        mod._row_stride(torch.empty(3, 2, 8).transpose(0, 1))
+
+
+class StackShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every aten::stack (the backward of unbind is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name == "aten::stack":
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def modulated_chain(tok, per, x, hs, eps=1e-6):
+    """The DiT's use of its split modulations: adaln_modulate with slots 0, 1 of tok[0]; per block i three gated
+    calls with slot 2 | 3, 4 | 5 and the next split's 0, 1 (tok[-1]: the final layer's 2-slot split); each slot paired
+    with its per-sample part per[k] [B, 1, D]. hs: the sublayers' outputs, functions of y."""
+    ones, zeros = torch.ones_like(per[0]), torch.zeros_like(per[0])
+    y = ops.adaln_modulate(x, (tok[0][0], per[0]), (tok[0][1], per[1]), eps)
+    for i in range(len(tok) - 1):
+        x, y = ops.gated_residual_adaln(x, hs[0](y), (tok[i][2], per[2]), zeros, zeros, eps)
+        x, y = ops.gated_residual_adaln(x, hs[1](y), ones, (tok[i][3], per[3]), (tok[i][4], per[4]), eps)
+        x, y = ops.gated_residual_adaln(x, hs[2](y), (tok[i][5], per[5]), (tok[i + 1][0], per[0]),
+                                        (tok[i + 1][1], per[1]), eps)
+    return x, y
+
+
+def chain_grads(backend, B, L, D, dtype=torch.float32, buffer=True, depth=2, seed=0, edit=None, twice=False):
+    """Gradients of every leaf of modulated_chain (the per-token modulations from Linear layers, as in the DiT) with
+    the buffer layout on or off, and the shapes of the stacks its backward ran. edit(tok) may change the slices
+    (hooks, reuse) before the chain uses them."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g).to(dtype)           # noqa: E731
+    s = r(B, L, D)
+    lins = [torch.nn.Linear(D, 6 * D).to(dtype) for _ in range(depth)] + [torch.nn.Linear(D, 2 * D).to(dtype)]
+    with torch.no_grad():
+        for lin in lins:
+            lin.weight.copy_(r(*lin.weight.shape) * 0.3)
+            lin.bias.copy_(r(*lin.bias.shape) * 0.3)
+    x, per = r(B, L, D).requires_grad_(), [r(B, 1, D).requires_grad_() for _ in range(6)]   # per-sample parts
+    mix = [r(D, D) * 0.2 for _ in range(3)]
+    hs = [lambda y, m=m: y @ m for m in mix]
+    leaves = [x, *per] + [p for lin in lins for p in lin.parameters()]
+    stacks = StackShapes()
+    with ops.use_backend(adaln=backend), ops.modulation_grad_buffer(buffer):
+        mods = [lin(s).view(B, L, lin.out_features // D, D) for lin in lins]
+        tok = [ops.split_modulation(m) for m in mods]
+        if edit is not None:
+            tok = edit(tok)
+        x2, y = modulated_chain(tok, per, x, hs)
+        loss = (y.float() * r(B, L, D).float()).sum() + (x2.float() * r(B, L, D).float()).sum()
+        with stacks:
+            loss.backward(retain_graph=twice)
+            if twice:
+                loss.backward()
+    return [p.grad for p in leaves], stacks.shapes
+
+
+def big_stacks(shapes, B, L, D):
+    return [s for s in shapes if s in ((B, L, 6, D), (B, L, 2, D))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,D", [(2, 5, 24), (1, 7, 12), (3, 1, 16), (2, 3, 1)])
+def test_split_modulation_gradients_equal_unbind_bit_for_bit(backend, dtype, B, L, D):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    on, on_stacks = chain_grads(backend, B, L, D, dtype, buffer=True)
+    off, off_stacks = chain_grads(backend, B, L, D, dtype, buffer=False)
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert a.dtype == b.dtype and torch.equal(a, b), i
+    assert len(big_stacks(off_stacks, B, L, D)) == 3                 # unbind's backward: one stack per split
+    if backend != "reference":                                        # the reference ops are autograd's: no buffer
+        assert big_stacks(on_stacks, B, L, D) == []
+
+
+def test_split_modulation_empty_and_without_gradient():
+    for B, L in ((0, 4), (2, 0)):
+        on, _ = chain_grads("cpu", B, L, 8, buffer=True)
+        off, _ = chain_grads("cpu", B, L, 8, buffer=False)
+        assert all(torch.equal(a, b) for a, b in zip(on, off))
+    mod = torch.randn(2, 3, 6, 4)
+    parts = ops.split_modulation(mod)                       # no gradient (sampling): unbind's views
+    assert len(parts) == 6 and all(p.grad_fn is None and p.data_ptr() == mod[:, :, k].data_ptr()
+                                   for k, p in enumerate(parts))
+    with pytest.raises(ValueError, match=r"\[B, L, n, D\]"):
+        ops.split_modulation(torch.randn(2, 3, 4))
+
+
+def _hook_slot(tok):
+    tok[0][3].register_hook(lambda g: g * 1.0)              # a new tensor: not the buffer's slot
+    return tok
+
+
+def _reuse_slot(tok):
+    tok[1] = list(tok[1])
+    tok[1][5] = tok[1][2]                                   # one slice, two consumers (their sum: a new tensor)
+    return tok
+
+
+def _per_sample_split(tok):
+    return [tok[0], tuple(t[:, :1] for t in tok[1]), tok[2]]   # views of the split slices: not its outputs
+
+
+@pytest.mark.parametrize("edit,twice,stacked", [
+    (_hook_slot, False, 1), (_reuse_slot, False, 1), (_per_sample_split, False, 1), (None, True, 0)])
+def test_split_modulation_stacks_gradients_that_are_not_in_the_buffer(edit, twice, stacked):
+    # hooks, a slice with two consumers, views of the slices, a second backward through the retained graph: the
+    # gradients are right (as unbind's, bit for bit) and stacked where they did not come from the buffer
+    B, L, D = 2, 5, 16
+    on, on_stacks = chain_grads("cpu", B, L, D, buffer=True, edit=edit, twice=twice)
+    off, off_stacks = chain_grads("cpu", B, L, D, buffer=False, edit=edit, twice=twice)
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert torch.equal(a, b), i
+    assert len(big_stacks(on_stacks, B, L, D)) == stacked
+    assert len(big_stacks(off_stacks, B, L, D)) == 3 * (2 if twice else 1)
+
+
+def test_split_modulation_zero_fills_unused_slices_in_the_buffer():
+    B, L, D = 2, 4, 8
+    mod = torch.randn(B, L, 6, D, requires_grad=True)
+    tok = ops.split_modulation(mod)
+    x, h = torch.randn(B, L, D), torch.randn(B, L, D)
+    with ops.use_backend(adaln="cpu"), StackShapes() as stacks:
+        x2, y = ops.gated_residual_adaln(x, h, tok[2], tok[3], tok[4])          # slices 0, 1 and 5: no gradient
+        (x2.sum() + (y * y).sum()).backward()
+    assert stacks.shapes == []
+    assert (mod.grad[:, :, [0, 1, 5]] == 0).all() and (mod.grad[:, :, 2:5] != 0).any()
+
+
+def test_split_modulation_compiles_fullgraph_as_unbind():
+    # torch.compile sees a plain unbind (its backward: a stack inside the compiled graph); same values as eager
+    torch._dynamo.reset()
+    B, L, D = 2, 5, 16
+    lin = torch.nn.Linear(D, 6 * D)
+    s, x, h = torch.randn(B, L, D), torch.randn(B, L, D), torch.randn(B, L, D)
+
+    def fn(s):
+        tok = ops.split_modulation(lin(s).view(B, L, 6, D))
+        x2, y = ops.gated_residual_adaln(x, h, tok[2], tok[3], tok[4])
+        return (x2 * y).sum() + ops.adaln_modulate(y, tok[0], tok[1]).sum() + tok[5].sum()
+
+    with ops.use_backend(adaln="cpu"):
+        fn(s).backward()
+        want = [p.grad.clone() for p in lin.parameters()]
+        lin.zero_grad()
+        torch.compile(fn, fullgraph=True)(s).backward()
+    for p, w in zip(lin.parameters(), want):
+        torch.testing.assert_close(p.grad, w, rtol=1e-5, atol=1e-5)
 
 
 class TinyDiTBlock(torch.nn.Module):

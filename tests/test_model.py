@@ -210,6 +210,54 @@ def test_bf16_autocast_training_step(backend):
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
+class StackShapes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the output shape of every aten::stack (unbind's backward is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name == "aten::stack":
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])   # None: the default (C++ AdaLN on the CPU)
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("B,T", [(4, 11), (1, 6), (3, 1)])
+def test_modulation_gradients_without_the_stack_are_bit_identical(backend, autocast, B, T):
+    # Every block's [B, T, 6, D] modulation (and the final layer's [B, T, 2, D]) gets its gradient from one buffer the
+    # AdaLN backward writes into, not from unbind's stack: every parameter's gradient the same bits as with the stack
+    if backend == "triton" and autocast:
+        pytest.skip("the Triton interpreter has no bf16 arithmetic")
+    from omni2sound.flow import FlowMatching
+    cond = make_cond(B=B, text_lens=[5, 0, 3, 0][:B], video_lens=[9, 9, 0, 0][:B])
+    x1 = torch.randn(B, T, 4)
+
+    def grads(buffer):
+        model = small_model()
+        stacks = StackShapes()
+        with use_backend(adaln=backend), ops.modulation_grad_buffer(buffer):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss, _ = FlowMatching().loss(model, x1, cond, generator=torch.Generator().manual_seed(0))
+            with stacks:
+                loss.backward()
+        D = model.config.hidden_dim
+        big = [s for s in stacks.shapes if s in ((B, T, 6, D), (B, T, 2, D))]
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters()}, big
+
+    loss_on, on, stacks_on = grads(True)
+    loss_off, off, stacks_off = grads(False)
+    assert torch.equal(loss_on, loss_off)
+    for name in off:
+        assert on[name] is not None and torch.equal(on[name], off[name]), name
+    depth = len(small_model().blocks)
+    assert len(stacks_off) == depth + 1
+    assert stacks_on == ([] if backend != "reference" else stacks_off)   # the reference ops are autograd's own
+
+
 def test_dispatch_checks_trace_under_fullgraph_compile():
     # Dynamo cannot trace the extension's pybind11 functions; the backend checks that ops dispatch runs inside a
     # compiled step (on a GPU: has_cuda for the CUDA backend) must be constants to it (this failed on an H100).

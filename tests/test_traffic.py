@@ -55,3 +55,23 @@ def test_the_master_weight_step_moves_28_bytes_a_parameter():
     n, scalars = w.numel(), 4 + 4                   # the step count and the lr, one fp32 number each
     row = c.rows["omni2sound::adamw_step_"]
     assert row[:3] == [1, 14 * n + scalars, 14 * n]
+
+
+def test_modulation_gradients_in_one_buffer_remove_exactly_the_stack():
+    # unbind's backward stacks each block's six [B, T, D] modulation gradients (the final layer's two) into a new
+    # [B, T, 6, D]: a read and a write of every one of them. In one buffer, the AdaLN backward writes them there
+    # itself; what is left is the copy of dy the kernels write into each shift slot (two [B, T, D] per block, shift_msa
+    # and shift_mlp, and the final layer's), and no allocation is counted as traffic
+    cfg, B = dit_config("tiny", depth=2), 2
+    stack = bench_train.audit_step(cfg, B, 1.0, {}, modulation_grad_buffer=False)
+    buf = bench_train.audit_step(cfg, B, 1.0, {}, modulation_grad_buffer=True)
+    unit = B * cfg.num_frames(1.0) * cfg.hidden_dim * 2                      # one bf16 [B, T, D]
+    n = 6 * cfg.depth + 2                                                     # modulation slices
+    assert stack["layout"][1] - buf["layout"][1] == n * unit                  # read
+    assert stack["layout"][2] - buf["layout"][2] == n * unit                  # written
+    gated, modulate = "omni2sound::gated_residual_adaln_backward", "omni2sound::adaln_modulate_backward"
+    assert buf[gated][1:3] == [stack[gated][1], stack[gated][2] + 2 * cfg.depth * unit]
+    assert buf[modulate][1:3] == [stack[modulate][1], stack[modulate][2] + unit]
+    for k in set(stack) | set(buf):
+        if k not in ("layout", gated, modulate):
+            assert buf.get(k) == stack.get(k), k

@@ -47,10 +47,11 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, ME
 
 
 @triton.jit
-def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, DXIN, DH, DGATE, DSCALE,
-                      L, D, gsb, gsl, csb, csl, g2sb, g2sl, c2sb, c2sl,
+def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, DXIN, DH, DGATE, DSCALE, DSHIFT,
+                      L, D, gsb, gsl, csb, csl, g2sb, g2sl, c2sb, c2sl, grs, crs, srs,
                       HAS_H: tl.constexpr, HAS_DX2: tl.constexpr, HAS_G2: tl.constexpr, HAS_C2: tl.constexpr,
-                      HAS_DGATE: tl.constexpr, HAS_DSCALE: tl.constexpr, BLOCK_D: tl.constexpr):
+                      HAS_DGATE: tl.constexpr, HAS_DSCALE: tl.constexpr, HAS_DSHIFT: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -58,13 +59,16 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, D
     m = cols < D
     mean = tl.load(MEAN + r)
     rstd = tl.load(RSTD + r)
-    dy = tl.load(DY + r * D + cols, mask=m, other=0.0).to(tl.float32)
+    dy_in = tl.load(DY + r * D + cols, mask=m, other=0.0)
+    if HAS_DSHIFT:                          # the shift's per-token gradient is dy: copied as loaded
+        tl.store(DSHIFT + r * srs + cols, dy_in, mask=m)
+    dy = dy_in.to(tl.float32)
     xhat = (tl.load(XIN + r * D + cols, mask=m, other=0.0).to(tl.float32) - mean) * rstd
     xhat = tl.where(m, xhat, 0.0)
     sc = _mod(SCALE, csb, csl, SCALE2, c2sb, c2sl, b, l, cols, m, HAS_C2)
     g = dy * (1.0 + sc)
     if HAS_DSCALE:
-        tl.store(DSCALE + r * D + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=m)
+        tl.store(DSCALE + r * crs + cols, (dy * xhat).to(DSCALE.dtype.element_ty), mask=m)
     mg = tl.sum(g, axis=0) / D
     mgx = tl.sum(g * xhat, axis=0) / D
     dx = rstd * (g - mg - xhat * mgx)
@@ -76,7 +80,7 @@ def _adaln_bwd_kernel(DY, DX2, XIN, H, GATE, SCALE, GATE2, SCALE2, MEAN, RSTD, D
         tl.store(DH + r * D + cols, (gv * dx).to(DH.dtype.element_ty), mask=m)
         if HAS_DGATE:
             hv = tl.load(H + r * D + cols, mask=m, other=0.0).to(tl.float32)
-            tl.store(DGATE + r * D + cols, (hv * dx).to(DGATE.dtype.element_ty), mask=m)
+            tl.store(DGATE + r * grs + cols, (hv * dx).to(DGATE.dtype.element_ty), mask=m)
 
 
 def _strides(t):
@@ -105,9 +109,18 @@ def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2=None, 
         BLOCK_D=block, num_warps=_num_warps(block))
 
 
+def _row_stride(t):
+    """Row stride of a per-token output [B, L, D] whose rows r = b * L + l lie at r * stride (0: no output)."""
+    if t is None:
+        return 0
+    return t.stride(0) if t.shape[1] == 1 else t.stride(1)
+
+
 def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2=None,
-                   scale2=None):
-    """dgate_tok / dscale_tok: per-token outputs in the input dtype, or None where autograd does not need them."""
+                   scale2=None, dshift_tok=None):
+    """dgate_tok / dscale_tok: per-token outputs in the input dtype, or None where autograd does not need them;
+    dshift_tok: None, or where to copy dy (the shift's per-token gradient). The three may be row-strided (slices of
+    one [B, L, n, D] buffer)."""
     B, L, D = xin.shape
     block = triton.next_power_of_2(D)
     has_h = h is not None
@@ -115,8 +128,9 @@ def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok
         dy, dx2 if dx2 is not None else dy, xin, h if has_h else xin, gate if has_h else xin, scale,
         gate2 if gate2 is not None else xin, scale2 if scale2 is not None else xin, mean, rstd,
         dxin, dh if has_h else dxin, dgate_tok if dgate_tok is not None else dxin,
-        dscale_tok if dscale_tok is not None else dxin,
+        dscale_tok if dscale_tok is not None else dxin, dshift_tok if dshift_tok is not None else dxin,
         L, D, *_strides(gate), *_strides(scale), *_strides(gate2), *_strides(scale2),
+        _row_stride(dgate_tok), _row_stride(dscale_tok), _row_stride(dshift_tok),
         HAS_H=has_h, HAS_DX2=dx2 is not None, HAS_G2=gate2 is not None, HAS_C2=scale2 is not None,
         HAS_DGATE=has_h and dgate_tok is not None, HAS_DSCALE=dscale_tok is not None,
-        BLOCK_D=block, num_warps=_num_warps(block))
+        HAS_DSHIFT=dshift_tok is not None, BLOCK_D=block, num_warps=_num_warps(block))

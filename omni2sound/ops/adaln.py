@@ -25,12 +25,23 @@ bf16 projections; fp32 here only bought a cast afterwards) and only when autogra
 constant ones / zeros to two of its three calls per block); a per-sample modulation's gradient is their sum over L
 with fp32 accumulation. `python bench/bench_train.py --audit` counts what this saves.
 
+Modulation gradients without a stack: the DiT computes each block's per-token modulation as one [B, L, 6, D] tensor
+and hands its six [B, L, D] slices to the three fused calls. Cut with ``unbind``, autograd would ``stack`` the six
+gradients into a new [B, L, 6, D] tensor (a read and a write of all of it per block and step). ``split_modulation``
+cuts it instead: the backward of these ops then writes each slice's per-token gradient (dgate, dscale, and dshift,
+the copy of dy, inside the kernel) straight into its slot of one [B, L, 6, D] buffer (row stride 6 D), allocated at
+the first backward that writes into it, and the split's backward returns that buffer as it is. Same values, bit for
+bit; where the gradients did not come from the buffer (hooks, other consumers, torch.compile, the reference backend)
+the split's backward stacks them as ``unbind`` would. ``modulation_grad_buffer(False)`` turns it off.
+
 File order (Liger's): reference, backend registration, custom ops (forward, backward, fake, autograd),
 public functions.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import contextlib
+import threading
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -154,25 +165,45 @@ def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=N
     return x2, y, mean, rstd
 
 
+def _row_stride(t: Optional[Tensor]) -> int:
+    """Row stride of a per-token output [B, L, D] (rows r = b * L + l at r * stride; unit stride over D), 0 for None."""
+    if t is None:
+        return 0
+    B, L, _ = t.shape
+    rs = t.stride(0) if L == 1 else t.stride(1)
+    if t.stride(2) != 1 or (B > 1 and L > 1 and t.stride(0) != L * rs):
+        raise OpInputError(f"omni2sound.ops.adaln: a per-token gradient output must have rows at a fixed stride, "
+                           f"got strides {tuple(t.stride())} for shape {tuple(t.shape)}")
+    return rs
+
+
+def _into(out: Optional[Tensor], value: Optional[Tensor]) -> Optional[Tensor]:
+    return value if out is None or value is None else out.copy_(value)
+
+
 def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2=None, scale2=None,
-                     need_dgate=True, need_dscale=True):
-    """(dxin, dh, dgate_tok, dscale_tok); the per-token modulation gradients in xin's dtype, None where not needed."""
+                     need_dgate=True, need_dscale=True, dgate_out=None, dscale_out=None, dshift_out=None):
+    """(dxin, dh, dgate_tok, dscale_tok); the per-token modulation gradients in xin's dtype, None where not needed.
+    dgate_out / dscale_out: where to write them instead of new tensors (then returned as dgate_tok / dscale_tok);
+    dshift_out: where to copy dy. These outputs may be row-strided [B, L, D] (slots of a [B, L, n, D] buffer)."""
     B, L, D = xin.shape
     need_dgate = need_dgate and h is not None
     if backend == "reference":
-        return _backward_reference(dy, dx2_in, xin, h, _sum(gate, gate2), _sum(scale, scale2), mean, rstd,
-                                   need_dgate, need_dscale)
+        dxin, dh, dgate_tok, dscale_tok = _backward_reference(dy, dx2_in, xin, h, _sum(gate, gate2),
+                                                              _sum(scale, scale2), mean, rstd, need_dgate, need_dscale)
+        _into(dshift_out, dy)
+        return dxin, dh, _into(dgate_out, dgate_tok), _into(dscale_out, dscale_tok)
     dxin = torch.empty_like(xin)
     dh = torch.empty_like(xin) if h is not None else None
-    dgate_tok = torch.empty_like(xin) if need_dgate else None
-    dscale_tok = torch.empty_like(xin) if need_dscale else None
+    dgate_tok = (torch.empty_like(xin) if dgate_out is None else dgate_out) if need_dgate else None
+    dscale_tok = (torch.empty_like(xin) if dscale_out is None else dscale_out) if need_dscale else None
     if B * L * D == 0:
         return dxin, dh, dgate_tok, dscale_tok
     if backend == "triton":
         from omni2sound.kernels import adaln as tk
 
         tk.adaln_backward(dy, dx2_in, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2,
-                          scale2)
+                          scale2, dshift_out)
         return dxin, dh, dgate_tok, dscale_tok
     P = _native.lib().AdaLNBwdParams()
     P.B, P.L, P.D, P.dtype = B, L, D, _native.dtype_code(xin)
@@ -185,6 +216,8 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
     P.mean, P.rstd = mean.data_ptr(), rstd.data_ptr()
     P.dxin, P.dh, P.dgate_tok, P.dscale_tok = dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), \
         _native.ptr(dscale_tok)
+    P.dshift_tok = _native.ptr(dshift_out)
+    P.dgate_rs, P.dscale_rs, P.dshift_rs = _row_stride(dgate_tok), _row_stride(dscale_tok), _row_stride(dshift_out)
     if backend == "cpu":
         _native.lib().adaln_backward_cpu(P)
     else:
@@ -244,33 +277,154 @@ def _(x, h, gate, shift, scale, gate2, shift2, scale2, eps, backend):
             x.new_empty(n, dtype=torch.float32))
 
 
-@torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=())
+# The *_out arguments: None, or where the backward writes a per-token gradient instead of a new tensor (a slot of a
+# split modulation's gradient buffer); the op then returns an empty tensor in that place. They come last, with
+# defaults, so that a call in the older form (a compiled graph's cached code) still binds.
+@torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=("dscale_out", "dshift_out"))
 def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, scale2: Optional[Tensor], mean: Tensor,
-                                rstd: Tensor, need_dscale: bool, backend: str) -> Tuple[Tensor, Tensor]:
+                                rstd: Tensor, need_dscale: bool, backend: str, dscale_out: Optional[Tensor] = None,
+                                dshift_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend, None, scale2,
-                                            need_dgate=False, need_dscale=need_dscale)
-    return dx, _or_empty(dscale_tok, x)
+                                            need_dgate=False, need_dscale=need_dscale, dscale_out=dscale_out,
+                                            dshift_out=dshift_out)
+    return dx, _or_empty(None if dscale_out is not None else dscale_tok, x)
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend):
-    return torch.empty_like(x), torch.empty_like(x) if need_dscale else x.new_empty(0)
+def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend, dscale_out=None, dshift_out=None):
+    return torch.empty_like(x), torch.empty_like(x) if need_dscale and dscale_out is None else x.new_empty(0)
 
 
-@torch.library.custom_op("omni2sound::gated_residual_adaln_backward", mutates_args=())
+@torch.library.custom_op("omni2sound::gated_residual_adaln_backward",
+                         mutates_args=("dgate_out", "dscale_out", "dshift_out"))
 def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Tensor, gate: Tensor, scale: Tensor,
                                       gate2: Optional[Tensor], scale2: Optional[Tensor], mean: Tensor, rstd: Tensor,
-                                      need_dgate: bool, need_dscale: bool, backend: str
-                                      ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                      need_dgate: bool, need_dscale: bool, backend: str,
+                                      dgate_out: Optional[Tensor] = None, dscale_out: Optional[Tensor] = None,
+                                      dshift_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dxin, dh, dgate_tok, dscale_tok = _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend, gate2,
-                                                       scale2, need_dgate, need_dscale)
-    return dxin, dh, _or_empty(dgate_tok, x2), _or_empty(dscale_tok, x2)
+                                                       scale2, need_dgate, need_dscale, dgate_out, dscale_out,
+                                                       dshift_out)
+    return (dxin, dh, _or_empty(None if dgate_out is not None else dgate_tok, x2),
+            _or_empty(None if dscale_out is not None else dscale_tok, x2))
 
 
 @_gated_residual_adaln_backward_op.register_fake
-def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale, backend):
-    tok = lambda need: torch.empty_like(x2) if need else x2.new_empty(0)   # noqa: E731
-    return torch.empty_like(x2), torch.empty_like(x2), tok(need_dgate), tok(need_dscale)
+def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale, backend, dgate_out=None,
+      dscale_out=None, dshift_out=None):
+    tok = lambda need, out: torch.empty_like(x2) if need and out is None else x2.new_empty(0)   # noqa: E731
+    return torch.empty_like(x2), torch.empty_like(x2), tok(need_dgate, dgate_out), tok(need_dscale, dscale_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The split modulation and its gradient buffer
+# ----------------------------------------------------------------------------------------------------
+
+_switch = threading.local()
+
+
+@contextlib.contextmanager
+def modulation_grad_buffer(enabled: bool = True) -> Iterator[None]:
+    """Whether ``split_modulation`` (called inside) lets the AdaLN backward write the slices' gradients into one
+    buffer (on by default) or cuts the modulation with a plain ``unbind`` (whose backward stacks them). Same values
+    either way; the switch exists to compare the two."""
+    prev = getattr(_switch, "enabled", True)
+    _switch.enabled = bool(enabled)
+    try:
+        yield
+    finally:
+        _switch.enabled = prev
+
+
+class _ModulationGrad:
+    """The gradient of a [B, L, n, D] modulation that ``split_modulation`` cut into n slices: one buffer, allocated by
+    the first backward that writes into it (never held through the forward), whose slot k = buf[:, :, k] is slice
+    k's gradient. A slot asked for twice (a slice with two consumers, a second backward through a retained graph)
+    starts a new buffer: the split's backward then finds gradients outside the current one and stacks them."""
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, device: torch.device):
+        self.shape, self.dtype, self.device = shape, dtype, device
+        self.buf: Optional[Tensor] = None
+        self.written: set = set()
+
+    def slot(self, k: int) -> Tensor:
+        if self.buf is None or k in self.written:
+            self.buf, self.written = torch.empty(self.shape, dtype=self.dtype, device=self.device), set()
+        self.written.add(k)
+        return self.buf[:, :, k]
+
+    def take(self) -> Optional[Tensor]:
+        buf, self.buf, self.written = self.buf, None, set()
+        return buf
+
+
+def _is_slot(g: Tensor, buf: Tensor, k: int) -> bool:
+    s = buf[:, :, k]
+    return g.data_ptr() == s.data_ptr() and g.dtype == s.dtype and g.shape == s.shape and g.stride() == s.stride()
+
+
+class _SplitModulation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mod: Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.modulation_grad = _ModulationGrad(mod.shape, mod.dtype, mod.device)
+        return mod.unbind(2)
+
+    @staticmethod
+    def backward(ctx, *grads: Optional[Tensor]) -> Optional[Tensor]:
+        buf = ctx.modulation_grad.take()
+        if all(g is None for g in grads):
+            return None
+        if buf is not None and not torch.compiler.is_compiling() and \
+                all(g is None or _is_slot(g, buf, k) for k, g in enumerate(grads)):
+            for k, g in enumerate(grads):
+                if g is None:                                  # a slice nothing differentiated: zero, as unbind's
+                    buf[:, :, k].zero_()
+            return buf
+        like = next(g for g in grads if g is not None)
+        return torch.stack([torch.zeros_like(like) if g is None else g for g in grads], 2)
+
+
+def split_modulation(mod: Tensor) -> Tuple[Tensor, ...]:
+    """``mod.unbind(2)`` for a modulation ``[B, L, n, D]`` -> n x [B, L, D] views (gate, shift, scale, ... of the
+    AdaLN ops). When autograd records it, the AdaLN ops' backward writes the slices' per-token gradients into one
+    [B, L, n, D] buffer that becomes mod's gradient without a stack (module docstring). Without a gradient (sampling),
+    under torch.compile or inside ``modulation_grad_buffer(False)``: a plain ``unbind``."""
+    if mod.dim() != 4:
+        raise OpInputError(f"omni2sound.ops.split_modulation: mod must be [B, L, n, D], got shape {tuple(mod.shape)}")
+    if not (torch.is_grad_enabled() and mod.requires_grad) or torch.compiler.is_compiling() \
+            or not getattr(_switch, "enabled", True):
+        return mod.unbind(2)
+    return _SplitModulation.apply(mod)
+
+
+def _grad_slots(inputs: tuple, indices: tuple) -> Dict[int, Tuple[_ModulationGrad, int]]:
+    """{input index: (its split's gradient buffer, slot)} for the inputs that are slices of split_modulation."""
+    out = {}
+    for i in indices:
+        fn = getattr(inputs[i], "grad_fn", None)
+        if type(fn) is _SplitModulation._backward_cls:
+            out[i] = (fn.modulation_grad, inputs[i].output_nr)
+    return out
+
+
+def _slot_out(ctx, like: Tensor, *indices: int) -> Tuple[Optional[int], Optional[Tensor]]:
+    """(input index, its gradient slot) for the first of these modulation inputs that is a per-token split slice whose
+    gradient autograd needs; (None, None) when there is none."""
+    for i in indices:
+        if i in ctx.grad_slots and ctx.needs_input_grad[i] and ctx.slot_shapes[i] == like.shape:
+            sink, k = ctx.grad_slots[i]
+            return i, sink.slot(k)
+    return None, None
+
+
+def _mod_grads(grad_tok: Optional[Tensor], slot_of: Optional[int], pairs: List[Tuple[int, Optional[Tensor]]],
+               need, source: Optional[Tensor] = None) -> List[Optional[Tensor]]:
+    """The gradients of a modulation's addends (input index, tensor): the slot's owner gets the slot as it is, the
+    others ``_reduce_mod`` of ``source`` (the unstrided per-token gradient where there is one, dy for the shift;
+    default grad_tok)."""
+    src = grad_tok if source is None else source
+    return [grad_tok if i == slot_of else _reduce_mod(src, like, need[i]) for i, like in pairs]
 
 
 # The second addends are saved whole although backward needs only their shapes (to reduce the per-token
@@ -280,16 +434,23 @@ def _modulate_setup(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(x, shift, scale, shift2, scale2, mean, rstd)
     ctx.backend = backend
+    ctx.grad_slots = _grad_slots(inputs, (1, 2, 3, 4))
+    ctx.slot_shapes = {i: inputs[i].shape for i in ctx.grad_slots}
 
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
     x, shift, scale, shift2, scale2, mean, rstd = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd,
-                                                   bool(need[2] or need[4]), ctx.backend)
-    dscale_tok = _none_if_empty(dscale_tok)
-    return (dxin, _reduce_mod(dy, shift, need[1]), _reduce_mod(dscale_tok, scale, need[2]),
-            _reduce_mod(dy, shift2, need[3]), _reduce_mod(dscale_tok, scale2, need[4]), None, None)
+    need_dscale = bool(need[2] or need[4])
+    shift_slot, dshift_out = _slot_out(ctx, x, 1, 3)
+    scale_slot, dscale_out = _slot_out(ctx, x, 2, 4) if need_dscale else (None, None)
+    dxin, dscale_tok = _adaln_modulate_backward_op(dy.contiguous(), x, scale, scale2, mean, rstd, need_dscale,
+                                                   ctx.backend, dscale_out, dshift_out)
+    dscale_tok = dscale_out if dscale_out is not None else _none_if_empty(dscale_tok)
+    dshift_tok = dy if dshift_out is None else dshift_out
+    g_shift, g_shift2 = _mod_grads(dshift_tok, shift_slot, [(1, shift), (3, shift2)], need, source=dy)
+    g_scale, g_scale2 = _mod_grads(dscale_tok, scale_slot, [(2, scale), (4, scale2)], need)
+    return dxin, g_shift, g_scale, g_shift2, g_scale2, None, None
 
 
 _adaln_modulate_op.register_autograd(_modulate_backward, setup_context=_modulate_setup)
@@ -300,6 +461,8 @@ def _gated_setup(ctx, inputs, output):
     x2, _, mean, rstd = output
     ctx.save_for_backward(x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd)
     ctx.backend = backend
+    ctx.grad_slots = _grad_slots(inputs, (2, 3, 4, 5, 6, 7))
+    ctx.slot_shapes = {i: inputs[i].shape for i in ctx.grad_slots}
 
 
 def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
@@ -307,13 +470,20 @@ def _gated_backward(ctx, dx2, dy, _dmean, _drstd):
     need = ctx.needs_input_grad
     # the gate's and the scale's per-token gradients only where autograd asks (the DiT's cross-attention sublayer
     # passes a constant gate of ones, its attention sublayer constant zeros as shift and scale)
+    need_dgate, need_dscale = bool(need[2] or need[5]), bool(need[4] or need[7])
+    gate_slot, dgate_out = _slot_out(ctx, x2, 2, 5) if need_dgate else (None, None)
+    scale_slot, dscale_out = _slot_out(ctx, x2, 4, 7) if need_dscale else (None, None)
+    shift_slot, dshift_out = _slot_out(ctx, x2, 3, 6)
     dxin, dh, dgate_tok, dscale_tok = _gated_residual_adaln_backward_op(
-        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, bool(need[2] or need[5]),
-        bool(need[4] or need[7]), ctx.backend)
-    dgate_tok, dscale_tok = _none_if_empty(dgate_tok), _none_if_empty(dscale_tok)
-    return (dxin, dh, _reduce_mod(dgate_tok, gate, need[2]), _reduce_mod(dy, shift, need[3]),
-            _reduce_mod(dscale_tok, scale, need[4]), _reduce_mod(dgate_tok, gate2, need[5]),
-            _reduce_mod(dy, shift2, need[6]), _reduce_mod(dscale_tok, scale2, need[7]), None, None)
+        dy.contiguous(), dx2.contiguous(), x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale,
+        ctx.backend, dgate_out, dscale_out, dshift_out)
+    dgate_tok = dgate_out if dgate_out is not None else _none_if_empty(dgate_tok)
+    dscale_tok = dscale_out if dscale_out is not None else _none_if_empty(dscale_tok)
+    dshift_tok = dy if dshift_out is None else dshift_out
+    g_gate, g_gate2 = _mod_grads(dgate_tok, gate_slot, [(2, gate), (5, gate2)], need)
+    g_shift, g_shift2 = _mod_grads(dshift_tok, shift_slot, [(3, shift), (6, shift2)], need, source=dy)
+    g_scale, g_scale2 = _mod_grads(dscale_tok, scale_slot, [(4, scale), (7, scale2)], need)
+    return dxin, dh, g_gate, g_shift, g_scale, g_gate2, g_shift2, g_scale2, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_gated_backward, setup_context=_gated_setup)
