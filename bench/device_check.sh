@@ -24,6 +24,8 @@
 #   train-pad          the graph step with captions padded to 128 tokens (the trainer's max_text_tokens)
 #   train-bf16w        the graph step with fp32 weights under autocast against bf16 weight copies written by the
 #                      optimiser (--bf16-weights), same run; and the GPU tests of the optimiser kernel
+#   train-modgrad      the graph step (bf16 weight copies) with the modulation gradients stacked against written into
+#                      one buffer, interleaved; and the GPU tests of split_modulation (bit-identical gradients)
 #   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
 #                      activation scales), step time, GEMM time per step from a profile, latents' error vs bf16
 #   fp8-compile        the same with the compiled step (Inductor fuses the fp8 activation quantisation), batch 1
@@ -54,6 +56,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $(( T_START + BUDGET - $(date +%s) )); }
 ALL_MODES="tests tests-vae tests-train kernels vae vae-compile vae-convs generate generate-compile generate-backends"
 ALL_MODES="$ALL_MODES generate-ablate profile train train-profile train-backends train-compile train-pad train-bf16w"
+ALL_MODES="$ALL_MODES train-modgrad"
 ALL_MODES="$ALL_MODES fp8 fp8-compile serve synchformer extract"
 case ",$WHAT," in
   *,everything,*) WHAT=$(echo "$ALL_MODES" | tr ' ' ',') ;;
@@ -184,6 +187,12 @@ if want train-bf16w; then
   step tests_optimizer 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_optimizer.py
   step train_L_bf16w 100 $PY $TRAIN_L --graph --bf16-weights --variants fused+graph,fused+graph+bf16w \
     --out "$RES/train_L_bf16w.json"
+fi
+if want train-modgrad; then
+  step tests_modgrad 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_adaln.py -k split_modulation
+  step train_L_modgrad 120 $PY $TRAIN_L --graph --bf16-weights --modulation-grads both \
+    --variants fused+graph+bf16w+stack,fused+graph+bf16w,fused+graph+bf16w,fused+graph+bf16w+stack \
+    --out "$RES/train_L_modgrad.json"
 fi
 want fp8 && step fp8_L 120 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
 want fp8-compile && step fp8_L_compile 240 $PY bench/bench_fp8.py --presets L --batches 1 --device cuda --compile \

@@ -40,11 +40,12 @@ class PreparedConditions:
     kv            per layer (k, v), each [total_k, H, Dh]: the cross-attention keys/values
     cu_seqlens_k  int32 [B + 1];  max_seqlen_k  int
     sync_mod      depth x [B, T, 6, D]: the sync half of every block's per-token AdaLN (shift/scale/gate x 2),
-                  views of the ada_sync outputs. A list, not one stacked tensor, and split with ONE unbind(2) per
-                  block per step: in training, indexing ([k]) a shared tensor makes autograd build a zero-filled
-                  full-size gradient per index and add them up (one [depth, ...] tensor indexed per block: 36% of
-                  an L step at batch 32 in add_ and fill_ kernels on an H100), while unbind's backward is one
-                  stack into the layout the Linear's backward reads
+                  views of the ada_sync outputs. A list, not one stacked tensor, and split once per block per step
+                  (``ops.split_modulation``): in training, indexing ([k]) a shared tensor makes autograd build a
+                  zero-filled full-size gradient per index and add them up (one [depth, ...] tensor indexed per
+                  block: 36% of an L step at batch 32 in add_ and fill_ kernels on an H100); unbind's backward would
+                  be one stack, and split_modulation's is none: the AdaLN backward writes the six gradients into
+                  the one [B, T, 6, D] buffer that the Linear's backward reads
     final_sync_mod [B, T, 2, D]
     duration_emb  [B, D]
     rope          fp32 [T, Dh / 2, 2]: (cos, sin) of RoPE's angle per frame and pair

@@ -480,14 +480,16 @@ def modulated_chain(tok, per, x, hs, eps=1e-6):
     return x, y
 
 
-def chain_grads(backend, B, L, D, dtype=torch.float32, buffer=True, depth=2, seed=0, edit=None, twice=False):
+def chain_grads(backend, B, L, D, dtype=torch.float32, buffer=True, depth=2, seed=0, edit=None, twice=False,
+                device="cpu"):
     """Gradients of every leaf of modulated_chain (the per-token modulations from Linear layers, as in the DiT) with
     the buffer layout on or off, and the shapes of the stacks its backward ran. edit(tok) may change the slices
     (hooks, reuse) before the chain uses them."""
     g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g).to(dtype)           # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)           # noqa: E731
     s = r(B, L, D)
-    lins = [torch.nn.Linear(D, 6 * D).to(dtype) for _ in range(depth)] + [torch.nn.Linear(D, 2 * D).to(dtype)]
+    lins = [torch.nn.Linear(D, 6 * D).to(device, dtype) for _ in range(depth)] + \
+        [torch.nn.Linear(D, 2 * D).to(device, dtype)]
     with torch.no_grad():
         for lin in lins:
             lin.weight.copy_(r(*lin.weight.shape) * 0.3)
@@ -528,6 +530,22 @@ def test_split_modulation_gradients_equal_unbind_bit_for_bit(backend, dtype, B, 
     assert len(big_stacks(off_stacks, B, L, D)) == 3                 # unbind's backward: one stack per split
     if backend != "reference":                                        # the reference ops are autograd's: no buffer
         assert big_stacks(on_stacks, B, L, D) == []
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,L,D", [(2, 250, 1536), (3, 7, 20), (1, 5, 64)])
+def test_gpu_split_modulation_gradients_equal_unbind_bit_for_bit(backend, dtype, B, L, D):
+    # on the GPU too: the vectorised and the scalar kernel paths, and the per-sample parts' sums over L read from the
+    # buffer's strided slots
+    if backend not in ops.available_backends("gated_residual_adaln", torch.device("cuda")):
+        pytest.skip(f"{backend} backend not available")
+    on, on_stacks = chain_grads(backend, B, L, D, dtype, buffer=True, device="cuda")
+    off, off_stacks = chain_grads(backend, B, L, D, dtype, buffer=False, device="cuda")
+    for i, (a, b) in enumerate(zip(on, off)):
+        assert torch.equal(a, b), i
+    assert big_stacks(on_stacks, B, L, D) == [] and len(big_stacks(off_stacks, B, L, D)) == 3
 
 
 def test_split_modulation_empty_and_without_gradient():
