@@ -13,7 +13,8 @@
 #   vae-convs          the same with every conv of the decode timed alone in both forms (--conv-table)
 #   generate           generate L, 10 s, batch 1 and 8, against the plain eager path
 #   generate-compile   generate L with the compiled step (torch.compile inside the CUDA graph)
-#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton against the defaults
+#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton, and the MLP's bias + GELU in the
+#                      cuBLASLt GEMM epilogue, against the defaults
 #   generate-ablate    generate L with each low-latency item off on its own (paired ratios)
 #   profile            a profile of one L sampling step (kernel table, GEMM FLOP/s)
 #   train              train L, batch 32 x 10 s, bf16: the eager step and the CUDA-graph step
@@ -161,6 +162,8 @@ if want generate-backends; then
     --no-plain --out "$RES/generate_L_triton_gelu.json"
   step generate_L_triton_qk_gelu 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY $GEN_L \
     --batches 1 --repeats 3 --no-plain --out "$RES/generate_L_triton_qk_gelu.json"
+  step generate_L_cublaslt_gelu 40 env OMNI2SOUND_BACKEND=bias_gelu=cublaslt $PY $GEN_L --batches 1 --repeats 3 \
+    --no-plain --out "$RES/generate_L_cublaslt_gelu.json"
 fi
 want generate-ablate && step generate_L_ablate 60 $PY bench/bench_generate.py --ablate --presets L --device cuda \
   --ablate-rounds 3 --out "$RES/generate_L_ablate.json"
