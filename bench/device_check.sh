@@ -7,7 +7,8 @@
 #   tests              every GPU test (`pytest -m cuda tests`, 8 workers when pytest-xdist is present)
 #   tests-vae          the GPU tests of the VAE and the pipeline (test_vae, test_pipeline)
 #   tests-train        the GPU tests of the trainer and the graphed step (test_train, test_graphed_step)
-#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW
+#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW,
+#                      self-attention backends (SDPA kernels, flash-attn), varlen cross-attention
 #   vae                the VAE decode, paper preset, 10 s, bf16 graphed against eager fp32, with its kernel profile
 #   vae-compile        the same with torch.compile of the reference beside it
 #   vae-convs          the same with every conv of the decode timed alone in both forms (--conv-table)
@@ -134,6 +135,7 @@ if want speed; then   # most wanted first: a step that would start with under 20
   step snake 25 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
   step qk_norm_rope 35 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 30 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
+  step attention 30 $PY bench/bench_attention.py --quick --out "$RES/attention.json"
   step synchformer 45 $PY $SYNC --out "$RES/synchformer.json"
   step extract 70 $PY $EXTRACT --json "$RES/extract.json"
 fi
@@ -147,6 +149,8 @@ if want kernels; then
   step qk_norm_rope 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
   step adamw 30 $PY bench/bench_adamw.py --out "$RES/adamw.json"
+  step attention 60 $PY bench/bench_attention.py --out "$RES/attention.json"
+  step cross_attention 60 $PY bench/bench_cross_attention.py --out "$RES/cross_attention.json"
 fi
 want vae && step vae 80 $PY $VAE --no-compile --profile --out "$RES/vae.json"
 want vae-compile && step vae_compile 70 $PY $VAE --out "$RES/vae_compile.json"
