@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_conditions, random_dit  # noqa: E402
 
-from omni2sound.gpu_info import gpu_info  # noqa: E402
+from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig, SamplingOptions  # noqa: E402
 
 VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"}}
@@ -170,8 +170,7 @@ def main(argv=None):
         print(f"\ncard: {card}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": card, "torch": torch.__version__, "command": " ".join(sys.argv),
-                       "rows": rows}, f, indent=2)
+            json.dump({**provenance(device), "hardware": hw, "gpu": card, "rows": rows}, f, indent=2)
     return rows
 
 

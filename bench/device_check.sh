@@ -7,13 +7,15 @@
 #   tests              every GPU test (`pytest -m cuda tests`, 8 workers when pytest-xdist is present)
 #   tests-vae          the GPU tests of the VAE and the pipeline (test_vae, test_pipeline)
 #   tests-train        the GPU tests of the trainer and the graphed step (test_train, test_graphed_step)
-#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW
+#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW,
+#                      self-attention backends (SDPA kernels, flash-attn), varlen cross-attention
 #   vae                the VAE decode, paper preset, 10 s, bf16 graphed against eager fp32, with its kernel profile
 #   vae-compile        the same with torch.compile of the reference beside it
 #   vae-convs          the same with every conv of the decode timed alone in both forms (--conv-table)
 #   generate           generate L, 10 s, batch 1 and 8, against the plain eager path
 #   generate-compile   generate L with the compiled step (torch.compile inside the CUDA graph)
-#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton against the defaults
+#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton, and the MLP's bias + GELU in the
+#                      cuBLASLt GEMM epilogue, against the defaults
 #   generate-ablate    generate L with each low-latency item off on its own (paired ratios)
 #   profile            a profile of one L sampling step (kernel table, GEMM FLOP/s)
 #   train              train L, batch 32 x 10 s, bf16: the eager step and the CUDA-graph step
@@ -136,6 +138,7 @@ if want speed; then   # most wanted first: a step that would start with under 20
   step snake 25 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
   step qk_norm_rope 35 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 30 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
+  step attention 30 $PY bench/bench_attention.py --quick --out "$RES/attention.json"
   step synchformer 45 $PY $SYNC --out "$RES/synchformer.json"
   step extract 70 $PY $EXTRACT --json "$RES/extract.json"
 fi
@@ -149,6 +152,8 @@ if want kernels; then
   step qk_norm_rope 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
   step adamw 30 $PY bench/bench_adamw.py --out "$RES/adamw.json"
+  step attention 60 $PY bench/bench_attention.py --out "$RES/attention.json"
+  step cross_attention 60 $PY bench/bench_cross_attention.py --out "$RES/cross_attention.json"
 fi
 want vae && step vae 80 $PY $VAE --no-compile --profile --out "$RES/vae.json"
 want vae-compile && step vae_compile 70 $PY $VAE --out "$RES/vae_compile.json"
@@ -164,6 +169,8 @@ if want generate-backends; then
     --no-plain --out "$RES/generate_L_triton_gelu.json"
   step generate_L_triton_qk_gelu 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY $GEN_L \
     --batches 1 --repeats 3 --no-plain --out "$RES/generate_L_triton_qk_gelu.json"
+  step generate_L_cublaslt_gelu 40 env OMNI2SOUND_BACKEND=bias_gelu=cublaslt $PY $GEN_L --batches 1 --repeats 3 \
+    --no-plain --out "$RES/generate_L_cublaslt_gelu.json"
 fi
 want generate-ablate && step generate_L_ablate 60 $PY bench/bench_generate.py --ablate --presets L --device cuda \
   --ablate-rounds 3 --out "$RES/generate_L_ablate.json"
