@@ -159,6 +159,12 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
         ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), tok[2], tok[1], t(B * T, dt=f32),
                           t(B * T, dt=f32), t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), per[2], per[1])
 
+    def adaln_bwd_into_buffer():                     # training: dgate, dscale, dshift into slots of [B, T, 6, D]
+        tok, per, grad = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None], t(B, T, 6, D)
+        ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), tok[5], tok[1], t(B * T, dt=f32),
+                          t(B * T, dt=f32), t(B, T, D), t(B, T, D), grad[:, :, 5], grad[:, :, 1], per[5], per[1],
+                          grad[:, :, 0])
+
     def adaln_bwd_constant_gate():                   # the cross-attention sublayer's call: gate = ones, no dgate
         ka.adaln_backward(t(B, T, D), t(B, T, D), t(B, T, D), t(B, T, D), t(B, 1, D), t(B, T, D), t(B * T, dt=f32),
                           t(B * T, dt=f32), t(B, T, D), t(B, T, D), None, t(B, T, D))
