@@ -25,11 +25,12 @@ six projections (self-attention qkv, cross-attention q, MLP fc1) take the output
 every row of y for its LayerNorm anyway. Inside such a context the AdaLN op also writes y's e4m3 copy and per-token
 scales (``ops.adaln``: one Triton kernel on a GPU) and hands them over explicitly: ``hand_over(y, q, scale)`` puts
 them in this thread's one hand-off slot, and ``fp8_linear(x)`` takes them instead of quantising x itself only when x
-is y or a block of y's leading rows (the cross-attention's ``y[:n]``: the matching rows of q and scale), unchanged
-since (same storage, dtype and version counter) and quantised by the backend the GEMM would have used itself; any
-other input is quantised as before, so a pairing is right or not made. The slot keeps y alive until the next hand-off
-or the context's end, and the pairing is decided while the step runs eagerly or is captured: a CUDA graph replays
-the same kernels on the same buffers. The result is bit for bit the unfused one: the same quantisation of the same y.
+is y or a contiguous block of y's whole rows (the cross-attention's leading rows ``y[:n]``: the matching rows of q and
+scale), unchanged since (same storage, dtype and version counter) and quantised by the backend the GEMM would have
+used itself; any other input is quantised as before, so a pairing is right or not made. The slot keeps y alive
+until the next hand-off or the context's end, and the pairing is decided while the step runs eagerly or is captured:
+a CUDA graph replays the same kernels on the same buffers. The result is bit for bit the unfused one: the same
+quantisation of the same y.
 
 Accuracy: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per element (bf16: 2^-8). On
 Gaussian operands the op's relative (Frobenius) error against an fp64 GEMM is 0.037, per-token or per-tensor alike,
@@ -343,8 +344,9 @@ def fuse_quant_for(y: Tensor) -> bool:
 
 
 def hand_over(y: Tensor, q: Tensor, scale: Tensor, quantizer: str) -> None:
-    """Offer y's per-token quantisation (q [M, K] e4m3, scale fp32 [M, 1], made by ``quantizer``) to the next
-    ``fp8_linear`` that reads y or its leading rows; replaces the previous offer. Only where ``fuse_quant_for(y)``."""
+    """Offer y's per-token quantisation (q [M, K] e4m3, scale fp32 [M, 1], made by ``quantizer``) to the
+    ``fp8_linear`` calls that read y or a block of its rows; replaces the previous offer. Only where
+    ``fuse_quant_for(y)``."""
     K = y.shape[-1]
     if q.shape != (y.numel() // K, K) or scale.shape != (q.shape[0], 1):
         raise ValueError(f"hand_over: q {tuple(q.shape)} / scale {tuple(scale.shape)} do not match y {tuple(y.shape)}")
