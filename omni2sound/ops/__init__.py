@@ -9,8 +9,10 @@ from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
 from .adaln import (
     Mod,
     adaln_modulate,
+    adaln_modulate_fp8,
     adaln_modulate_reference,
     gated_residual_adaln,
+    gated_residual_adaln_fp8,
     gated_residual_adaln_reference,
     modulation_grad_buffer,
     split_modulation,
@@ -43,8 +45,8 @@ __all__ = [
     "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
     "Fp8Weight", "Fp8Weights", "fp8_gemms", "fp8_linear", "fp8_linear_reference", "fp8_supported", "quantize_linears",
     "quantize_rows", "quantize_rows_reference", "quantize_weight",
-    "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
-    "modulation_grad_buffer", "split_modulation",
+    "Mod", "adaln_modulate", "adaln_modulate_fp8", "adaln_modulate_reference", "gated_residual_adaln",
+    "gated_residual_adaln_fp8", "gated_residual_adaln_reference", "modulation_grad_buffer", "split_modulation",
     "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference", "sampling_workspace", "skips_rows_without_keys",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",
 ]
