@@ -11,6 +11,7 @@ import time
 import torch
 
 from omni2sound.cuda_graphs import warm_up_on_side_stream
+from omni2sound.gpu_info import provenance  # noqa: F401  (the benches import it from here)
 
 
 def card(device):
@@ -178,8 +179,7 @@ def write_rows(path, device, rows, **extra) -> None:
         import json
 
         with open(path, "w") as f:
-            json.dump({"hardware": hardware(device), "gpu": card(device), "torch": torch.__version__, **extra,
-                       "rows": rows}, f, indent=2)
+            json.dump({**provenance(device), "hardware": hardware(device), **extra, "rows": rows}, f, indent=2)
 
 
 # One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),

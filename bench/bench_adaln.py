@@ -27,7 +27,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _timing import card, copy_gbs_cpu, interleaved_rounds, print_table, time_gpu  # bench/: the script's folder
+from _timing import (  # bench/: the script's folder
+    copy_gbs_cpu,
+    interleaved_rounds,
+    print_table,
+    provenance,
+    time_gpu,
+)
 
 from omni2sound import ops
 
@@ -103,8 +109,8 @@ def main():
     summary(rows)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hardware": rows[0]["hardware"] if rows else None, "gpu": card(torch.device(args.device)),
-                       "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({**provenance(args.device), "hardware": rows[0]["hardware"] if rows else None, "rows": rows},
+                      f, indent=1)
 
 
 def summary(rows):

@@ -1,7 +1,11 @@
-"""The C++ CPU attention forward (``ops.attention`` / ``ops.cross_attention``'s cpu backend) against aten's SDPA
-(the reference backend, what the model ran before) and torch.compile of the SDPA call, measured in the same run.
+"""Self-attention backends, measured in the same run. Two tables:
 
-    python bench/bench_attention.py [--quick] [--threads N] [--no-compile] [--out f.json]
+    python bench/bench_attention.py [--quick] [--threads N] [--no-compile] [--out f.json]        # CPU kernel
+    python bench/bench_attention.py --device cuda [--quick] [--out f.json]                       # backend table
+    python bench/bench_attention.py --device cpu --backends --tiny                               # its check here
+
+CPU kernel (the default on the CPU): the C++ forward (``ops.attention`` / ``ops.cross_attention``'s cpu backend)
+against aten's SDPA (the reference backend, what the model ran before) and torch.compile of the SDPA call.
 
 Shapes, 10 s of audio (250 latent frames), CFG sampling batch (2 rows; 1 row conditioned), fp32, no gradient:
   self  S [2, 250, 12, 64] and L [2, 250, 24, 64], q / k / v as the strided slices of the fused qkv projection,
@@ -11,7 +15,20 @@ Shapes, 10 s of audio (250 latent frames), CFG sampling batch (2 rows; 1 row con
 Each row: median us per call of each variant, timed interleaved (round r runs every variant once), GFLOP/s of the
 4 B Tq Tk D multiply-adds of the two products, and SDPA / kernel. The kernel's largest error against a float64
 softmax is printed beside SDPA's.
-"""
+
+Backend table (the default on a GPU; ``--backends`` elsewhere): the DiT's self-attention, L heads [B, 250, 24, 64]
+with q / k / v the strided slices of the fused qkv projection, bf16 on a GPU: sampling (B = 2, the CFG pair; B = 16,
+a serving batch) forward, training (B = 32) forward and forward + backward (dq, dk, dv). Variants, each called as the
+model calls it, output in the model's [B, T, H, Dh] layout:
+  omni2sound[<backend>]  ops.attention under every backend available here (reference: SDPA with torch's choice of
+                         kernel; flash: the flash-attn package, FA3 on Hopper where importable, else FA2)
+  sdpa[<kernel>]         SDPA pinned to one of torch's kernels (flash, efficient, cudnn) with
+                         torch.nn.attention.sdpa_kernel; a kernel that cannot take the case is reported, not fatal
+  flash_attn_func        the flash-attn package's own function, where importable
+Each row: us per call (CUDA-graph replays on a GPU), TFLOP/s (4 B H T^2 Dh per forward; the backward counts 2.5x
+the forward), the ratio to omni2sound[reference] (x_ref) and, forward only, the largest error against float64.
+The faster of reference and flash at the model's shapes decides the GPU default (``ops.attention``'s
+default_order)."""
 from __future__ import annotations
 
 import math
@@ -27,10 +44,105 @@ def truth(q, k, v):
     return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double())
 
 
+def self_attention_variants(device: torch.device) -> dict:
+    """name -> f(q, k, v) -> [B, T, H, Dh], for q, k, v [B, T, H, Dh] (strided slices of one qkv tensor)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def via_ops(backend):
+        def f(q, k, v):
+            with ops.use_backend(attention=backend):
+                return ops.attention(q, k, v)
+        return f
+
+    def pinned(kernel):
+        def f(q, k, v):
+            with sdpa_kernel(kernel):
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+        return f
+
+    out = {f"omni2sound[{b}]": via_ops(b) for b in ops.available_backends("attention", device)}
+    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        kernels["cudnn"] = SDPBackend.CUDNN_ATTENTION
+    out.update({f"sdpa[{name}]": pinned(kernel) for name, kernel in kernels.items()})
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        pass
+    else:
+        out["flash_attn_func"] = lambda q, k, v: flash_attn_func(q, k, v, softmax_scale=q.shape[-1] ** -0.5)
+    return out
+
+
+def backend_table(device: torch.device, dtype: torch.dtype, quick: bool = False, tiny: bool = False) -> list:
+    """The backend table's rows (see the module doc). tiny: small shapes, few repeats (a check of the table on a
+    CPU, not a measurement)."""
+    from _timing import time_cpu, time_gpu
+
+    gpu = device.type == "cuda"
+    H, Dh, T = (2, 16, 9) if tiny else (24, 64, 250)
+    cases = [("sampling", 2, ("fwd",)), ("serving", 16, ("fwd",)), ("training", 32, ("fwd", "fwd+bwd"))]
+    if tiny:
+        cases = [("sampling", 2, ("fwd",)), ("training", 3, ("fwd", "fwd+bwd"))]
+    elif quick:
+        cases = [cases[0], cases[2]]
+    repeats = 3 if (quick or tiny) else 10
+    rows = []
+    for label, B, modes in cases:
+        g = torch.Generator().manual_seed(B)
+        qkv = torch.randn(B, T, 3, H, Dh, generator=g).to(device, dtype)                # the fused projection
+        want = truth(*qkv.unbind(2)) if "fwd" in modes else None
+        flop_fwd = 4 * B * H * T * T * Dh
+        for mode in modes:
+            times, errs = {}, {}
+            for name, fn in self_attention_variants(device).items():
+                if mode == "fwd":
+                    q, k, v = qkv.unbind(2)
+                    call = lambda fn=fn, q=q, k=k, v=v: fn(q, k, v)                        # noqa: E731
+                else:
+                    leaf = qkv.detach().clone().requires_grad_()
+                    dy = torch.randn(B, T, H, Dh, generator=g).to(device, dtype)
+
+                    def call(fn=fn, leaf=leaf, dy=dy):
+                        return torch.autograd.grad(fn(*leaf.unbind(2)), leaf, dy)
+                try:
+                    with torch.inference_mode(mode == "fwd"):
+                        if mode == "fwd":
+                            errs[name] = (call().double().cpu() - want).abs().max().item()
+                        if gpu:
+                            times[name] = time_gpu(call, repeats, 10 if B <= 16 else 3)[0]
+                        else:
+                            times[name] = time_cpu(call, repeats, 1)
+                except Exception as e:   # a kernel that cannot take this case (dtype, device, head dim): reported
+                    print(f"<!-- {name} {label} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:160]} -->")
+            base = times.get("omni2sound[reference]")
+            flop = flop_fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+            for name, us in times.items():
+                rows.append({"case": label, "shape": f"[{B}, {T}, {H}, {Dh}]", "dtype": str(dtype)[6:], "mode": mode,
+                             "variant": name, "us": round(us, 1), "TFLOP/s": round(flop / us / 1e6, 3),
+                             "x_ref": round(base / us, 2) if base else None,
+                             "err": f"{errs[name]:.1e}" if name in errs else ""})
+    return rows
+
+
 def main(argv=None):
-    args = op_bench_args(__doc__, "S shapes only, no torch.compile", argv)
-    if args.device != "cpu":
-        raise SystemExit("bench_attention times the CPU kernel; the GPU runs SDPA / the Triton cross-attention")
+    import argparse
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--backends", action="store_true", help="the backend table (the default on a GPU)")
+    pre.add_argument("--tiny", action="store_true", help="backend table on small shapes: a check, not a measurement")
+    extra, rest = pre.parse_known_args(argv)
+    args = op_bench_args(__doc__, "S shapes only, no torch.compile (backend table: sampling and training only)", rest)
+    if args.device != "cpu" or extra.backends or extra.tiny:
+        device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+        rows = backend_table(device, dtype, quick=args.quick, tiny=extra.tiny)
+        print(f"\nself-attention backends, {args.dtype}, on {hardware(device)}, torch {torch.__version__}"
+              f"{' (CUDA-graph replays)' if device.type == 'cuda' else ''}\n")
+        print_table(rows, ["case", "shape", "mode", "variant", "us", "TFLOP/s", "x_ref", "err"])
+        write_rows(args.out, device.type, rows)
+        return rows
     torch.manual_seed(0)
     T = 250
     cases = [("S self", 2, 12, "self"), ("S cross", 1, 12, "cross")]

@@ -29,7 +29,7 @@ import platform
 
 import torch
 import torch.nn.functional as F
-from _timing import card, print_table, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
+from _timing import print_table, provenance, time_cpu, time_gpu  # bench/ is the script's folder, on sys.path
 
 from omni2sound import ops
 
@@ -168,7 +168,7 @@ def main():
     print_table(rows, cols)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": card(device), "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({**provenance(device), "hardware": hw, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

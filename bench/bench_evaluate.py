@@ -99,9 +99,8 @@ def main(argv=None):
     print(json.dumps(meta))
     if args.out:
         with open(args.out, "w") as f:
-            from omni2sound.gpu_info import gpu_info
-            json.dump({"meta": meta, "gpu": gpu_info() if torch.cuda.is_available() else None, "rows": rows}, f,
-                      indent=2)
+            from omni2sound.gpu_info import provenance
+            json.dump({**provenance(), "meta": meta, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -177,8 +177,8 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     if a.json:
         with open(a.json, "w") as f:
-            from omni2sound.gpu_info import gpu_info
-            json.dump({**result, "gpu": gpu_info() if torch.cuda.is_available() else None}, f, indent=1)
+            from omni2sound.gpu_info import provenance
+            json.dump({**provenance(), **result}, f, indent=1)
 
 
 if __name__ == "__main__":

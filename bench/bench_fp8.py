@@ -6,11 +6,15 @@ quality guard (the fp8 latents against the bf16 ones).
     python bench/bench_fp8.py --toy runs/toy --splits test,val              # the toy world's oracle, both precisions
 
 Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
-as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), each the optimised path
-(batched CFG, conditions once, CUDA-graph replay of the step on a GPU); ``--compile`` compiles the step of every
-variant (the fp8 variants' activation quantisation then fused by Inductor instead of the Triton kernel). Every row
-generates ``--duration`` s (10 s = 250 latent frames) with ``--steps`` Euler steps and joint CFG from random
-conditions and random N(0, 0.02) weights.
+as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), ``fp8_fused`` (per token,
+the AdaLN ops writing the fp8 copy of their output for the qkv, cross-attention q and MLP fc1 GEMMs: 3 of the 6
+quantisation launches per block gone; on a GPU these AdaLN calls run on Triton, not the CUDA default) and
+``fp8_triton_adaln`` (``fp8`` with the AdaLN forced to Triton: the baseline that separates the fusion's gain from the
+backend change; its latents equal ``fp8_fused``'s), each the optimised path (batched CFG, conditions once, CUDA-graph
+replay of the step on a GPU, one graph cache per variant); ``--compile`` compiles the step of every variant (the fp8
+variants' activation quantisation then fused by Inductor instead of the Triton kernel; ``fp8_fused`` is then
+``fp8``). Every row generates ``--duration`` s (10 s = 250 latent frames) with ``--steps`` Euler steps and joint CFG
+from random conditions and random N(0, 0.02) weights.
 
 Columns:
   step_ms      median wall time of one sampling step (the whole sampling over ``--steps``, graphed on a GPU), over
@@ -18,7 +22,9 @@ Columns:
   x bf16       bf16 step / this step
   gemm_ms      per step, the device time of the GEMM kernels (a profile of eager steps, no graph: cuBLAS / cuBLASLt /
                CUTLASS kernels on a GPU; aten's mm / addmm / _scaled_mm and oneDNN's linear on the CPU)
-  quant_ms     per step, the activation quantisation (the Triton row kernel, or the reference's kernels)
+  quant_ms     per step, the standalone activation quantisation (the Triton row kernel, or the reference's kernels)
+  quant_n      per step, the number of those quantisations (GPU: kernel launches; CPU: the reference's row maxima)
+  adaln_ms     per step, the AdaLN kernels (GPU; with ``fp8_fused`` they also write the fp8 copies)
   kernels_ms   per step, every kernel's device time (GPU) / every top-level op's time (CPU)
   rel_err, cos the final latents against the bf16 variant's: ||a - b|| / ||b|| and the cosine
 The GPU and its clocks, driver, memory and power come from ``nvidia-ml-py`` (``omni2sound.gpu_info``) and are
@@ -51,10 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_conditions, random_dit  # noqa: E402
 
-from omni2sound.gpu_info import gpu_info  # noqa: E402
+from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig, SamplingOptions  # noqa: E402
 
-VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"}}
+VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"},
+            "fp8_fused": {"fp8": True, "fp8_fused_quant": True}, "fp8_triton_adaln": {"fp8": True}}
+# backends a variant runs under (ops.use_backend), beside its SamplingOptions
+VARIANT_BACKENDS = {"fp8_triton_adaln": {"adaln": "triton"}}
 GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "scaled_mm", "sm90_", "sm89_", "addmm", "aten::mm",
               "linear_pointwise", "_linear")
 
@@ -64,8 +73,24 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> dict:
+def run_variant(pipe, v: str, graphs: dict, cond, x0, opts: SamplingOptions, timings: dict):
+    """pipe._sample for variant v under its backends and with its own CUDA-graph cache (variants that share a step
+    function, fp8 and fp8_triton_adaln, must not replay each other's graph)."""
+    from omni2sound import ops
+    from omni2sound.sampling import GraphSampler
+    pipe.graphs = graphs.setdefault(v, GraphSampler())
+    with ops.use_backend(**VARIANT_BACKENDS.get(v, {})):
+        return pipe._sample(cond, x0, opts, timings)
+
+
+def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device, backends=None) -> dict:
     """Per step: GEMM, quantisation and all-kernel time (ms) from a profile of ``steps`` eager steps."""
+    from omni2sound import ops
+    with ops.use_backend(**(backends or {})):
+        return _kernel_times(pipe, cond, x0, opts, steps, device)
+
+
+def _kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> dict:
     from torch.profiler import ProfilerActivity, profile
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     eager = SamplingOptions(**{**opts.__dict__, "steps": steps, "cuda_graphs": False})
@@ -74,7 +99,8 @@ def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> d
     with profile(activities=acts) as prof:
         pipe._sample(cond, x0, eager, {})
         _sync(device)
-    gemm = quant = total = 0.0
+    gemm = quant = adaln = total = 0.0
+    n_quant = 0
     if device.type == "cuda":
         for e in prof.events():
             if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
@@ -84,6 +110,9 @@ def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> d
             total += us
             if "quantize_rows" in name:
                 quant += us
+                n_quant += 1
+            elif "adaln" in name:
+                adaln += us
             elif any(k in name for k in GEMM_NAMES):
                 gemm += us
     else:
@@ -93,8 +122,13 @@ def kernel_times(pipe, cond, x0, opts: SamplingOptions, steps: int, device) -> d
                 gemm += e.self_cpu_time_total
             if name in ("aten::linalg_vector_norm", "aten::div"):
                 quant += e.self_cpu_time_total
+            if name == "aten::linalg_vector_norm":
+                n_quant += e.count
+            if "adaln" in name:
+                adaln += e.self_cpu_time_total
         total = sum(e.self_cpu_time_total for e in prof.key_averages())
     return {"gemm_ms": round(gemm / 1e3 / steps, 3), "quant_ms": round(quant / 1e3 / steps, 3),
+            "quant_n": round(n_quant / steps, 1), "adaln_ms": round(adaln / 1e3 / steps, 3),
             "kernels_ms": round(total / 1e3 / steps, 3)}
 
 
@@ -108,10 +142,18 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
     T = dit.config.num_frames(args.duration)
     x0 = pipe.flow.noise(batch, T, dit.config.latent_dim, seed=0, device=device, dtype=dtype)
     variants = [v for v in args.variants.split(",") if v]
+    from omni2sound import ops
+    for v in list(variants):
+        missing = {op: b for op, b in VARIANT_BACKENDS.get(v, {}).items()
+                   if b not in ops.available_backends(op if op != "adaln" else "adaln_modulate", device)}
+        if missing:
+            print(f"({v} left out: backend {missing} cannot run on {device.type} here)", flush=True)
+            variants.remove(v)
     opts = {v: SamplingOptions(steps=args.steps, guidance=args.guidance, **VARIANTS[v]) for v in variants}
+    graphs = {}                                                    # one CUDA-graph cache per variant
     t0 = time.perf_counter()
     for v in variants:                                             # warm-up: quantisation, graph capture
-        pipe._sample(cond, x0, opts[v], {})
+        run_variant(pipe, v, graphs, cond, x0, opts[v], {})
     _sync(device)
     warm = time.perf_counter() - t0
     times = {v: [] for v in variants}
@@ -119,7 +161,7 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
     for _ in range(args.repeats):                                  # interleaved: drift hits every variant alike
         for v in variants:
             tm = {}
-            latents[v] = pipe._sample(cond, x0, opts[v], tm)
+            latents[v] = run_variant(pipe, v, graphs, cond, x0, opts[v], tm)
             times[v].append(tm["sample"])
     rows = []
     base = statistics.median(times[variants[0]]) / args.steps
@@ -133,11 +175,11 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
                "rel_err": round(((lat - ref).norm() / ref.norm()).item(), 5),
                "cos": round(F.cosine_similarity(lat.flatten(), ref.flatten(), dim=0).item(), 6)}
         if not args.no_profile:
-            row.update(kernel_times(pipe, cond, x0, opts[v], args.profile_steps, device))
+            row.update(kernel_times(pipe, cond, x0, opts[v], args.profile_steps, device, VARIANT_BACKENDS.get(v)))
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows[0]["warmup_s"] = round(warm, 1)
-    if "fp8" in variants:
+    if any(VARIANTS[v].get("fp8") for v in variants):
         rows[0]["fp8_weights_MB"] = round(pipe.fp8_weights().nbytes() / 2**20, 1)
     del pipe, dit
     if device.type == "cuda":
@@ -187,8 +229,7 @@ def toy(args) -> dict:
             print(f"scores default / fp8 (difference in prompts); within one prompt on every track: "
                   f"{r['within_one_prompt']} (all four scores: {r['all_scores_within_one_prompt']})")
     device = torch.device(args.device)
-    out = {"hardware": hardware(device.type), "gpu": gpu_info() if device.type == "cuda" else None,
-           "torch": torch.__version__, "command": " ".join(sys.argv),
+    out = {**provenance(device), "hardware": hardware(device.type),
            "OMNI2SOUND_BACKEND": os.environ.get("OMNI2SOUND_BACKEND"), "run": args.toy,
            "within_one_prompt": all(r["within_one_prompt"] for r in runs), "runs": runs}
     if args.out:
@@ -242,8 +283,7 @@ def main(argv=None):
         print(f"\ncard: {card}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": card, "torch": torch.__version__, "command": " ".join(sys.argv),
-                       "rows": rows}, f, indent=2)
+            json.dump({**provenance(device), "hardware": hw, "gpu": card, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -35,7 +35,7 @@ from _timing import interleaved_rounds  # bench/ is the script's folder, on sys.
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
-from omni2sound.gpu_info import gpu_info
+from omni2sound.gpu_info import provenance
 from omni2sound.model import DIT_PRESETS, Omni2SoundDiT
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig
 
@@ -310,8 +310,8 @@ def main():
     def write_out() -> None:
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({"hardware": hardware(device), "gpu": gpu_info(), "args": vars(args), "rows": rows}, f,
-                          indent=2)
+                json.dump({**provenance(device), "hardware": hardware(device), "args": vars(args), "rows": rows},
+                          f, indent=2)
 
     def each_preset(fn) -> None:
         """fn(preset, tiny VAE, args, device, dtype) -> row, for every preset (the per-step modes: the VAE's latent

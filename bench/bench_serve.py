@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_dit  # noqa: E402
 
-from omni2sound.gpu_info import gpu_info  # noqa: E402
+from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig  # noqa: E402
 from omni2sound.serving import Request, ServeConfig, Server  # noqa: E402
 
@@ -141,8 +141,8 @@ def main(argv=None):
         print(f"\ncard: {card}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": card, "torch": torch.__version__, "command": " ".join(sys.argv),
-                       "startup_s": round(warm, 2), "rows": rows}, f, indent=2)
+            json.dump({**provenance(device), "hardware": hw, "gpu": card, "startup_s": round(warm, 2), "rows": rows},
+                      f, indent=2)
     return rows
 
 

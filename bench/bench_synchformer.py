@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import torch
-from _timing import card, hardware  # bench/ is the script's folder, on sys.path
+from _timing import hardware, provenance  # bench/ is the script's folder, on sys.path
 
 from omni2sound.synchformer import SyncFeatureExtractor, SynchformerConfig, segment_video
 
@@ -91,7 +91,7 @@ def main() -> None:
     print(f"speedup {t_naive / t_batch:.2f}x; max |batched - naive| / max |naive| = {rel:.2e}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**res, "gpu": card("cuda" if torch.cuda.is_available() else "cpu")}, f, indent=1)
+            json.dump({**provenance(), **res}, f, indent=1)
 
 
 if __name__ == "__main__":

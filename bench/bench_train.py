@@ -24,7 +24,7 @@ from omni2sound import ops
 from omni2sound.conditions import Conditions
 from omni2sound.device import fused_adamw_ok
 from omni2sound.flow import FlowMatching
-from omni2sound.gpu_info import gpu_info
+from omni2sound.gpu_info import provenance
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
 from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights
@@ -208,7 +208,7 @@ def main(argv=None) -> None:
                     a.audit_flops, a.bf16_weights)
         if a.out:
             with open(a.out, "w") as f:
-                json.dump({"torch": torch.__version__, "audit": res}, f, indent=2)
+                json.dump({**provenance("cpu"), "audit": res}, f, indent=2)
         return
     cuda = a.device.startswith("cuda")
     presets = a.presets or (["tiny", "S"] if a.quick or not cuda else ["tiny", "S", "L"])
@@ -275,8 +275,7 @@ def main(argv=None) -> None:
               f"{r['samples_per_s']:.2f} | {r['tokens_per_s']:.0f} | {mfu} | {vs} |")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"hardware": hw, "gpu": gpu_info(), "torch": torch.__version__, "rows": rows}, f,
-                      indent=2)
+            json.dump({**provenance(a.device), "hardware": hw, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

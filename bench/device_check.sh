@@ -7,13 +7,15 @@
 #   tests              every GPU test (`pytest -m cuda tests`, 8 workers when pytest-xdist is present)
 #   tests-vae          the GPU tests of the VAE and the pipeline (test_vae, test_pipeline)
 #   tests-train        the GPU tests of the trainer and the graphed step (test_train, test_graphed_step)
-#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW
+#   kernels            the op benchmarks under CUDA graphs: adaln, snake, qk_norm_rope, bias + GELU, AdamW,
+#                      self-attention backends (SDPA kernels, flash-attn), varlen cross-attention
 #   vae                the VAE decode, paper preset, 10 s, bf16 graphed against eager fp32, with its kernel profile
 #   vae-compile        the same with torch.compile of the reference beside it
 #   vae-convs          the same with every conv of the decode timed alone in both forms (--conv-table)
 #   generate           generate L, 10 s, batch 1 and 8, against the plain eager path
 #   generate-compile   generate L with the compiled step (torch.compile inside the CUDA graph)
-#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton against the defaults
+#   generate-backends  generate L with qk_norm_rope and / or bias_gelu on Triton, and the MLP's bias + GELU in the
+#                      cuBLASLt GEMM epilogue, against the defaults
 #   generate-ablate    generate L with each low-latency item off on its own (paired ratios)
 #   profile            a profile of one L sampling step (kernel table, GEMM FLOP/s)
 #   train              train L, batch 32 x 10 s, bf16: the eager step and the CUDA-graph step
@@ -25,7 +27,9 @@
 #   train-bf16w        the graph step with fp32 weights under autocast against bf16 weight copies written by the
 #                      optimiser (--bf16-weights), same run; and the GPU tests of the optimiser kernel
 #   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
-#                      activation scales), step time, GEMM time per step from a profile, latents' error vs bf16
+#                      activation scales; per-token with the quantisation fused into the AdaLN, against per-token
+#                      unfused with the AdaLN on Triton), step time, GEMM / quantisation / AdaLN time per step from
+#                      a profile, latents' error vs bf16; and the GPU tests of the fused quantisation
 #   fp8-compile        the same with the compiled step (Inductor fuses the fp8 activation quantisation), batch 1
 #   serve              serving L: clips / s of 10 s clips at batch 1, 8, 32 (graphs captured at start-up) and a
 #                      mixed-duration workload through buckets against one bucket
@@ -124,7 +128,7 @@ if want tests; then
   step tests ${TESTS_LIMIT:-130} $PY -m pytest -q -m cuda -p no:cacheprovider tests -rf --durations=10 --timeout 90 $XDIST
 fi
 if want speed; then   # most wanted first: a step that would start with under 20 s left is skipped and named
-  step fp8_L 100 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+  step fp8_L 130 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
   step serve_L 110 $PY $SERVE_L --repeats 2 --mixed 48 --out "$RES/serve_L.json"
   step generate_L 70 $PY $GEN_L --batches 1,8 --repeats 2 --no-plain --out "$RES/generate_L.json"
   step train_L 70 $PY $TRAIN_L --graph --variants fused,fused+graph --out "$RES/train_L.json"
@@ -133,6 +137,7 @@ if want speed; then   # most wanted first: a step that would start with under 20
   step snake 25 $PY bench/bench_snake.py --quick --out "$RES/snake.json"
   step qk_norm_rope 35 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 30 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
+  step attention 30 $PY bench/bench_attention.py --quick --out "$RES/attention.json"
   step synchformer 45 $PY $SYNC --out "$RES/synchformer.json"
   step extract 70 $PY $EXTRACT --json "$RES/extract.json"
 fi
@@ -146,6 +151,8 @@ if want kernels; then
   step qk_norm_rope 60 $PY bench/bench_qk_norm_rope.py --out "$RES/qk_norm_rope.json"
   step gelu 40 $PY bench/bench_gelu.py --no-compile --out "$RES/gelu.json"
   step adamw 30 $PY bench/bench_adamw.py --out "$RES/adamw.json"
+  step attention 60 $PY bench/bench_attention.py --out "$RES/attention.json"
+  step cross_attention 60 $PY bench/bench_cross_attention.py --out "$RES/cross_attention.json"
 fi
 want vae && step vae 80 $PY $VAE --no-compile --profile --out "$RES/vae.json"
 want vae-compile && step vae_compile 70 $PY $VAE --out "$RES/vae_compile.json"
@@ -161,6 +168,8 @@ if want generate-backends; then
     --no-plain --out "$RES/generate_L_triton_gelu.json"
   step generate_L_triton_qk_gelu 70 env OMNI2SOUND_BACKEND=qk_norm_rope=triton,bias_gelu=triton $PY $GEN_L \
     --batches 1 --repeats 3 --no-plain --out "$RES/generate_L_triton_qk_gelu.json"
+  step generate_L_cublaslt_gelu 40 env OMNI2SOUND_BACKEND=bias_gelu=cublaslt $PY $GEN_L --batches 1 --repeats 3 \
+    --no-plain --out "$RES/generate_L_cublaslt_gelu.json"
 fi
 want generate-ablate && step generate_L_ablate 60 $PY bench/bench_generate.py --ablate --presets L --device cuda \
   --ablate-rounds 3 --out "$RES/generate_L_ablate.json"
@@ -185,7 +194,10 @@ if want train-bf16w; then
   step train_L_bf16w 100 $PY $TRAIN_L --graph --bf16-weights --variants fused+graph,fused+graph+bf16w \
     --out "$RES/train_L_bf16w.json"
 fi
-want fp8 && step fp8_L 120 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+if want fp8; then
+  step tests_fp8_fused 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_fp8_fused.py
+  step fp8_L 180 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+fi
 want fp8-compile && step fp8_L_compile 240 $PY bench/bench_fp8.py --presets L --batches 1 --device cuda --compile \
   --repeats 3 --out "$RES/fp8_L_compile.json"
 want serve && step serve_L 150 $PY $SERVE_L --repeats 3 --out "$RES/serve_L.json"

@@ -94,3 +94,36 @@ def describe(info: Optional[dict]) -> str:
     return (f"{i['name']} (driver {i['driver']}): SM {i['sm_clock_mhz']} MHz, memory {i['memory_clock_mhz']} MHz, "
             f"{i['power_w']} / {i['power_limit_w']} W, {i['temperature_c']} C, memory {i['memory_used_mib']} / "
             f"{i['memory_total_mib']} MiB")
+
+
+def provenance(device=None) -> dict:
+    """What a measurement needs beside its numbers: the UTC date and time, the command, the commit of the code (when
+    run in a git checkout), Python / torch / triton / CUDA versions, the machine (the GPU's name, else the CPU and
+    its intra-op threads) and, on a GPU, ``gpu_info()`` (card, driver, clocks, power, memory). Benchmarks write
+    it at the top of their JSON."""
+    import platform
+    import subprocess
+    import sys
+    import time
+
+    import torch
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception:         # no triton in this environment
+        triton_version = None
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        commit = git("rev-parse", "--short", "HEAD") or None
+        if commit and git("status", "--porcelain", "--untracked-files=no"):
+            commit += "+changes"                    # the measured code is the commit plus uncommitted edits
+    except Exception:         # no git, or not a checkout (an installed wheel)
+        commit = None
+    gpu = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    machine = (torch.cuda.get_device_name() if gpu else
+               f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
+            "triton": triton_version, "cuda": torch.version.cuda, "hardware": machine,
+            "gpu": gpu_info() if gpu else None}

@@ -209,16 +209,22 @@ class SelfAttention(nn.Module):
         self.q_norm, self.k_norm = RMSNorm(dim // heads, eps), RMSNorm(dim // heads, eps)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, y: Tensor, rope: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
+    def norm_weight(self) -> Tensor:
+        """q's and k's RMSNorm weights as the fused op reads them: fp32 [2, Dh]."""
+        return torch.stack([self.q_norm.weight, self.k_norm.weight]).float()
+
+    def forward(self, y: Tensor, rope: Tensor, prep: Optional[PreparedConditions] = None,
+                norm_weight: Optional[Tensor] = None) -> Tensor:
         """y [B, T, D], rope fp32 [T, Dh / 2, 2] (cos, sin) -> [B, T, D]. prep: the request's conditions, whose
-        workspace (when sampling) may hold a buffer for the qkv projection (``sampling.linear_into``)."""
+        workspace (when sampling) may hold a buffer for the qkv projection (``sampling.linear_into``).
+        norm_weight: ``self.norm_weight()``, made once per request by ``prepare_conditions`` (else here)."""
         B, T, D = y.shape
         qkv = linear_into(y, self.qkv, prep, "qkv").view(B, T, 3, self.heads, D // self.heads)  # [B, T, 3, H, Dh]
         # q and k together, straight from the projection's output (a strided view, no copy): one fused
         # RMSNorm (q's and k's weights) + RoPE rotation. split / unbind / squeeze, not indexing: in training each
         # index of a shared tensor makes autograd build a zero-filled gradient of the whole tensor and add them
         # up; split's backward is one cat, unbind's one stack, squeeze's a view.
-        w = torch.stack([self.q_norm.weight, self.k_norm.weight])                         # [2, Dh]
+        w = self.norm_weight() if norm_weight is None else norm_weight                   # fp32 [2, Dh]
         qk_in, v = qkv.split([2, 1], dim=2)                                               # strided views
         q, k = ops.qk_norm_rope(qk_in, w, rope, self.q_norm.eps).unbind(2)              # [B, T, H, Dh] each
         v = v.squeeze(2)
@@ -244,15 +250,18 @@ class CrossAttention(nn.Module):
         return self.k_norm(k), v.contiguous()
 
     def forward(self, y: Tensor, k: Tensor, v: Tensor, cu_seqlens_k: Tensor, max_seqlen_k: int,
-                rows: Optional[int] = None) -> Tensor:
-        """y [B, T, D] -> [B, T, D]. Rows >= ``rows`` have no keys: their output is proj.bias, not computed."""
+                rows: Optional[int] = None, q_norm_weight: Optional[Tensor] = None) -> Tensor:
+        """y [B, T, D] -> [B, T, D]. Rows >= ``rows`` have no keys: their output is proj.bias, not computed.
+        q_norm_weight: the query norm's weight in fp32 [Dh], made once per request (else here)."""
         B, T, D = y.shape
         n = B if rows is None else rows
         if n == 0:                                                                       # nothing to attend to
             return self.proj.bias.to(y.dtype).expand(B, T, D).contiguous()
         yc = y[:n]                                                                       # a view: rows lead
         # the q norm is fused (one read of the projection, one contiguous write: what cross_attention takes)
-        q = self.q_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads))      # [n, T, H, Dh]
+        qw = self.q_norm.weight if q_norm_weight is None else q_norm_weight
+        q = ops.head_rms_norm(dense(self.q, yc).view(n, T, self.heads, D // self.heads), qw,
+                              self.q_norm.eps)                                            # [n, T, H, Dh]
         o = ops.cross_attention(q, k, v, cu_seqlens_k[:n + 1], max_seqlen_k)            # [n, T, H, Dh]
         h = dense(self.proj, o.reshape(n, T, D))                                         # [n, T, D]
         if n == B:
@@ -273,26 +282,35 @@ class DiTBlock(nn.Module):
         self.ada_sync = nn.Linear(D, 6 * D)
 
     def forward(self, x: Tensor, y: Tensor, mod: Sequence[Tensor], mod_t: Sequence[Tensor], next_shift: ops.Mod,
-                next_scale: ops.Mod, kv: Tuple[Tensor, Tensor], prep: PreparedConditions) -> Tuple[Tensor, Tensor]:
+                next_scale: ops.Mod, kv: Tuple[Tensor, Tensor], prep: PreparedConditions,
+                norm_w: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
         """x [B, T, D] residual stream, y = LN(x) * (1 + scale_msa) + shift_msa; this block's modulation is
         mod 6 x [B, T, D] (per token, per request) + mod_t 6 x [B, 1, D] (per step), passed to the fused ops as
-        pairs (summed inside the kernels). Returns the new residual and its modulated norm for the NEXT sublayer
-        (next block or final)."""
+        pairs (summed inside the kernels); norm_w: ``self.norm_weights()`` of this request. Returns the new residual
+        and its modulated norm for the NEXT sublayer (next block or final)."""
         gate_msa, shift_mlp, scale_mlp, gate_mlp = ((mod[k], mod_t[k]) for k in (2, 3, 4, 5))
-        h = self.attn(y, prep.rope, prep)                                               # [B, T, D]
+        qk_w, cross_q_w = norm_w if norm_w is not None else (None, None)
+        h = self.attn(y, prep.rope, prep, qk_w)                                         # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, gate_msa, prep.zeros, prep.zeros, self.eps)  # y = LN(x)
-        h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows)  # [B, T, D]
+        h = self.cross(y, kv[0], kv[1], prep.cu_seqlens_k, prep.max_seqlen_k, prep.cross_rows,
+                       cross_q_w)                                                       # [B, T, D]
         x, y = ops.gated_residual_adaln(x, h, prep.ones, shift_mlp, scale_mlp, self.eps)
         h = self.mlp_forward(y, prep)                                                    # [B, T, D]
         return ops.gated_residual_adaln(x, h, gate_mlp, next_shift, next_scale, self.eps)
 
     def condition(self, packed: Tensor, s: Tensor, rows: Optional[Tuple[Tensor, Tensor]] = None
-                  ) -> Tuple[Tuple[Tensor, Tensor], Tensor]:
+                  ) -> Tuple[Tuple[Tensor, Tensor], Tensor, Tuple[Tensor, Tensor]]:
         """This block's once-per-request work: the cross-attention K/V of the packed condition tokens [total_k, D]
-        -> 2 x [total_k, H, Dh], and the per-token half of its AdaLN modulation, ada_sync(s) for s [B, T, D] ->
-        [B, T, 6D] (rows: see per_token_linear). One method, so that a sharded block (FSDP2, trainer.shard_model)
-        gathers its weights for it as it does for forward."""
-        return self.cross.kv(packed), per_token_linear(self.ada_sync, s, rows)
+        -> 2 x [total_k, H, Dh], the per-token half of its AdaLN modulation, ada_sync(s) for s [B, T, D] ->
+        [B, T, 6D] (rows: see per_token_linear), and its head norms' weights in fp32 (``norm_weights``). One method,
+        so that a sharded block (FSDP2, trainer.shard_model) gathers its weights for it as it does for forward."""
+        return self.cross.kv(packed), per_token_linear(self.ada_sync, s, rows), self.norm_weights()
+
+    def norm_weights(self) -> Tuple[Tensor, Tensor]:
+        """The self-attention's q/k norm weights fp32 [2, Dh] and the cross-attention's query norm weight fp32 [Dh]:
+        what the fused norms read, made once per request instead of once per step (in bf16 sampling, three small
+        kernels per block and step: 72 launches of an L step)."""
+        return self.attn.norm_weight(), self.cross.q_norm.weight.float()
 
     def mlp_forward(self, y: Tensor, prep: Optional[PreparedConditions] = None) -> Tensor:
         """self.mlp(y) for y [B, T, D] -> [B, T, D]; the first Linear + GELU through ``ops.linear_gelu`` (fused bias +
@@ -409,11 +427,13 @@ class Omni2SoundDiT(nn.Module):
             video = cond.has_video.bool()
             rows = (video.nonzero().flatten(), (~video).nonzero().flatten())           # (per-token, one-frame)
         per_block = [blk.condition(packed, s, rows) for blk in self.blocks]
-        kv = [k_v for k_v, _ in per_block]                                              # depth x [total, H, Dh] x 2
-        sync_mod = [m.view(B, num_frames, 6, D) for _, m in per_block]                  # depth x [B, T, 6, D]
+        kv = [k_v for k_v, _, _ in per_block]                                           # depth x [total, H, Dh] x 2
+        sync_mod = [m.view(B, num_frames, 6, D) for _, m, _ in per_block]               # depth x [B, T, 6, D]
+        norm_w = [w for _, _, w in per_block]                                           # depth x ([2, Dh], [Dh])
         final_sync_mod = per_token_linear(self.final_ada_sync, s, rows).view(B, num_frames, 2, D)  # [B, T, 2, D]
         prep = PreparedConditions(
             kv=kv, cu_seqlens_k=cu, max_seqlen_k=max_k, sync_mod=sync_mod, final_sync_mod=final_sync_mod,
+            norm_w=norm_w,
             duration_emb=self.duration_embed(cond.duration.to(dev)),
             rope=torch.view_as_real(rope_table(num_frames, cfg.head_dim, cfg.rope_base, dev)).contiguous(),
             ones=torch.ones(B, 1, D, device=dev, dtype=dt), zeros=torch.zeros(B, 1, D, device=dev, dtype=dt),
@@ -476,7 +496,7 @@ class Omni2SoundDiT(nn.Module):
                                self.config.norm_eps)                                      # LN(x)(1+scale)+shift
         for i, blk in enumerate(self.blocks):
             nxt_shift, nxt_scale = (tok[i + 1][0], per[i + 1][0]), (tok[i + 1][1], per[i + 1][1])
-            x, y = blk(x, y, tok[i], t_mod, nxt_shift, nxt_scale, prep.kv[i], prep)
+            x, y = blk(x, y, tok[i], t_mod, nxt_shift, nxt_scale, prep.kv[i], prep, prep.norm_w[i])
         return dense(self.final, y)                                                       # [B, T, C]
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Conditions) -> Tensor:

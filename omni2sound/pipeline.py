@@ -98,6 +98,10 @@ class SamplingOptions:
     # token, or per tensor with fp8_act_scale="tensor"); off by default until measured against bf16 on a GPU
     fp8: bool = False
     fp8_act_scale: str = "token"
+    # with fp8 and per-token scales: the AdaLN ops write the e4m3 copy of their output for the next GEMM in the same
+    # pass (ops.fp8_gemms(fuse_quant=True)), not one quantisation launch per projection input; the same latents
+    # (with the AdaLN on Triton either way); off until measured on a GPU
+    fp8_fused_quant: bool = False
     # a serving batch padded to a bucket (omni2sound.serving): shapes fixed by the padding, rows masked past their
     # own duration (Omni2SoundDiT.prepare_conditions(bucketed=True))
     bucketed: bool = False
@@ -181,7 +185,8 @@ class Omni2SoundPipeline:
         self.dit, self.vae = dit.eval(), vae.eval()
         self.compile_step = compile_step
         self._compiled = None
-        self._fp8: Dict[str, tuple] = {}          # act_scale -> (Fp8Weights, the per-step function using it)
+        # (act_scale, fused quantisation) -> (Fp8Weights, the per-step function using it); one table per act_scale
+        self._fp8: Dict[tuple, tuple] = {}
         self.config = config or PipelineConfig()
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
@@ -251,25 +256,31 @@ class Omni2SoundPipeline:
         fc1 and fc2), quantised on the first call for ``act_scale`` and kept (a weight changed since runs bf16)."""
         return self._fp8_entry(act_scale)[0]
 
-    def _fp8_entry(self, act_scale: str) -> tuple:
-        entry = self._fp8.get(act_scale)
+    def _fp8_entry(self, act_scale: str, fused_quant: bool = False) -> tuple:
+        fused_quant = fused_quant and act_scale == "token"       # per-tensor scales need the whole input first
+        entry = self._fp8.get((act_scale, fused_quant))
         if entry is None:
-            layers = [m for b in self.dit.blocks
-                      for m in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2])]
-            table = ops.quantize_linears(layers, act_scale=act_scale)
+            other = self._fp8.get((act_scale, not fused_quant))
+            if other is not None:
+                table = other[0]
+            else:
+                layers = [m for b in self.dit.blocks
+                          for m in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2])]
+                table = ops.quantize_linears(layers, act_scale=act_scale)
             base = self._predict()
 
             def predict_fp8(x, t, prep):
-                with ops.fp8_gemms(table):
+                with ops.fp8_gemms(table, fuse_quant=fused_quant):
                     return base(x, t, prep)
-            entry = self._fp8[act_scale] = (table, predict_fp8)
+            entry = self._fp8[(act_scale, fused_quant)] = (table, predict_fp8)
         return entry
 
     def _predict(self, opts: Optional["SamplingOptions"] = None):
         """The per-step function: the DiT's predict_velocity, compiled when ``compile_step``, its block projections in
-        fp8 when ``opts.fp8`` (one function per activation scaling, so each gets its own captured graph)."""
+        fp8 when ``opts.fp8`` (one function per activation scaling and fused quantisation, so each gets its own captured
+        graph)."""
         if opts is not None and opts.fp8:
-            return self._fp8_entry(opts.fp8_act_scale)[1]
+            return self._fp8_entry(opts.fp8_act_scale, opts.fp8_fused_quant)[1]
         if not self.compile_step:
             return self.dit.predict_velocity
         if self._compiled is None:

@@ -46,6 +46,8 @@ class PreparedConditions:
                   an L step at batch 32 in add_ and fill_ kernels on an H100), while unbind's backward is one
                   stack into the layout the Linear's backward reads
     final_sync_mod [B, T, 2, D]
+    norm_w        per layer (q/k norm weights fp32 [2, Dh], cross-attention query norm weight fp32 [Dh]): what the
+                  fused head norms read, stacked and cast once per request rather than in every step
     duration_emb  [B, D]
     rope          fp32 [T, Dh / 2, 2]: (cos, sin) of RoPE's angle per frame and pair
     ones, zeros   [B, 1, D]: the cross-attention's residual gate and its query norm's (shift, scale)
@@ -65,6 +67,7 @@ class PreparedConditions:
     max_seqlen_k: int
     sync_mod: List[Tensor]
     final_sync_mod: Tensor
+    norm_w: List[Tuple[Tensor, Tensor]]
     duration_emb: Tensor
     rope: Tensor
     ones: Tensor
@@ -102,6 +105,7 @@ class PreparedConditions:
     def tensors(self) -> List[Tensor]:
         """Every tensor, in a fixed order (static buffers for CUDA-graph replay copy into these)."""
         out = [t for kv in self.kv for t in kv] + [self.cu_seqlens_k, *self.sync_mod]
+        out = out + [w for pair in self.norm_w for w in pair]
         out = out + [self.final_sync_mod, self.duration_emb, self.rope, self.ones, self.zeros]
         return out + ([] if self.key_mask is None else [self.key_mask])
 

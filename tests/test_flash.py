@@ -2,6 +2,7 @@
 adapter is checked against a stand-in module that implements flash-attn's documented call signatures with plain
 per-sequence softmax attention: the layouts, the dense-query packing, cu_seqlens and the zero rows of samples without
 keys are ours to get right. With the package on a GPU, the real kernels against the reference (cuda marker)."""
+import os
 import sys
 import types
 
@@ -102,3 +103,26 @@ def test_flash_attn_on_the_gpu_against_the_reference(dtype):
     assert torch.equal(got[1].float(), torch.zeros_like(got[1].float()))
     low = ops.cross_attention_reference(q, kp, vp, cu, 80)
     assert (got.float() - ref).abs().max() <= 2 * (low.float() - ref).abs().max() + 1e-3
+
+
+def test_bench_attention_backend_table_has_every_variant(stand_in):
+    """bench_attention's backend table (flash-attn against SDPA's kernels on a GPU) on small CPU shapes: each variant
+    this machine can run has its rows, forward ones with their error against float64; flash_attn_func is the
+    stand-in here, SDPA's efficient / cuDNN kernels cannot run on a CPU and are left out, not fatal."""
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")
+    sys.path.insert(0, bench_dir)
+    try:
+        import bench_attention
+    finally:
+        sys.path.remove(bench_dir)
+    rows = bench_attention.backend_table(torch.device("cpu"), torch.float32, tiny=True)
+    have = {(r["case"], r["mode"], r["variant"]) for r in rows}
+    for case, mode in (("sampling", "fwd"), ("training", "fwd"), ("training", "fwd+bwd")):
+        for variant in ("omni2sound[reference]", "sdpa[flash]", "flash_attn_func"):
+            assert (case, mode, variant) in have
+    assert not any(v.startswith("sdpa[efficient]") for _, _, v in have)
+    for r in rows:
+        assert r["us"] > 0
+        assert (r["err"] != "") == (r["mode"] == "fwd")
+        if r["err"]:
+            assert float(r["err"]) < 1e-5, r

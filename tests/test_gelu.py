@@ -200,6 +200,28 @@ def test_linear_gelu_matches_reference_with_grads_and_buffer(backend):
                                        want.detach(), rtol=1e-5, atol=1e-6)
 
 
+def test_cublaslt_epilogue_is_cuda_only_and_its_call_is_addmm_activation():
+    """The epilogue backend is not offered on the CPU, where aten's _addmm_activation applies the exact erf GELU (on
+    CUDA tanh, as the model): its call (operands, transposed weight, bias cast, out buffer) is checked here against
+    that CPU function, its values against the model's tanh GELU on the GPU (test_gpu_cublaslt_*)."""
+    from omni2sound.ops.gelu import linear_gelu_epilogue
+
+    assert "cublaslt" not in CPU_BACKENDS and "cublaslt" in ops.BACKENDS
+    with pytest.raises(RuntimeError, match="cannot run on cpu"), ops.use_backend(bias_gelu="cublaslt"):
+        ops.linear_gelu(torch.randn(3, 8), torch.randn(5, 8), torch.randn(5))
+    lin = torch.nn.Linear(24, 40)
+    y = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        want = F.gelu(F.linear(y, lin.weight, lin.bias))                  # erf: aten's function on the CPU
+        buf = torch.full((14, 40), float("nan"))
+        got = linear_gelu_epilogue(y, lin.weight, lin.bias, out=buf)
+        assert got.shape == (2, 7, 40) and got.data_ptr() == buf.data_ptr()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        other = linear_gelu_epilogue(y, lin.weight, lin.bias, out=torch.empty(13, 40))   # wrong shape: not used
+        torch.testing.assert_close(other, want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(linear_gelu_epilogue(y[:, :0], lin.weight, lin.bias), want[:, :0])
+
+
 # --------------------------------------------------------------------------------------------------
 # errors, dispatch, opcheck, compile
 # --------------------------------------------------------------------------------------------------
@@ -292,3 +314,54 @@ def test_gpu_cuda_graph_capture():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(y.float(), F.gelu(x.float() + bias, approximate="tanh"), rtol=2e-2, atol=2e-2)
+
+
+def _linear_gelu_cublaslt(y, lin, out=None):
+    with ops.use_backend(bias_gelu="cublaslt"):
+        return ops.linear_gelu(y, lin.weight, lin.bias, out=out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M,K,N", [(1, 16, 16), (500, 1536, 6144), (37, 40, 1001), (0, 64, 128)])
+def test_gpu_cublaslt_epilogue_fp32_is_the_tanh_gelu_layer(M, K, N):
+    lin = torch.nn.Linear(K, N).cuda()
+    y = torch.randn(M, K, device="cuda")
+    with torch.no_grad():
+        got = _linear_gelu_cublaslt(y, lin)
+        want = ops.linear_gelu_reference(y.double(), lin.weight.double(), lin.bias.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4 * (1 + K ** 0.5 / 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cublaslt_epilogue_low_precision_2x_rule_and_buffer(dtype):
+    lin = torch.nn.Linear(1536, 6144).cuda().to(dtype)
+    y = torch.randn(500, 1536, device="cuda", dtype=dtype)
+    buf = torch.full((500, 6144), float("nan"), device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got = _linear_gelu_cublaslt(y, lin, out=buf)
+        plain = ops.linear_gelu_reference(y, lin.weight, lin.bias)
+        ref = ops.linear_gelu_reference(y.double(), lin.weight.double(), lin.bias.double())
+    assert got.data_ptr() == buf.data_ptr()
+    assert err(got, ref) <= 2 * err(plain, ref) + half_ulp(ref, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_cublaslt_refuses_a_gradient_and_captures_in_a_graph():
+    lin = torch.nn.Linear(64, 256).cuda().to(torch.bfloat16)
+    y = torch.randn(8, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="cannot take this call"):
+        _linear_gelu_cublaslt(y.requires_grad_(), lin)
+    y = y.detach()
+    with torch.no_grad():
+        _linear_gelu_cublaslt(y, lin)                            # warm-up (cuBLASLt's heuristics) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _linear_gelu_cublaslt(y, lin)
+        y.copy_(torch.randn_like(y))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, ops.linear_gelu_reference(y, lin.weight, lin.bias), rtol=2e-2, atol=2e-2)

@@ -326,3 +326,37 @@ def test_the_network_asks_no_device_or_backend():
     for asks in ("select_backend", "available_backends", "runs_on_onednn", "onednn_takes", "is_cuda", "device.type",
                  "dev.type", '"cuda"', '"cpu"', "torch.cuda"):
         assert asks not in src, asks
+
+
+def test_a_bf16_step_reads_head_norm_weights_prepared_once_per_request():
+    """The fused head norms read fp32 weights ([2, Dh] for the self-attention's q/k, [Dh] for the cross-attention's
+    query): a bf16 model makes them in prepare_conditions, so a denoising step runs no stack and no cast of a
+    weight (three small kernels per block and step otherwise), and its output is bitwise the unprepared one's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            first = args[0] if args else None
+            first = first[0] if isinstance(first, (list, tuple)) and first else first      # stack / cat: a list
+            self.calls.append((str(func), tuple(first.shape) if torch.is_tensor(first) else None))
+            return func(*args, **(kwargs or {}))
+
+    model, cond = small_model().to(torch.bfloat16), make_cond()
+    Dh = model.config.head_dim
+    x, t = torch.randn(4, 9, 4), torch.rand(4)
+    with torch.no_grad():
+        prep = model.prepare_conditions(cond, 9, sampling=True)
+        assert [(a.dtype, tuple(a.shape), b.dtype, tuple(b.shape)) for a, b in prep.norm_w] == \
+            [(torch.float32, (2, Dh), torch.float32, (Dh,))] * model.config.depth
+        with Record() as rec:
+            v = model.predict_velocity(x, t, prep)
+        prep.norm_w = [(None, None)] * model.config.depth               # the blocks make their own
+        want = model.predict_velocity(x, t, prep)
+    weight_shapes = {(2, Dh), (Dh,), (1, Dh)}
+    assert not [c for c in rec.calls if c[0].startswith(("aten.stack", "aten.cat")) and c[1] in weight_shapes]
+    assert not [c for c in rec.calls if c[0].startswith("aten._to_copy") and c[1] in weight_shapes]
+    assert torch.equal(v, want)

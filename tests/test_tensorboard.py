@@ -147,3 +147,12 @@ def test_gpu_info_without_a_gpu_is_a_quiet_no_op(monkeypatch):
     assert gi.gpu_info() is None and gi.gpu_sample() == {} and gi.describe(None).startswith("no GPU")
     monkeypatch.setitem(sys.modules, "pynvml", None)                        # not installed
     assert gi.gpu_info() is None
+
+
+def test_provenance_names_what_a_figure_needs(monkeypatch):
+    monkeypatch.setattr(gi, "_nvml", lambda: FakeNVML())
+    rec = gi.provenance("cpu")
+    assert {"date", "command", "commit", "python", "torch", "triton", "cuda", "hardware", "gpu"} <= set(rec)
+    assert rec["torch"] == torch.__version__ and rec["gpu"] is None          # no card named for a CPU figure
+    assert rec["date"].endswith("UTC") and rec["hardware"]
+    json.dumps(rec)                                                          # goes into the benches' JSON as is

@@ -32,7 +32,7 @@ import torch
 
 ARCH = 90                       # H100 / H200
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
-           torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1"}
+           torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
 
 
 def _arg_type(v) -> str:
@@ -121,6 +121,7 @@ def ptxas_report(ptx: str) -> Dict[str, int]:
 def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
     from omni2sound.kernels import adaln as ka
     from omni2sound.kernels import cross_attention as kc
+    from omni2sound.kernels import fp8 as kf
     from omni2sound.kernels import gelu as kg
     from omni2sound.kernels import qk_norm_rope as kq
     from omni2sound.kernels import snake as ks
@@ -153,6 +154,16 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
         tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]
         ka.adaln_forward(x, h, tok[2], tok[0], tok[1], t(B, T, D), t(B, T, D), t(B * T, dt=f32), t(B * T, dt=f32),
                          1e-6, per[2], per[0], per[1])
+
+    def adaln_fwd_pairs_fp8():                       # FP8 sampling: y's per-token e4m3 copy written in the pass
+        x, h = t(B, T, D), t(B, T, D)
+        tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]
+        ka.adaln_forward(x, h, tok[2], tok[0], tok[1], t(B, T, D), t(B, T, D), t(B * T, dt=f32), t(B * T, dt=f32),
+                         1e-6, per[2], per[0], per[1], yq=t(B * T, D, dt=torch.float8_e4m3fn),
+                         ys=t(B * T, 1, dt=f32))
+
+    def fp8_quantize():                              # a projection's input, quantised on its own (unfused)
+        kf.quantize_rows(t(B * T, D))
 
     def adaln_bwd_pairs():
         tok, per = t(6, B, T, D), t(B, 6, D).permute(1, 0, 2)[:, :, None]

@@ -3,9 +3,15 @@
 One program per row r = b * L + l holds the whole row (BLOCK_D = next power of two >= D) in registers:
 these ops are memory-bound, so the row is read once and written once. Modulation rows are addressed as
 base + b * s_b + l * s_l with s_l = 0 for per-sample modulation. Statistics in fp32.
+
+The forward optionally writes an fp8 copy of y for the next GEMM (HAS_Q): the row of y as stored (rounded to y's
+dtype) quantised per token by ``fp8.quantize_row``, the same code as the standalone quantisation kernel, so q and
+its scale are bit for bit what that kernel makes from y, without its launch and its re-read of y.
 """
 import triton
 import triton.language as tl
+
+from .fp8 import quantize_row
 
 
 @triton.jit
@@ -18,10 +24,10 @@ def _mod(A, asb, asl, A2, a2sb, a2sl, b, l, cols, m, HAS_A2: tl.constexpr):
 
 
 @triton.jit
-def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, MEAN, RSTD,
+def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, MEAN, RSTD, YQ, YS,
                       L, D, gsb, gsl, ssb, ssl, csb, csl, g2sb, g2sl, s2sb, s2sl, c2sb, c2sl, eps,
                       HAS_H: tl.constexpr, HAS_G2: tl.constexpr, HAS_S2: tl.constexpr, HAS_C2: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      HAS_Q: tl.constexpr, BLOCK_D: tl.constexpr):
     r = tl.program_id(0).to(tl.int64)
     b = r // L
     l = r % L
@@ -42,8 +48,12 @@ def _adaln_fwd_kernel(X, H, GATE, SHIFT, SCALE, GATE2, SHIFT2, SCALE2, X2, Y, ME
     tl.store(RSTD + r, rstd)
     sh = _mod(SHIFT, ssb, ssl, SHIFT2, s2sb, s2sl, b, l, cols, m, HAS_S2)
     sc = _mod(SCALE, csb, csl, SCALE2, c2sb, c2sl, b, l, cols, m, HAS_C2)
-    y = c * rstd * (1.0 + sc) + sh
-    tl.store(Y + r * D + cols, y.to(Y.dtype.element_ty), mask=m)
+    y = (c * rstd * (1.0 + sc) + sh).to(Y.dtype.element_ty)
+    tl.store(Y + r * D + cols, y, mask=m)
+    if HAS_Q:                               # per-token fp8 copy of the stored y: YQ [B L, D], YS fp32 [B L]
+        q, s = quantize_row(tl.where(m, y.to(tl.float32), 0.0))
+        tl.store(YQ + r * D + cols, q.to(YQ.dtype.element_ty), mask=m)
+        tl.store(YS + r, s)
 
 
 @triton.jit
@@ -89,20 +99,22 @@ def _num_warps(block_d: int) -> int:
     return max(1, min(16, block_d // 256))
 
 
-def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2=None, shift2=None, scale2=None):
+def adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2=None, shift2=None, scale2=None,
+                  yq=None, ys=None):
     """Launch the forward on contiguous x/h [B, L, D]; outputs are preallocated by the caller. gate2 / shift2 /
-    scale2: optional second addends of the modulations."""
+    scale2: optional second addends of the modulations. yq [B L, D] (e4m3, or fp32 under the interpreter) and ys
+    fp32 [B L, 1]: where to write y's per-token fp8 copy and scales (both or neither)."""
     B, L, D = x.shape
     block = triton.next_power_of_2(D)
     has_h = h is not None
     _adaln_fwd_kernel[(B * L,)](
         x, h if has_h else x, gate if has_h else x, shift, scale,
         gate2 if gate2 is not None else x, shift2 if shift2 is not None else x, scale2 if scale2 is not None else x,
-        x2 if has_h else y, y, mean, rstd,
+        x2 if has_h else y, y, mean, rstd, yq if yq is not None else y, ys if ys is not None else mean,
         L, D, *_strides(gate), *_strides(shift), *_strides(scale), *_strides(gate2), *_strides(shift2),
         *_strides(scale2), eps,
         HAS_H=has_h, HAS_G2=gate2 is not None, HAS_S2=shift2 is not None, HAS_C2=scale2 is not None,
-        BLOCK_D=block, num_warps=_num_warps(block))
+        HAS_Q=yq is not None, BLOCK_D=block, num_warps=_num_warps(block))
 
 
 def adaln_backward(dy, dx2, xin, h, gate, scale, mean, rstd, dxin, dh, dgate_tok, dscale_tok, gate2=None,

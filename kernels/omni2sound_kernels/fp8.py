@@ -7,10 +7,23 @@ row cast and stored, and the scale written: one launch instead of the reference'
 divide, the cast), which matters inside a CUDA-graphed sampling step that quantises 6 inputs per block.
 The output dtype is the caller's (float8_e4m3fn in use; the tests also run it with an fp32 output under the
 interpreter, whose fp8 cast is not faithful).
+
+``quantize_row`` is the per-row math on a row already in registers, shared with the AdaLN forward's fused
+quantisation (kernels/omni2sound_kernels/adaln.py): one expression for both, so a row quantised there is bit for
+bit the row this kernel makes from the AdaLN's stored output (Triton's fp32 divide is not torch's: the two
+kernels must agree with each other, not only with the reference).
 """
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def quantize_row(x):
+    """x: one row in fp32, 0 in masked lanes -> (q = x / s clamped to +-448, in fp32; s = max(amax, 1e-12) / 448)."""
+    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+    q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    return q, s
 
 
 @triton.jit
@@ -19,8 +32,7 @@ def _quantize_rows_kernel(X, Q, S, K, stride_x, BLOCK_K: tl.constexpr):
     cols = tl.arange(0, BLOCK_K)
     m = cols < K
     x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-    s = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
-    q = tl.minimum(tl.maximum(x / s, -448.0), 448.0)
+    q, s = quantize_row(x)
     tl.store(Q + row * K + cols, q.to(Q.dtype.element_ty), mask=m)
     tl.store(S + row, s)
 

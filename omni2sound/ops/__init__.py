@@ -6,7 +6,15 @@ default is picked by device and availability, ``OMNI2SOUND_BACKEND`` or ``use_ba
 it (see ``_dispatch``).
 """
 from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
-from .adaln import Mod, adaln_modulate, adaln_modulate_reference, gated_residual_adaln, gated_residual_adaln_reference
+from .adaln import (
+    Mod,
+    adaln_modulate,
+    adaln_modulate_fp8,
+    adaln_modulate_reference,
+    gated_residual_adaln,
+    gated_residual_adaln_fp8,
+    gated_residual_adaln_reference,
+)
 from .adamw import adamw_step_, adamw_step_reference
 from .attention import attention, attention_reference
 from .cross_attention import cross_attention, cross_attention_reference, pack_condition_tokens
@@ -35,7 +43,8 @@ __all__ = [
     "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
     "Fp8Weight", "Fp8Weights", "fp8_gemms", "fp8_linear", "fp8_linear_reference", "fp8_supported", "quantize_linears",
     "quantize_rows", "quantize_rows_reference", "quantize_weight",
-    "Mod", "adaln_modulate", "adaln_modulate_reference", "gated_residual_adaln", "gated_residual_adaln_reference",
+    "Mod", "adaln_modulate", "adaln_modulate_fp8", "adaln_modulate_reference", "gated_residual_adaln",
+    "gated_residual_adaln_fp8", "gated_residual_adaln_reference",
     "head_rms_norm", "qk_norm_rope", "qk_norm_rope_reference", "sampling_workspace", "skips_rows_without_keys",
     "snake", "snake_reference", "snake_residual", "snake_residual_reference",
 ]

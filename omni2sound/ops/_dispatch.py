@@ -9,6 +9,8 @@ Backends, in the order the default picks them:
   onednn    - a library's kernel reached through torch (only ``linear``: oneDNN's GEMM on the CPU)
   scaled_mm - ``torch._scaled_mm``, torch's fp8 GEMM (only ``fp8_linear``: cuBLASLt / CUTLASS on a GPU)
   flash     - the flash-attn package where installed (``attention``, ``cross_attention``; a GPU; not a default)
+  cublaslt  - a cuBLASLt GEMM epilogue reached through torch (only ``bias_gelu``, for ``linear_gelu``: bias + GELU in
+              the first MLP layer's GEMM; a GPU, no gradient; not a default)
 
 Override order: ``use_backend(...)`` context (innermost wins) > ``OMNI2SOUND_BACKEND`` environment
 variable (one backend for every op, or per op: ``OMNI2SOUND_BACKEND=qk_norm_rope=triton,snake=cuda``) >
@@ -29,7 +31,7 @@ from typing import Callable, Dict, Iterator, Optional
 
 import torch
 
-BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn", "scaled_mm", "flash")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "onednn", "scaled_mm", "flash", "cublaslt")
 
 _local = threading.local()
 # op name -> backend name -> availability check(device) -> bool

@@ -25,6 +25,15 @@ bf16 projections; fp32 here only bought a cast afterwards) and only when autogra
 constant ones / zeros to two of its three calls per block); a per-sample modulation's gradient is their sum over L
 with fp32 accumulation. `python bench/bench_train.py --audit` counts what this saves.
 
+Fused fp8 copy of y (sampling with FP8 projections, per-token activation scales): inside
+``ops.fp8_gemms(table, fuse_quant=True)`` both ops also quantise their output y for the next e4m3 GEMM, as
+``quantize_rows`` would (of y rounded to its dtype), and hand q and its scales to that GEMM (``ops.fp8``, "Fused
+activation quantisation"); ``adaln_modulate_fp8`` / ``gated_residual_adaln_fp8`` return them explicitly. On a GPU
+the Triton forward writes them in the same pass (op ``adaln_fp8``, backend ``triton``; the CUDA forward has no fp8
+output, so these calls run the Triton AdaLN even where the CUDA one is the default); otherwise (backend
+``reference``, or another AdaLN backend forced) the AdaLN op's own backend runs and ``quantize_rows`` follows:
+the same numbers, no launch saved. With both forced to ``reference``: the plain PyTorch definition.
+
 File order (Liger's): reference, backend registration, custom ops (forward, backward, fake, autograd),
 public functions.
 """
@@ -38,7 +47,16 @@ from torch import Tensor
 
 from .. import _native
 from ._checks import OpInputError, real, tensor
-from ._dispatch import autocast_inputs, direct_call, register_op, select_backend, triton_available
+from ._dispatch import (
+    autocast_inputs,
+    direct_call,
+    forced_backend,
+    needs_grad,
+    register_op,
+    select_backend,
+    triton_available,
+)
+from .fp8 import FP8, _quantize_with, fuse_quant_for, hand_over, quantizer_for
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -99,6 +117,9 @@ _AVAILABLE = {
 }
 register_op("adaln_modulate", _AVAILABLE, family="adaln")
 register_op("gated_residual_adaln", _AVAILABLE, family="adaln")
+# the forward with y's per-token fp8 copy: triton = one kernel; reference = the AdaLN op, then quantize_rows
+register_op("adaln_fp8", {"reference": lambda d: True, "triton": _triton_ok},
+            default_order={"cuda": ("triton", "reference"), "cpu": ("reference",)}, family="adaln_fp8")
 
 
 def _mod_strides(t: Optional[Tensor]) -> Tuple[int, int]:
@@ -374,6 +395,10 @@ def adaln_modulate(x: Tensor, shift: Mod, scale: Mod, eps: float = 1e-6) -> Tens
     (shift, shift2), (scale, scale2) = _parts("shift", shift), _parts("scale", scale)
     x, shift, scale, shift2, scale2 = autocast_inputs(x.device, x, shift, scale, shift2, scale2)
     _check(x, {"shift": shift, "scale": scale, "shift[1]": shift2, "scale[1]": scale2}, eps)
+    if fuse_quant_for(x) and not needs_grad(x, shift, scale, shift2, scale2):        # FP8 sampling, fused
+        y, q, s, quantizer = _forward_fp8("adaln_modulate", x, None, None, shift, scale, eps, None, shift2, scale2)
+        hand_over(y, q, s, quantizer)
+        return y
     backend = select_backend("adaln_modulate", x.device)
     if backend == "reference":
         return adaln_modulate_reference(x, _sum(shift, shift2), _sum(scale, scale2), eps)
@@ -399,6 +424,11 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod
                                                                       shift2, scale2)
     _check(x, {"gate": gate, "shift": shift, "scale": scale, "gate[1]": gate2, "shift[1]": shift2,
                "scale[1]": scale2}, eps, h=h, op="gated_residual_adaln")
+    if fuse_quant_for(x) and not needs_grad(x, h, gate, shift, scale, gate2, shift2, scale2):  # FP8 sampling, fused
+        x2, y, q, s, quantizer = _forward_fp8("gated_residual_adaln", x, h, gate, shift, scale, eps, gate2, shift2,
+                                              scale2)
+        hand_over(y, q, s, quantizer)
+        return x2, y
     backend = select_backend("gated_residual_adaln", x.device)
     if backend == "reference":
         return gated_residual_adaln_reference(x, h, _sum(gate, gate2), _sum(shift, shift2), _sum(scale, scale2), eps)
@@ -408,3 +438,77 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod
         return _forward_native(x, h, gate, shift, scale, float(eps), backend, gate2, shift2, scale2)[:2]
     x2, y, _, _ = _gated_residual_adaln_op(x, h, gate, shift, scale, gate2, shift2, scale2, float(eps), backend)
     return x2, y
+
+
+# ----------------------------------------------------------------------------------------------------
+# With y's per-token fp8 copy (inference only; see "Fused fp8 copy of y" at the top)
+# ----------------------------------------------------------------------------------------------------
+_FUSED_MAX_D = 16384            # the Triton quantisation's one-block row limit (kernels/omni2sound_kernels/fp8.py)
+
+
+def fp8_plan(op: str, x: Tensor) -> Tuple[str, str]:
+    """(AdaLN backend, quantizer) that ``op`` (``adaln_modulate`` / ``gated_residual_adaln``) with an fp8 copy of y
+    runs for x [B, L, D] now: ("triton", "triton") is the fused kernel (``adaln_fp8`` selects triton, the
+    quantisation ``quantize_rows`` would run is the Triton kernel's, and no other AdaLN backend is forced); otherwise
+    the AdaLN op's own backend, then ``quantize_rows``' quantizer."""
+    B, L, D = x.shape
+    quantizer = quantizer_for(x.device, B * L, D)
+    if (select_backend("adaln_fp8", x.device) == "triton" and quantizer == "triton"
+            and forced_backend(op) in (None, "triton") and 0 < D <= _FUSED_MAX_D):
+        return "triton", quantizer
+    return select_backend(op, x.device), quantizer
+
+
+def _forward_fp8(op, x, h, gate, shift, scale, eps, gate2, shift2, scale2):
+    """The forward of ``op`` on prepared inputs (contiguous x / h, modulations with unit stride over D) plus y's
+    per-token fp8 copy: ([x2,] y, q [B L, D] e4m3, scale fp32 [B L, 1], quantizer)."""
+    x = x.contiguous()
+    h = None if h is None else h.contiguous()
+    gate, shift, scale, gate2, shift2, scale2 = map(_last_dim_contiguous, (gate, shift, scale, gate2, shift2, scale2))
+    B, L, D = x.shape
+    backend, quantizer = fp8_plan(op, x)
+    if backend == "triton" and quantizer == "triton" and B * L * D > 0:
+        from omni2sound.kernels import adaln as tk
+
+        y = torch.empty_like(x)
+        x2 = torch.empty_like(x) if h is not None else None
+        mean = torch.empty(B * L, device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        q = torch.empty((B * L, D), device=x.device, dtype=FP8)
+        s = torch.empty((B * L, 1), device=x.device, dtype=torch.float32)
+        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, float(eps), gate2, shift2, scale2, yq=q, ys=s)
+    else:
+        x2, y = _forward_native(x, h, gate, shift, scale, float(eps), backend, gate2, shift2, scale2)[:2]
+        q, s = _quantize_with(y.view(B * L, D), "token", quantizer if B * L * D else "reference")
+    return (y, q, s, quantizer) if h is None else (x2, y, q, s, quantizer)
+
+
+def _no_grad_check(op: str, *tensors) -> None:
+    if needs_grad(*tensors):
+        raise RuntimeError(f"omni2sound.ops.{op} is an inference op: call it under torch.no_grad() (the fp8 copy "
+                           f"has no gradient)")
+
+
+def adaln_modulate_fp8(x: Tensor, shift: Mod, scale: Mod, eps: float = 1e-6) -> Tuple[Tensor, Tensor, Tensor]:
+    """``adaln_modulate`` plus y's per-token fp8 copy: (y [B, L, D], q [B L, D] float8_e4m3fn, scale fp32 [B L, 1]),
+    q and scale bit for bit ``quantize_rows(y.view(B L, D))`` under the backends selected now. No gradient."""
+    tensor("adaln_modulate_fp8", "x", x)
+    (shift, shift2), (scale, scale2) = _parts("shift", shift), _parts("scale", scale)
+    _check(x, {"shift": shift, "scale": scale, "shift[1]": shift2, "scale[1]": scale2}, eps, op="adaln_modulate_fp8")
+    _no_grad_check("adaln_modulate_fp8", x, shift, scale, shift2, scale2)
+    return _forward_fp8("adaln_modulate", x, None, None, shift, scale, eps, None, shift2, scale2)[:3]
+
+
+def gated_residual_adaln_fp8(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod, eps: float = 1e-6
+                             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``gated_residual_adaln`` plus y's per-token fp8 copy: (x2, y [B, L, D], q [B L, D] float8_e4m3fn, scale fp32
+    [B L, 1]), q and scale bit for bit ``quantize_rows(y.view(B L, D))`` under the backends selected now. No
+    gradient."""
+    tensor("gated_residual_adaln_fp8", "x", x)
+    tensor("gated_residual_adaln_fp8", "h", h)
+    (gate, gate2), (shift, shift2), (scale, scale2) = _parts("gate", gate), _parts("shift", shift), \
+        _parts("scale", scale)
+    _check(x, {"gate": gate, "shift": shift, "scale": scale, "gate[1]": gate2, "shift[1]": shift2,
+               "scale[1]": scale2}, eps, h=h, op="gated_residual_adaln_fp8")
+    _no_grad_check("gated_residual_adaln_fp8", x, h, gate, shift, scale, gate2, shift2, scale2)
+    return _forward_fp8("gated_residual_adaln", x, h, gate, shift, scale, eps, gate2, shift2, scale2)[:4]

@@ -20,6 +20,18 @@ Backends (op ``fp8_linear``):
 The activation quantisation (op ``fp8_quantize``) has its own backends: ``reference`` (four torch kernels: a row
 max, the scale, one divide-and-cast) and ``triton`` (one pass per row, ``omni2sound.kernels.fp8``; the GPU default).
 
+Fused activation quantisation (``fp8_gemms(table, fuse_quant=True)``, per-token scales only): three of a DiT block's
+six projections (self-attention qkv, cross-attention q, MLP fc1) take the output y of a fused AdaLN op, which holds
+every row of y for its LayerNorm anyway. Inside such a context the AdaLN op also writes y's e4m3 copy and per-token
+scales (``ops.adaln``: one Triton kernel on a GPU) and hands them over explicitly: ``hand_over(y, q, scale)`` puts
+them in this thread's one hand-off slot, and ``fp8_linear(x)`` takes them instead of quantising x itself only when x
+is y or a contiguous block of y's whole rows (the cross-attention's leading rows ``y[:n]``: the matching rows of q and
+scale), unchanged since (same storage, dtype and version counter) and quantised by the backend the GEMM would have
+used itself; any other input is quantised as before, so a pairing is right or not made. The slot keeps y alive
+until the next hand-off or the context's end, and the pairing is decided while the step runs eagerly or is captured:
+a CUDA graph replays the same kernels on the same buffers. The result is bit for bit the unfused one: the same
+quantisation of the same y.
+
 Accuracy: e4m3 keeps 3 mantissa bits, a relative rounding error of at most 2^-4 per element (bf16: 2^-8). On
 Gaussian operands the op's relative (Frobenius) error against an fp64 GEMM is 0.037, per-token or per-tensor alike,
 against bf16's 0.0029 (M K N = 64 256 96 to 500 1536 1536, three draws each). tests/test_fp8.py bounds the op against
@@ -115,18 +127,29 @@ register_op("fp8_quantize", {"reference": lambda d: True, "triton": lambda d: tr
             default_order={"cuda": ("triton", "reference"), "cpu": ("reference",)}, family="fp8")
 
 
+def quantizer_for(device: torch.device, M: int, K: int, act_scale: str = "token") -> str:
+    """Which quantisation ``quantize_rows`` runs for an [M, K] input on ``device`` now: "triton" (the kernel) or
+    "reference"."""
+    if (select_backend("fp8_quantize", device) == "triton" and act_scale == "token" and M > 0 and 0 < K <= 16384
+            and not torch.compiler.is_compiling()):
+        return "triton"
+    return "reference"
+
+
+def _quantize_with(x2: Tensor, act_scale: str, quantizer: str) -> Tuple[Tensor, Tensor]:
+    if quantizer == "triton":
+        from omni2sound.kernels import fp8 as tk
+
+        return tk.quantize_rows(x2 if x2.stride(-1) == 1 else x2.contiguous())
+    return quantize_rows_reference(x2, act_scale)
+
+
 def quantize_rows(x2: Tensor, act_scale: str = "token") -> Tuple[Tensor, Tensor]:
     """x2 [M, K] -> (xq float8_e4m3fn [M, K], scale fp32 [M, 1]) through the selected backend (module docstring).
     Inside torch.compile the reference's torch ops are traced (Inductor fuses them into one kernel)."""
     if act_scale not in SCALES:
         fail("fp8_quantize", f"act_scale must be one of {SCALES}, got {act_scale!r}")
-    backend = select_backend("fp8_quantize", x2.device)
-    if (backend == "triton" and act_scale == "token" and x2.shape[0] > 0 and 0 < x2.shape[1] <= 16384
-            and not torch.compiler.is_compiling()):
-        from omni2sound.kernels import fp8 as tk
-
-        return tk.quantize_rows(x2 if x2.stride(-1) == 1 else x2.contiguous())
-    return quantize_rows_reference(x2, act_scale)
+    return _quantize_with(x2, act_scale, quantizer_for(x2.device, *x2.shape, act_scale))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,10 +160,15 @@ def fp8_linear_reference(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> T
     fp32 and multiplied in fp32, plus the bias."""
     lead, K = x.shape[:-1], x.shape[-1]
     xq, sx = quantize_rows_reference(x.reshape(-1, K), act_scale)
+    return _dequantized_gemm(xq, sx, w, x.dtype).reshape(*lead, w.out_features)
+
+
+def _dequantized_gemm(xq: Tensor, sx: Tensor, w: Fp8Weight, out_dtype: torch.dtype) -> Tensor:
+    """The reference's GEMM: xq [M, K] fp8 with sx [M, 1] -> [M, N] in out_dtype, fp32 math."""
     y = (xq.float() * sx) @ w.dequantize().t()
     if w.bias is not None:
         y = y + w.bias.float()
-    return y.to(x.dtype).reshape(*lead, w.out_features)
+    return y.to(out_dtype)
 
 
 @torch.compiler.assume_constant_result          # checked inside compiled steps: a constant to Dynamo, never traced
@@ -217,10 +245,15 @@ def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bo
     if needs_grad(x):
         raise RuntimeError("fp8_linear is an inference op: call it under torch.no_grad() (it has no gradient)")
     backend = fp8_linear_backend(x, w)
-    if backend == "reference":
-        return fp8_linear_reference(x, w, act_scale)
     lead, K = x.shape[:-1], x.shape[-1]
-    xq, sx = quantize_rows(x.reshape(-1, K), act_scale)
+    M = x.numel() // K if K else 0
+    # the input's own quantisation: the reference's, or the one quantize_rows would run; a hand-over made by the
+    # same quantiser (an AdaLN op's fused copy of x) stands in for it, anything else is quantised here
+    quantizer = "reference" if backend == "reference" else quantizer_for(x.device, M, K, act_scale)
+    handed = handed_rows(x, quantizer) if act_scale == "token" else None
+    xq, sx = handed if handed is not None else _standalone_quantize(x.reshape(-1, K), act_scale, quantizer)
+    if backend == "reference":
+        return _dequantized_gemm(xq, sx, w, x.dtype).reshape(*lead, w.out_features)
     tensorwise = act_scale == "tensor" and w.scale.numel() == 1
     if tensorwise:
         sx = sx[:1]                                                                # one scale each side
@@ -291,15 +324,73 @@ _active = threading.local()
 
 
 @contextlib.contextmanager
-def fp8_gemms(table: Optional[Fp8Weights]) -> Iterator[None]:
+def fp8_gemms(table: Optional[Fp8Weights], fuse_quant: bool = False) -> Iterator[None]:
     """Within this context (this thread), ``ops.linear`` / ``ops.linear_gelu`` calls whose weight is in ``table``
-    and that need no gradient run ``fp8_linear``. ``fp8_gemms(None)`` turns it off inside an enclosing context."""
-    prev = getattr(_active, "table", None)
-    _active.table = table
+    and that need no gradient run ``fp8_linear``. ``fp8_gemms(None)`` turns it off inside an enclosing context.
+
+    fuse_quant: the AdaLN ops quantise their output y for the next GEMM as they write it (per-token activation
+    scales only; a table with ``act_scale="tensor"`` ignores it): see "Fused activation quantisation" above."""
+    prev = (getattr(_active, "table", None), getattr(_active, "fuse", False), getattr(_active, "handoff", None))
+    _active.table, _active.fuse, _active.handoff = table, bool(fuse_quant), None
     try:
         yield
     finally:
-        _active.table = prev
+        _active.table, _active.fuse, _active.handoff = prev
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused activation quantisation: an op's fp8 copy of its output, handed to the GEMM that reads it
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class _HandOff:
+    y: Tensor                   # the producer's output [..., K], contiguous
+    version: int                # y's version counter when quantised (an in-place change since voids the hand-off)
+    q: Tensor                   # [M, K] float8_e4m3fn, M = y.numel() // K
+    scale: Tensor               # fp32 [M, 1]
+    quantizer: str              # "triton" / "reference": whose quantisation q and scale are
+
+
+def fuse_quant_for(y: Tensor) -> bool:
+    """Whether an op producing y [..., K] now should also quantise it per token and ``hand_over`` the result: inside
+    ``fp8_gemms(table, fuse_quant=True)`` with per-token scales, eager, no gradient, a plain (not inference-mode)
+    non-empty contiguous tensor."""
+    table = getattr(_active, "table", None)
+    return (table is not None and getattr(_active, "fuse", False) and table.act_scale == "token"
+            and not torch.compiler.is_compiling() and not needs_grad(y) and not y.is_inference()
+            and y.numel() > 0 and y.is_contiguous())
+
+
+def hand_over(y: Tensor, q: Tensor, scale: Tensor, quantizer: str) -> None:
+    """Offer y's per-token quantisation (q [M, K] e4m3, scale fp32 [M, 1], made by ``quantizer``) to the
+    ``fp8_linear`` calls that read y or a block of its rows; replaces the previous offer. Only where
+    ``fuse_quant_for(y)``."""
+    K = y.shape[-1]
+    if q.shape != (y.numel() // K, K) or scale.shape != (q.shape[0], 1):
+        raise ValueError(f"hand_over: q {tuple(q.shape)} / scale {tuple(scale.shape)} do not match y {tuple(y.shape)}")
+    _active.handoff = _HandOff(y, y._version, q, scale, quantizer)
+
+
+def handed_rows(x: Tensor, quantizer: str) -> Optional[Tuple[Tensor, Tensor]]:
+    """(q, scale) of x [..., K] from the current hand-off when x is its y or a block of y's rows [r0, r0 + M) (same
+    storage, dtype, unchanged) and the hand-off was made by ``quantizer``; else None (quantise x itself)."""
+    h = getattr(_active, "handoff", None)
+    if h is None or h.quantizer != quantizer or torch.compiler.is_compiling():
+        return None
+    y, K = h.y, h.y.shape[-1]
+    if (x.dtype != y.dtype or x.device != y.device or x.dim() == 0 or x.shape[-1] != K or x.numel() == 0
+            or not x.is_contiguous() or x.is_inference()
+            or x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr() or x._version != h.version):
+        return None
+    offset, M = x.storage_offset() - y.storage_offset(), x.numel() // K
+    if offset < 0 or offset % K or offset // K + M > h.q.shape[0]:
+        return None
+    r0 = offset // K
+    return h.q[r0:r0 + M], h.scale[r0:r0 + M]
+
+
+def _standalone_quantize(x2: Tensor, act_scale: str, quantizer: str) -> Tuple[Tensor, Tensor]:
+    """fp8_linear's own quantisation of its input x2 [M, K] (no hand-off took its place)."""
+    return _quantize_with(x2, act_scale, quantizer)
 
 
 def fp8_weight_for(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[Fp8Weight]:

@@ -14,8 +14,12 @@ without bias (into a caller's reusable buffer when no gradient is needed) and th
 Accuracy: fp32 inside, one rounding at the end; fp32 within ~1 ulp of an fp64 reference (aten's tanh form: about
 the same forward, 4x worse backward at large z), and in bf16 / fp16 at least as close as aten's GELU in that dtype.
 
-Backends: C++ on the CPU (the default there), Triton on a GPU (not the GPU default: it has not run on one yet, and
-on a GPU cuBLAS already adds the bias in its epilogue, so only the GELU pass is left to fuse).
+Backends: C++ on the CPU (the default there), Triton on a GPU (selectable, not the GPU default: see below), and
+``cublaslt`` on a GPU, which exists for ``linear_gelu`` only: the first layer as one cuBLASLt GEMM whose epilogue adds
+the bias and applies tanh-GELU (``aten._addmm_activation``, CUBLASLT_EPILOGUE_GELU_BIAS), so the [M, 4D] output is
+written once and never read back; sampling only (the epilogue keeps no pre-activation for a backward: a call that
+needs a gradient under it is refused). Standalone ``bias_gelu`` has no GEMM to fuse into and runs the reference
+under it.
 
 Non-finite input: NaN and +inf as the reference; at x + b = -inf the C++ kernel gives -inf where the reference gives
 NaN (its exp saturates instead of overflowing).
@@ -30,7 +34,15 @@ from torch import Tensor
 
 from .. import _native
 from ._checks import OpInputError, flag, tensor
-from ._dispatch import autocast_inputs, needs_grad, register_op, select_backend, triton_available
+from ._dispatch import (
+    autocast_dtype,
+    autocast_inputs,
+    cannot_take,
+    needs_grad,
+    register_op,
+    select_backend,
+    triton_available,
+)
 from .fp8 import active_table, fp8_linear, fp8_weight_for
 from .linear import check_linear_args, linear
 
@@ -57,6 +69,8 @@ _AVAILABLE = {
     "reference": lambda d: True,
     "cpu": lambda d: d.type == "cpu" and _native.has_cpu() and _native.has_symbol("bias_gelu_forward_cpu"),
     "triton": lambda d: triton_available(d.type),
+    # aten._addmm_activation applies tanh-GELU on CUDA but the exact erf GELU on the CPU: a different function there
+    "cublaslt": lambda d: d.type == "cuda",
 }
 # GPU default: aten's GELU. Timed on an H200 (2026-12-04, bench/RESULTS.md): the Triton kernel gave L sampling nothing
 # (99.5 -> 101.1 ms) and made the graphed L training step slower (152.6 -> 157.9 ms; its fwd+bwd 0.88x eager at
@@ -188,6 +202,10 @@ def _or_empty(bias: Optional[Tensor], x: Tensor) -> Tensor:
     return x.new_empty(0) if bias is None else bias
 
 
+# backends under which a standalone bias_gelu runs the plain PyTorch reference
+_UNFUSED = ("reference", "cublaslt")
+
+
 def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -> Tensor:
     """gelu_tanh(x + bias) over the last dim; ``inplace=True`` writes into x and returns it (only when no gradient
     is needed: the backward needs x)."""
@@ -201,11 +219,11 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -
                                "reads x); call it under torch.no_grad() or with inplace=False")
         if not x.is_contiguous():
             raise OpInputError("bias_gelu(inplace=True) needs a contiguous x")
-        if backend == "reference":
+        if backend in _UNFUSED:
             return x.copy_(bias_gelu_reference(x, bias))
         _bias_gelu_inplace_op(x, _or_empty(bias, x), backend)
         return x
-    if backend == "reference":
+    if backend in _UNFUSED:
         return bias_gelu_reference(x, bias)
     return _bias_gelu_op(x.contiguous(), _or_empty(bias, x), backend)
 
@@ -213,22 +231,48 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, inplace: bool = False) -
 def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional[Tensor] = None) -> Tensor:
     """gelu_tanh(y W^T + b) for y [..., K], weight [N, K], bias [N]: an MLP's first layer and activation.
 
-    Reference backend: exactly ``F.gelu(F.linear(y, W, b))``. Fused backends: the GEMM without its bias, then
-    ``bias_gelu`` (in place when no gradient is needed). The GEMM is ``ops.linear`` (its own backend: oneDNN on
-    the CPU by default). ``out``: a contiguous [prod(y.shape[:-1]), N] buffer in y's dtype that the result is
-    written into when no gradient is needed and the GEMM runs on aten (a serving loop reuses one such buffer per
-    shape: no fresh [M, N] allocation, whose page faults cost the CPU ~0.5 ms per 6 MB); ignored otherwise."""
+    Reference backend: exactly ``F.gelu(F.linear(y, W, b))``. ``cublaslt`` (CUDA, no gradient, a bias; refuses
+    otherwise): one GEMM with the bias and GELU in its epilogue (``linear_gelu_epilogue``). The other fused
+    backends: the GEMM without its bias, then ``bias_gelu`` (in place when no gradient is needed); the GEMM is
+    ``ops.linear`` (its own backend: oneDNN on the CPU by default). ``out``: a contiguous [prod(y.shape[:-1]), N]
+    buffer in y's dtype that the result is written into when no gradient is needed and the GEMM runs on aten (a
+    serving loop reuses one such buffer per shape: no fresh [M, N] allocation, whose page faults cost the CPU ~0.5 ms
+    per 6 MB); ignored otherwise."""
     check_linear_args("linear_gelu", y, weight, bias, out)
     backend = select_backend("bias_gelu", y.device)
     w8 = fp8_weight_for(y, weight, bias)                # inside ops.fp8_gemms(table): the GEMM (and bias) in fp8
     if w8 is not None:
         table = active_table()
         h = fp8_linear(y, w8, table.act_scale, table.fast_accum)
-        return F.gelu(h, approximate="tanh") if backend == "reference" else bias_gelu(h, None, inplace=True)
+        return F.gelu(h, approximate="tanh") if backend in _UNFUSED else bias_gelu(h, None, inplace=True)
     if backend == "reference":
         return linear_gelu_reference(y, weight, bias)
+    if backend == "cublaslt":                          # only ever forced: not in any default order
+        if needs_grad(y, weight, bias):
+            raise cannot_take("bias_gelu", backend, "the GEMM epilogue keeps no pre-activation for a backward")
+        if bias is None:
+            raise cannot_take("bias_gelu", backend, "the GELU_BIAS epilogue needs a bias")
+        return linear_gelu_epilogue(y, weight, bias, out)
     if needs_grad(y, weight, bias):
         return bias_gelu(F.linear(y, weight), bias)
     lead, K, N = y.shape[:-1], y.shape[-1], weight.shape[0]
     h = linear(y.reshape(-1, K), weight, None, out=out)                               # [M, N], no bias
     return bias_gelu(h, bias, inplace=True).view(*lead, N)
+
+
+def linear_gelu_epilogue(y: Tensor, weight: Tensor, bias: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """y [..., K], weight [N, K], bias [N] -> [..., N] through ``aten._addmm_activation(use_gelu=True)``: on CUDA,
+    cuBLASLt's GEMM with the bias-and-GELU epilogue where cuBLASLt takes the operands (2-D, bias of the output's
+    dtype, beta 1), else aten's addmm followed by an in-place tanh GELU; either way tanh-GELU. On the CPU aten
+    applies the exact erf GELU here, which is why the ``cublaslt`` backend is CUDA-only. ``out``: as in
+    ``linear_gelu`` (a contiguous [prod(lead), N] buffer of y's dtype, used outside autocast only: out= variants
+    are not autocast's; another shape or dtype is not used)."""
+    lead, K, N = y.shape[:-1], y.shape[-1], weight.shape[0]
+    y2 = y.reshape(-1, K)                                                            # [M, K]
+    b = bias.to(y2.dtype)
+    w_t = weight.to(y2.dtype).t()                                                    # [K, N], a view
+    if (out is not None and autocast_dtype(y.device) is None and out.is_contiguous() and out.dtype == y2.dtype
+            and tuple(out.shape) == (y2.shape[0], N)):
+        torch.ops.aten._addmm_activation.out(b, y2, w_t, use_gelu=True, out=out)
+        return out.view(*lead, N)
+    return torch._addmm_activation(b, y2, w_t, use_gelu=True).view(*lead, N)
