@@ -3,6 +3,7 @@ quality guard (the fp8 latents against the bf16 ones).
 
     python bench/bench_fp8.py --presets L --batches 1,8 --device cuda       # the GPU figures (Hopper / Ada)
     python bench/bench_fp8.py --quick                                        # CPU: tiny, 2 steps: proves it runs
+    python bench/bench_fp8.py --toy runs/toy --splits test,val              # the toy world's oracle, both precisions
 
 Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
 as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), ``fp8_fused`` (per token,
@@ -28,11 +29,22 @@ Columns:
   rel_err, cos the final latents against the bf16 variant's: ||a - b|| / ||b|| and the cosine
 The GPU and its clocks, driver, memory and power come from ``nvidia-ml-py`` (``omni2sound.gpu_info``) and are
 written with the rows.
+
+``--toy RUN``: the quality guard on a finished toy run (``python -m omni2sound.train``'s RUN folder: its ``--stage``
+folder and vae/). Every track's held-out prompts (the report's: ``toy_eval_clips`` per track, the run's sampling
+steps and guidance, seed 1234) are sampled twice on the same conditions and noise, in the DiT's precision (the
+pipeline's on ``--device``: fp32 on the CPU, bf16 on a GPU; or ``--dtypes``) and with the block projections in fp8,
+and scored by the oracle (``omni2sound.oracle.compare_fp8``). Printed per track: each score in both precisions, the
+difference counted in prompts ((fp8 - default) x prompts), and whether the scores of the track's learning bar differ
+by at most one prompt. The fp8_linear backend that ran (``scaled_mm`` or ``reference``) is printed and written; on
+the CPU choose ``_scaled_mm`` with ``OMNI2SOUND_BACKEND=fp8_linear=scaled_mm`` (torch's CPU build runs it for bf16
+inputs: ``--dtypes bfloat16``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -175,6 +187,56 @@ def bench(preset: str, batch: int, args, device, dtype) -> list:
     return rows
 
 
+def toy(args) -> dict:
+    """The oracle's scores of fp8 samples against the default precision's on a finished toy run (``--toy``)."""
+    from omni2sound.files import BadFileError, read_json, write_json
+    from omni2sound.oracle import SCORES, compare_fp8
+    from omni2sound.schedule import TrainConfig
+
+    stage = os.path.join(args.toy, args.stage)
+    try:
+        meta = read_json(os.path.join(stage, "meta.json"), dict, "a run folder's meta.json")
+    except BadFileError as e:
+        raise SystemExit(f"bench_fp8 --toy: {e} (RUN: a finished toy run, e.g. runs/toy)") from None
+    if not meta.get("complete") or "config" not in meta:
+        raise SystemExit(f"bench_fp8 --toy: {stage}/meta.json: not a finished DiT stage (complete, with its config)")
+    cfg = TrainConfig.from_dict(meta["config"])
+    if cfg.data != "toy":
+        raise SystemExit(f"bench_fp8 --toy: {stage} was trained on {cfg.data!r}, not the toy world")
+    runs = []
+    for dtype in (args.dtypes or "default").split(","):
+        for split in args.splits.split(","):
+            t0 = time.perf_counter()
+            r = compare_fp8(cfg, stage, os.path.join(args.toy, "vae"), n=args.n, seed=args.seed, split=split,
+                            dtype=None if dtype == "default" else getattr(torch, dtype), device=args.device,
+                            progress=False)
+            r["wall_s"] = round(time.perf_counter() - t0, 1)
+            runs.append(r)
+            print(f"\n{split} split, {r['tracks']['v2a']['n_prompts']} prompts per track, DiT {r['dtype']} on "
+                  f"{r['device']}, "
+                  f"{r['steps']} steps, guidance {r['guidance']}; fp8 projections: {r['fp8']['weights']} weights, "
+                  f"backends {r['fp8']['backends']}; generation {r['generate_seconds']} s, all {r['wall_s']} s")
+            rows = []
+            for track, t in r["tracks"].items():
+                row = {"track": track}
+                for k in SCORES:
+                    if t["default"][k] is not None:
+                        row[k] = f"{t['default'][k]:.3f} / {t['fp8'][k]:.3f} ({t['difference_in_prompts'][k]:+g})"
+                row.update({"judged on": ",".join(t["judged_on"]), "within 1 prompt": t["within_one_prompt"],
+                            "rel_err": round(t["latents_rel_err"], 4), "cos": round(t["latents_cos"], 5)})
+                rows.append(row)
+            print_table(rows, [c for c in ("track", *SCORES, "judged on", "within 1 prompt", "rel_err", "cos")])
+            print(f"scores default / fp8 (difference in prompts); within one prompt on every track: "
+                  f"{r['within_one_prompt']} (all four scores: {r['all_scores_within_one_prompt']})")
+    device = torch.device(args.device)
+    out = {**provenance(device), "hardware": hardware(device.type),
+           "OMNI2SOUND_BACKEND": os.environ.get("OMNI2SOUND_BACKEND"), "run": args.toy,
+           "within_one_prompt": all(r["within_one_prompt"] for r in runs), "runs": runs}
+    if args.out:
+        write_json(args.out, out)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny at batch 1, 2 steps, 1 s (CPU: proves it runs)")
@@ -193,7 +255,16 @@ def main(argv=None):
                     help="torch.compile the step (every variant; Inductor fuses the activation quantisation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", help="write the rows (+ the card) as JSON here")
+    ap.add_argument("--toy", metavar="RUN", help="score fp8 against the default precision on this finished toy run")
+    ap.add_argument("--stage", default="stage3", help="--toy: the DiT stage folder in RUN")
+    ap.add_argument("--splits", default="test", help="--toy: comma list of held-out splits (test, val)")
+    ap.add_argument("--dtypes", default="", help="--toy: comma list of DiT dtypes (float32, bfloat16; default: the "
+                    "pipeline's on --device, fp32 on the CPU, bf16 on a GPU)")
+    ap.add_argument("--n", type=int, help="--toy: prompts per track (default: the run's toy_eval_clips)")
+    ap.add_argument("--seed", type=int, default=1234, help="--toy: the sampling seed (the report's: 1234)")
     args = ap.parse_args(argv)
+    if args.toy:
+        return toy(args)
     if args.quick:
         args.presets, args.batches, args.steps, args.duration, args.repeats = "tiny", "1", 2, 1.0, 1
     device = torch.device(args.device)

@@ -16,7 +16,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -151,37 +151,16 @@ def _truth(clip) -> list:
     return [{"cls": e.cls, "onset": e.onset, "onscreen": e.onscreen} for e in clip.events]
 
 
-def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
-                 split: str = "test", progress: Optional[bool] = None) -> dict:
-    """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
-
-    The audio comes from the sampler users run: the stage folder loaded as an ``Omni2SoundPipeline`` (as
-    ``python -m omni2sound.generate --model STAGE`` loads it, on the CPU) and ``generate_from_conditions`` on the
-    prompts' features, with ``cfg.sample_steps`` Euler steps, ``cfg.guidance`` and one seed for each track's batch.
-    vae_dir: the VAE that encodes the true audio (the features) and decodes the VAE ceiling, the oracle on VAE
-    reconstructions of the true audio (the best any DiT can reach here); the pipeline decodes with the VAE its
-    pipeline.json names (the run's, the same one).
-    split: "test" for the report; "val" to choose sampling settings (steps, guidance) without touching the test
-    prompts."""
+def _track_prompts(cfg, vae, enc, n: int, split: str, progress: bool):
+    """Per track: (track, task, clips, z_true [n, T, C] the true audio's latents, Conditions of the prompts)."""
     import torch
-
-    from .extract import Encoders, encode_items
-    from .pipeline import Omni2SoundPipeline
-    from .toy import ToyConfig, ToyWorld
-    from .vae import AudioVAE
-
-    n = n or cfg.toy_eval_clips
-    progress = getattr(cfg, "progress", True) if progress is None else progress
-    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
-    vae = AudioVAE.from_pretrained(vae_dir).eval()
-    pipe = Omni2SoundPipeline.from_pretrained(stage_dir, device="cpu")
-    enc = enc or Encoders()
-    oracle = Oracle()
-    N = int(round(cfg.toy_duration * world.cfg.sample_rate))
-    results, audio = {}, {}
     from tqdm import tqdm
 
     from .data.shards import FeatureTable
+    from .extract import encode_items
+    from .toy import ToyConfig, ToyWorld
+
+    world = ToyWorld(ToyConfig(seed=cfg.seed, duration=cfg.toy_duration))
     tracks = tqdm(TRACKS.items(), desc=f"report ({split} prompts)", unit="track", disable=not progress,
                   dynamic_ncols=True)
     for track, (task, start, off) in tracks:
@@ -192,16 +171,126 @@ def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc
                                                         "frames_sync": c.frames_sync, "caption": c.caption,
                                                         "duration": c.duration} for c in clips], vae, enc))
         z_true, cond = table.batch(torch.arange(n), sample_latent=False)
-        out = pipe.generate_from_conditions(cond.for_task(task), steps=cfg.sample_steps, guidance=cfg.guidance,
-                                            seed=seed)
-        wav = out.audio[:, :N].numpy()                                                      # [n, N]
+        yield track, task, clips, z_true, cond.for_task(task)
+
+
+def evaluate_toy(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
+                 split: str = "test", progress: Optional[bool] = None, fp8: bool = False, dtype=None) -> dict:
+    """Generate every track's held-out prompts with the stage's EMA DiT and score them with the oracle.
+
+    The audio comes from the sampler users run: the stage folder loaded as an ``Omni2SoundPipeline`` (as
+    ``python -m omni2sound.generate --model STAGE`` loads it, on the CPU) and ``generate_from_conditions`` on the
+    prompts' features, with ``cfg.sample_steps`` Euler steps, ``cfg.guidance`` and one seed for each track's batch.
+    vae_dir: the VAE that encodes the true audio (the features) and decodes the VAE ceiling, the oracle on VAE
+    reconstructions of the true audio (the best any DiT can reach here); the pipeline decodes with the VAE its
+    pipeline.json names (the run's, the same one).
+    split: "test" for the report; "val" to choose sampling settings (steps, guidance) without touching the test
+    prompts. fp8: the DiT blocks' projections as e4m3 GEMMs (``SamplingOptions.fp8``). dtype: the DiT's (default
+    the pipeline's on the CPU, fp32)."""
+    ev = _sample_and_score(cfg, stage_dir, vae_dir, n, enc, seed, split, progress, {"default": fp8}, dtype)
+    return {"results": {t: {**r, "vae_ceiling": ev["ceiling"][t]} for t, r in ev["results"]["default"].items()},
+            "audio": ev["audio"]["default"]}
+
+
+def _sample_and_score(cfg, stage_dir: str, vae_dir: str, n: Optional[int], enc, seed: int, split: str,
+                      progress: Optional[bool], variants: Dict[str, bool], dtype=None, device="cpu") -> dict:
+    """Every track's prompts sampled once per variant (name -> fp8) on the same conditions and noise, and scored.
+    {"results": {variant: {track: scores}}, "audio": {variant: {track: (clips, wav [n, N])}},
+    "latents": {variant: {track: [n, T, C]}}, "ceiling": {track: scores}, "seconds": {variant: generation wall
+    time}, "pipe": the pipeline}."""
+    import torch
+
+    from .extract import Encoders
+    from .pipeline import Omni2SoundPipeline
+    from .toy import ToyConfig
+    from .vae import AudioVAE
+
+    n = n or cfg.toy_eval_clips
+    progress = getattr(cfg, "progress", True) if progress is None else progress
+    vae = AudioVAE.from_pretrained(vae_dir).eval()
+    pipe = Omni2SoundPipeline.from_pretrained(stage_dir, device=device, dtype=dtype)
+    enc = enc or Encoders()
+    oracle = Oracle()
+    N = int(round(cfg.toy_duration * ToyConfig().sample_rate))
+    out = {"results": {v: {} for v in variants}, "audio": {v: {} for v in variants},
+           "latents": {v: {} for v in variants}, "ceiling": {}, "seconds": {v: 0.0 for v in variants}, "pipe": pipe}
+    for track, task, clips, z_true, cond in _track_prompts(cfg, vae, enc, n, split, progress):
+        truths = [_truth(c) for c in clips]
+        for v, fp8 in variants.items():
+            t0 = time.perf_counter()
+            gen = pipe.generate_from_conditions(cond, steps=cfg.sample_steps, guidance=cfg.guidance, seed=seed,
+                                                fp8=fp8)
+            out["seconds"][v] += time.perf_counter() - t0
+            wav = gen.audio[:, :N].numpy()                                                  # [n, N]
+            out["results"][v][track] = {"task": task, **score([oracle.analyse(w) for w in wav], truths)}
+            out["audio"][v][track] = (clips, wav)
+            out["latents"][v][track] = gen.latents
         with torch.no_grad():
             recon = vae.decode(z_true.transpose(1, 2))[:, 0, :N].numpy()
-        truths = [_truth(c) for c in clips]
-        results[track] = {"task": task, **score([oracle.analyse(w) for w in wav], truths),
-                          "vae_ceiling": score([oracle.analyse(w) for w in recon], truths)}
-        audio[track] = (clips, wav)
-    return {"results": results, "audio": audio}
+        out["ceiling"][track] = score([oracle.analyse(w) for w in recon], truths)
+    return out
+
+
+# the scores compared between precisions; each track is judged on the ones of its learning bar
+SCORES = ("onset_f1", "class_acc", "class_f1", "offscreen_recall")
+
+
+def score_difference(base: dict, other: dict, track: str) -> tuple:
+    """Two ``score`` results of the same prompts -> ({score: (other - base) x prompts, None where undefined},
+    whether every score of the track's bar differs by at most one prompt, whether all defined scores do)."""
+    m = base["n_clips"]
+    if other["n_clips"] != m:
+        raise ValueError(f"score_difference: {m} prompts against {other['n_clips']}")
+    diff = {k: None if base[k] is None or other[k] is None else round((other[k] - base[k]) * m, 6) for k in SCORES}
+    within = all(diff[k] is not None and abs(diff[k]) <= 1 + 1e-6 for k in BAR[track])
+    within_all = all(d is None or abs(d) <= 1 + 1e-6 for d in diff.values())
+    return diff, within, within_all
+
+
+def compare_fp8(cfg, stage_dir: str, vae_dir: str, n: Optional[int] = None, enc=None, seed: int = 1234,
+                split: str = "test", progress: Optional[bool] = None, dtype=None, device="cpu") -> dict:
+    """The oracle's scores of the toy world's held-out prompts sampled with the DiT's precision (``dtype``; default
+    the pipeline's on ``device``: fp32 on the CPU, bf16 on a GPU) and with its block projections in fp8
+    (``SamplingOptions.fp8``), on the same conditions, seed and noise, per track.
+
+    A score difference is counted in prompts: (fp8 - default) x the track's number of prompts (a class accuracy
+    difference of 1/n is one prompt heard differently). The guard: on every track, each score of the track's learning
+    bar (``BAR``) differs by at most one prompt ("within_one_prompt"); "all_scores_within_one_prompt" asks it of all
+    four scores. Also per track: the fp8 latents against the default ones (relative error, cosine), and which
+    ``fp8_linear`` backend ran the projections (``Fp8Weights.backends``: "scaled_mm" or "reference")."""
+    import torch
+    import torch.nn.functional as F
+
+    from .pipeline import SamplingOptions
+
+    t0 = time.time()
+    ev = _sample_and_score(cfg, stage_dir, vae_dir, n, enc, seed, split, progress, {"default": False, "fp8": True},
+                           dtype, device)
+    pipe = ev["pipe"]
+    act_scale = SamplingOptions().fp8_act_scale                     # generate_from_conditions' fp8: per token
+    table = pipe.fp8_weights(act_scale)
+    tracks, ok, ok_all = {}, True, True
+    for track, base in ev["results"]["default"].items():
+        f8 = ev["results"]["fp8"][track]
+        m = base["n_clips"]
+        diff, within, within_all = score_difference(base, f8, track)
+        a, b = ev["latents"]["fp8"][track].float(), ev["latents"]["default"][track].float()
+        tracks[track] = {"task": base["task"], "n_prompts": m, "default": base, "fp8": f8,
+                         "difference_in_prompts": diff, "judged_on": list(BAR[track]), "within_one_prompt": within,
+                         "all_scores_within_one_prompt": within_all, "vae_ceiling": ev["ceiling"][track],
+                         "latents_rel_err": ((a - b).norm() / b.norm()).item(),
+                         "latents_cos": F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()}
+        ok &= within
+        ok_all &= within_all
+    dt = pipe.dit.dtype
+    return {"stage_dir": stage_dir, "split": split, "seed": seed, "device": str(pipe.device),
+            "dtype": str(dt).replace("torch.", ""),
+            "steps": cfg.sample_steps, "guidance": cfg.guidance,
+            "fp8": {"act_scale": act_scale, "weights": len(table), "weights_MB": round(table.nbytes() / 2**20, 3),
+                    "backends": table.backends(dt, pipe.device)},
+            "tracks": tracks, "within_one_prompt": ok, "all_scores_within_one_prompt": ok_all,
+            "generate_seconds": {v: round(t, 1) for v, t in ev["seconds"].items()},
+            "seconds": round(time.time() - t0, 1), "torch": torch.__version__}
 
 
 def _spectrogram_png(path: str, wav, sr: int, title: str) -> None:

@@ -43,6 +43,7 @@ class ServeConfig:
     guidance: Optional[Guidance] = 4.5
     method: str = "euler"
     fp8: bool = False
+    fp8_fused_quant: bool = False                          # with fp8: SamplingOptions.fp8_fused_quant
     # what one more batch costs in rows of work, for cutting a bucket's requests into batches (a small batch of the
     # L model is launch-bound: one batch of 8 costs little more than one of 1)
     batch_overhead_rows: int = 8
@@ -132,7 +133,8 @@ class Server:
     @property
     def options(self) -> SamplingOptions:
         c = self.config
-        return SamplingOptions(steps=c.steps, method=c.method, guidance=c.guidance, fp8=c.fp8, bucketed=True)
+        return SamplingOptions(steps=c.steps, method=c.method, guidance=c.guidance, fp8=c.fp8,
+                               fp8_fused_quant=c.fp8_fused_quant, bucketed=True)
 
     # -- one padded batch ----------------------------------------------------------------------------
     def conditions(self, requests: Sequence[Request], bucket: float, rows: int) -> Conditions:

@@ -50,7 +50,7 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Optional, Tuple
+from typing import Dict, Iterable, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -216,6 +216,21 @@ def _scaled_mm(xq: Tensor, sx: Tensor, w: Fp8Weight, out_dtype: torch.dtype, fas
                             use_fast_accum=fast_accum)
 
 
+def fp8_linear_backend(x: Tensor, w: Fp8Weight) -> str:
+    """The backend ``fp8_linear(x, w)`` runs: the selected one, or the reference for a call ``scaled_mm`` cannot take
+    (an error when ``scaled_mm`` was forced). x: the input, or any tensor of its dtype, device and size."""
+    backend = select_backend("fp8_linear", x.device)
+    if x.numel() == 0:                                                             # no rows, or K = 0: no GEMM
+        return "reference"
+    if backend == "scaled_mm" and not scaled_mm_takes(x, w):
+        if forced_backend("fp8_linear") == "scaled_mm":
+            from ._dispatch import cannot_take
+            raise cannot_take("fp8_linear", "scaled_mm", f"K={w.in_features} and N={w.out_features} must be "
+                              f"multiples of 16 and x bf16 (got {x.dtype}) for row-wise scales")
+        return "reference"
+    return backend
+
+
 def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bool = True) -> Tensor:
     """x [..., K] @ dequant(w)^T + w.bias -> [..., N] in x's dtype, x quantised per token (or per tensor) on the fly.
 
@@ -229,15 +244,7 @@ def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bo
         fail("fp8_linear", f"act_scale must be one of {SCALES}, got {act_scale!r}")
     if needs_grad(x):
         raise RuntimeError("fp8_linear is an inference op: call it under torch.no_grad() (it has no gradient)")
-    backend = select_backend("fp8_linear", x.device)
-    if x.numel() == 0:                                                             # no rows, or K = 0: no GEMM
-        backend = "reference"
-    if backend == "scaled_mm" and not scaled_mm_takes(x, w):
-        if forced_backend("fp8_linear") == "scaled_mm":
-            from ._dispatch import cannot_take
-            raise cannot_take("fp8_linear", "scaled_mm", f"K={w.in_features} and N={w.out_features} must be "
-                              f"multiples of 16 and x bf16 (got {x.dtype}) for row-wise scales")
-        backend = "reference"
+    backend = fp8_linear_backend(x, w)
     lead, K = x.shape[:-1], x.shape[-1]
     M = x.numel() // K if K else 0
     # the input's own quantisation: the reference's, or the one quantize_rows would run; a hand-over made by the
@@ -288,6 +295,16 @@ class Fp8Weights:
 
     def __len__(self) -> int:
         return len(self._table)
+
+    def backends(self, dtype: torch.dtype, device: Union[str, torch.device]) -> Dict[str, int]:
+        """{backend: number of the table's weights whose GEMMs ``fp8_linear`` runs on it} for inputs of ``dtype`` on
+        ``device`` under the backends selected now (``ops.use_backend`` / ``OMNI2SOUND_BACKEND``)."""
+        out: Dict[str, int] = {}
+        for _, _, w in self._table.values():
+            x = torch.empty((1, w.in_features), dtype=dtype, device=device)
+            b = fp8_linear_backend(x, w)
+            out[b] = out.get(b, 0) + 1
+        return out
 
     def nbytes(self) -> int:
         return sum(e[2].q.numel() + 4 * e[2].scale.numel() for e in self._table.values())
