@@ -16,6 +16,16 @@ only ever adds time). Shapes: inference [2, 250, 1536], training
 [32, 250, 1536], and (GPU) the bandwidth shape [16, 4096, 1536]. On the CPU, ``--threads`` runs the whole set on each
 intra-op thread count (torch.compile recompiled for each: its generated loops are parallel or not by the count at
 compile time) and ends with a summary: per layout, the C++ op against torch.compile and against both copies.
+
+    python bench/bench_adaln.py --modulation-grads [--quick]
+                                           # the backward of the DiT's AdaLN chain, modulation gradients stacked
+                                           # (unbind) against written into one buffer (ops.split_modulation)
+
+``--modulation-grads`` times the backward of the AdaLN chain of a few DiT blocks as the model runs it in training
+(bf16: adaln_modulate, then three gated_residual_adaln per block on the slices of each block's [B, T, 6, D]
+modulation and the final layer's [B, T, 2, D], paired with per-sample parts; the sublayers between them a scaling),
+in interleaved rounds: the only difference between the two is unbind's stack against the buffer, and the kernels'
+copies of dy into the shift slots.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import time
 
 import torch
@@ -89,6 +100,51 @@ def make(shape, dtype, device, per_token):
     return mk(B, L, D), mk(B, L, D), mk(B, Lm, D), mk(B, Lm, D), 0.5 * mk(B, Lm, D)
 
 
+def modulation_grads(args) -> list:
+    """Rows: seconds of the AdaLN chain's backward with the modulation gradients stacked and in one buffer, same
+    run, interleaved rounds (median and best)."""
+    dev, dt = args.device, torch.bfloat16
+    cuda = dev.startswith("cuda")
+    B, T, D, depth = (2, 250, 1536, 4) if args.quick or not cuda else (32, 250, 1536, 4)
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g).to(dev, dt)                 # noqa: E731
+    mods0 = [r(B, T, 6, D) for _ in range(depth)] + [r(B, T, 2, D)]
+    per, x0, dy, dx2 = [r(B, 1, D) for _ in range(6)], r(B, T, D), r(B, T, D), r(B, T, D)
+
+    def backward_seconds(buffer: bool) -> float:
+        mods = [m.clone().requires_grad_() for m in mods0]
+        x = x0.clone().requires_grad_()
+        with ops.modulation_grad_buffer(buffer):
+            tok = [ops.split_modulation(m) for m in mods]
+            y = ops.adaln_modulate(x, (tok[0][0], per[0]), (tok[0][1], per[1]))
+            ones, zeros = torch.ones_like(per[0]), torch.zeros_like(per[0])
+            for i in range(depth):
+                x, y = ops.gated_residual_adaln(x, 0.5 * y, (tok[i][2], per[2]), zeros, zeros)
+                x, y = ops.gated_residual_adaln(x, 0.5 * y, ones, (tok[i][3], per[3]), (tok[i][4], per[4]))
+                x, y = ops.gated_residual_adaln(x, 0.5 * y, (tok[i][5], per[5]), (tok[i + 1][0], per[0]),
+                                                (tok[i + 1][1], per[1]))
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.autograd.backward([y, x], [dy, dx2])
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    res = interleaved_rounds({"stack": lambda: backward_seconds(False), "buffer": lambda: backward_seconds(True)},
+                             rounds=6 if args.quick else 20, warmup=2)
+    hw = f"{torch.cuda.get_device_name()}" if cuda else \
+        f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    rows = [{"op": "adaln chain backward", "layout": k, "shape": [B, T, D], "depth": depth, "dtype": "bfloat16",
+             "hardware": hw, "median_ms": statistics.median(v) * 1e3, "best_ms": min(v) * 1e3, "rounds_ms":
+             [x * 1e3 for x in v]} for k, v in res.items()]
+    s, b = rows
+    print(f"AdaLN chain backward, {depth} blocks, bf16 [{B}, {T}, {D}], {hw}: stacked {s['median_ms']:.2f} ms "
+          f"(best {s['best_ms']:.2f}), one buffer {b['median_ms']:.2f} ms (best {b['best_ms']:.2f}): "
+          f"{s['median_ms'] / b['median_ms']:.2f}x by medians, {s['best_ms'] / b['best_ms']:.2f}x by bests")
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -98,7 +154,15 @@ def main():
     ap.add_argument("--threads", help="CPU: comma-separated intra-op thread counts to run in turn (default: as set)")
     ap.add_argument("--shapes", help="comma-separated labels among inference, training (default: both; --quick on "
                                      "the CPU: inference)")
+    ap.add_argument("--modulation-grads", action="store_true",
+                    help="only the chain's backward, modulation gradients stacked against in one buffer")
     args = ap.parse_args()
+    if args.modulation_grads:
+        rows = modulation_grads(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**provenance(args.device), "rows": rows}, f, indent=1)
+        return
     threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
     rows = []
     for k in threads:
