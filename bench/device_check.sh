@@ -27,7 +27,8 @@
 #   train-bf16w        the graph step with fp32 weights under autocast against bf16 weight copies written by the
 #                      optimiser (--bf16-weights), same run; and the GPU tests of the optimiser kernel
 #   train-modgrad      the graph step (bf16 weight copies) with the modulation gradients stacked against written into
-#                      one buffer, interleaved; and the GPU tests of split_modulation (bit-identical gradients)
+#                      one buffer, interleaved; the AdaLN chain's backward both ways (bench_adaln --modulation-grads);
+#                      and the GPU tests of split_modulation (bit-identical gradients)
 #   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
 #                      activation scales; per-token with the quantisation fused into the AdaLN, against per-token
 #                      unfused with the AdaLN on Triton), step time, GEMM / quantisation / AdaLN time per step from
@@ -199,6 +200,7 @@ if want train-bf16w; then
 fi
 if want train-modgrad; then
   step tests_modgrad 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_adaln.py -k split_modulation
+  step adaln_modgrad 40 $PY bench/bench_adaln.py --modulation-grads --out "$RES/adaln_modgrad.json"
   step train_L_modgrad 120 $PY $TRAIN_L --graph --bf16-weights --modulation-grads both \
     --variants fused+graph+bf16w+stack,fused+graph+bf16w,fused+graph+bf16w,fused+graph+bf16w+stack \
     --out "$RES/train_L_modgrad.json"
