@@ -215,6 +215,15 @@ def test_generate_from_conditions_takes_fp8():
 # ----------------------------------------------------------------------------------------------------
 # GPU
 # ----------------------------------------------------------------------------------------------------
+def _gpu_request():
+    """The tiny pipeline in bf16 on the GPU and one request's conditions and noise there."""
+    pipe = _tiny_pipe()
+    pipe.dit.to("cuda", torch.bfloat16)
+    pipe.vae.to("cuda")
+    cond, x0 = _request(pipe)
+    return pipe, cond, x0.to("cuda", torch.bfloat16)
+
+
 def _fp8_gpu():
     return torch.cuda.is_available() and ops.fp8_supported("cuda")
 
@@ -259,11 +268,7 @@ def test_fp8_sampling_in_the_cuda_graph_on_the_gpu():
     if not _fp8_gpu():
         pytest.skip("needs a GPU of compute capability >= 8.9")
     from omni2sound.pipeline import SamplingOptions
-    pipe = _tiny_pipe()
-    pipe.dit.to("cuda", torch.bfloat16)
-    pipe.vae.to("cuda")
-    cond, x0 = _request(pipe)
-    x0 = x0.to("cuda", torch.bfloat16)
+    pipe, cond, x0 = _gpu_request()
     graphed = pipe._sample(cond, x0, SamplingOptions(steps=8, guidance=3.0, fp8=True), {})
     eager = pipe._sample(cond, x0, SamplingOptions(steps=8, guidance=3.0, fp8=True, cuda_graphs=False), {})
     bf = pipe._sample(cond, x0, SamplingOptions(steps=8, guidance=3.0), {})

@@ -313,14 +313,10 @@ def test_fused_fp8_sampling_on_the_gpu_gives_the_same_latents():
     identical latents; the eager default (CUDA AdaLN, unfused) within the AdaLN's bf16 rounding of them."""
     if not _fp8_gpu():
         pytest.skip("needs a GPU of compute capability >= 8.9")
-    from test_fp8 import _request, _tiny_pipe
+    from test_fp8 import _gpu_request
 
     from omni2sound.pipeline import SamplingOptions
-    pipe = _tiny_pipe()
-    pipe.dit.to("cuda", torch.bfloat16)
-    pipe.vae.to("cuda")
-    cond, x0 = _request(pipe)
-    x0 = x0.to("cuda", torch.bfloat16)
+    pipe, cond, x0 = _gpu_request()
     for graphs in (True, False):
         opts = dict(steps=6, guidance=3.0, fp8=True, cuda_graphs=graphs)
         with ops.use_backend(adaln="triton"):

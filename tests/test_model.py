@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from test_adaln import StackShapes
 
 from omni2sound import ops
 from omni2sound.conditions import Conditions
@@ -208,20 +209,6 @@ def test_bf16_autocast_training_step(backend):
     assert abs(loss.detach().item() - ref.detach().item()) <= 0.05 * abs(ref.detach().item()) + 1e-3   # bf16 ~ fp32
     for name, p in model.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
-
-
-class StackShapes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the output shape of every aten::stack (unbind's backward is one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._schema.name == "aten::stack":
-            self.shapes.append(tuple(out.shape))
-        return out
 
 
 @pytest.mark.parametrize("backend", [None, "reference", "triton"])   # None: the default (C++ AdaLN on the CPU)
