@@ -18,6 +18,7 @@ import contextlib
 import json
 import platform
 import time
+from typing import Optional
 
 import torch
 
@@ -101,7 +102,7 @@ def gpu_default_backends() -> dict:
 
 
 def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bool = False,
-               modulation_grad_buffer: bool = True) -> dict:
+               modulation_grad_buffer: Optional[bool] = True) -> dict:
     """Traffic of one training step (bf16 autocast loss + backward + fused AdamW step) on the CPU, per category.
     bf16_weights: the matrix weights as bf16 copies that the optimiser step writes (MasterWeightAdamW).
     modulation_grad_buffer: False cuts the per-token modulations with unbind (their gradients stacked), as
@@ -128,7 +129,8 @@ def audit_step(cfg, batch: int, seconds: float, backends: dict, bf16_weights: bo
     return dict(counter.rows)
 
 
-LAYOUTS = {"buffer": (True,), "stack": (False,), "both": (False, True)}
+# None: the library's default for the device (ops.adaln.BUFFER_BY_DEFAULT: on on the CPU, off on a GPU until measured)
+LAYOUTS = {"default": (None,), "buffer": (True,), "stack": (False,), "both": (False, True)}
 
 
 def audit(presets, batch: int, seconds: float, backends_name: str, bandwidth: float, flops_peak: float,
@@ -222,9 +224,10 @@ def main(argv=None) -> None:
     p.add_argument("--bf16-weights", action="store_true",
                    help="also train with bf16 weight copies written by the optimiser step (omni2sound/optim.py): "
                         "timed as the variants <v>+bf16w; --audit: both ways and the difference")
-    p.add_argument("--modulation-grads", choices=tuple(LAYOUTS), default="buffer",
-                   help="the AdaLN modulations' gradients in one buffer (the default) or stacked by unbind's backward; "
-                        "--audit with both: each and the difference; timing with both: the variants <v>+stack too")
+    p.add_argument("--modulation-grads", choices=tuple(LAYOUTS), default="default",
+                   help="the AdaLN modulations' gradients in one buffer or stacked by unbind's backward (default: the "
+                        "library's choice for the device); --audit with both: each and the difference; timing with "
+                        "both: the variants <v> (buffer) and <v>+stack")
     a = p.parse_args(argv)
     if a.audit:
         res = audit(a.presets or ["L"], a.batch or 32, a.seconds or 10.0, a.audit_backends, a.audit_bandwidth,
@@ -269,14 +272,18 @@ def main(argv=None) -> None:
             x1, cond = random_batch(cfg, batch, seconds, a.device, torch.Generator().manual_seed(1))
             run_model = torch.compile(model) if mode == "compile" else model
             ctx = ops.use_backend(backend) if backend else contextlib.nullcontext()
-            stacked = a.modulation_grads == "stack" or label.endswith("+stack")
-            with ctx, ops.modulation_grad_buffer(not stacked):
+            if a.modulation_grads == "stack" or label.endswith("+stack"):
+                buffer = False
+            else:
+                buffer = None if a.modulation_grads == "default" else True
+            with ctx, ops.modulation_grad_buffer(buffer):
                 dt = time_steps(run_model, opt, x1, cond, steps, 3 if mode == "compile" else 1, a.device, True,
                                 profile=a.profile and label != "reference", graph=mode == "graph",
                                 pad_text_to=a.pad_text)
             tokens = batch * x1.shape[1]
             params = model.num_params()
             row = {"preset": name, "params_M": params / 1e6, "variant": label, "batch": batch, "seconds": seconds,
+                   "modulation_grads": {None: "default", True: "buffer", False: "stack"}[buffer],
                    "us_per_step": dt * 1e6, "samples_per_s": batch / dt, "tokens_per_s": tokens / dt,
                    "mfu": (6 * params * tokens / dt / peak) if peak else None}
             if cuda:

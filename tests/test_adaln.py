@@ -561,6 +561,27 @@ def test_split_modulation_empty_and_without_gradient():
         ops.split_modulation(torch.randn(2, 3, 4))
 
 
+def test_split_modulation_default_is_per_device(monkeypatch):
+    """On by default where the strided gradient outputs have run (the CPU), off elsewhere until measured; the switch
+    overrides either way, and None restores the device's default."""
+    from omni2sound.ops import adaln as mod_adaln
+
+    def uses_buffer():
+        return type(ops.split_modulation(torch.randn(1, 2, 6, 4, requires_grad=True))[0].grad_fn) is \
+            mod_adaln._SplitModulation._backward_cls
+
+    assert mod_adaln.BUFFER_BY_DEFAULT == ("cpu",) and uses_buffer()
+    monkeypatch.setattr(mod_adaln, "BUFFER_BY_DEFAULT", ())              # as on a GPU today
+    assert not uses_buffer()
+    with ops.modulation_grad_buffer(True):
+        assert uses_buffer()
+        with ops.modulation_grad_buffer(None):
+            assert not uses_buffer()
+    with ops.modulation_grad_buffer(False):
+        monkeypatch.setattr(mod_adaln, "BUFFER_BY_DEFAULT", ("cpu",))
+        assert not uses_buffer()
+
+
 def _hook_slot(tok):
     tok[0][3].register_hook(lambda g: g * 1.0)              # a new tensor: not the buffer's slot
     return tok

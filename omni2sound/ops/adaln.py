@@ -32,7 +32,8 @@ cuts it instead: the backward of these ops then writes each slice's per-token gr
 the copy of dy, inside the kernel) straight into its slot of one [B, L, 6, D] buffer (row stride 6 D), allocated at
 the first backward that writes into it, and the split's backward returns that buffer as it is. Same values, bit for
 bit; where the gradients did not come from the buffer (hooks, other consumers, torch.compile, the reference backend)
-the split's backward stacks them as ``unbind`` would. ``modulation_grad_buffer(False)`` turns it off.
+the split's backward stacks them as ``unbind`` would. On by default on the CPU, off on a GPU until its kernels'
+strided outputs have run on a card (``BUFFER_BY_DEFAULT``); ``modulation_grad_buffer(True / False)`` overrides.
 
 Fused fp8 copy of y (sampling with FP8 projections, per-token activation scales): inside
 ``ops.fp8_gemms(table, fuse_quant=True)`` both ops also quantise their output y for the next e4m3 GEMM, as
@@ -342,15 +343,21 @@ def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_d
 # ----------------------------------------------------------------------------------------------------
 
 _switch = threading.local()
+# Where the buffer is on by default: the devices whose AdaLN backward kernels have run their strided gradient outputs
+# against the stack bit for bit (the CPU: C++ and reference, every test run). On a GPU the CUDA and Triton kernels'
+# strided outputs are tested (tests/test_adaln.py, cuda marker) but have not run on a card yet: off there by default
+# until `bash bench/device_check.sh train-modgrad` has passed and timed both ways; modulation_grad_buffer(True) turns
+# it on.
+BUFFER_BY_DEFAULT = ("cpu",)
 
 
 @contextlib.contextmanager
-def modulation_grad_buffer(enabled: bool = True) -> Iterator[None]:
+def modulation_grad_buffer(enabled: Optional[bool] = True) -> Iterator[None]:
     """Whether ``split_modulation`` (called inside) lets the AdaLN backward write the slices' gradients into one
-    buffer (on by default) or cuts the modulation with a plain ``unbind`` (whose backward stacks them). Same values
-    either way; the switch exists to compare the two."""
-    prev = getattr(_switch, "enabled", True)
-    _switch.enabled = bool(enabled)
+    buffer or cuts the modulation with a plain ``unbind`` (whose backward stacks them); None: the device's default
+    (``BUFFER_BY_DEFAULT``). Same values either way; the switch exists to compare the two."""
+    prev = getattr(_switch, "enabled", None)
+    _switch.enabled = None if enabled is None else bool(enabled)
     try:
         yield
     finally:
@@ -410,11 +417,14 @@ def split_modulation(mod: Tensor) -> Tuple[Tensor, ...]:
     """``mod.unbind(2)`` for a modulation ``[B, L, n, D]`` -> n x [B, L, D] views (gate, shift, scale, ... of the
     AdaLN ops). When autograd records it, the AdaLN ops' backward writes the slices' per-token gradients into one
     [B, L, n, D] buffer that becomes mod's gradient without a stack (module docstring). Without a gradient (sampling),
-    under torch.compile or inside ``modulation_grad_buffer(False)``: a plain ``unbind``."""
+    under torch.compile, inside ``modulation_grad_buffer(False)`` or on a device outside ``BUFFER_BY_DEFAULT`` (unless
+    ``modulation_grad_buffer(True)``): a plain ``unbind``."""
     if mod.dim() != 4:
         raise OpInputError(f"omni2sound.ops.split_modulation: mod must be [B, L, n, D], got shape {tuple(mod.shape)}")
-    if not (torch.is_grad_enabled() and mod.requires_grad) or torch.compiler.is_compiling() \
-            or not getattr(_switch, "enabled", True):
+    enabled = getattr(_switch, "enabled", None)
+    if enabled is None:
+        enabled = mod.device.type in BUFFER_BY_DEFAULT
+    if not (torch.is_grad_enabled() and mod.requires_grad) or torch.compiler.is_compiling() or not enabled:
         return mod.unbind(2)
     return _SplitModulation.apply(mod)
 
