@@ -7,14 +7,14 @@ quality guard (the fp8 latents against the bf16 ones).
 
 Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
 as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), ``fp8_fused`` (per token,
-the AdaLN ops writing the fp8 copy of their output for the qkv, cross-attention q and MLP fc1 GEMMs: 3 of the 6
-quantisation launches per block gone; on a GPU these AdaLN calls run on Triton, not the CUDA default) and
-``fp8_triton_adaln`` (``fp8`` with the AdaLN forced to Triton: the baseline that separates the fusion's gain from the
-backend change; its latents equal ``fp8_fused``'s), each the optimised path (batched CFG, conditions once, CUDA-graph
-replay of the step on a GPU, one graph cache per variant); ``--compile`` compiles the step of every variant (the fp8
-variants' activation quantisation then fused by Inductor instead of the Triton kernel; ``fp8_fused`` is then
-``fp8``). Every row generates ``--duration`` s (10 s = 250 latent frames) with ``--steps`` Euler steps and joint CFG
-from random conditions and random N(0, 0.02) weights.
+the AdaLN ops writing the fp8 copy of their output for the qkv, cross-attention q and MLP fc1 GEMMs, the MLP's GELU
+for fc2: 4 of the 6 quantisation launches per block gone; on a GPU these AdaLN and GELU calls run on Triton, not the
+CUDA AdaLN and aten's GELU of the defaults) and ``fp8_triton_ops`` (``fp8`` with the AdaLN and the GELU forced to
+Triton: the baseline that separates the fusion's gain from the backend change; its latents equal ``fp8_fused``'s),
+each the optimised path (batched CFG, conditions once, CUDA-graph replay of the step on a GPU, one graph cache per
+variant); ``--compile`` compiles the step of every variant (the fp8 variants' activation quantisation then fused by
+Inductor instead of the Triton kernel; ``fp8_fused`` is then ``fp8``). Every row generates ``--duration`` s (10 s =
+250 latent frames) with ``--steps`` Euler steps and joint CFG from random conditions and random N(0, 0.02) weights.
 
 Columns:
   step_ms      median wall time of one sampling step (the whole sampling over ``--steps``, graphed on a GPU), over
@@ -61,9 +61,9 @@ from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig, SamplingOptions  # noqa: E402
 
 VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"},
-            "fp8_fused": {"fp8": True, "fp8_fused_quant": True}, "fp8_triton_adaln": {"fp8": True}}
+            "fp8_fused": {"fp8": True, "fp8_fused_quant": True}, "fp8_triton_ops": {"fp8": True}}
 # backends a variant runs under (ops.use_backend), beside its SamplingOptions
-VARIANT_BACKENDS = {"fp8_triton_adaln": {"adaln": "triton"}}
+VARIANT_BACKENDS = {"fp8_triton_ops": {"adaln": "triton", "bias_gelu": "triton"}}
 GEMM_NAMES = ("gemm", "cutlass", "xmma", "nvjet", "cublas", "scaled_mm", "sm90_", "sm89_", "addmm", "aten::mm",
               "linear_pointwise", "_linear")
 
@@ -75,7 +75,7 @@ def _sync(device) -> None:
 
 def run_variant(pipe, v: str, graphs: dict, cond, x0, opts: SamplingOptions, timings: dict):
     """pipe._sample for variant v under its backends and with its own CUDA-graph cache (variants that share a step
-    function, fp8 and fp8_triton_adaln, must not replay each other's graph)."""
+    function, fp8 and fp8_triton_ops, must not replay each other's graph)."""
     from omni2sound import ops
     from omni2sound.sampling import GraphSampler
     pipe.graphs = graphs.setdefault(v, GraphSampler())

@@ -98,9 +98,9 @@ class SamplingOptions:
     # token, or per tensor with fp8_act_scale="tensor"); off by default until measured against bf16 on a GPU
     fp8: bool = False
     fp8_act_scale: str = "token"
-    # with fp8 and per-token scales: the AdaLN ops write the e4m3 copy of their output for the next GEMM in the same
-    # pass (ops.fp8_gemms(fuse_quant=True)), not one quantisation launch per projection input; the same latents
-    # (with the AdaLN on Triton either way); off until measured on a GPU
+    # with fp8 and per-token scales: the AdaLN ops and the MLP's GELU write the e4m3 copy of their output for the next
+    # GEMM in the same pass (ops.fp8_gemms(fuse_quant=True)), not one quantisation launch per projection input; the
+    # same latents (with the AdaLN and GELU on Triton either way); off until measured on a GPU
     fp8_fused_quant: bool = False
     # a serving batch padded to a bucket (omni2sound.serving): shapes fixed by the padding, rows masked past their
     # own duration (Omni2SoundDiT.prepare_conditions(bucketed=True))

@@ -4,7 +4,8 @@ Exactness is the contract: q and scale equal ``quantize_rows`` of the op's own o
 backends; y itself is the plain op's. Checked on the Triton kernel under the interpreter (an fp32 stand-in output,
 the interpreter's fp8 cast being unfaithful, and the real e4m3 output against the standalone kernel's, which shares
 that cast), on the public ops under every CPU backend, on the hand-off's pairing rules, and on a tiny DiT's FP8 step
-(identical outputs, three standalone quantisations per block fewer). The GPU tests (cuda marker) check the same on
+(identical outputs, four standalone quantisations per block fewer, the GELU's included: its fused copy is tested
+the same way). The GPU tests (cuda marker) check the same on
 the card, in the CUDA graph included.
 """
 import pytest
@@ -17,7 +18,8 @@ from omni2sound.ops.fp8 import AMAX_FLOOR, FP8_MAX, handed_rows, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRITON_FUSED = dict(adaln="triton", fp8_quantize="triton", adaln_fp8="triton")
+TRITON_FUSED = dict(adaln="triton", fp8_quantize="triton", adaln_fp8="triton", bias_gelu="triton",
+                    gelu_fp8="triton")
 
 
 def _interpreter():
@@ -141,6 +143,65 @@ def test_fp8_ops_edge_cases():
                                      torch.randn(2, 1, 8), torch.randn(2, 1, 8))
 
 
+GELU_SHAPES = [(3, 40), (5, 130), (1, 96), (7, 1000)]                  # N not a power of two, one row
+
+
+def _gelu_input(M, N, dtype):
+    h = torch.randn(M, N) * 3
+    h[0] = 0.0                                                         # GELU(0) = 0: the all-zero row
+    if M > 2:
+        h[1, :3] = torch.tensor([40.0, -40.0, 1e-3])                   # saturated tails and the linear part
+    return h.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_gelu_writes_quantize_rows_of_its_own_output_interpreted(dtype):
+    """The row kernel (fp32 stand-in for q, then real e4m3): g bit for bit the bias_gelu Triton forward's (no bias),
+    q and scale bit for bit the standalone Triton quantisation of the stored g."""
+    _interpreter()
+    from omni2sound.kernels import fp8 as tq
+    from omni2sound.kernels import gelu as tk
+    for M, N in GELU_SHAPES:
+        h = _gelu_input(M, N, dtype)
+        plain = torch.empty_like(h)
+        tk.bias_gelu_forward(h, None, plain)
+        for qdtype in (torch.float32, torch.float8_e4m3fn):
+            g = torch.full_like(h, float("nan"))
+            q = torch.empty((M, N), dtype=qdtype)
+            s = torch.full((M, 1), float("nan"))
+            tk.gelu_fp8_rows(h, g, q, s)
+            q_ref, s_ref = tq.quantize_rows(g, out_dtype=qdtype)
+            assert torch.equal(bits(g), bits(plain)), (M, N)
+            assert torch.equal(bits(q), bits(q_ref)) and torch.equal(bits(s), bits(s_ref)), (M, N, qdtype)
+            assert s[0, 0] == AMAX_FLOOR / FP8_MAX and torch.equal(q[0].float(), torch.zeros(N))
+    with pytest.raises(ValueError, match="row limit"):
+        tk.gelu_fp8_rows(torch.empty(1, 20000), torch.empty(1, 20000), torch.empty(1, 20000), torch.empty(1, 1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@torch.no_grad()
+def test_gelu_fp8_returns_the_plain_gelu_and_its_quantisation(dtype, backend):
+    """ops.gelu_fp8 under each CPU backend: g bit for bit bias_gelu's (no bias) under the same selection, q / scale
+    bit for bit quantize_rows of that g; leading dims kept; an empty input; no gradient."""
+    force = TRITON_FUSED if backend == "triton" else dict(bias_gelu=backend)
+    if backend == "triton":
+        _interpreter()
+    for M, N in GELU_SHAPES[:3]:
+        h = _gelu_input(M, N, dtype).view(1, M, N)
+        with ops.use_backend(**force):
+            g, q, s = ops.gelu_fp8(h)
+            plain = ops.bias_gelu(h)
+            q_ref, s_ref = quantize_rows(plain.view(M, N))
+        assert g.shape == h.shape and torch.equal(bits(g), bits(plain))
+        assert q.dtype == torch.float8_e4m3fn and q.shape == (M, N) and s.shape == (M, 1)
+        assert torch.equal(bits(q), bits(q_ref)) and torch.equal(bits(s), bits(s_ref)), (M, N)
+    g, q, s = ops.gelu_fp8(torch.empty(2, 0, 16, dtype=dtype))
+    assert g.shape == (2, 0, 16) and q.shape == (0, 16) and s.shape == (0, 1)
+    with pytest.raises(RuntimeError, match="inference op"), torch.enable_grad():
+        ops.gelu_fp8(torch.randn(3, 8, requires_grad=True))
+
+
 def _table(D, act_scale="token"):
     fc = torch.nn.Linear(D, 32)
     return fc, ops.quantize_linears([fc], act_scale=act_scale)
@@ -198,10 +259,11 @@ def _count_standalone(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
-def test_fused_fp8_sampling_gives_the_same_latents_with_three_quantisations_fewer_per_block(dtype, monkeypatch):
+def test_fused_fp8_sampling_gives_the_same_latents_with_four_quantisations_fewer_per_block(dtype, monkeypatch):
     """The tiny DiT's FP8 sampling (2 Euler steps, CFG, a V2A and a T2A row: the cross-attention takes leading rows)
-    with and without the fused quantisation: identical latents; the standalone quantisations drop from 6 to 3 per
-    block and step (qkv, cross-attention q and MLP fc1 take the AdaLN's copy). Per-tensor scales: unchanged."""
+    with and without the fused quantisation: identical latents; the standalone quantisations drop from 6 to 2 per
+    block and step (qkv, cross-attention q and MLP fc1 take the AdaLN's copy, MLP fc2 the GELU's). Per-tensor scales:
+    unchanged."""
     from test_fp8 import _request, _tiny_pipe
 
     from omni2sound.pipeline import SamplingOptions
@@ -224,8 +286,8 @@ def test_fused_fp8_sampling_gives_the_same_latents_with_three_quantisations_fewe
     calls.clear()
     fused = pipe._sample(cond, x0, SamplingOptions(steps=steps, guidance=3.0, fp8=True, fp8_fused_quant=True), {})
     assert torch.equal(fused, unfused)
-    assert n_unfused == 6 * depth * steps and len(calls) == 3 * depth * steps, (n_unfused, len(calls))
-    assert len(taken) == 3 * depth * steps and any(n < B for n, B in taken)      # the cross-attention's y[:n]
+    assert n_unfused == 6 * depth * steps and len(calls) == 2 * depth * steps, (n_unfused, len(calls))
+    assert len(taken) == 4 * depth * steps and any(n < B for n, B in taken)      # the cross-attention's y[:n]
     assert pipe.fp8_weights() is pipe._fp8[("token", True)][0]                   # one table for both
     calls.clear()
     opts_t = dict(steps=1, guidance=3.0, fp8=True, fp8_act_scale="tensor")
@@ -256,9 +318,9 @@ def test_serving_takes_the_fused_quantisation():
 
 @torch.no_grad()
 def test_the_gpu_path_of_the_fused_step_on_the_cpu(monkeypatch):
-    """The GPU's selection on the CPU: the fused Triton AdaLN (interpreted, real e4m3 output) feeding
+    """The GPU's selection on the CPU: the fused Triton AdaLN and GELU (interpreted, real e4m3 output) feeding
     torch._scaled_mm (row-wise scales, bf16) in one DiT forward without CFG: the same velocity as the unfused step
-    with the Triton AdaLN and quantisation, three standalone quantisations per block fewer."""
+    with the Triton AdaLN, GELU and quantisation, four standalone quantisations per block fewer."""
     _interpreter()
     from test_fp8 import _request, _tiny_pipe
     pipe = _tiny_pipe(torch.bfloat16)
@@ -276,7 +338,7 @@ def test_the_gpu_path_of_the_fused_step_on_the_cpu(monkeypatch):
     (v0, n0), (v1, n1) = outs
     assert torch.equal(v0, v1)
     depth = dit.config.depth
-    assert n0 == 6 * depth and n1 - n0 == 3 * depth, (n0, n1)
+    assert n0 == 6 * depth and n1 - n0 == 2 * depth, (n0, n1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,8 +371,8 @@ def test_fused_quantisation_on_the_gpu_equals_the_standalone_kernel():
 @pytest.mark.cuda
 @torch.no_grad()
 def test_fused_fp8_sampling_on_the_gpu_gives_the_same_latents():
-    """The graphed and the eager FP8 sampler on the card, fused against unfused with the Triton AdaLN in both:
-    identical latents; the eager default (CUDA AdaLN, unfused) within the AdaLN's bf16 rounding of them."""
+    """The graphed and the eager FP8 sampler on the card, fused against unfused with the Triton AdaLN and GELU in
+    both: identical latents; the eager default (CUDA AdaLN, aten's GELU, unfused) within their bf16 rounding."""
     if not _fp8_gpu():
         pytest.skip("needs a GPU of compute capability >= 8.9")
     from test_fp8 import _gpu_request
@@ -319,10 +381,26 @@ def test_fused_fp8_sampling_on_the_gpu_gives_the_same_latents():
     pipe, cond, x0 = _gpu_request()
     for graphs in (True, False):
         opts = dict(steps=6, guidance=3.0, fp8=True, cuda_graphs=graphs)
-        with ops.use_backend(adaln="triton"):
+        with ops.use_backend(adaln="triton", bias_gelu="triton"):
             unfused = pipe._sample(cond, x0, SamplingOptions(**opts), {})
         fused = pipe._sample(cond, x0, SamplingOptions(**opts, fp8_fused_quant=True), {})
         assert torch.equal(fused, unfused), graphs
     default = pipe._sample(cond, x0, SamplingOptions(**opts), {})            # eager: no graph captured before
     err = ((default.float() - fused.float()).norm() / default.float().norm()).item()
     assert err < 5e-2, err
+
+
+@pytest.mark.cuda
+@torch.no_grad()
+def test_fused_gelu_on_the_gpu_equals_the_standalone_kernels():
+    """On the card: the GELU row kernel's g equals the bias_gelu Triton forward's, its e4m3 q and scales the
+    standalone Triton quantisation of g, bit for bit; the L MLP's width and a ragged one."""
+    if not _fp8_gpu():
+        pytest.skip("needs a GPU of compute capability >= 8.9")
+    for M, N in ((500, 6144), (37, 1000), (8000, 6144)):
+        h = _gelu_input(M, N, torch.bfloat16).cuda()
+        with ops.use_backend(gelu_fp8="triton", bias_gelu="triton", fp8_quantize="triton"):
+            g, q, s = ops.gelu_fp8(h)
+            plain = ops.bias_gelu(h)
+            q_p, s_p = quantize_rows(plain)
+        assert torch.equal(bits(g), bits(plain)) and torch.equal(bits(q), bits(q_p)) and torch.equal(s, s_p), (M, N)

@@ -17,11 +17,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Every @triton.jit kernel in kernels/ (helpers excluded): a new kernel must be added to the tool's cases.
 KERNELS = {"_adaln_fwd_kernel", "_adaln_bwd_kernel", "_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel",
            "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel", "_snake_fwd_kernel", "_snake_fwd_cl_kernel",
-           "_snake_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_quantize_rows_kernel"}
+           "_snake_bwd_kernel", "_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel", "_quantize_rows_kernel",
+           "_gelu_fp8_rows_kernel"}
 # Memory-bound kernels: one pass over rows / tiles, where occupancy hides the memory latency.
 MEMORY_BOUND = {"_adaln_fwd_kernel", "_adaln_bwd_kernel", "_qk_norm_rope_fwd_kernel", "_qk_norm_rope_bwd_kernel",
                 "_snake_fwd_kernel", "_snake_fwd_cl_kernel", "_snake_bwd_kernel", "_bias_gelu_fwd_kernel",
-                "_bias_gelu_bwd_kernel", "_quantize_rows_kernel"}
+                "_bias_gelu_bwd_kernel", "_quantize_rows_kernel", "_gelu_fp8_rows_kernel"}
 
 
 def _has_nvidia_backend() -> bool:

@@ -232,6 +232,9 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
     def gelu_bwd():
         kg.bias_gelu_backward(t(B * T, F), t(B * T, F), t(F, dt=f32), t(B * T, F))
 
+    def gelu_fp8():                                   # FP8 sampling: GELU writing fc2's per-token e4m3 input too
+        kg.gelu_fp8_rows(t(B * T, F), t(B * T, F), t(B * T, F, dt=torch.float8_e4m3fn), t(B * T, 1, dt=f32))
+
     return {name: fn for name, fn in locals().items()
             if callable(fn) and name not in ("t",) and not name.startswith("_")}
 

@@ -8,10 +8,16 @@ end; y may be x itself (in place). Backward: the same tiles; each program also w
 as one fp32 row of a [cdiv(M, BLOCK_M), N] partial (no atomics: deterministic), which the launcher sums into dbias.
 Tiles are 2-D (not a flat 1-D index) so that the bias row is loaded once per tile and the column sums need no
 scatter.
+
+With the per-token fp8 copy (FP8 sampling, the MLP's second GEMM reads it): one program per row, the forward's
+expression on the whole row, the row rounded to the output dtype and stored, then ``quantize_row`` of the rounded row
+(the standalone quantisation kernel's code): q and its scale are bit for bit ``quantize_rows`` of the stored output.
 """
 import torch
 import triton
 import triton.language as tl
+
+from .fp8 import quantize_row
 
 
 @triton.jit
@@ -40,6 +46,19 @@ def _bias_gelu_fwd_kernel(X, B, Y, M, N, HAS_BIAS: tl.constexpr, BLOCK_M: tl.con
         z += tl.load(B + cols, mask=cm, other=0.0).to(tl.float32)[None, :]
     y = z / (1.0 + _gelu_exp(z))
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _gelu_fp8_rows_kernel(X, Y, Q, S, N, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    m = cols < N
+    z = tl.load(X + row * N + cols, mask=m, other=0.0).to(tl.float32)
+    y = (z / (1.0 + _gelu_exp(z))).to(Y.dtype.element_ty)                # the forward's expression, one rounding
+    tl.store(Y + row * N + cols, y, mask=m)
+    q, s = quantize_row(tl.where(m, y.to(tl.float32), 0.0))
+    tl.store(Q + row * N + cols, q.to(Q.dtype.element_ty), mask=m)
+    tl.store(S + row, s)
 
 
 @triton.jit
@@ -82,3 +101,17 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias, dx: torch.Tensor
     _bias_gelu_bwd_kernel[grid](dy, x, bias if bias is not None else x, dx, partial if partial is not None else dx,
                                 M, N, HAS_BIAS=bias is not None, BLOCK_M=BM, BLOCK_N=BN, num_warps=8)
     return None if partial is None else partial.sum(0)
+
+
+MAX_ROW = 16384             # one row per program in one block (the standalone quantisation's limit)
+
+
+def gelu_fp8_rows(x: torch.Tensor, y: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
+    """y = gelu_tanh(x) for contiguous x, y [M, N] (no bias), and y's per-token quantisation: q [M, N] (float8_e4m3fn,
+    or fp32 in the interpreter's tests), s fp32 [M, 1]."""
+    M, N = x.shape
+    if N > MAX_ROW:
+        raise ValueError(f"gelu_fp8_rows: N={N} is past the one-block row limit {MAX_ROW}")
+    BN = triton.next_power_of_2(N)
+    _gelu_fp8_rows_kernel[(M,)](x, y, q, s, N, BLOCK_N=BN, num_warps=4 if BN <= 2048 else (8 if BN <= 8192
+                                                                                             else 16))

@@ -32,7 +32,7 @@ from .fp8 import (
     quantize_rows_reference,
     quantize_weight,
 )
-from .gelu import bias_gelu, bias_gelu_reference, linear_gelu, linear_gelu_reference
+from .gelu import bias_gelu, bias_gelu_reference, gelu_fp8, linear_gelu, linear_gelu_reference
 from .linear import clear_packed_weights, linear, linear_reference, onednn_takes, packed_weights, runs_on_onednn
 from .qk_norm_rope import head_rms_norm, qk_norm_rope, qk_norm_rope_reference
 from .sampling_plan import sampling_workspace, skips_rows_without_keys
@@ -41,8 +41,8 @@ from .snake import snake, snake_reference, snake_residual, snake_residual_refere
 __all__ = [
     "BACKENDS", "available_backends", "select_backend", "use_backend", "adamw_step_", "adamw_step_reference",
     "attention", "attention_reference", "cross_attention", "cross_attention_reference", "pack_condition_tokens",
-    "bias_gelu", "bias_gelu_reference", "linear_gelu", "linear_gelu_reference", "linear", "linear_reference",
-    "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
+    "bias_gelu", "bias_gelu_reference", "gelu_fp8", "linear_gelu", "linear_gelu_reference", "linear",
+    "linear_reference", "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",
     "Fp8Weight", "Fp8Weights", "fp8_gemms", "fp8_linear", "fp8_linear_reference", "fp8_supported", "quantize_linears",
     "quantize_rows", "quantize_rows_reference", "quantize_weight",
     "Mod", "adaln_modulate", "adaln_modulate_fp8", "adaln_modulate_reference", "gated_residual_adaln",

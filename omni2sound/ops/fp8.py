@@ -22,8 +22,9 @@ max, the scale, one divide-and-cast) and ``triton`` (one pass per row, ``omni2so
 
 Fused activation quantisation (``fp8_gemms(table, fuse_quant=True)``, per-token scales only): three of a DiT block's
 six projections (self-attention qkv, cross-attention q, MLP fc1) take the output y of a fused AdaLN op, which holds
-every row of y for its LayerNorm anyway. Inside such a context the AdaLN op also writes y's e4m3 copy and per-token
-scales (``ops.adaln``: one Triton kernel on a GPU) and hands them over explicitly: ``hand_over(y, q, scale)`` puts
+every row of y for its LayerNorm anyway, and a fourth (MLP fc2) the MLP's GELU. Inside such a context the AdaLN op
+and ``linear_gelu`` also write y's e4m3 copy and per-token scales (``ops.adaln``, ``ops.gelu_fp8``: one Triton kernel
+each on a GPU) and hand them over explicitly: ``hand_over(y, q, scale)`` puts
 them in this thread's one hand-off slot, and ``fp8_linear(x)`` takes them instead of quantising x itself only when x
 is y or a contiguous block of y's whole rows (the cross-attention's leading rows ``y[:n]``: the matching rows of q and
 scale), unchanged since (same storage, dtype and version counter) and quantised by the backend the GEMM would have

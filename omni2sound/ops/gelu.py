@@ -38,12 +38,13 @@ from ._dispatch import (
     autocast_dtype,
     autocast_inputs,
     cannot_take,
+    forced_backend,
     needs_grad,
     register_op,
     select_backend,
     triton_available,
 )
-from .fp8 import active_table, fp8_linear, fp8_weight_for
+from .fp8 import FP8, _quantize_with, active_table, fp8_linear, fp8_weight_for, fuse_quant_for, hand_over, quantizer_for
 from .linear import check_linear_args, linear
 
 # ----------------------------------------------------------------------------------------------------
@@ -76,6 +77,10 @@ _AVAILABLE = {
 # (99.5 -> 101.1 ms) and made the graphed L training step slower (152.6 -> 157.9 ms; its fwd+bwd 0.88x eager at
 # [8000, 6144]); it stays selectable with use_backend(bias_gelu="triton").
 register_op("bias_gelu", _AVAILABLE, default_order={"cuda": ("reference",), "cpu": ("cpu", "reference")})
+# GELU with its output's per-token fp8 copy (FP8 sampling, the input of the MLP's second GEMM): triton = one kernel;
+# reference = bias_gelu on its own backend, then quantize_rows
+register_op("gelu_fp8", {"reference": lambda d: True, "triton": lambda d: triton_available(d.type)},
+            default_order={"cuda": ("triton", "reference"), "cpu": ("reference",)}, family="gelu_fp8")
 
 
 def _forward_native(x: Tensor, b32: Optional[Tensor], out: Tensor, backend: str) -> None:
@@ -244,6 +249,10 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
     if w8 is not None:
         table = active_table()
         h = fp8_linear(y, w8, table.act_scale, table.fast_accum)
+        if fuse_quant_for(h):              # FP8 sampling, fused: the GELU also writes the next GEMM's e4m3 input
+            g, q, s, quantizer = _gelu_fp8(h)
+            hand_over(g, q, s, quantizer)
+            return g
         return F.gelu(h, approximate="tanh") if backend in _UNFUSED else bias_gelu(h, None, inplace=True)
     if backend == "reference":
         return linear_gelu_reference(y, weight, bias)
@@ -276,3 +285,50 @@ def linear_gelu_epilogue(y: Tensor, weight: Tensor, bias: Tensor, out: Optional[
         torch.ops.aten._addmm_activation.out(b, y2, w_t, use_gelu=True, out=out)
         return out.view(*lead, N)
     return torch._addmm_activation(b, y2, w_t, use_gelu=True).view(*lead, N)
+
+
+# ----------------------------------------------------------------------------------------------------
+# With the output's per-token fp8 copy (inference only; ops.fp8 "Fused activation quantisation")
+# ----------------------------------------------------------------------------------------------------
+_FUSED_MAX_N = 16384            # the Triton kernels' one-block row limit
+
+
+def gelu_fp8_plan(device: torch.device, M: int, N: int) -> Tuple[str, str]:
+    """(GELU backend, quantizer) that ``gelu_fp8`` runs for an [M, N] input now: ("triton", "triton") is the fused
+    kernel (``gelu_fp8`` selects triton, ``quantize_rows`` would run the Triton kernel, and no other ``bias_gelu``
+    backend is forced); otherwise ``bias_gelu``'s own backend, then ``quantize_rows``' quantizer."""
+    quantizer = quantizer_for(device, M, N)
+    if (select_backend("gelu_fp8", device) == "triton" and quantizer == "triton"
+            and forced_backend("bias_gelu") in (None, "triton") and 0 < N <= _FUSED_MAX_N):
+        return "triton", quantizer
+    return select_backend("bias_gelu", device), quantizer
+
+
+def _gelu_fp8(h: Tensor) -> Tuple[Tensor, Tensor, Tensor, str]:
+    """(gelu_tanh(h) [..., N], q [M, N] e4m3, scale fp32 [M, 1], quantizer) for a contiguous h [..., N]."""
+    N = h.shape[-1]
+    M = h.numel() // N if N else 0
+    backend, quantizer = gelu_fp8_plan(h.device, M, N)
+    if backend == "triton" and quantizer == "triton" and M * N > 0:
+        from omni2sound.kernels import gelu as tk
+
+        g = torch.empty_like(h)
+        q = torch.empty((M, N), device=h.device, dtype=FP8)
+        s = torch.empty((M, 1), device=h.device, dtype=torch.float32)
+        tk.gelu_fp8_rows(h.view(M, N), g.view(M, N), q, s)
+        return g, q, s, quantizer
+    g = bias_gelu(h)                                          # its own backend (the reference under cublaslt)
+    q, s = _quantize_with(g.reshape(M, N), "token", quantizer if M * N else "reference")
+    return g, q, s, quantizer
+
+
+def gelu_fp8(h: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """gelu_tanh(h) for h [..., N] (no bias: the fp8 GEMM before it added it) plus its per-token fp8 copy for the next
+    GEMM: (g [..., N] in h's dtype, q [M, N] float8_e4m3fn, scale fp32 [M, 1]), q and scale bit for bit
+    ``quantize_rows`` of g under the same backends. Inference only."""
+    _check(h, None)
+    if needs_grad(h):
+        raise RuntimeError("omni2sound.ops.gelu_fp8 is an inference op: call it under torch.no_grad() (the fp8 copy "
+                           "has no gradient)")
+    g, q, s, _ = _gelu_fp8(h.contiguous())
+    return g, q, s
