@@ -4,6 +4,13 @@ quality guard (the fp8 latents against the bf16 ones).
     python bench/bench_fp8.py --presets L --batches 1,8 --device cuda       # the GPU figures (Hopper / Ada)
     python bench/bench_fp8.py --quick                                        # CPU: tiny, 2 steps: proves it runs
     python bench/bench_fp8.py --toy runs/toy --splits test,val              # the toy world's oracle, both precisions
+    python bench/bench_fp8.py --ops                                         # the fused quantisations, op by op
+
+``--ops``: each op that writes the next GEMM's e4m3 input in its own pass (``gated_residual_adaln_fp8``,
+``gelu_fp8``) against the same op followed by the standalone ``quantize_rows``, same backends, same run, at the L
+model's sampling shapes (CFG batch, 10 s: [2, 250, 1536] and the MLP's [500, 6144]); us per call and the ratio. On a
+GPU the fused ops' Triton kernels against the Triton op + the Triton quantisation (CUDA-graph replays); on the CPU
+both sides run the reference quantisation (no fused kernel there: the row only shows it runs).
 
 Variants (``SamplingOptions``): ``bf16`` (the default path; fp32 on the CPU), ``fp8`` (the DiT blocks' six projections
 as e4m3 GEMMs, per-token activation scales), ``fp8_tensor`` (per-tensor activation scales), ``fp8_fused`` (per token,
@@ -54,7 +61,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
+from _timing import hardware, print_table, time_cpu, time_gpu  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_conditions, random_dit  # noqa: E402
 
 from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
@@ -237,6 +244,38 @@ def toy(args) -> dict:
     return out
 
 
+def fused_ops(device: torch.device, quick: bool) -> list:
+    """The ``--ops`` rows (module docstring)."""
+    from omni2sound import ops
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gpu = device.type == "cuda"
+    force = dict(adaln="triton", adaln_fp8="triton", bias_gelu="triton", gelu_fp8="triton",
+                 fp8_quantize="triton") if gpu else {}
+    timer = (lambda fn: time_gpu(fn, repeats=7, inner=20)[0]) if gpu else \
+        (lambda fn: time_cpu(fn, 3 if quick else 7, 3))
+    g = torch.Generator().manual_seed(0)
+    r = lambda *shape: torch.randn(*shape, generator=g).to(device, dt)            # noqa: E731
+    B, T, D = 2, 250, 1536
+    x, h, tok, per = r(B, T, D), r(B, T, D), r(B, T, D), r(B, 1, D)
+    hidden = r(B * T, 4 * D)
+    cases = {
+        "gated_residual_adaln_fp8": (lambda: ops.gated_residual_adaln_fp8(x, h, (tok, per), per, per),
+                                     lambda: ops.quantize_rows(ops.gated_residual_adaln(x, h, (tok, per), per,
+                                                                                        per)[1].view(B * T, D))),
+        "gelu_fp8": (lambda: ops.gelu_fp8(hidden), lambda: ops.quantize_rows(ops.bias_gelu(hidden))),
+    }
+    rows = []
+    with torch.no_grad(), ops.use_backend(**force):
+        for name, (fused, unfused) in cases.items():
+            t_unf, t_f = timer(unfused), timer(fused)
+            rows.append({"op": name, "dtype": str(dt).replace("torch.", ""), "backends": force or "default",
+                         "unfused_us": round(t_unf, 1), "fused_us": round(t_f, 1), "x unfused": round(t_unf / t_f, 2)})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\nfused fp8 copies against op + quantize_rows on {hardware(device.type)}, torch {torch.__version__}\n")
+    print_table(rows, ["op", "dtype", "unfused_us", "fused_us", "x unfused"])
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny at batch 1, 2 steps, 1 s (CPU: proves it runs)")
@@ -262,9 +301,17 @@ def main(argv=None):
                     "pipeline's on --device, fp32 on the CPU, bf16 on a GPU)")
     ap.add_argument("--n", type=int, help="--toy: prompts per track (default: the run's toy_eval_clips)")
     ap.add_argument("--seed", type=int, default=1234, help="--toy: the sampling seed (the report's: 1234)")
+    ap.add_argument("--ops", action="store_true", help="only the fused-quantisation ops against op + quantize_rows")
     args = ap.parse_args(argv)
     if args.toy:
         return toy(args)
+    if args.ops:
+        device = torch.device(args.device)
+        rows = fused_ops(device, args.quick)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({**provenance(device), "hardware": hardware(device.type), "rows": rows}, f, indent=2)
+        return rows
     if args.quick:
         args.presets, args.batches, args.steps, args.duration, args.repeats = "tiny", "1", 2, 1.0, 1
     device = torch.device(args.device)

@@ -30,9 +30,10 @@
 #                      one buffer, interleaved; the AdaLN chain's backward both ways (bench_adaln --modulation-grads);
 #                      and the GPU tests of split_modulation (bit-identical gradients)
 #   fp8                sampling L, 10 s, batch 1 and 8: bf16 against fp8 projections (per-token and per-tensor
-#                      activation scales; per-token with the quantisation fused into the AdaLN, against per-token
-#                      unfused with the AdaLN on Triton), step time, GEMM / quantisation / AdaLN time per step from
-#                      a profile, latents' error vs bf16; and the GPU tests of the fused quantisation
+#                      activation scales; per-token with the quantisation fused into the AdaLN and the GELU,
+#                      against per-token unfused with both on Triton), step time, GEMM / quantisation / AdaLN time
+#                      per step from a profile, latents' error vs bf16; the fused ops one by one against op +
+#                      quantize_rows (bench_fp8 --ops); and the GPU tests of the fused quantisation
 #   fp8-compile        the same with the compiled step (Inductor fuses the fp8 activation quantisation), batch 1
 #   serve              serving L: clips / s of 10 s clips at batch 1, 8, 32 (graphs captured at start-up) and a
 #                      mixed-duration workload through buckets against one bucket
@@ -133,6 +134,7 @@ if want tests; then
 fi
 if want speed; then   # most wanted first: a step that would start with under 20 s left is skipped and named
   step fp8_L 130 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+  step fp8_ops 25 $PY bench/bench_fp8.py --ops --device cuda --out "$RES/fp8_ops.json"
   step serve_L 110 $PY $SERVE_L --repeats 2 --mixed 48 --out "$RES/serve_L.json"
   step generate_L 70 $PY $GEN_L --batches 1,8 --repeats 2 --no-plain --out "$RES/generate_L.json"
   step train_L 70 $PY $TRAIN_L --graph --variants fused,fused+graph --out "$RES/train_L.json"
@@ -208,6 +210,7 @@ fi
 if want fp8; then
   step tests_fp8_fused 60 $PY -m pytest -q -m cuda -p no:cacheprovider tests/test_fp8_fused.py
   step fp8_L 180 $PY $FP8_L --repeats 3 --out "$RES/fp8_L.json"
+  step fp8_ops 40 $PY bench/bench_fp8.py --ops --device cuda --out "$RES/fp8_ops.json"
 fi
 want fp8-compile && step fp8_L_compile 240 $PY bench/bench_fp8.py --presets L --batches 1 --device cuda --compile \
   --repeats 3 --out "$RES/fp8_L_compile.json"
