@@ -93,7 +93,7 @@ def backend_table(device: torch.device, dtype: torch.dtype, quick: bool = False,
     for label, B, modes in cases:
         g = torch.Generator().manual_seed(B)
         qkv = torch.randn(B, T, 3, H, Dh, generator=g).to(device, dtype)                # the fused projection
-        want = truth(*qkv.unbind(2)) if "fwd" in modes else None
+        want = truth(*qkv.unbind(2)).cpu() if "fwd" in modes else None               # compared on the host
         flop_fwd = 4 * B * H * T * T * Dh
         for mode in modes:
             times, errs = {}, {}
