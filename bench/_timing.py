@@ -4,30 +4,14 @@ the markdown table they print.
 Timing. CPU: host clock around `inner` calls. GPU: CUDA events around `inner` calls captured in one CUDA graph
 (launch gaps removed, as a served model would run them), or eagerly when a variant cannot be captured.
 """
-import platform
 import statistics
 import time
 
 import torch
 
 from omni2sound.cuda_graphs import warm_up_on_side_stream
+from omni2sound.gpu_info import machine as hardware  # noqa: F401  (the machine a figure was measured on)
 from omni2sound.gpu_info import provenance  # noqa: F401  (the benches import it from here)
-
-
-def card(device):
-    """The GPU through NVML (name, driver, memory used / total, SM and memory clocks, power draw / limit,
-    temperature; omni2sound.gpu_info), or None on the CPU or without NVML."""
-    if str(device).startswith("cuda"):
-        from omni2sound.gpu_info import gpu_info
-        return gpu_info()
-    return None
-
-
-def hardware(device):
-    """The machine a figure was measured on: the GPU's name, or the CPU and the intra-op threads."""
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def time_cpu(fn, repeats, inner, stat=statistics.median):
@@ -179,7 +163,7 @@ def write_rows(path, device, rows, **extra) -> None:
         import json
 
         with open(path, "w") as f:
-            json.dump({**provenance(device), "hardware": hardware(device), **extra, "rows": rows}, f, indent=2)
+            json.dump({**provenance(device), **extra, "rows": rows}, f, indent=2)
 
 
 # One line per measurement of a fused op against eager and torch.compile (the qk_norm_rope and bias_gelu benches),

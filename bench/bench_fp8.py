@@ -64,7 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import hardware, print_table, time_cpu, time_gpu  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_conditions, random_dit  # noqa: E402
 
-from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
+from omni2sound.gpu_info import provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig, SamplingOptions  # noqa: E402
 
 VARIANTS = {"bf16": {}, "fp8": {"fp8": True}, "fp8_tensor": {"fp8": True, "fp8_act_scale": "tensor"},
@@ -236,7 +236,7 @@ def toy(args) -> dict:
             print(f"scores default / fp8 (difference in prompts); within one prompt on every track: "
                   f"{r['within_one_prompt']} (all four scores: {r['all_scores_within_one_prompt']})")
     device = torch.device(args.device)
-    out = {**provenance(device), "hardware": hardware(device.type),
+    out = {**provenance(device),
            "OMNI2SOUND_BACKEND": os.environ.get("OMNI2SOUND_BACKEND"), "run": args.toy,
            "within_one_prompt": all(r["within_one_prompt"] for r in runs), "runs": runs}
     if args.out:
@@ -310,7 +310,7 @@ def main(argv=None):
         rows = fused_ops(device, args.quick)
         if args.out:
             with open(args.out, "w") as f:
-                json.dump({**provenance(device), "hardware": hardware(device.type), "rows": rows}, f, indent=2)
+                json.dump({**provenance(device), "rows": rows}, f, indent=2)
         return rows
     if args.quick:
         args.presets, args.batches, args.steps, args.duration, args.repeats = "tiny", "1", 2, 1.0, 1
@@ -320,8 +320,8 @@ def main(argv=None):
     for preset in args.presets.split(","):
         for batch in (int(b) for b in args.batches.split(",")):
             rows += bench(preset, batch, args, device, dtype)
-    hw = hardware(device.type)
-    card = gpu_info() if device.type == "cuda" else None
+    rec = provenance(device)
+    hw, card = rec["hardware"], rec["gpu"]
     print(f"\nfp8 vs bf16 sampling{' (compiled step)' if args.compile else ''}, {args.steps} steps, guidance "
           f"{args.guidance}, {args.duration:g} s, on {hw}, torch {torch.__version__}\n")
     cols = [c for c in rows[0] if c not in ("warmup_s", "fp8_weights_MB", "sample_ms")]
@@ -330,7 +330,7 @@ def main(argv=None):
         print(f"\ncard: {card}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**provenance(device), "hardware": hw, "gpu": card, "rows": rows}, f, indent=2)
+            json.dump({**rec, "rows": rows}, f, indent=2)
     return rows
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import hardware, print_table  # noqa: E402  (bench/ on sys.path)
+from _timing import print_table  # noqa: E402  (bench/ on sys.path)
 from bench_generate import random_dit  # noqa: E402
 
-from omni2sound.gpu_info import gpu_info, provenance  # noqa: E402
+from omni2sound.gpu_info import provenance  # noqa: E402
 from omni2sound.pipeline import Omni2SoundPipeline, PipelineConfig  # noqa: E402
 from omni2sound.serving import Request, ServeConfig, Server  # noqa: E402
 
@@ -132,8 +132,8 @@ def main(argv=None):
         rows[-1]["x one bucket"] = round(rows[-1]["clips_per_s"] / rows[-2]["clips_per_s"], 2)
     for r in rows:
         r.setdefault("x one bucket", "")
-    hw = hardware(device.type)
-    card = gpu_info() if device.type == "cuda" else None
+    rec = provenance(device)
+    hw, card = rec["hardware"], rec["gpu"]
     print(f"\nserving {args.preset}{' fp8' if args.fp8 else ''}, {args.steps} steps, guidance {args.guidance}, "
           f"VAE {vae_name}, on {hw}, torch {torch.__version__}; start-up {warm:.1f} s\n")
     print_table(rows, ["workload", "batch", "sample_ms", "total_ms", "clips_per_s", "audio_s_per_s", "x one bucket"])
@@ -141,8 +141,7 @@ def main(argv=None):
         print(f"\ncard: {card}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**provenance(device), "hardware": hw, "gpu": card, "startup_s": round(warm, 2), "rows": rows},
-                      f, indent=2)
+            json.dump({**rec, "startup_s": round(warm, 2), "rows": rows}, f, indent=2)
     return rows
 
 

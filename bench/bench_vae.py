@@ -243,7 +243,7 @@ def main(argv=None):
         print(f"\n(torch.compile first call incl. compilation: {compile_s:.1f} s)")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({**provenance(dev), "hardware": hardware(dev), "preset": args.preset,
+            json.dump({**provenance(dev), "preset": args.preset,
                        "seconds": seconds, "batch": args.batch, "dtype": str(dtype), "baseline_dtype": str(base_dtype),
                        "max_abs_err": err,
                        "ms": {k: v * 1e3 for k, v in results.items()},

@@ -96,6 +96,19 @@ def describe(info: Optional[dict]) -> str:
             f"{i['memory_total_mib']} MiB")
 
 
+def machine(device=None) -> str:
+    """The machine a figure was measured on: the GPU's name for a CUDA device (default: CUDA when there is one), else
+    the CPU and torch's intra-op threads."""
+    import platform
+
+    import torch
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
 def provenance(device=None) -> dict:
     """What a measurement needs beside its numbers: the UTC date and time, the command, the commit of the code (when
     run in a git checkout), Python / torch / triton / CUDA versions, the machine (the GPU's name, else the CPU and
@@ -121,9 +134,7 @@ def provenance(device=None) -> dict:
     except Exception:         # no git, or not a checkout (an installed wheel)
         commit = None
     gpu = str(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    machine = (torch.cuda.get_device_name() if gpu else
-               f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)")
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "commit": commit, "python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda, "hardware": machine,
+            "triton": triton_version, "cuda": torch.version.cuda, "hardware": machine(device),
             "gpu": gpu_info() if gpu else None}
