@@ -52,10 +52,13 @@ def ours_step(shape, device, grad_dtype):
     m, v = torch.zeros_like(p), torch.zeros_like(p)
     copy = torch.empty(shape, device=device, dtype=torch.bfloat16)
     t = torch.zeros(1, device=device)
+    # lr as a tensor on the device, as MasterWeightAdamW passes it on a GPU: a float would make every call copy it
+    # from the host, which a CUDA-graph capture does not take (time_gpu would then time this side eagerly)
+    lr = torch.tensor(HYPER["lr"], device=device) if str(device).startswith("cuda") else HYPER["lr"]
 
     def step():
         t.add_(1)
-        ops.adamw_step_(p, g, m, v, copy, t, HYPER["lr"], *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"])
+        ops.adamw_step_(p, g, m, v, copy, t, lr, *HYPER["betas"], HYPER["eps"], HYPER["weight_decay"])
     return step
 
 
@@ -65,7 +68,7 @@ def main(argv=None):
     repeats = 5 if args.quick else 15
 
     def timer(fn):
-        return time_gpu(fn, 20, 10) if device == "cuda" else time_cpu(fn, repeats, 3)
+        return time_gpu(fn, 20, 10)[0] if device == "cuda" else time_cpu(fn, repeats, 3)
 
     print(f"# master-weight AdamW step, {hardware(device)}, torch {torch.__version__}, gradient {args.dtype}")
     print(OP_ROW_HEADER)

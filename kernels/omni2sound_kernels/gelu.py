@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import quantize_row
+from .fp8 import MAX_K, quantize_row
 
 
 @triton.jit
@@ -103,15 +103,12 @@ def bias_gelu_backward(dy: torch.Tensor, x: torch.Tensor, bias, dx: torch.Tensor
     return None if partial is None else partial.sum(0)
 
 
-MAX_ROW = 16384             # one row per program in one block (the standalone quantisation's limit)
-
-
 def gelu_fp8_rows(x: torch.Tensor, y: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> None:
     """y = gelu_tanh(x) for contiguous x, y [M, N] (no bias), and y's per-token quantisation: q [M, N] (float8_e4m3fn,
     or fp32 in the interpreter's tests), s fp32 [M, 1]."""
     M, N = x.shape
-    if N > MAX_ROW:
-        raise ValueError(f"gelu_fp8_rows: N={N} is past the one-block row limit {MAX_ROW}")
+    if N > MAX_K:
+        raise ValueError(f"gelu_fp8_rows: N={N} is past the one-block row limit {MAX_K}")
     BN = triton.next_power_of_2(N)
     _gelu_fp8_rows_kernel[(M,)](x, y, q, s, N, BLOCK_N=BN, num_warps=4 if BN <= 2048 else (8 if BN <= 8192
                                                                                              else 16))

@@ -62,13 +62,12 @@ from ._checks import OpInputError, real, tensor
 from ._dispatch import (
     autocast_inputs,
     direct_call,
-    forced_backend,
     needs_grad,
     register_op,
     select_backend,
     triton_available,
 )
-from .fp8 import FP8, _quantize_with, fuse_quant_for, hand_over, quantizer_for
+from .fp8 import FP8, _quantize_with, fuse_quant_for, fused_plan, hand_over
 
 # ----------------------------------------------------------------------------------------------------
 # Reference (plain PyTorch; fp32 math, output in the input dtype)
@@ -145,7 +144,8 @@ def _sum(a: Optional[Tensor], a2: Optional[Tensor]) -> Optional[Tensor]:
     return a if a is None or a2 is None else a + a2
 
 
-def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=None, scale2=None):
+def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=None, scale2=None, yq=None, ys=None):
+    """(x2, y, mean, rstd); yq / ys (Triton only): where the kernel also writes y's per-token fp8 copy and scales."""
     B, L, D = x.shape
     y = torch.empty_like(x)
     x2 = torch.empty_like(x) if h is not None else None
@@ -166,7 +166,7 @@ def _forward_native(x, h, gate, shift, scale, eps, backend, gate2=None, shift2=N
     if backend == "triton":
         from omni2sound.kernels import adaln as tk
 
-        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2, shift2, scale2)
+        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, eps, gate2, shift2, scale2, yq=yq, ys=ys)
         return x2, y, mean, rstd
     P = _native.lib().AdaLNParams()
     P.B, P.L, P.D, P.eps, P.dtype = B, L, D, float(eps), _native.dtype_code(x)
@@ -221,6 +221,8 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
     dscale_tok = (torch.empty_like(xin) if dscale_out is None else dscale_out) if need_dscale else None
     if B * L * D == 0:
         return dxin, dh, dgate_tok, dscale_tok
+    # the per-token outputs' row pitch, checked here for every kernel backend (the Triton launcher reads it too)
+    row_strides = tuple(_row_stride(t) for t in (dgate_tok, dscale_tok, dshift_out))
     if backend == "triton":
         from omni2sound.kernels import adaln as tk
 
@@ -239,7 +241,7 @@ def _backward_native(dy, dx2_in, xin, h, gate, scale, mean, rstd, backend, gate2
     P.dxin, P.dh, P.dgate_tok, P.dscale_tok = dxin.data_ptr(), _native.ptr(dh), _native.ptr(dgate_tok), \
         _native.ptr(dscale_tok)
     P.dshift_tok = _native.ptr(dshift_out)
-    P.dgate_rs, P.dscale_rs, P.dshift_rs = _row_stride(dgate_tok), _row_stride(dscale_tok), _row_stride(dshift_out)
+    P.dgate_rs, P.dscale_rs, P.dshift_rs = row_strides
     if backend == "cpu":
         _native.lib().adaln_backward_cpu(P)
     else:
@@ -623,43 +625,22 @@ def gated_residual_adaln(x: Tensor, h: Tensor, gate: Mod, shift: Mod, scale: Mod
 # ----------------------------------------------------------------------------------------------------
 # With y's per-token fp8 copy (inference only; see "Fused fp8 copy of y" at the top)
 # ----------------------------------------------------------------------------------------------------
-_FUSED_MAX_D = 16384            # the Triton quantisation's one-block row limit (kernels/omni2sound_kernels/fp8.py)
-
-
-def fp8_plan(op: str, x: Tensor) -> Tuple[str, str]:
-    """(AdaLN backend, quantizer) that ``op`` (``adaln_modulate`` / ``gated_residual_adaln``) with an fp8 copy of y
-    runs for x [B, L, D] now: ("triton", "triton") is the fused kernel (``adaln_fp8`` selects triton, the
-    quantisation ``quantize_rows`` would run is the Triton kernel's, and no other AdaLN backend is forced); otherwise
-    the AdaLN op's own backend, then ``quantize_rows``' quantizer."""
-    B, L, D = x.shape
-    quantizer = quantizer_for(x.device, B * L, D)
-    if (select_backend("adaln_fp8", x.device) == "triton" and quantizer == "triton"
-            and forced_backend(op) in (None, "triton") and 0 < D <= _FUSED_MAX_D):
-        return "triton", quantizer
-    return select_backend(op, x.device), quantizer
-
-
 def _forward_fp8(op, x, h, gate, shift, scale, eps, gate2, shift2, scale2):
-    """The forward of ``op`` on prepared inputs (contiguous x / h, modulations with unit stride over D) plus y's
-    per-token fp8 copy: ([x2,] y, q [B L, D] e4m3, scale fp32 [B L, 1], quantizer)."""
+    """The forward of ``op`` (``adaln_modulate`` / ``gated_residual_adaln``) plus y's per-token fp8 copy: ([x2,] y,
+    q [B L, D] e4m3, scale fp32 [B L, 1], quantizer). One Triton kernel where ``fp8.fused_plan`` picks it, else the
+    op's own backend, then ``quantize_rows`` of y."""
     x = x.contiguous()
     h = None if h is None else h.contiguous()
     gate, shift, scale, gate2, shift2, scale2 = map(_last_dim_contiguous, (gate, shift, scale, gate2, shift2, scale2))
     B, L, D = x.shape
-    backend, quantizer = fp8_plan(op, x)
-    if backend == "triton" and quantizer == "triton" and B * L * D > 0:
-        from omni2sound.kernels import adaln as tk
-
-        y = torch.empty_like(x)
-        x2 = torch.empty_like(x) if h is not None else None
-        mean = torch.empty(B * L, device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
+    backend, quantizer = fused_plan("adaln_fp8", op, x.device, B * L, D)
+    if backend == "triton" and quantizer == "triton":
         q = torch.empty((B * L, D), device=x.device, dtype=FP8)
         s = torch.empty((B * L, 1), device=x.device, dtype=torch.float32)
-        tk.adaln_forward(x, h, gate, shift, scale, x2, y, mean, rstd, float(eps), gate2, shift2, scale2, yq=q, ys=s)
+        x2, y = _forward_native(x, h, gate, shift, scale, float(eps), backend, gate2, shift2, scale2, q, s)[:2]
     else:
         x2, y = _forward_native(x, h, gate, shift, scale, float(eps), backend, gate2, shift2, scale2)[:2]
-        q, s = _quantize_with(y.view(B * L, D), "token", quantizer if B * L * D else "reference")
+        q, s = _quantize_with(y.view(B * L, D), "token", quantizer)
     return (y, q, s, quantizer) if h is None else (x2, y, q, s, quantizer)
 
 

@@ -137,6 +137,19 @@ def quantizer_for(device: torch.device, M: int, K: int, act_scale: str = "token"
     return "reference"
 
 
+def fused_plan(fused_op: str, op: str, device: torch.device, M: int, K: int) -> Tuple[str, str]:
+    """(backend of ``op``, quantizer) for an op that also writes its [M, K] output's per-token fp8 copy (the AdaLN
+    ops, the MLP's GELU): ("triton", "triton") is the one fused Triton kernel, chosen when the fused op
+    (``fused_op``: ``adaln_fp8`` / ``gelu_fp8``) selects triton, ``quantize_rows`` would run the Triton kernel itself
+    (which also bounds M and K) and no other backend is forced for ``op``; otherwise ``op``'s own backend, then
+    ``quantize_rows``' quantizer on its output."""
+    quantizer = quantizer_for(device, M, K)
+    if (select_backend(fused_op, device) == "triton" and quantizer == "triton"
+            and forced_backend(op) in (None, "triton")):
+        return "triton", quantizer
+    return select_backend(op, device), quantizer
+
+
 def _quantize_with(x2: Tensor, act_scale: str, quantizer: str) -> Tuple[Tensor, Tensor]:
     if quantizer == "triton":
         from omni2sound.kernels import fp8 as tk

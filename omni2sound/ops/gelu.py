@@ -38,13 +38,12 @@ from ._dispatch import (
     autocast_dtype,
     autocast_inputs,
     cannot_take,
-    forced_backend,
     needs_grad,
     register_op,
     select_backend,
     triton_available,
 )
-from .fp8 import FP8, _quantize_with, active_table, fp8_linear, fp8_weight_for, fuse_quant_for, hand_over, quantizer_for
+from .fp8 import FP8, _quantize_with, active_table, fp8_linear, fp8_weight_for, fuse_quant_for, fused_plan, hand_over
 from .linear import check_linear_args, linear
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +249,7 @@ def linear_gelu(y: Tensor, weight: Tensor, bias: Optional[Tensor], out: Optional
         table = active_table()
         h = fp8_linear(y, w8, table.act_scale, table.fast_accum)
         if fuse_quant_for(h):              # FP8 sampling, fused: the GELU also writes the next GEMM's e4m3 input
-            g, q, s, quantizer = _gelu_fp8(h)
+            g, q, s, quantizer = _gelu_fp8(h, inplace=True)     # in place, as the unfused path below
             hand_over(g, q, s, quantizer)
             return g
         return F.gelu(h, approximate="tanh") if backend in _UNFUSED else bias_gelu(h, None, inplace=True)
@@ -290,35 +289,22 @@ def linear_gelu_epilogue(y: Tensor, weight: Tensor, bias: Tensor, out: Optional[
 # ----------------------------------------------------------------------------------------------------
 # With the output's per-token fp8 copy (inference only; ops.fp8 "Fused activation quantisation")
 # ----------------------------------------------------------------------------------------------------
-_FUSED_MAX_N = 16384            # the Triton kernels' one-block row limit
-
-
-def gelu_fp8_plan(device: torch.device, M: int, N: int) -> Tuple[str, str]:
-    """(GELU backend, quantizer) that ``gelu_fp8`` runs for an [M, N] input now: ("triton", "triton") is the fused
-    kernel (``gelu_fp8`` selects triton, ``quantize_rows`` would run the Triton kernel, and no other ``bias_gelu``
-    backend is forced); otherwise ``bias_gelu``'s own backend, then ``quantize_rows``' quantizer."""
-    quantizer = quantizer_for(device, M, N)
-    if (select_backend("gelu_fp8", device) == "triton" and quantizer == "triton"
-            and forced_backend("bias_gelu") in (None, "triton") and 0 < N <= _FUSED_MAX_N):
-        return "triton", quantizer
-    return select_backend("bias_gelu", device), quantizer
-
-
-def _gelu_fp8(h: Tensor) -> Tuple[Tensor, Tensor, Tensor, str]:
-    """(gelu_tanh(h) [..., N], q [M, N] e4m3, scale fp32 [M, 1], quantizer) for a contiguous h [..., N]."""
+def _gelu_fp8(h: Tensor, inplace: bool = False) -> Tuple[Tensor, Tensor, Tensor, str]:
+    """(gelu_tanh(h) [..., N], q [M, N] e4m3, scale fp32 [M, 1], quantizer) for a contiguous h [..., N]; inplace: the
+    GELU written into h (the row kernel loads each row before it stores it)."""
     N = h.shape[-1]
     M = h.numel() // N if N else 0
-    backend, quantizer = gelu_fp8_plan(h.device, M, N)
-    if backend == "triton" and quantizer == "triton" and M * N > 0:
+    backend, quantizer = fused_plan("gelu_fp8", "bias_gelu", h.device, M, N)
+    if backend == "triton" and quantizer == "triton":
         from omni2sound.kernels import gelu as tk
 
-        g = torch.empty_like(h)
+        g = h if inplace else torch.empty_like(h)
         q = torch.empty((M, N), device=h.device, dtype=FP8)
         s = torch.empty((M, 1), device=h.device, dtype=torch.float32)
         tk.gelu_fp8_rows(h.view(M, N), g.view(M, N), q, s)
         return g, q, s, quantizer
-    g = bias_gelu(h)                                          # its own backend (the reference under cublaslt)
-    q, s = _quantize_with(g.reshape(M, N), "token", quantizer if M * N else "reference")
+    g = bias_gelu(h, None, inplace=inplace)                 # its own backend (the reference under cublaslt)
+    q, s = _quantize_with(g.reshape(M, N), "token", quantizer)
     return g, q, s, quantizer
 
 
