@@ -93,27 +93,24 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def master_state_dict(self, module: nn.Module) -> dict:
         """module.state_dict() with each bf16 copy replaced by its fp32 master (tensors shared, not copied)."""
         sd = module.state_dict()
-        by_id = {id(p): m for p, m in self.masters.items()}
         for name, p in module.named_parameters():
-            if id(p) in by_id and name in sd:
-                sd[name] = by_id[id(p)]
+            if p in self.masters and name in sd:
+                sd[name] = self.masters[p]
         return sd
 
     @torch.no_grad()
     def load_masters(self, module: nn.Module, state: dict) -> None:
         """After ``module.load_state_dict(state)`` (which rounded the fp32 weights into the copies): the masters get
         the exact fp32 values and the copies are rounded from them again."""
-        by_id = {id(p): p for p in self.masters}
         for name, p in module.named_parameters():
-            if id(p) in by_id and name in state:
+            if p in self.masters and name in state:
                 self.masters[p].copy_(state[name])
                 self.copies[p].copy_(self.masters[p])
 
     def named_masters(self, module: nn.Module):
         """(name, fp32 weight) for each of the module's parameters: the master where there is a copy."""
-        by_id = {id(p): m for p, m in self.masters.items()}
         for name, p in module.named_parameters():
-            yield name, by_id.get(id(p), p)
+            yield name, self.master(p)
 
     # -- state ---------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
