@@ -81,8 +81,8 @@ def _sync(device) -> None:
 
 
 def run_variant(pipe, v: str, graphs: dict, cond, x0, opts: SamplingOptions, timings: dict):
-    """pipe._sample for variant v under its backends and with its own CUDA-graph cache (variants that share a step
-    function, fp8 and fp8_triton_ops, must not replay each other's graph)."""
+    """pipe._sample for variant v under its backends and with its own CUDA-graph cache (the pipeline's one cache holds
+    fewer graphs than there are variants: interleaved repeats would evict and recapture them)."""
     from omni2sound import ops
     from omni2sound.sampling import GraphSampler
     pipe.graphs = graphs.setdefault(v, GraphSampler())

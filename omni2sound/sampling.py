@@ -188,7 +188,7 @@ class _GraphEntry:
 
 
 class GraphSampler:
-    """Caches one captured step per (condition shapes, batch, frames, steps, sampler, CFG form)."""
+    """Caches one captured step per (condition shapes, batch, frames, steps, sampler, CFG form, backend overrides)."""
 
     def __init__(self, max_entries: int = 4):
         self.entries: Dict[tuple, _GraphEntry] = {}
@@ -199,7 +199,7 @@ class GraphSampler:
     def sample(self, predict, prep: PreparedConditions, k: int, scales, x0: Tensor, steps: int, method: str
                ) -> Tensor:
         """predict: (x [kB, T, C], t [kB], prep) -> v, i.e. the DiT's predict_velocity (maybe compiled)."""
-        key = (predict, prep.signature(), k, scales, steps, method, tuple(x0.shape), x0.dtype)
+        key = (predict, prep.signature(), k, scales, steps, method, tuple(x0.shape), x0.dtype, ops.overrides_key())
         entry = self.entries.get(key)
         if entry is None:
             if len(self.entries) >= self.max_entries:

@@ -255,3 +255,40 @@ def test_cuda_graph_path_equals_eager_and_plain():
     pipe.dit.to(torch.bfloat16)
     low = pipe.generate_from_conditions(cond(0), steps=4, guidance=3.0, seed=1).latents.float()
     assert (low - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_graph_cache_is_keyed_by_the_backend_overrides(monkeypatch):
+    """A captured sampling step replays the kernels chosen when it was captured: a call under other backend overrides
+    (use_backend, OMNI2SOUND_BACKEND) captures its own graph instead of replaying another's. The capture itself is
+    replaced here (no GPU): what is checked is the cache's key."""
+    from omni2sound import ops, sampling
+
+    monkeypatch.delenv("OMNI2SOUND_BACKEND", raising=False)
+
+    class Entry:                                      # stands in for the captured step
+        def __init__(self, predict, prep, *args):
+            self.prep = prep
+
+        def run(self, x0, steps):
+            return x0
+
+    class Prep:
+        def signature(self):
+            return ()
+
+    monkeypatch.setattr(sampling, "_GraphEntry", Entry)
+    graphs, prep, x0 = sampling.GraphSampler(max_entries=8), Prep(), torch.zeros(1, 2, 3)
+    run = lambda: graphs.sample(len, prep, 1, (1.0,), x0, 2, "euler")           # noqa: E731
+    run()
+    run()
+    assert graphs.captures == 1                                                # same overrides: replayed
+    with ops.use_backend(adaln="triton"):
+        run()
+        with ops.use_backend("reference"):
+            run()
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "bias_gelu=reference")
+    run()
+    assert graphs.captures == 4
+    monkeypatch.delenv("OMNI2SOUND_BACKEND")
+    run()
+    assert graphs.captures == 4                                                # back to the first key

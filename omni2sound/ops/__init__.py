@@ -5,7 +5,7 @@ GEMM, ``onednn``; ``fp8_linear``: torch's fp8 GEMM, ``scaled_mm``); the
 default is picked by device and availability, ``OMNI2SOUND_BACKEND`` or ``use_backend(...)`` override
 it (see ``_dispatch``).
 """
-from ._dispatch import BACKENDS, available_backends, select_backend, use_backend
+from ._dispatch import BACKENDS, available_backends, overrides_key, select_backend, use_backend
 from .adaln import (
     Mod,
     adaln_modulate,
@@ -39,7 +39,8 @@ from .sampling_plan import sampling_workspace, skips_rows_without_keys
 from .snake import snake, snake_reference, snake_residual, snake_residual_reference
 
 __all__ = [
-    "BACKENDS", "available_backends", "select_backend", "use_backend", "adamw_step_", "adamw_step_reference",
+    "BACKENDS", "available_backends", "overrides_key", "select_backend", "use_backend", "adamw_step_",
+    "adamw_step_reference",
     "attention", "attention_reference", "cross_attention", "cross_attention_reference", "pack_condition_tokens",
     "bias_gelu", "bias_gelu_reference", "gelu_fp8", "linear_gelu", "linear_gelu_reference", "linear",
     "linear_reference", "onednn_takes", "runs_on_onednn", "packed_weights", "clear_packed_weights",

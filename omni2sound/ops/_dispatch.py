@@ -69,6 +69,14 @@ def _stack() -> list:
     return _local.stack
 
 
+def overrides_key() -> tuple:
+    """The backend overrides in force right now (this thread's ``use_backend`` stack and ``OMNI2SOUND_BACKEND``), as a
+    hashable key: what a cache of captured work (a CUDA graph of a sampling step) must be keyed by besides its
+    shapes, since the kernels it replays were chosen under them."""
+    return (tuple((b, tuple(sorted(per_op.items()))) for b, per_op in _stack()),
+            os.environ.get("OMNI2SOUND_BACKEND", "").strip())
+
+
 @contextlib.contextmanager
 def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
     """Force a backend, for every op (``use_backend("cpu")``) or per op (``use_backend(adaln="triton")``).
