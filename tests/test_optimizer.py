@@ -5,7 +5,7 @@ import torch
 
 from omni2sound import ops
 from omni2sound.ops._checks import OpInputError
-from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights
+from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights, training_autocast
 
 HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
@@ -141,6 +141,31 @@ def test_bf16_copies_train_like_autocast_on_fp32_weights():
         da, db = (a - w0[k]).flatten().double(), (weights[1][k] - w0[k]).flatten().double()
         assert float(da @ db) >= 0.99 * float(da.norm() * db.norm()), k
         assert float((weights[1][k] - a).abs().max()) <= 2 * 4 * 1e-3, k
+
+
+def test_training_autocast_rule():
+    """bf16 autocast on a GPU; on the CPU only with bf16 weight copies; none without a dtype; the cache flag kept."""
+    import contextlib
+    import warnings
+
+    for dev in ("cpu", torch.device("cpu"), "cuda", "cuda:0", torch.device("cuda", 0)):
+        for bf16_weights in (False, True):
+            for cache in (None, False):
+                assert isinstance(training_autocast(dev, None, bf16_weights, cache), contextlib.nullcontext)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")     # "cuda" without CUDA: torch disables it, with a warning
+                    ctx = training_autocast(dev, torch.bfloat16, bf16_weights, cache)
+                kind = torch.device(dev).type
+                if kind == "cpu" and not bf16_weights:
+                    assert isinstance(ctx, contextlib.nullcontext)
+                    continue
+                assert isinstance(ctx, torch.autocast), (dev, bf16_weights)
+                assert (ctx.device, ctx.fast_dtype) == (kind, torch.bfloat16)
+                assert ctx._cache_enabled == (torch.is_autocast_cache_enabled() if cache is None else cache)
+    with training_autocast("cpu", torch.bfloat16, True, cache_enabled=False):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_cache_enabled()
+    assert not torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled()
 
 
 @pytest.mark.cuda
