@@ -57,6 +57,19 @@ def test_cpu_kernel_equals_reference_with_a_tensor_lr_and_no_copy():
     torch.testing.assert_close(m, mm, rtol=1e-6, atol=1e-7)
 
 
+def test_cpu_kernel_takes_a_float_lr_as_the_fp32_tensor_holding_it():
+    """A float lr reaches the C++ kernel by value, rounded to fp32 as a tensor holding it would be: bit for bit."""
+    p, g, m, v = _state(513, torch.bfloat16)
+    q, mm, vv = p.clone(), m.clone(), v.clone()
+    w, ww = (torch.empty(513, dtype=torch.bfloat16) for _ in range(2))
+    lr = 3e-3 * (1 + float(torch.rand(())))         # not an fp32 number
+    with ops.use_backend(adamw="cpu"):
+        ops.adamw_step_(p, g, m, v, w, torch.tensor(2.0), lr, **HYPER)
+        ops.adamw_step_(q, g, mm, vv, ww, torch.tensor(2.0), torch.tensor(lr), **HYPER)
+    for a, b in ((p, q), (m, mm), (v, vv), (w.view(torch.int16), ww.view(torch.int16))):
+        assert torch.equal(a, b)
+
+
 def test_bad_arguments_fail_clearly():
     p, g, m, v = _state(8, torch.float32)
     with pytest.raises(OpInputError, match="param must be a contiguous float32"):
@@ -107,6 +120,34 @@ def test_optimizer_holds_copies_and_its_state_dict_is_torch_adamws(tmp_path):
             assert torch.equal(opt2.state[p][k], opt.state[p_ref][k])
     opt.swap_out()
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not holds_bf16_weights(model)
+
+
+def test_a_step_makes_no_tensor_per_weight():
+    """After the first step (which creates the state) a step is the step counts' increment and one fused op per
+    weight: no learning-rate tensor nor a stand-in for a missing bf16 copy per weight."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not str(func).startswith("profiler."):
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = _mlp()
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-2)
+    for s in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(3, 12)).float().square().mean().backward()
+        with Record() as rec:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert rec.ops == {"aten._foreach_add_.Scalar": 1, "omni2sound.adamw_step_.default": len(list(model.parameters()))}
 
 
 def test_bf16_copies_train_like_autocast_on_fp32_weights():
