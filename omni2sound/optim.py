@@ -98,15 +98,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 sd[name] = self.masters[p]
         return sd
 
-    @torch.no_grad()
-    def load_masters(self, module: nn.Module, state: dict) -> None:
-        """After ``module.load_state_dict(state)`` (which rounded the fp32 weights into the copies): the masters get
-        the exact fp32 values and the copies are rounded from them again."""
-        for name, p in module.named_parameters():
-            if p in self.masters and name in state:
-                self.masters[p].copy_(state[name])
-                self.copies[p].copy_(self.masters[p])
-
     def named_masters(self, module: nn.Module):
         """(name, fp32 weight) for each of the module's parameters: the master where there is a copy."""
         for name, p in module.named_parameters():

@@ -471,9 +471,9 @@ class Trainer:
         if self.sharded:
             ck = self._load_sharded(ck)
         else:
-            self.model.load_state_dict(ck["model"])
-            if self.loop.bf16_weights:                  # the exact fp32 weights into the masters
-                self.opt.load_masters(self.model, ck["model"])
+            # bf16 weight copies: the exact fp32 weights into the masters, the copies rounded from them on the way out
+            with self.opt.masters_in_place() if self.loop.bf16_weights else contextlib.nullcontext():
+                self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
         if self.graphed is not None and self.info.device.startswith("cuda"):
             # the replayed optimiser step reads lr from a GPU tensor; a loaded state may hold a float or a CPU tensor
