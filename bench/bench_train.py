@@ -29,7 +29,7 @@ from omni2sound.flow import FlowMatching
 from omni2sound.gpu_info import provenance
 from omni2sound.graphed_step import GraphedTrainStep
 from omni2sound.model import Omni2SoundDiT, dit_config
-from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights
+from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights, training_autocast
 from omni2sound.trainer import peak_flops
 
 
@@ -48,9 +48,7 @@ def time_steps(model, opt, x1, cond, steps: int, warmup: int, device: str, bf16:
     """Seconds per training step. graph: the step replayed from a CUDA graph (GraphedTrainStep: its draws and
     input copies, made outside the graph, are timed with it); the first call captures it."""
     flow = FlowMatching()
-    # bf16 weight copies (MasterWeightAdamW) need autocast on the CPU too
-    autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16) \
-        if bf16 and (device.startswith("cuda") or holds_bf16_weights(model)) else contextlib.nullcontext()
+    autocast = training_autocast(device, torch.bfloat16 if bf16 else None, holds_bf16_weights(model))
     g = torch.Generator(device=device).manual_seed(0) if device.startswith("cuda") else torch.Generator()
 
     if graph:

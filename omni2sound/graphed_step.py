@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .conditions import Conditions
 from .flow import FlowMatching
-from .optim import holds_bf16_weights
+from .optim import holds_bf16_weights, training_autocast
 
 _COND_FIELDS = ("text_tokens", "text_lens", "video_tokens", "video_lens", "sync", "duration")
 
@@ -72,17 +72,9 @@ class GraphedTrainStep:
         prep = self.model.prepare_conditions(cond, x_t.shape[1], static=True)
         return self.model.predict_velocity(x_t, t, prep)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=self.autocast_dtype, cache_enabled=False)
-        if holds_bf16_weights(self.model):          # bf16 weight copies (optim.py): the forward needs autocast here too
-            return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
-        return contextlib.nullcontext()
-
     def _step(self, x1: Tensor, cond: Conditions, draws: Tuple[Tensor, Tensor]) -> Tuple[Tensor, dict]:
-        with self._autocast():
+        # no weight-cast cache: a cached cast would outlive the capture's memory
+        with training_autocast(self.device, self.autocast_dtype, holds_bf16_weights(self.model), cache_enabled=False):
             loss, logs = self.flow.loss(self._velocity, x1, cond, draws=draws)
         loss.backward()
         if self.before_step is not None:

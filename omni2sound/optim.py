@@ -19,7 +19,7 @@ without a copy.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional, Union
 
 import torch
 import torch.nn as nn
@@ -98,15 +98,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 sd[name] = self.masters[p]
         return sd
 
-    @torch.no_grad()
-    def load_masters(self, module: nn.Module, state: dict) -> None:
-        """After ``module.load_state_dict(state)`` (which rounded the fp32 weights into the copies): the masters get
-        the exact fp32 values and the copies are rounded from them again."""
-        for name, p in module.named_parameters():
-            if p in self.masters and name in state:
-                self.masters[p].copy_(state[name])
-                self.copies[p].copy_(self.masters[p])
-
     def named_masters(self, module: nn.Module):
         """(name, fp32 weight) for each of the module's parameters: the master where there is a copy."""
         for name, p in module.named_parameters():
@@ -163,5 +154,17 @@ def holds_bf16_weights(module: nn.Module) -> bool:
     return any(p.requires_grad and p.dtype == torch.bfloat16 for p in module.parameters())
 
 
-__all__ = ["MasterWeightAdamW", "holds_bf16_weights"]
+def training_autocast(device: Union[str, torch.device], dtype: Optional[torch.dtype], bf16_weights: bool,
+                      cache_enabled: Optional[bool] = None):
+    """The autocast a training forward runs under: ``dtype`` on a GPU; on any other device only when the model holds
+    bf16 weight copies (``bf16_weights``, e.g. ``holds_bf16_weights(model)``: a bf16 weight meets fp32 activations,
+    which only autocast casts), as fp32 weights train there in fp32. None when dtype is None. cache_enabled: autocast's
+    weight-cast cache (None: torch's global setting; off inside a CUDA-graph capture)."""
+    kind = torch.device(device).type
+    if dtype is None or (kind != "cuda" and not bf16_weights):
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=dtype, cache_enabled=cache_enabled)
+
+
+__all__ = ["MasterWeightAdamW", "holds_bf16_weights", "training_autocast"]
 

@@ -44,7 +44,7 @@ import torch.nn as nn
 from .device import fused_adamw_ok, resolve_device
 from .files import BadFileError, atomic_write, load_torch, remove_stale_temps, write_json
 from .gpu_info import gpu_info, gpu_sample
-from .optim import MasterWeightAdamW
+from .optim import MasterWeightAdamW, training_autocast
 from .tblog import TensorBoardLog
 
 # ----------------------------------------------------------------------------------------------------
@@ -471,9 +471,9 @@ class Trainer:
         if self.sharded:
             ck = self._load_sharded(ck)
         else:
-            self.model.load_state_dict(ck["model"])
-            if self.loop.bf16_weights:                  # the exact fp32 weights into the masters
-                self.opt.load_masters(self.model, ck["model"])
+            # bf16 weight copies: the exact fp32 weights into the masters, the copies rounded from them on the way out
+            with self.opt.masters_in_place() if self.loop.bf16_weights else contextlib.nullcontext():
+                self.model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["optimizer"])
         if self.graphed is not None and self.info.device.startswith("cuda"):
             # the replayed optimiser step reads lr from a GPU tensor; a loaded state may hold a float or a CPU tensor
@@ -572,9 +572,8 @@ class Trainer:
         grad norm)."""
         self.module.train()
         accum, step = self.loop.accum, self.step
-        dev = torch.device(self.info.device).type
-        autocast = (torch.autocast(dev, dtype=torch.bfloat16)
-                    if self.loop.bf16 and (dev == "cuda" or self.loop.bf16_weights) else contextlib.nullcontext())
+        autocast = training_autocast(self.info.device, torch.bfloat16 if self.loop.bf16 else None,
+                                     self.loop.bf16_weights)
         logs_all, samples, tokens = [], 0, 0
         for m in range(accum):
             chunk = self.info.rank * accum + m

@@ -611,6 +611,28 @@ def test_split_modulation_stacks_gradients_that_are_not_in_the_buffer(edit, twic
     assert len(big_stacks(off_stacks, B, L, D)) == 3 * (2 if twice else 1)
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_split_modulation_of_a_per_sample_modulation_reduces_into_no_slot(gated):
+    # slices [B, 1, D] of a split [B, 1, n, D] beside x [B, L, D]: the backward's per-token gradients do not fit a
+    # slot; each slice's gradient is their sum over L, as unbind's (bit for bit)
+    B, L, D = 2, 5, 8
+    mod0, x0, h, dy = torch.randn(B, 1, 6, D), torch.randn(B, L, D), torch.randn(B, L, D), torch.randn(B, L, D)
+    grads = []
+    for buffer in (True, False):
+        mod, x = mod0.clone().requires_grad_(), x0.clone().requires_grad_()
+        with ops.use_backend(adaln="cpu"), ops.modulation_grad_buffer(buffer):
+            tok = ops.split_modulation(mod)
+            if gated:
+                x2, y = ops.gated_residual_adaln(x, h, tok[0], tok[1], tok[2])
+                y = y + x2
+            else:
+                y = ops.adaln_modulate(x, tok[1], tok[2])
+            (y * dy).sum().backward()
+        grads.append((mod.grad, x.grad))
+    for a, b in zip(*grads):
+        assert a.shape == b.shape and torch.equal(a, b)
+
+
 def test_split_modulation_zero_fills_unused_slices_in_the_buffer():
     B, L, D = 2, 4, 8
     mod = torch.randn(B, L, 6, D, requires_grad=True)

@@ -5,7 +5,7 @@ import torch
 
 from omni2sound import ops
 from omni2sound.ops._checks import OpInputError
-from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights
+from omni2sound.optim import MasterWeightAdamW, holds_bf16_weights, training_autocast
 
 HYPER = dict(beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1)
 
@@ -55,6 +55,19 @@ def test_cpu_kernel_equals_reference_with_a_tensor_lr_and_no_copy():
         ops.adamw_step_(q, g, mm, vv, None, torch.tensor(1.0), lr, **HYPER)
     torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m, mm, rtol=1e-6, atol=1e-7)
+
+
+def test_cpu_kernel_takes_a_float_lr_as_the_fp32_tensor_holding_it():
+    """A float lr reaches the C++ kernel by value, rounded to fp32 as a tensor holding it would be: bit for bit."""
+    p, g, m, v = _state(513, torch.bfloat16)
+    q, mm, vv = p.clone(), m.clone(), v.clone()
+    w, ww = (torch.empty(513, dtype=torch.bfloat16) for _ in range(2))
+    lr = 3e-3 * (1 + float(torch.rand(())))         # not an fp32 number
+    with ops.use_backend(adamw="cpu"):
+        ops.adamw_step_(p, g, m, v, w, torch.tensor(2.0), lr, **HYPER)
+        ops.adamw_step_(q, g, mm, vv, ww, torch.tensor(2.0), torch.tensor(lr), **HYPER)
+    for a, b in ((p, q), (m, mm), (v, vv), (w.view(torch.int16), ww.view(torch.int16))):
+        assert torch.equal(a, b)
 
 
 def test_bad_arguments_fail_clearly():
@@ -109,6 +122,34 @@ def test_optimizer_holds_copies_and_its_state_dict_is_torch_adamws(tmp_path):
     assert all(p.dtype == torch.float32 for p in model.parameters()) and not holds_bf16_weights(model)
 
 
+def test_a_step_makes_no_tensor_per_weight():
+    """After the first step (which creates the state) a step is the step counts' increment and one fused op per
+    weight: no learning-rate tensor nor a stand-in for a missing bf16 copy per weight."""
+    from collections import Counter
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not str(func).startswith("profiler."):
+                self.ops[str(func)] += 1
+            return func(*args, **(kwargs or {}))
+
+    model = _mlp()
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-2)
+    for s in range(2):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(3, 12)).float().square().mean().backward()
+        with Record() as rec:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert rec.ops == {"aten._foreach_add_.Scalar": 1, "omni2sound.adamw_step_.default": len(list(model.parameters()))}
+
+
 def test_bf16_copies_train_like_autocast_on_fp32_weights():
     """The DiT, 4 steps: bf16 copies + MasterWeightAdamW against fp32 weights under autocast + torch's AdamW."""
     from omni2sound.flow import FlowMatching
@@ -141,6 +182,31 @@ def test_bf16_copies_train_like_autocast_on_fp32_weights():
         da, db = (a - w0[k]).flatten().double(), (weights[1][k] - w0[k]).flatten().double()
         assert float(da @ db) >= 0.99 * float(da.norm() * db.norm()), k
         assert float((weights[1][k] - a).abs().max()) <= 2 * 4 * 1e-3, k
+
+
+def test_training_autocast_rule():
+    """bf16 autocast on a GPU; on the CPU only with bf16 weight copies; none without a dtype; the cache flag kept."""
+    import contextlib
+    import warnings
+
+    for dev in ("cpu", torch.device("cpu"), "cuda", "cuda:0", torch.device("cuda", 0)):
+        for bf16_weights in (False, True):
+            for cache in (None, False):
+                assert isinstance(training_autocast(dev, None, bf16_weights, cache), contextlib.nullcontext)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")     # "cuda" without CUDA: torch disables it, with a warning
+                    ctx = training_autocast(dev, torch.bfloat16, bf16_weights, cache)
+                kind = torch.device(dev).type
+                if kind == "cpu" and not bf16_weights:
+                    assert isinstance(ctx, contextlib.nullcontext)
+                    continue
+                assert isinstance(ctx, torch.autocast), (dev, bf16_weights)
+                assert (ctx.device, ctx.fast_dtype) == (kind, torch.bfloat16)
+                assert ctx._cache_enabled == (torch.is_autocast_cache_enabled() if cache is None else cache)
+    with training_autocast("cpu", torch.bfloat16, True, cache_enabled=False):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_cache_enabled()
+    assert not torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled()
 
 
 @pytest.mark.cuda

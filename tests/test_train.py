@@ -253,6 +253,16 @@ def test_bf16_weight_copies_train_resume_exactly_and_save_fp32(tmp_path):
     assert [h["loss"] for h in h_full] == pytest.approx([h["loss"] for h in h_plain], rel=3e-2)
     part = _trainer(str(tmp_path / "b"), table, 5, bf16_weights=True)
     part.fit(stop_after=2)
+    # loaded once: the masters hold the checkpoint's fp32 weights exactly, the module the bf16 copies rounded from them
+    path = os.path.join(part.ckpt_dir, part.checkpoints()[-1])
+    loaded = _trainer(str(tmp_path / "l"), table, 5, model=small_dit(seed=99), bf16_weights=True)
+    loaded.load_checkpoint(path)
+    ck = torch.load(path, weights_only=True)
+    for name, p in loaded.model.named_parameters():
+        master = loaded.opt.master(p)
+        assert master.dtype == torch.float32 and torch.equal(master, ck["model"][name]), name
+        if p in loaded.opt.copies:
+            assert p.dtype == torch.bfloat16 and torch.equal(p, master.to(torch.bfloat16)), name
     resumed = _trainer(str(tmp_path / "b"), table, 5, model=small_dit(seed=99), bf16_weights=True)
     assert [h["loss"] for h in resumed.fit(resume=True)] == [h["loss"] for h in h_full]
     for (k, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):

@@ -377,6 +377,11 @@ class _ModulationGrad:
         self.buf: Optional[Tensor] = None
         self.written: set = set()
 
+    @property
+    def slot_shape(self) -> torch.Size:
+        """The shape of a slot, and so of each slice: [B, L, D]."""
+        return self.shape[:2] + self.shape[3:]
+
     def slot(self, k: int) -> Tensor:
         if self.buf is None or k in self.written:
             self.buf, self.written = torch.empty(self.shape, dtype=self.dtype, device=self.device), set()
@@ -443,11 +448,13 @@ def _grad_slots(inputs: tuple, indices: tuple) -> Dict[int, Tuple[_ModulationGra
 
 def _slot_out(ctx, like: Tensor, *indices: int) -> Tuple[Optional[int], Optional[Tensor]]:
     """(input index, its gradient slot) for the first of these modulation inputs that is a per-token split slice whose
-    gradient autograd needs; (None, None) when there is none."""
+    gradient autograd needs; (None, None) when there is none. A slice of a per-sample modulation ([B, 1, D] beside
+    ``like`` [B, L, D]) has no per-token gradient to hold."""
     for i in indices:
-        if i in ctx.grad_slots and ctx.needs_input_grad[i] and ctx.slot_shapes[i] == like.shape:
+        if i in ctx.grad_slots and ctx.needs_input_grad[i]:
             sink, k = ctx.grad_slots[i]
-            return i, sink.slot(k)
+            if sink.slot_shape == like.shape:
+                return i, sink.slot(k)
     return None, None
 
 
@@ -468,7 +475,6 @@ def _modulate_setup(ctx, inputs, output):
     ctx.save_for_backward(x, shift, scale, shift2, scale2, mean, rstd)
     ctx.backend = backend
     ctx.grad_slots = _grad_slots(inputs, (1, 2, 3, 4))
-    ctx.slot_shapes = {i: inputs[i].shape for i in ctx.grad_slots}
 
 
 def _modulate_backward(ctx, dy, _dmean, _drstd):
@@ -495,7 +501,6 @@ def _gated_setup(ctx, inputs, output):
     ctx.save_for_backward(x2, h, gate, shift, scale, gate2, shift2, scale2, mean, rstd)
     ctx.backend = backend
     ctx.grad_slots = _grad_slots(inputs, (2, 3, 4, 5, 6, 7))
-    ctx.slot_shapes = {i: inputs[i].shape for i in ctx.grad_slots}
 
 
 def _gated_backward(ctx, dx2, dy, _dmean, _drstd):

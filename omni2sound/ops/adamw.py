@@ -15,8 +15,9 @@ backward casts each bf16 weight gradient back to fp32 to accumulate it (read 2 +
 step, 15.5 GB for the L DiT. With the bf16 copy written here (2 bytes) and the bf16 gradient read as it is (2 bytes
 instead of 4), a step moves 28 bytes a parameter in the optimiser against 40 (28 in AdamW plus the 12 of casts).
 
-Backends: C++ on the CPU, Triton on a GPU, the reference (plain PyTorch, several passes) everywhere. ``lr`` and
-``step`` are tensors (on the GPU: a CUDA graph replays the step with the values they hold then).
+Backends: C++ on the CPU, Triton on a GPU, the reference (plain PyTorch, several passes) everywhere. ``step`` is a
+tensor, ``lr`` a tensor or a float (on the GPU the kernel reads both from the device: a CUDA graph replays the step
+with the values they hold then; the C++ kernel takes them by value).
 """
 from __future__ import annotations
 
@@ -65,35 +66,40 @@ _AVAILABLE = {
 register_op("adamw", _AVAILABLE, default_order={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
 
 
-def _step_native(param, grad, exp_avg, exp_avg_sq, copy, step, lr, beta1, beta2, eps, weight_decay, backend):
+def _step_native(param, grad, exp_avg, exp_avg_sq, copy, step, lr, lr_value, beta1, beta2, eps, weight_decay,
+                 backend):
     if param.numel() == 0:
         return
     if backend == "triton":
         from omni2sound.kernels import adamw as tk
 
-        tk.adamw_step(param, grad, exp_avg, exp_avg_sq, copy if copy.numel() else None, step, lr, beta1, beta2, eps,
-                      weight_decay)
+        # the kernel reads lr from the weight's device
+        lr = lr if lr is not None else torch.tensor(lr_value, device=param.device)
+        tk.adamw_step(param, grad, exp_avg, exp_avg_sq, copy, step, lr, beta1, beta2, eps, weight_decay)
         return
     P = _native.lib().AdamWParams()
     P.n, P.grad_dtype = param.numel(), _native.dtype_code(grad)
     P.param, P.grad, P.exp_avg, P.exp_avg_sq = param.data_ptr(), grad.data_ptr(), exp_avg.data_ptr(), \
         exp_avg_sq.data_ptr()
-    P.copy = copy.data_ptr() if copy.numel() else 0
-    P.lr, P.step = float(lr), float(step)
+    P.copy = 0 if copy is None else copy.data_ptr()
+    P.lr, P.step = float(lr) if lr is not None else lr_value, float(step)     # fp32 fields: lr rounds as a tensor's
     P.beta1, P.beta2, P.eps, P.weight_decay = beta1, beta2, eps, weight_decay
     _native.lib().adamw_step_cpu(P)
 
 
 # One custom op per parameter tensor: opaque to torch.compile and to a TorchDispatchMode (bench/_traffic.py counts it
-# as the one pass it is). ``copy`` is an empty tensor when there is none.
+# as the one pass it is). The learning rate is ``lr`` when a tensor holds it, else ``lr_value`` (lr None): a float lr
+# costs the C++ kernel no tensor per weight.
 @torch.library.custom_op("omni2sound::adamw_step_", mutates_args=("param", "exp_avg", "exp_avg_sq", "copy"))
-def _adamw_op(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, copy: Tensor, step: Tensor,
-              lr: Tensor, beta1: float, beta2: float, eps: float, weight_decay: float, backend: str) -> None:
-    _step_native(param, grad, exp_avg, exp_avg_sq, copy, step, lr, beta1, beta2, eps, weight_decay, backend)
+def _adamw_op(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, copy: Optional[Tensor], step: Tensor,
+              lr: Optional[Tensor], lr_value: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+              backend: str) -> None:
+    _step_native(param, grad, exp_avg, exp_avg_sq, copy, step, lr, lr_value, beta1, beta2, eps, weight_decay,
+                 backend)
 
 
 @_adamw_op.register_fake
-def _(param, grad, exp_avg, exp_avg_sq, copy, step, lr, beta1, beta2, eps, weight_decay, backend):
+def _(param, grad, exp_avg, exp_avg_sq, copy, step, lr, lr_value, beta1, beta2, eps, weight_decay, backend):
     return None
 
 
@@ -143,7 +149,6 @@ def adamw_step_(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor
     if backend == "reference":
         adamw_step_reference(param, grad, exp_avg, exp_avg_sq, copy, step, lr, beta1, beta2, eps, weight_decay)
         return
-    # the Triton kernel reads lr from the device; the C++ kernel takes it by value
-    lr_t = lr if torch.is_tensor(lr) else torch.tensor(float(lr), device=param.device if backend == "triton" else "cpu")
-    _adamw_op(param, grad, exp_avg, exp_avg_sq, param.new_empty(0, dtype=torch.bfloat16) if copy is None else copy,
-              step, lr_t, float(beta1), float(beta2), float(eps), float(weight_decay), backend)
+    lr_t, lr_value = (lr, 0.0) if torch.is_tensor(lr) else (None, float(lr))
+    _adamw_op(param, grad, exp_avg, exp_avg_sq, copy, step, lr_t, lr_value, float(beta1), float(beta2), float(eps),
+              float(weight_decay), backend)
