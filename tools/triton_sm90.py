@@ -13,7 +13,11 @@ reports registers, spills and shared memory). No CUDA driver is needed.
 Limits: the argument types are Triton's plain ones (pointer / i32 / i64 / fp32) without the runtime's
 specialisations (divisibility-by-16 hints, ints equal to 1), so the code differs in detail from what a launch on a
 GPU would build; and the Triton here (CPU machines: 3.9) is newer than the GPU image's (3.6). A kernel that passes
-here can still fail there; one that fails here needs fixing before any GPU time is spent on it.
+here can still fail there; one that fails here needs fixing before any GPU time is spent on it. To compile with the
+GPU image's Triton, put it first on the path (no GPU needed either):
+
+    pip install --no-deps --target /tmp/triton36 triton==3.6.0
+    PYTHONPATH=/tmp/triton36 python tools/triton_sm90.py
 
 Must run WITHOUT ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions this compiles).
 """
@@ -31,7 +35,7 @@ from typing import Callable, Dict, List
 import torch
 
 ARCH = 90                       # H100 / H200
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int32: "i32",
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int16: "i16", torch.int32: "i32",
            torch.int64: "i64", torch.uint8: "u8", torch.bool: "i1", torch.float8_e4m3fn: "fp8e4nv"}
 
 
@@ -120,6 +124,7 @@ def ptxas_report(ptx: str) -> Dict[str, int]:
 # ----------------------------------------------------------------------------------------------------
 def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
     from omni2sound.kernels import adaln as ka
+    from omni2sound.kernels import adamw as kw
     from omni2sound.kernels import cross_attention as kc
     from omni2sound.kernels import fp8 as kf
     from omni2sound.kernels import gelu as kg
@@ -234,6 +239,16 @@ def cases(dtype: torch.dtype) -> Dict[str, Callable[[], None]]:
 
     def gelu_fp8():                                   # FP8 sampling: GELU writing fc2's per-token e4m3 input too
         kg.gelu_fp8_rows(t(B * T, F), t(B * T, F), t(B * T, F, dt=torch.float8_e4m3fn), t(B * T, 1, dt=f32))
+
+    def adamw():                                      # the optimiser step on one fp32 master (the L fc1 weight)
+        w = t(F, D, dt=f32)                           # with its bf16 copy; the gradient in the copy's dtype
+        kw.adamw_step(w, t(F, D, dt=torch.bfloat16), t(F, D, dt=f32), t(F, D, dt=f32), t(F, D, dt=torch.bfloat16),
+                      t(1, dt=f32), t(1, dt=f32), 0.9, 0.999, 1e-8, 0.01)
+
+    def adamw_no_copy():                              # a weight kept in fp32 only (norms, biases)
+        w = t(D, dt=f32)
+        kw.adamw_step(w, t(D, dt=f32), t(D, dt=f32), t(D, dt=f32), None, t(1, dt=f32), t(1, dt=f32), 0.9, 0.999,
+                      1e-8, 0.01)
 
     return {name: fn for name, fn in locals().items()
             if callable(fn) and name not in ("t",) and not name.startswith("_")}
