@@ -189,6 +189,7 @@ def test_fp8_sampling_latents_against_fp32_and_bf16_on_the_same_noise():
     assert len(table) == 6 * pipe.dit.config.depth
     f8_again = pipe._sample(cond, x0, SamplingOptions(steps=8, guidance=3.0, fp8=True), {})
     assert pipe.fp8_weights() is table and torch.equal(f8_again, f8)     # quantised once, deterministic
+    assert pipe._fp8_sampling("token", fused_quant=True).weights is table      # the fused variant: the same table
     pipe.dit.to(torch.bfloat16)
     pipe._fp8.clear()                                                   # new weight tensors: a new table
     bf = pipe._sample(cond, x0.bfloat16(), opts, {}).float()
