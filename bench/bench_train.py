@@ -196,6 +196,37 @@ def _print_comparison(before: dict, after: dict, label_before: str, label_after:
           f"{after['non_gemm_floor_ms']:.1f} ms | {after['non_gemm_floor_ms'] - before['non_gemm_floor_ms']:+.1f} ms |")
 
 
+def variant_table(a) -> list:
+    """The timed variants (label, backend, mode) the flags ask for; --variants picks some, in its order (repeats
+    interleave: fused,fused+stack,fused+stack,fused). A name the flags do not provide is an error, not a row fewer."""
+    variants = [("reference", "reference", None), ("fused", None, None)]
+    if a.compile:
+        variants.append(("fused+compile", None, "compile"))
+    if a.graph:
+        variants.append(("fused+graph", None, "graph"))
+    if a.bf16_weights:
+        variants += [(label + "+bf16w", backend, mode) for label, backend, mode in variants if label != "reference"]
+    if a.modulation_grads == "both":
+        variants += [(label + "+stack", backend, mode) for label, backend, mode in variants if label != "reference"]
+    if not a.variants:
+        return variants
+    labels = [v[0] for v in variants]
+    unknown = [w for w in a.variants.split(",") if w not in labels]
+    if unknown:
+        raise SystemExit(f"bench_train: --variants {','.join(unknown)} not among {labels} "
+                         "(+compile needs --compile, +graph --graph, +bf16w --bf16-weights, "
+                         "+stack --modulation-grads both)")
+    return [variants[labels.index(w)] for w in a.variants.split(",")]
+
+
+def check_args(a) -> None:
+    """What the command line asks for exists (presets, variants), before any model is built."""
+    for name in a.presets or ():
+        dit_config(name)
+    if not a.audit:
+        variant_table(a)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="*", default=None)
@@ -227,6 +258,7 @@ def main(argv=None) -> None:
                         "library's choice for the device); --audit with both: each and the difference; timing with "
                         "both: the variants <v> (buffer) and <v>+stack")
     a = p.parse_args(argv)
+    check_args(a)
     if a.audit:
         res = audit(a.presets or ["L"], a.batch or 32, a.seconds or 10.0, a.audit_backends, a.audit_bandwidth,
                     a.audit_flops, a.bf16_weights, a.modulation_grads)
@@ -245,18 +277,7 @@ def main(argv=None) -> None:
     rows = []
     for name in presets:
         cfg = dit_config(name)
-        variants = [("reference", "reference", None), ("fused", None, None)]
-        if a.compile:
-            variants.append(("fused+compile", None, "compile"))
-        if a.graph:
-            variants.append(("fused+graph", None, "graph"))
-        if a.bf16_weights:
-            variants += [(label + "+bf16w", backend, mode) for label, backend, mode in variants if label != "reference"]
-        if a.modulation_grads == "both":
-            variants += [(label + "+stack", backend, mode) for label, backend, mode in variants if label != "reference"]
-        if a.variants:      # in the order given (interleave repeats: fused,fused+stack,fused+stack,fused)
-            want = a.variants.split(",")
-            variants = [v for w in want for v in variants if v[0] == w]
+        variants = variant_table(a)
         for label, backend, mode in variants:
             torch.manual_seed(0)
             with torch.device(a.device):                 # init on the device: seconds, not a minute, for L

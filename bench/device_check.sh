@@ -49,7 +49,10 @@
 # with less than 20 s left is skipped (and says so), so the script ends inside the device call's limit with its files.
 # Carried wheels in .whl/ (soundfile, soxr, av: absent from the GPU image) are installed to /tmp/site. When the
 # extension was built by an earlier call and carried back (omni2sound/_C.cpython-312-*.so), the build is skipped.
+# O2S_DRY_RUN=1: no build, no card, nothing run: each step's name, limit and command printed, one per line
+# (`STEP<TAB>name<TAB>limit<TAB>command`), so that a test on a CPU machine can check every command before a GPU run.
 set -u
+DRY=${O2S_DRY_RUN:-}
 export PYTHONUNBUFFERED=1
 T_START=$(date +%s)
 OUT=${OUT:-/tmp/o2s_out}
@@ -74,6 +77,24 @@ for m in $(echo "$WHAT" | tr ',' ' '); do
     *) echo "unknown mode: $m (one of: $ALL_MODES all everything speed)"; exit 2 ;; esac
 done
 want() { case ",$WHAT," in *",$1,"*) return 0 ;; esac; return 1; }
+SUMMARY="$OUT/summary.md"
+step() {  # name, limit seconds, command...: run with min(limit, time left - 10) seconds, log to $RES/name.log
+  local name=$1 limit=$2; shift 2
+  if [ -n "$DRY" ]; then printf 'STEP\t%s\t%s\t%s\n' "$name" "$limit" "$*"; return; fi
+  local rem=$(( $(left) - 10 ))
+  if [ "$rem" -lt 20 ]; then echo "($name skipped: ${rem}s left)" | tee -a "$SUMMARY"; return; fi
+  [ "$limit" -gt "$rem" ] && limit=$rem
+  local t0=$(date +%s)
+  echo "## $name (limit ${limit}s): $*" >> "$SUMMARY"
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
+  local rc=$?
+  # the markdown tables and the last lines go to the summary
+  grep -E '^\||^#|^AudioVAE|^Training|passed|failed|error' "$RES/$name.log" | tail -60 >> "$SUMMARY"
+  tail -5 "$RES/$name.log" >> "$SUMMARY"
+  echo "($name: rc=$rc, $(( $(date +%s) - t0 )) s)" | tee -a "$SUMMARY"
+}
+
+if [ -z "$DRY" ]; then
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -102,22 +123,8 @@ else
 fi
 $PY -c "from omni2sound import _C; print('built_with_cuda', _C.built_with_cuda(), _C.cuda_archs())"
 
-SUMMARY="$OUT/summary.md"
 : >> "$SUMMARY"
-step() {  # name, limit seconds, command...: run with min(limit, time left - 10) seconds, log to $RES/name.log
-  local name=$1 limit=$2; shift 2
-  local rem=$(( $(left) - 10 ))
-  if [ "$rem" -lt 20 ]; then echo "($name skipped: ${rem}s left)" | tee -a "$SUMMARY"; return; fi
-  [ "$limit" -gt "$rem" ] && limit=$rem
-  local t0=$(date +%s)
-  echo "## $name (limit ${limit}s): $*" >> "$SUMMARY"
-  timeout "$limit" "$@" > "$RES/$name.log" 2>&1
-  local rc=$?
-  # the markdown tables and the last lines go to the summary
-  grep -E '^\||^#|^AudioVAE|^Training|passed|failed|error' "$RES/$name.log" | tail -60 >> "$SUMMARY"
-  tail -5 "$RES/$name.log" >> "$SUMMARY"
-  echo "($name: rc=$rc, $(( $(date +%s) - t0 )) s)" | tee -a "$SUMMARY"
-}
+fi  # not a dry run
 
 FP8_L="bench/bench_fp8.py --presets L --batches 1,8 --device cuda"
 SERVE_L="bench/bench_serve.py --preset L --batches 1,8,32 --device cuda"
@@ -217,6 +224,7 @@ want fp8-compile && step fp8_L_compile 240 $PY bench/bench_fp8.py --presets L --
 want serve && step serve_L 150 $PY $SERVE_L --repeats 3 --out "$RES/serve_L.json"
 want synchformer && step synchformer 60 $PY $SYNC --out "$RES/synchformer.json"
 want extract && step extract 90 $PY $EXTRACT --json "$RES/extract.json"
+[ -n "$DRY" ] && exit 0
 $PY -c "import json; from omni2sound.gpu_info import gpu_info; print('nvml at the end', json.dumps(gpu_info()))" \
   >> "$OUT/gpu.txt" 2>&1
 tar czf "$OUT/results.tgz" -C "$OUT" res && rm -rf "$RES"

@@ -267,6 +267,20 @@ def test_dispatch_defaults(monkeypatch):
     monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rope=fast")
     with pytest.raises(ValueError, match="names no backend"):
         ops.select_backend("qk_norm_rope", torch.device("cpu"))
+    # a misspelt op forces nothing silently neither in the environment nor in use_backend: it is refused
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "qk_norm_rop=reference")
+    with pytest.raises(ValueError, match="'qk_norm_rop' names no op"):
+        ops.select_backend("qk_norm_rope", torch.device("cpu"))
+    monkeypatch.delenv("OMNI2SOUND_BACKEND")
+    with pytest.raises(ValueError, match="'qk_norm_rop' names no op"):
+        with ops.use_backend(qk_norm_rop="reference"):
+            pass
+    # the first item naming an op (or its family) wins, as written
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "adaln=reference,adaln_modulate=cpu")
+    assert ops.select_backend("adaln_modulate", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("OMNI2SOUND_BACKEND", "adaln_modulate=reference,adaln=cpu")
+    assert ops.select_backend("adaln_modulate", torch.device("cpu")) == "reference"
+    assert ops.select_backend("gated_residual_adaln", torch.device("cpu")) == "cpu"
 
 
 @pytest.mark.parametrize("backend", NATIVE)

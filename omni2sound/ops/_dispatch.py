@@ -86,6 +86,8 @@ def use_backend(backend: Optional[str] = None, **per_op: str) -> Iterator[None]:
     for b in [backend, *per_op.values()]:
         if b is not None and b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; choose from {BACKENDS}")
+    for key in per_op:
+        _check_op_key(key, "use_backend")
     _stack().append((backend, per_op))
     try:
         yield
@@ -100,21 +102,46 @@ def _forced(op: str) -> Optional[str]:
                 return b
         if backend is not None and backend in _REGISTRY[op]:
             return backend
-    env = os.environ.get("OMNI2SOUND_BACKEND", "").strip()
+    everything, per_op = env_overrides()
+    if everything is not None:
+        return everything if everything in _REGISTRY[op] else None
+    for key, b in per_op:
+        if key in (op, _FAMILY.get(op)):
+            return b
+    return None
+
+
+def _check_op_key(key: str, where: str) -> None:
+    # a misspelt op name would otherwise force nothing and leave the default in place without a word
+    if key not in _REGISTRY and key not in _FAMILY.values():
+        known = sorted(set(_REGISTRY) | set(_FAMILY.values()))
+        raise ValueError(f"{where}: {key!r} names no op or op family; known: {known}")
+
+
+def env_overrides() -> tuple:
+    """``OMNI2SOUND_BACKEND`` parsed: (the backend forced for every op or None, ((op or family, backend), ...) in
+    the order written, the first that names an op winning). A value naming an unknown backend, op or family raises
+    ValueError."""
+    return _parse_env(os.environ.get("OMNI2SOUND_BACKEND", "").strip(), len(_REGISTRY))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env(env: str, n_ops: int) -> tuple:   # n_ops: an op registered later invalidates the parse
     if not env:
-        return None
+        return None, ()
     if "=" not in env:
         if env not in BACKENDS:
             raise ValueError(f"OMNI2SOUND_BACKEND={env!r} is not one of {BACKENDS}")
-        return env if env in _REGISTRY[op] else None
+        return env, ()
     # per op: "qk_norm_rope=triton,adaln=cuda" (op names or families; ops not named keep their default)
+    per_op = []
     for item in env.split(","):
         key, _, b = (part.strip() for part in item.partition("="))
         if b not in BACKENDS:
             raise ValueError(f"OMNI2SOUND_BACKEND: {item.strip()!r} names no backend of {BACKENDS}")
-        if key in (op, _FAMILY.get(op)):
-            return b
-    return None
+        _check_op_key(key, "OMNI2SOUND_BACKEND")
+        per_op.append((key, b))
+    return None, tuple(per_op)
 
 
 def forced_backend(op: str) -> Optional[str]:
