@@ -31,7 +31,7 @@ import os
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -143,6 +143,12 @@ def step_progress(velocity, opts: "SamplingOptions", enabled: bool):
 _UNSET = object()
 
 
+class _Fp8Sampling(NamedTuple):
+    """One FP8 sampling variant (an activation scaling, fused quantisation or not) of a pipeline."""
+    weights: "ops.Fp8Weights"                        # the block projections in e4m3: one table per activation scaling
+    predict: Callable[..., Tensor]                   # the per-step function whose projections run on them
+
+
 def _guidance(guidance: Optional[Guidance], cfg) -> Optional[Guidance]:
     """``guidance``, or the same value given under its other keyword name ``cfg``."""
     if cfg is _UNSET:
@@ -185,8 +191,7 @@ class Omni2SoundPipeline:
         self.dit, self.vae = dit.eval(), vae.eval()
         self.compile_step = compile_step
         self._compiled = None
-        # (act_scale, fused quantisation) -> (Fp8Weights, the per-step function using it); one table per act_scale
-        self._fp8: Dict[tuple, tuple] = {}
+        self._fp8: Dict[Tuple[str, bool], _Fp8Sampling] = {}     # by (act_scale, fused quantisation)
         self.config = config or PipelineConfig()
         self._text, self._video, self._sync = text_encoder, video_encoder, sync_encoder
         self.flow = flow or FlowMatching()
@@ -254,15 +259,17 @@ class Omni2SoundPipeline:
     def fp8_weights(self, act_scale: str = "token") -> "ops.Fp8Weights":
         """The DiT blocks' projection weights in e4m3 (attention qkv and output, cross-attention q and output, MLP
         fc1 and fc2), quantised on the first call for ``act_scale`` and kept (a weight changed since runs bf16)."""
-        return self._fp8_entry(act_scale)[0]
+        return self._fp8_sampling(act_scale).weights
 
-    def _fp8_entry(self, act_scale: str, fused_quant: bool = False) -> tuple:
+    def _fp8_sampling(self, act_scale: str, fused_quant: bool = False) -> _Fp8Sampling:
+        """The FP8 variant for (act_scale, fused_quant), made on first use; its fused and unfused variants share one
+        table of weights."""
         fused_quant = fused_quant and act_scale == "token"       # per-tensor scales need the whole input first
         entry = self._fp8.get((act_scale, fused_quant))
         if entry is None:
             other = self._fp8.get((act_scale, not fused_quant))
             if other is not None:
-                table = other[0]
+                table = other.weights
             else:
                 layers = [m for b in self.dit.blocks
                           for m in (b.attn.qkv, b.attn.proj, b.cross.q, b.cross.proj, b.mlp[0], b.mlp[2])]
@@ -272,7 +279,7 @@ class Omni2SoundPipeline:
             def predict_fp8(x, t, prep):
                 with ops.fp8_gemms(table, fuse_quant=fused_quant):
                     return base(x, t, prep)
-            entry = self._fp8[(act_scale, fused_quant)] = (table, predict_fp8)
+            entry = self._fp8[(act_scale, fused_quant)] = _Fp8Sampling(table, predict_fp8)
         return entry
 
     def _predict(self, opts: Optional["SamplingOptions"] = None):
@@ -280,7 +287,7 @@ class Omni2SoundPipeline:
         fp8 when ``opts.fp8`` (one function per activation scaling and fused quantisation, so each gets its own captured
         graph)."""
         if opts is not None and opts.fp8:
-            return self._fp8_entry(opts.fp8_act_scale, opts.fp8_fused_quant)[1]
+            return self._fp8_sampling(opts.fp8_act_scale, opts.fp8_fused_quant).predict
         if not self.compile_step:
             return self.dit.predict_velocity
         if self._compiled is None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lowp import half_ulp
+from recording import OpLog
 
 from omni2sound import _native, ops
 from omni2sound.ops import _dispatch
@@ -364,6 +365,34 @@ def test_dispatch_defaults_and_overrides(monkeypatch):
     with pytest.raises(ValueError, match="OMNI2SOUND_BACKEND"):
         ops.select_backend("adaln_modulate", cpu)
     assert "adaln_modulate" in _dispatch.registered_ops()
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+@torch.no_grad()
+def test_a_dispatch_mode_sees_the_custom_ops_where_direct_calls_skip_them(backend):
+    # sampling (no autograd) calls the backend directly, past the custom op's dispatch; under a TorchDispatchMode
+    # (a user's op log, FakeTensorMode, functionalisation) the op itself runs, so the mode sees it, with the same result
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, L, D, H, Dh = 2, 5, 16, 2, 8
+    x, h, mods = torch.randn(B, L, D), torch.randn(B, L, D), [torch.randn(B, 1, D) for _ in range(3)]
+    qk, w = torch.randn(B, L, 2, H, Dh), torch.randn(2, Dh)
+    calls = {"omni2sound.adaln_modulate.default": lambda: ops.adaln_modulate(x, mods[0], mods[1]),
+             "omni2sound.gated_residual_adaln.default": lambda: ops.gated_residual_adaln(x, h, *mods),
+             "omni2sound.qk_norm_rope.default": lambda: ops.qk_norm_rope(qk, w, None)}
+    assert _dispatch.direct_call(x, h)
+    with ops.use_backend(adaln=backend, qk_norm_rope=backend):
+        for name, call in calls.items():
+            direct = call()
+            with OpLog() as log:
+                assert not _dispatch.direct_call(x, h)
+                seen = call()
+            assert log.ops[name] == 1, (name, log.ops)
+            for a, b in zip(*(t if isinstance(t, tuple) else (t,) for t in (direct, seen))):
+                assert torch.equal(a, b), name
+    with FakeTensorMode():
+        assert not _dispatch.direct_call(x, h)
+    assert _dispatch.direct_call(x, h)
 
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"] + ["reference"])

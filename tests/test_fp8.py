@@ -6,6 +6,7 @@ sampler with fp8."""
 import pytest
 import torch
 import torch.nn.functional as F
+from recording import count_calls
 
 from omni2sound import ops
 from omni2sound.ops.fp8 import FP8_MAX, quantize_rows, scaled_mm_takes
@@ -189,6 +190,7 @@ def test_fp8_sampling_latents_against_fp32_and_bf16_on_the_same_noise():
     assert len(table) == 6 * pipe.dit.config.depth
     f8_again = pipe._sample(cond, x0, SamplingOptions(steps=8, guidance=3.0, fp8=True), {})
     assert pipe.fp8_weights() is table and torch.equal(f8_again, f8)     # quantised once, deterministic
+    assert pipe._fp8_sampling("token", fused_quant=True).weights is table      # the fused variant: the same table
     pipe.dit.to(torch.bfloat16)
     pipe._fp8.clear()                                                   # new weight tensors: a new table
     bf = pipe._sample(cond, x0.bfloat16(), opts, {}).float()
@@ -289,13 +291,7 @@ def test_the_gpu_path_through_the_model_runs_scaled_mm_on_the_cpu(monkeypatch):
     x0 = x0.bfloat16()
     opts = SamplingOptions(steps=3, guidance=3.0, fp8=True)
     ref = pipe._sample(cond, x0, opts, {}).float()
-    calls = []
-    real = torch._scaled_mm
-
-    def counted(*a, **k):
-        calls.append(a[0].shape)
-        return real(*a, **k)
-    monkeypatch.setattr(torch, "_scaled_mm", counted)
+    calls = count_calls(monkeypatch, torch, "_scaled_mm")
     with ops.use_backend(fp8_linear="scaled_mm"):
         y = pipe._sample(cond, x0, opts, {}).float()
     assert len(calls) == 3 * 6 * pipe.dit.config.depth           # steps x the six projections x blocks

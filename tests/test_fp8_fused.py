@@ -10,6 +10,7 @@ the card, in the CUDA graph included.
 """
 import pytest
 import torch
+from recording import count_calls
 
 import omni2sound.ops.fp8 as fp8_mod
 from omni2sound import ops
@@ -246,17 +247,6 @@ def test_the_hand_off_pairs_only_y_and_blocks_of_its_rows():
         assert handed_rows(y_g.detach(), "reference") is None
 
 
-def _count_standalone(monkeypatch):
-    calls = []
-    real = fp8_mod._standalone_quantize
-
-    def counted(x2, act_scale, quantizer):
-        calls.append(tuple(x2.shape))
-        return real(x2, act_scale, quantizer)
-    monkeypatch.setattr(fp8_mod, "_standalone_quantize", counted)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @torch.no_grad()
 def test_fused_fp8_sampling_gives_the_same_latents_with_four_quantisations_fewer_per_block(dtype, monkeypatch):
@@ -270,7 +260,7 @@ def test_fused_fp8_sampling_gives_the_same_latents_with_four_quantisations_fewer
     pipe = _tiny_pipe(dtype)
     cond, x0 = _request(pipe, duration=0.6)
     x0 = x0.to(dtype)
-    calls = _count_standalone(monkeypatch)
+    calls = count_calls(monkeypatch, fp8_mod, "_standalone_quantize")
     taken = []                                              # (rows of x, rows of the handed-over y) per hand-off
     real_handed = fp8_mod.handed_rows
 
@@ -288,7 +278,7 @@ def test_fused_fp8_sampling_gives_the_same_latents_with_four_quantisations_fewer
     assert torch.equal(fused, unfused)
     assert n_unfused == 6 * depth * steps and len(calls) == 2 * depth * steps, (n_unfused, len(calls))
     assert len(taken) == 4 * depth * steps and any(n < B for n, B in taken)      # the cross-attention's y[:n]
-    assert pipe.fp8_weights() is pipe._fp8[("token", True)][0]                   # one table for both
+    assert pipe.fp8_weights() is pipe._fp8[("token", True)].weights              # one table for both
     calls.clear()
     opts_t = dict(steps=1, guidance=3.0, fp8=True, fp8_act_scale="tensor")
     a = pipe._sample(cond, x0, SamplingOptions(**opts_t), {})
@@ -329,7 +319,7 @@ def test_the_gpu_path_of_the_fused_step_on_the_cpu(monkeypatch):
     prep = dit.prepare_conditions(cond.to("cpu", torch.bfloat16), x0.shape[1], sampling=True)
     t = torch.full((2,), 0.4)
     table = pipe.fp8_weights()
-    calls = _count_standalone(monkeypatch)
+    calls = count_calls(monkeypatch, fp8_mod, "_standalone_quantize")
     outs = []
     with ops.use_backend(fp8_linear="scaled_mm", **TRITON_FUSED):
         for fuse in (False, True):

@@ -14,6 +14,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from recording import count_calls
 
 from omni2sound import ops
 from omni2sound.oracle import BAR, SCORES, score_difference
@@ -43,17 +44,6 @@ def smoke_run(tmp_path_factory):
     return cfg, root / "smoke"
 
 
-def _counting(monkeypatch, module, name):
-    calls = []
-    real = getattr(module, name)
-
-    def counted(*a, **k):
-        calls.append(1)
-        return real(*a, **k)
-    monkeypatch.setattr(module, name, counted)
-    return calls
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_bench_fp8_toy_scores_both_precisions_within_one_prompt_per_track(smoke_run, tmp_path, monkeypatch, dtype):
     import bench_fp8
@@ -64,8 +54,8 @@ def test_bench_fp8_toy_scores_both_precisions_within_one_prompt_per_track(smoke_
     cfg, run = smoke_run
     monkeypatch.setattr(omni2sound.extract, "Encoders", SmallEncoders)      # the encoders the run was trained on
     depth = json.load(open(run / "stage3" / "dit" / "config.json"))["depth"]
-    ref_calls = _counting(monkeypatch, fp8_mod, "_dequantized_gemm")            # the reference backend's GEMM
-    mm_calls = _counting(monkeypatch, torch, "_scaled_mm")
+    ref_calls = count_calls(monkeypatch, fp8_mod, "_dequantized_gemm")            # the reference backend's GEMM
+    mm_calls = count_calls(monkeypatch, torch, "_scaled_mm")
     seed = int(torch.randint(0, 10_000, ()))
     out_json = tmp_path / "fp8_toy.json"
     argv = ["--toy", str(run), "--dtypes", dtype, "--n", str(PROMPTS), "--seed", str(seed), "--out", str(out_json)]

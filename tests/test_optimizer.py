@@ -2,6 +2,7 @@
 copy bit for bit, the optimiser against torch.optim.AdamW, and a bf16-copy training run against autocast's."""
 import pytest
 import torch
+from recording import OpLog
 
 from omni2sound import ops
 from omni2sound.ops._checks import OpInputError
@@ -125,26 +126,12 @@ def test_optimizer_holds_copies_and_its_state_dict_is_torch_adamws(tmp_path):
 def test_a_step_makes_no_tensor_per_weight():
     """After the first step (which creates the state) a step is the step counts' increment and one fused op per
     weight: no learning-rate tensor nor a stand-in for a missing bf16 copy per weight."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not str(func).startswith("profiler."):
-                self.ops[str(func)] += 1
-            return func(*args, **(kwargs or {}))
-
     model = _mlp()
     opt = MasterWeightAdamW(model.parameters(), lr=1e-2)
     for s in range(2):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(torch.randn(3, 12)).float().square().mean().backward()
-        with Record() as rec:
+        with OpLog() as rec:
             opt.step()
         opt.zero_grad(set_to_none=True)
     assert rec.ops == {"aten._foreach_add_.Scalar": 1, "omni2sound.adamw_step_.default": len(list(model.parameters()))}

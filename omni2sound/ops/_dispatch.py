@@ -190,8 +190,10 @@ def direct_call(*tensors) -> bool:
     """Whether an op may call its backend directly instead of through its custom op (None entries allowed): no
     autograd graph to record and nothing tracing (torch.compile, export, fake or functional tensors see the custom
     op). The custom op's dispatch costs tens of microseconds a call on the CPU, a few percent of a sampling-shape
-    AdaLN or q/k norm. Under torch.profiler the custom op runs, so that the op has its row in the profile."""
-    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled():
+    AdaLN or q/k norm. Under torch.profiler the custom op runs, so that the op has its row in the profile; under an
+    active TorchDispatchMode (a user's, or torch's FakeTensorMode, FunctionalTensorMode, proxy tracing: the length
+    of the dispatch mode stack counts them all) too, so that the mode sees the op and not the backend's insides."""
+    if torch.compiler.is_compiling() or torch.autograd._profiler_enabled() or torch._C._len_torch_dispatch_stack():
         return False
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
