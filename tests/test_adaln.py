@@ -411,7 +411,7 @@ def test_opcheck(backend):
         for need_dgate, need_dscale in ((True, True), (False, True), (True, False)):
             torch.library.opcheck(mod._gated_residual_adaln_backward_op,
                                   (torch.randn_like(x), torch.randn_like(x), x.detach(), h, gate1, scale, g2, c2,
-                                   mean, rstd, need_dgate, need_dscale, backend))
+                                   mean, rstd, need_dgate, need_dscale, backend, None, None, None))
             # the per-token gradients written into slots of a [B, L, 6, D] buffer (row stride 6 D)
             slots = torch.empty(2, 3, 6, 12).unbind(2)
             torch.library.opcheck(mod._gated_residual_adaln_backward_op,
@@ -420,7 +420,7 @@ def test_opcheck(backend):
                                    slots[1] if need_dscale else None, slots[0]))
         for need_dscale in (True, False):
             torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
-                                                                    rstd, need_dscale, backend))
+                                                                    rstd, need_dscale, backend, None, None))
             slots = torch.empty(2, 3, 2, 12).unbind(2)
             torch.library.opcheck(mod._adaln_modulate_backward_op, (torch.randn_like(x), x.detach(), scale, c2, mean,
                                                                     rstd, need_dscale, backend,

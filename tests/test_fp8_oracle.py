@@ -52,6 +52,8 @@ def test_bench_fp8_toy_scores_both_precisions_within_one_prompt_per_track(smoke_
     import omni2sound.extract
     import omni2sound.ops.fp8 as fp8_mod
     cfg, run = smoke_run
+    if dtype == "bfloat16" and not fp8_mod.cpu_takes_rowwise_scales():
+        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
     monkeypatch.setattr(omni2sound.extract, "Encoders", SmallEncoders)      # the encoders the run was trained on
     depth = json.load(open(run / "stage3" / "dit" / "config.json"))["depth"]
     ref_calls = count_calls(monkeypatch, fp8_mod, "_dequantized_gemm")            # the reference backend's GEMM

@@ -302,12 +302,13 @@ def _(x, h, gate, shift, scale, gate2, shift2, scale2, eps, backend):
 
 
 # The *_out arguments: None, or where the backward writes a per-token gradient instead of a new tensor (a slot of a
-# split modulation's gradient buffer); the op then returns an empty tensor in that place. They come last, with
-# defaults, so that a call in the older form (a compiled graph's cached code) still binds.
+# split modulation's gradient buffer); the op then returns an empty tensor in that place. They have no defaults: a
+# boxed call drops trailing arguments equal to their defaults, and torch 2.11's version bump of mutated arguments
+# indexes them by position (an IndexError in every backward that passed None there).
 @torch.library.custom_op("omni2sound::adaln_modulate_backward", mutates_args=("dscale_out", "dshift_out"))
 def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, scale2: Optional[Tensor], mean: Tensor,
-                                rstd: Tensor, need_dscale: bool, backend: str, dscale_out: Optional[Tensor] = None,
-                                dshift_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                                rstd: Tensor, need_dscale: bool, backend: str, dscale_out: Optional[Tensor],
+                                dshift_out: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
     dx, _, _, dscale_tok = _backward_native(dy, None, x, None, None, scale, mean, rstd, backend, None, scale2,
                                             need_dgate=False, need_dscale=need_dscale, dscale_out=dscale_out,
                                             dshift_out=dshift_out)
@@ -315,7 +316,7 @@ def _adaln_modulate_backward_op(dy: Tensor, x: Tensor, scale: Tensor, scale2: Op
 
 
 @_adaln_modulate_backward_op.register_fake
-def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend, dscale_out=None, dshift_out=None):
+def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend, dscale_out, dshift_out):
     return torch.empty_like(x), torch.empty_like(x) if need_dscale and dscale_out is None else x.new_empty(0)
 
 
@@ -324,8 +325,8 @@ def _(dy, x, scale, scale2, mean, rstd, need_dscale, backend, dscale_out=None, d
 def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Tensor, gate: Tensor, scale: Tensor,
                                       gate2: Optional[Tensor], scale2: Optional[Tensor], mean: Tensor, rstd: Tensor,
                                       need_dgate: bool, need_dscale: bool, backend: str,
-                                      dgate_out: Optional[Tensor] = None, dscale_out: Optional[Tensor] = None,
-                                      dshift_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                                      dgate_out: Optional[Tensor], dscale_out: Optional[Tensor],
+                                      dshift_out: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     dxin, dh, dgate_tok, dscale_tok = _backward_native(dy, dx2, x2, h, gate, scale, mean, rstd, backend, gate2,
                                                        scale2, need_dgate, need_dscale, dgate_out, dscale_out,
                                                        dshift_out)
@@ -334,8 +335,8 @@ def _gated_residual_adaln_backward_op(dy: Tensor, dx2: Tensor, x2: Tensor, h: Te
 
 
 @_gated_residual_adaln_backward_op.register_fake
-def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale, backend, dgate_out=None,
-      dscale_out=None, dshift_out=None):
+def _(dy, dx2, x2, h, gate, scale, gate2, scale2, mean, rstd, need_dgate, need_dscale, backend, dgate_out,
+      dscale_out, dshift_out):
     tok = lambda need, out: torch.empty_like(x2) if need and out is None else x2.new_empty(0)   # noqa: E731
     return torch.empty_like(x2), torch.empty_like(x2), tok(need_dgate, dgate_out), tok(need_dscale, dscale_out)
 

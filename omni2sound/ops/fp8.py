@@ -201,14 +201,29 @@ register_op("fp8_linear", {"reference": lambda d: True, "scaled_mm": _scaled_mm_
             default_order={"cuda": ("scaled_mm", "reference"), "cpu": ("reference",)}, family="fp8")
 
 
-def scaled_mm_takes(x: Tensor, w: Fp8Weight) -> bool:
+@functools.lru_cache(maxsize=None)
+def cpu_takes_rowwise_scales() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes row-wise scales ([M, 1] x [1, N]); older builds (torch 2.11)
+    take per-tensor scales only. Tried once on a 16 x 16 product."""
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+        return True
+    except RuntimeError:
+        return False
+
+
+def scaled_mm_takes(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> bool:
     """Whether ``torch._scaled_mm`` takes this call: K and N multiples of 16, the output bf16 (its row-wise scaled
-    kernel writes only bf16) or, with per-tensor scales on both sides, bf16 / fp16 / fp32."""
+    kernel writes only bf16) or, with per-tensor scales on both sides, bf16 / fp16 / fp32; on the CPU, row-wise
+    scales only where this torch build takes them."""
     K, N = w.in_features, w.out_features
     if K % 16 or N % 16:
         return False
-    if w.scale.numel() == 1:
+    if act_scale == "tensor" and w.scale.numel() == 1:
         return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    if x.device.type == "cpu" and not cpu_takes_rowwise_scales():
+        return False
     return x.dtype == torch.bfloat16
 
 
@@ -230,17 +245,19 @@ def _scaled_mm(xq: Tensor, sx: Tensor, w: Fp8Weight, out_dtype: torch.dtype, fas
                             use_fast_accum=fast_accum)
 
 
-def fp8_linear_backend(x: Tensor, w: Fp8Weight) -> str:
-    """The backend ``fp8_linear(x, w)`` runs: the selected one, or the reference for a call ``scaled_mm`` cannot take
-    (an error when ``scaled_mm`` was forced). x: the input, or any tensor of its dtype, device and size."""
+def fp8_linear_backend(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> str:
+    """The backend ``fp8_linear(x, w, act_scale)`` runs: the selected one, or the reference for a call ``scaled_mm``
+    cannot take (an error when ``scaled_mm`` was forced). x: the input, or any tensor of its dtype, device and size."""
     backend = select_backend("fp8_linear", x.device)
     if x.numel() == 0:                                                             # no rows, or K = 0: no GEMM
         return "reference"
-    if backend == "scaled_mm" and not scaled_mm_takes(x, w):
+    if backend == "scaled_mm" and not scaled_mm_takes(x, w, act_scale):
         if forced_backend("fp8_linear") == "scaled_mm":
             from ._dispatch import cannot_take
+            cpu = "" if x.device.type != "cpu" or cpu_takes_rowwise_scales() else \
+                f"; torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only"
             raise cannot_take("fp8_linear", "scaled_mm", f"K={w.in_features} and N={w.out_features} must be "
-                              f"multiples of 16 and x bf16 (got {x.dtype}) for row-wise scales")
+                              f"multiples of 16 and x bf16 (got {x.dtype}) for row-wise scales{cpu}")
         return "reference"
     return backend
 
@@ -258,7 +275,7 @@ def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bo
         fail("fp8_linear", f"act_scale must be one of {SCALES}, got {act_scale!r}")
     if needs_grad(x):
         raise RuntimeError("fp8_linear is an inference op: call it under torch.no_grad() (it has no gradient)")
-    backend = fp8_linear_backend(x, w)
+    backend = fp8_linear_backend(x, w, act_scale)
     lead, K = x.shape[:-1], x.shape[-1]
     M = x.numel() // K if K else 0
     # the input's own quantisation: the reference's, or the one quantize_rows would run; a hand-over made by the
@@ -316,7 +333,7 @@ class Fp8Weights:
         out: Dict[str, int] = {}
         for _, _, w in self._table.values():
             x = torch.empty((1, w.in_features), dtype=dtype, device=device)
-            b = fp8_linear_backend(x, w)
+            b = fp8_linear_backend(x, w, self.act_scale)
             out[b] = out.get(b, 0) + 1
         return out
 
