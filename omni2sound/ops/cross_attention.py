@@ -25,6 +25,7 @@ kernel).
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -242,7 +243,19 @@ def _packed_rows(cu_seqlens_k: torch.Tensor, Lk: int, total_k: int) -> torch.Ten
 # Dispatch and torch.library registration
 # ----------------------------------------------------------------------------------------------------
 def _triton_available(device: torch.device) -> bool:
-    return triton_available(device.type)
+    return triton_available(device.type) and (device.type != "cpu" or _interpreter_takes_data_dependent_loops())
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreter_takes_data_dependent_loops() -> bool:
+    # The kernels loop over a sample's keys up to a bound loaded from cu_seqlens. Triton's CPU interpreter before 3.9
+    # (3.6 seen) turns that bound into a Python int with int() on a one-element array, which NumPy 2.4 refuses; the
+    # compiled kernel is unaffected, so only the interpreter is ruled out there.
+    import numpy
+    import triton
+
+    version = lambda v: tuple(int(p) for p in v.split(".")[:2])     # noqa: E731
+    return version(triton.__version__) >= (3, 9) or version(numpy.__version__) < (2, 4)
 
 
 def _cuda_available(device: torch.device) -> bool:
