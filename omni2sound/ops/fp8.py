@@ -213,6 +213,11 @@ def cpu_takes_rowwise_scales() -> bool:
         return False
 
 
+def _tensorwise(act_scale: str, w: Fp8Weight) -> bool:
+    """Whether the GEMM takes one scale each side (else row-wise: per-token x, per-channel or broadcast w)."""
+    return act_scale == "tensor" and w.scale.numel() == 1
+
+
 def scaled_mm_takes(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> bool:
     """Whether ``torch._scaled_mm`` takes this call: K and N multiples of 16, the output bf16 (its row-wise scaled
     kernel writes only bf16) or, with per-tensor scales on both sides, bf16 / fp16 / fp32; on the CPU, row-wise
@@ -220,7 +225,7 @@ def scaled_mm_takes(x: Tensor, w: Fp8Weight, act_scale: str = "token") -> bool:
     K, N = w.in_features, w.out_features
     if K % 16 or N % 16:
         return False
-    if act_scale == "tensor" and w.scale.numel() == 1:
+    if _tensorwise(act_scale, w):
         return x.dtype in (torch.bfloat16, torch.float16, torch.float32)
     if x.device.type == "cpu" and not cpu_takes_rowwise_scales():
         return False
@@ -285,7 +290,7 @@ def fp8_linear(x: Tensor, w: Fp8Weight, act_scale: str = "token", fast_accum: bo
     xq, sx = handed if handed is not None else _standalone_quantize(x.reshape(-1, K), act_scale, quantizer)
     if backend == "reference":
         return _dequantized_gemm(xq, sx, w, x.dtype).reshape(*lead, w.out_features)
-    tensorwise = act_scale == "tensor" and w.scale.numel() == 1
+    tensorwise = _tensorwise(act_scale, w)
     if tensorwise:
         sx = sx[:1]                                                                # one scale each side
     return _scaled_mm(xq, sx, w, x.dtype, fast_accum, tensorwise).reshape(*lead, w.out_features)
