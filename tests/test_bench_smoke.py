@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,8 @@ CASES = {
     "cross_attention": ["bench_cross_attention.py", "--quick", "--device", "cpu", "--out"],
 }
 
+PROVENANCE = {"date", "command", "commit", "python", "torch", "triton", "cuda", "hardware", "gpu"}
+
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_benchmark_runs_and_writes_its_record(name, tmp_path):
@@ -48,15 +51,7 @@ def test_benchmark_runs_and_writes_its_record(name, tmp_path):
     assert out.is_file(), f"{script} wrote no {out.name}"
     record = json.loads(out.read_text())
     # the provenance every benchmark writes at the top (omni2sound.gpu_info.provenance), then its results
-    import torch
     assert record["torch"] == torch.__version__ and record["hardware"] and record["date"], record
-    assert bench_cmd(script) in record["command"]
+    assert f"bench/{script}" in record["command"]
     results = {k: v for k, v in record.items() if k not in PROVENANCE}
     assert results and any(v not in (None, [], {}) for v in results.values()), f"{script}: no results in {record}"
-
-
-PROVENANCE = {"date", "command", "commit", "python", "torch", "triton", "cuda", "hardware", "gpu"}
-
-
-def bench_cmd(script: str) -> str:
-    return "bench/" + script

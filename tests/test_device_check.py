@@ -17,10 +17,14 @@ MODES = ("tests tests-vae tests-train kernels vae vae-compile vae-convs generate
          "train-modgrad fp8 fp8-compile serve synchformer extract").split()
 
 
-def dry_run(what: str, tmp_path, **env) -> list:
+def _script(what: str, tmp_path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), what, "600"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "O2S_DRY_RUN": "1", "OUT": str(tmp_path / "out")})
+
+
+def dry_run(what: str, tmp_path) -> list:
     """The steps of ``bash bench/device_check.sh WHAT`` as (name, limit, argv)."""
-    r = subprocess.run(["bash", str(SCRIPT), what, "600"], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "O2S_DRY_RUN": "1", "OUT": str(tmp_path / "out"), **env})
+    r = _script(what, tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     steps = []
     for line in r.stdout.splitlines():
@@ -79,6 +83,15 @@ print("RESULT " + json.dumps(out))
 """
 
 
+def parse_only(jobs: list) -> list:
+    """Each (env, argv) of ``jobs`` run up to its parser, in one process: "ok" or what went wrong, per job."""
+    r = subprocess.run([sys.executable, "-c", _PARSE_ONLY], cwd=ROOT, input=json.dumps(jobs), capture_output=True,
+                       text=True, timeout=600)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def _split_env(argv: list) -> tuple:
     env = {}
     if argv[0] == "env":
@@ -95,8 +108,7 @@ def test_every_mode_has_steps_and_an_unknown_mode_is_refused(tmp_path):
         assert dry_run(mode, tmp_path), f"mode {mode} runs no step"
     speed = [name for name, _, _ in dry_run("speed", tmp_path)]
     assert speed[0] == "tests" and "fp8_L" in speed and "train_L" in speed and "serve_L" in speed
-    r = subprocess.run(["bash", str(SCRIPT), "speed,trian", "10"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=60, env={**os.environ, "O2S_DRY_RUN": "1", "OUT": str(tmp_path / "out")})
+    r = _script("speed,trian", tmp_path)
     assert r.returncode == 2 and "unknown mode: trian" in r.stdout
 
 
@@ -113,11 +125,7 @@ def test_every_benchmark_command_parses(tmp_path):
         jobs.append((env, argv[1:]))
         names.append(name)
     assert len(jobs) > 30
-    r = subprocess.run([sys.executable, "-c", _PARSE_ONLY], cwd=ROOT, input=json.dumps(jobs), capture_output=True,
-                       text=True, timeout=600)
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert r.returncode == 0 and lines, r.stdout[-3000:] + r.stderr[-3000:]
-    results = json.loads(lines[-1][len("RESULT "):])
+    results = parse_only(jobs)
     bad = [(n, " ".join(j[1]), res) for n, j, res in zip(names, jobs, results) if res != "ok"]
     assert not bad, "\n".join(map(str, bad))
 
@@ -129,9 +137,7 @@ def test_the_parse_check_can_fail(tmp_path):
             ({}, ["bench/bench_serve.py", "--batchs", "1"]),
             ({"OMNI2SOUND_BACKEND": "qk_norm_rop=triton"}, ["bench/bench_gelu.py"]),
             ({}, ["bench/bench_gelu.py", "--quick"])]
-    r = subprocess.run([sys.executable, "-c", _PARSE_ONLY], cwd=ROOT, input=json.dumps(jobs), capture_output=True,
-                       text=True, timeout=300)
-    results = json.loads([ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    results = parse_only(jobs)
     assert "fused+graf" in results[0] and "not among" in results[0]
     assert "unknown DiT preset" in results[1]
     assert results[2] == "exit 2"

@@ -17,6 +17,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # normal (2^-6) the step is 2^-9 (absolute, in the scaled units)
 E4M3_REL, E4M3_SUB = 2.0 ** -4, 2.0 ** -10
 
+# an older torch (2.11) whose CPU _scaled_mm takes per-tensor scales only: the CPU runs of the row-wise path skip
+NO_CPU_ROWWISE = f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only"
+needs_cpu_rowwise = pytest.mark.skipif(not cpu_takes_rowwise_scales(), reason=NO_CPU_ROWWISE)
+
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
@@ -101,12 +105,11 @@ def test_scaled_mm_backend_matches_the_reference(M, mode):
     x = torch.randn(3, M, K).bfloat16() if M else torch.randn(0, K).bfloat16()
     w8 = ops.quantize_weight(torch.randn(N, K).bfloat16(), torch.randn(N).bfloat16(), weight_scale=wsc)
     if mode != ("tensor", "tensor") and not cpu_takes_rowwise_scales():
-        # an older torch (2.11) whose CPU _scaled_mm takes per-tensor scales only: refused with a clear error
-        assert not scaled_mm_takes(x, w8, act)
+        assert not scaled_mm_takes(x, w8, act)                        # refused there, with a clear error
         if M:
             with ops.use_backend(fp8_linear="scaled_mm"), pytest.raises(RuntimeError, match="per-tensor scales only"):
                 ops.fp8_linear(x, w8, act)
-        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
+        pytest.skip(NO_CPU_ROWWISE)
     assert scaled_mm_takes(x, w8, act)
     ref = ops.fp8_linear_reference(x, w8, act)
     with ops.use_backend(fp8_linear="scaled_mm"):
@@ -288,13 +291,12 @@ def test_fp8_sampling_in_the_cuda_graph_on_the_gpu():
 
 
 @torch.no_grad()
+@needs_cpu_rowwise
 def test_the_gpu_path_through_the_model_runs_scaled_mm_on_the_cpu(monkeypatch):
     """The sampling step of a bf16 DiT with fp8_linear forced to torch._scaled_mm (the GPU's call: row-major xq,
     column-major Wq^T, row-wise scales, bf16 bias and output) on torch's CPU build: every projection's input layout
     is one _scaled_mm takes, and the latents agree with the reference backend's up to bf16 rounding."""
     from omni2sound.pipeline import SamplingOptions
-    if not cpu_takes_rowwise_scales():
-        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
     pipe = _tiny_pipe(torch.bfloat16)
     cond, x0 = _request(pipe)
     x0 = x0.bfloat16()

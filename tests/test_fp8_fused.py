@@ -11,6 +11,7 @@ the card, in the CUDA graph included.
 import pytest
 import torch
 from recording import count_calls
+from test_fp8 import needs_cpu_rowwise
 
 import omni2sound.ops.fp8 as fp8_mod
 from omni2sound import ops
@@ -289,14 +290,11 @@ def test_fused_fp8_sampling_gives_the_same_latents_with_four_quantisations_fewer
 @torch.no_grad()
 def test_serving_takes_the_fused_quantisation():
     """ServeConfig(fp8=True, fp8_fused_quant=True): a padded, bucketed batch samples the latents of the unfused one."""
-    from test_serving import _pipe
+    from test_serving import _mixed_requests, _pipe
 
-    from omni2sound.serving import Request, ServeConfig, Server
+    from omni2sound.serving import ServeConfig, Server
     pipe = _pipe()
-    cfg = pipe.dit.config
-    reqs = [Request(duration=0.6, seed=3, text_tokens=torch.randn(4, cfg.text_dim),
-                    video_features=torch.randn(5, cfg.video_dim), sync_features=torch.randn(15, cfg.sync_dim)),
-            Request(duration=0.92, seed=4, text_tokens=torch.randn(7, cfg.text_dim))]
+    reqs = _mixed_requests(pipe.dit.config)[:2]                 # the VT2A and T2A ones, one 1.2 s bucket
     lat = {}
     for fused in (False, True):
         server = Server(pipe, ServeConfig(buckets=(1.2,), batch_sizes=(4,), steps=2, guidance=3.0, fp8=True,
@@ -307,13 +305,11 @@ def test_serving_takes_the_fused_quantisation():
 
 
 @torch.no_grad()
+@needs_cpu_rowwise
 def test_the_gpu_path_of_the_fused_step_on_the_cpu(monkeypatch):
     """The GPU's selection on the CPU: the fused Triton AdaLN and GELU (interpreted, real e4m3 output) feeding
     torch._scaled_mm (row-wise scales, bf16) in one DiT forward without CFG: the same velocity as the unfused step
     with the Triton AdaLN, GELU and quantisation, four standalone quantisations per block fewer."""
-    from omni2sound.ops.fp8 import cpu_takes_rowwise_scales
-    if not cpu_takes_rowwise_scales():
-        pytest.skip(f"torch {torch.__version__}'s CPU _scaled_mm takes per-tensor scales only")
     _interpreter()
     from test_fp8 import _request, _tiny_pipe
     pipe = _tiny_pipe(torch.bfloat16)

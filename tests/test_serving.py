@@ -44,16 +44,21 @@ def _pipe():
     return Omni2SoundPipeline(dit, AudioVAE(VAE_PRESETS["tiny"]), PipelineConfig())
 
 
+def _mixed_requests(cfg) -> list:
+    """Three requests of different durations and modalities: VT2A 0.6 s, T2A 0.92 s, V2A 1.2 s."""
+    return [Request(duration=0.6, seed=3, text_tokens=torch.randn(4, cfg.text_dim),
+                    video_features=torch.randn(5, cfg.video_dim), sync_features=torch.randn(15, cfg.sync_dim)),
+            Request(duration=0.92, seed=4, text_tokens=torch.randn(7, cfg.text_dim)),
+            Request(duration=1.2, seed=5, video_features=torch.randn(10, cfg.video_dim),
+                    sync_features=torch.randn(29, cfg.sync_dim))]
+
+
 @torch.no_grad()
 def test_a_padded_request_samples_and_sounds_as_it_would_alone():
     from omni2sound.pipeline import SamplingOptions
     pipe = _pipe()
     cfg = pipe.dit.config
-    reqs = [Request(duration=0.6, seed=3, text_tokens=torch.randn(4, cfg.text_dim),
-                    video_features=torch.randn(5, cfg.video_dim), sync_features=torch.randn(15, cfg.sync_dim)),
-            Request(duration=0.92, seed=4, text_tokens=torch.randn(7, cfg.text_dim)),
-            Request(duration=1.2, seed=5, video_features=torch.randn(10, cfg.video_dim),
-                    sync_features=torch.randn(29, cfg.sync_dim))]
+    reqs = _mixed_requests(cfg)
     server = Server(pipe, ServeConfig(buckets=(1.2, 2.0), batch_sizes=(1, 4), steps=4, guidance=3.0))
     lat = server.sample(reqs)                              # one batch of 3 requests padded to 4 rows and 1.2 s
     audio = server.decode(lat, [r.duration for r in reqs])
